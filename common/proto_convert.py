@@ -1,0 +1,42 @@
+"""Conversions between protobuf messages and numpy values that several services share."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.images import ImageError, decode_image, raw_to_array
+from mps.common.v1 import common_pb2
+
+
+def image_from_proto(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
+    """`mps.common.v1.Image` -> (H, W, 3) uint8 RGB; raises ImageError on bad input."""
+    source = image.WhichOneof("source")
+    if source == "encoded":
+        return decode_image(image.encoded, max_pixels)
+    if source == "raw":
+        return raw_to_array(image.raw.width, image.raw.height, image.raw.rgb, max_pixels)
+    raise ImageError("no image given: set image.encoded (file bytes) or image.raw (RGB pixels)")
+
+
+def image_to_proto(rgb: np.ndarray) -> common_pb2.Image:
+    """(H, W, 3) uint8 RGB -> raw `mps.common.v1.Image` (no re-encoding)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    return common_pb2.Image(raw=common_pb2.RawImage(width=width, height=height, rgb=rgb.tobytes()))
+
+
+def box_to_proto(box: np.ndarray) -> common_pb2.Box:
+    """(4,) float xyxy -> Box."""
+    return common_pb2.Box(x_min=float(box[0]), y_min=float(box[1]),
+                          x_max=float(box[2]), y_max=float(box[3]))
+
+
+def box_from_proto(box: common_pb2.Box) -> np.ndarray:
+    """Box -> (4,) float32 xyxy."""
+    return np.array([box.x_min, box.y_min, box.x_max, box.y_max], dtype=np.float32)
+
+
+def dense_to_proto(vector: np.ndarray) -> common_pb2.Signature:
+    """(D,) float32 -> deep Signature."""
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP,
+                                dense=common_pb2.DenseVector(values=vector.astype(np.float32).tolist()))

@@ -1,0 +1,1 @@
+"""Object detection service: Darknet models exported to ONNX, served with ONNX Runtime."""

@@ -1,0 +1,20 @@
+"""Detector server configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import MODELS_DIR, ServerConfig
+
+
+@dataclass
+class DetectorConfig(ServerConfig):
+    """Serves object detectors over gRPC (mps.detector.v1.DetectorService)."""
+
+    port: int = 50051
+    # Model directories under models_dir (each with config.json); the first is the default.
+    models: list[str] = field(default_factory=lambda: ["yolov3-tiny"])
+    models_dir: str = str(MODELS_DIR)
+    max_pixels: int = 50_000_000
+    # ONNX Runtime threads per session; 0 lets it choose.
+    intra_op_threads: int = 0

@@ -1,0 +1,41 @@
+"""Detector server bootstrap: create_server(config) starts it; serve() runs it until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from common.serving import ServiceBundle, serve_forever, start_bundle
+from detector_server.config import DetectorConfig
+from detector_server.model import DetectorModel, ModelSpec
+from detector_server.service import DetectorService
+from mps.detector.v1 import detector_pb2, detector_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def load_models(config: DetectorConfig) -> dict[str, DetectorModel]:
+    models = {}
+    for name in config.models:
+        spec = ModelSpec.load(Path(config.models_dir) / name)
+        models[spec.name] = DetectorModel(spec, config.intra_op_threads)
+        log.info("loaded %s v%s on %s", spec.name, spec.version, models[spec.name].provider)
+    return models
+
+
+def create_bundle(config: DetectorConfig) -> ServiceBundle:
+    models = load_models(config)
+    service = DetectorService(models, next(iter(models)), config.max_pixels)
+    return start_bundle(config, lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(service, s),
+                        [detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name])
+
+
+def create_server(config: DetectorConfig) -> tuple[grpc.Server, int]:
+    bundle = create_bundle(config)
+    return bundle.server, bundle.port
+
+
+def serve(config: DetectorConfig) -> None:
+    serve_forever("detector_server", config, create_bundle)

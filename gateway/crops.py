@@ -1,0 +1,37 @@
+"""Cropping detected items out of the decoded image."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def crop(image: np.ndarray, box: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 image, (4,) xyxy box -> (h, w, 3) uint8 crop, downscaled to max_side.
+
+    The box is rounded outwards and clipped to the image; at least one pixel is kept. Crops are
+    shrunk before they travel: signatures look at 256 px or less, so bigger only costs bytes.
+    """
+    height, width = image.shape[:2]
+    x0 = int(np.clip(np.floor(box[0]), 0, width - 1))
+    y0 = int(np.clip(np.floor(box[1]), 0, height - 1))
+    x1 = int(np.clip(np.ceil(box[2]), x0 + 1, width))
+    y1 = int(np.clip(np.ceil(box[3]), y0 + 1, height))
+    out = image[y0:y1, x0:x1]
+    longest = max(out.shape[:2])
+    if longest > max_side:
+        scale = max_side / longest
+        out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), max(1, round(out.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(out)
+
+
+def valid_box(box: np.ndarray, width: int, height: int) -> str:
+    """Why a user-given (4,) xyxy box cannot be used, or '' when it can."""
+    if not np.all(np.isfinite(box)):
+        return "has NaN or infinite coordinates"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "is empty: x_max must exceed x_min and y_max exceed y_min"
+    if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+        return f"lies outside the {width}x{height} image"
+    return ""

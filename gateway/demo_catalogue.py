@@ -1,0 +1,100 @@
+"""The demo catalogue: product shots cut from real photos that ship in packages, plus variants.
+
+Sources are scikit-image's bundled photos and scikit-learn's sample images. Product crops come from
+the real detector; each gets variants a catalogue really holds (mirrored, recoloured, rescaled),
+and every category also receives crops of unrelated photos as distractors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from common.images import encode_jpeg
+from gateway.exclusive import resolve_exclusive
+
+# Catalogue sources. motorcycle_right is held out: it is a query, another view of motorcycle_left.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
+                  "hubble_deep_field", "retina")
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+QUERY_PHOTOS = ("coffee", "motorcycle_right")
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A bundled photo by name -> (H, W, 3) uint8 RGB."""
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+
+        return np.ascontiguousarray(load_sample_image(name))
+    import skimage.data
+
+    image = skimage.data.stereo_motorcycle()[0 if name == "motorcycle_left" else 1] \
+        if name.startswith("motorcycle") else getattr(skimage.data, name)()
+    return np.ascontiguousarray(image[..., :3])
+
+
+def variants(image: np.ndarray) -> dict[str, np.ndarray]:
+    """A product shot and the variants of it a catalogue holds."""
+    height, width = image.shape[:2]
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.int16)
+    lab[..., 1] += 6  # a warmer colourway
+    lab[..., 2] += 10
+    small = cv2.resize(image, (max(1, width // 2), max(1, height // 2)), interpolation=cv2.INTER_AREA)
+    return {"shot": image, "mirror": np.ascontiguousarray(image[:, ::-1]),
+            "warm": cv2.cvtColor(lab.clip(0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB),
+            "small": small}
+
+
+def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    height, width = image.shape[:2]
+    out = []
+    for _ in range(count):
+        w, h = int(width * rng.uniform(0.3, 0.7)), int(height * rng.uniform(0.3, 0.7))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        out.append(image[y:y + h, x:x + w])
+    return out
+
+
+@dataclass
+class Detected:
+    category: str
+    class_name: str
+    confidence: float
+    box: np.ndarray  # (4,) xyxy
+
+
+def build(folder: Path, detect, groups: list[list[str]], distractors_per_photo: int = 3,
+          seed: int = 0) -> dict[str, int]:
+    """Writes `folder/<category>/<product id>.jpg`; returns items per category.
+
+    `detect(image) -> list[Detected]` finds the products of a photo (the real detector service).
+    """
+    rng = np.random.default_rng(seed)
+    photos = {name.removesuffix(".jpg"): load_photo(name) for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS}
+    counts: dict[str, int] = {}
+
+    def write(category: str, product_id: str, image: np.ndarray) -> None:
+        path = folder / category / f"{product_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_jpeg(image))
+        counts[category] = counts.get(category, 0) + 1
+
+    for name, photo in photos.items():
+        found = detect(photo)
+        if not found:
+            continue
+        keep = resolve_exclusive(np.stack([d.box for d in found]), np.array([d.confidence for d in found]),
+                                 [d.class_name for d in found], groups, 0.5)
+        for n, index in enumerate(keep):
+            d = found[index]
+            x0, y0, x1, y1 = (int(round(v)) for v in d.box)
+            for variant, image in variants(photo[y0:y1, x0:x1]).items():
+                write(d.category, f"{name}-{d.class_name.replace(' ', '_')}{n}-{variant}", image)
+    for category in list(counts):
+        for name, photo in photos.items():
+            for i, image in enumerate(random_crops(photo, distractors_per_photo, rng)):
+                write(category, f"{name}-crop{i}", image)
+    return counts

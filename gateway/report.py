@@ -1,0 +1,68 @@
+"""Human-readable output of a search: a text table and a picture with boxes and match thumbnails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mps.gateway.v1 import gateway_pb2
+
+THUMB = 96
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: int = 3) -> str:
+    lines = [f"{'#':>2}  {'category':<12} {'class':<12} {'conf':>5}  {'box (x0,y0,x1,y1)':<22} matches (score)"]
+    for n, item in enumerate(result.items):
+        b = item.box
+        box = f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f}"
+        found = ", ".join(f"{m.product_id} ({m.score:.3f})" for m in item.matches[:matches_shown])
+        lines.append(f"{n:>2}  {item.category:<12} {item.class_name or '(region)':<12} "
+                     f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}")
+    if not result.items:
+        lines.append("    (no product found)")
+    t = result.timings
+    lines.append(f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | sign {t.sign_ms:.0f} ms"
+                 f" | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms")
+    return "\n".join(lines)
+
+
+def _thumbnail(path: str) -> Image.Image | None:
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError):
+        return None
+    image.thumbnail((THUMB, THUMB))
+    return image
+
+
+def draw_result(photo: np.ndarray, result: gateway_pb2.MultiProductSearchResponse, out: Path,
+                matches_shown: int = 3) -> Path:
+    """Writes the photo with numbered boxes and, on the right, each item's top match thumbnails
+    (read from the `path` metadata of the matches)."""
+    base = Image.fromarray(photo)
+    rows = max(len(result.items), 1)
+    panel_w = 40 + matches_shown * (THUMB + 8)
+    canvas = Image.new("RGB", (base.width + panel_w, max(base.height, rows * (THUMB + 24) + 8)), "white")
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for n, item in enumerate(result.items):
+        colour = PALETTE[n % len(PALETTE)]
+        b = item.box
+        draw.rectangle([b.x_min, b.y_min, b.x_max, b.y_max], outline=colour, width=3)
+        draw.text((b.x_min + 4, b.y_min + 2), f"{n} {item.class_name or item.category} {item.confidence:.2f}",
+                  fill=colour)
+        y = 8 + n * (THUMB + 24)
+        draw.text((base.width + 8, y), f"{n} {item.category}", fill=colour)
+        for m, match in enumerate(item.matches[:matches_shown]):
+            x = base.width + 8 + m * (THUMB + 8)
+            thumb = _thumbnail(match.metadata.get("path", ""))
+            if thumb is not None:
+                canvas.paste(thumb, (x, y + 14))
+            draw.text((x, y + 14 + THUMB - 12), f"{match.score:.2f}", fill=(0, 0, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

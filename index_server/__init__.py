@@ -1,0 +1,1 @@
+"""Index shard service: per-database (per-category) catalogue signatures, searched exactly."""

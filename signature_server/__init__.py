@@ -1,0 +1,1 @@
+"""Image signature service: the deep global descriptor (and, later, the colour-texture bag of words)."""

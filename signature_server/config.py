@@ -1,0 +1,21 @@
+"""Signature server configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import MODELS_DIR, ServerConfig
+
+
+@dataclass
+class SignatureConfig(ServerConfig):
+    """Computes image signatures over gRPC (mps.signature.v1.SignatureService)."""
+
+    port: int = 50052
+    deep_model_dir: str = str(MODELS_DIR / "efficientnet-lite0")
+    # Images per ComputeSignatures call; more is RESOURCE_EXHAUSTED.
+    max_images_per_request: int = 64
+    # Images per forward pass.
+    max_batch: int = 32
+    max_pixels: int = 50_000_000
+    intra_op_threads: int = 0

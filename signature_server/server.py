@@ -1,0 +1,30 @@
+"""Signature server bootstrap: create_server(config) starts it; serve() runs it until SIGTERM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from common.serving import ServiceBundle, serve_forever, start_bundle
+from mps.signature.v1 import signature_pb2, signature_pb2_grpc
+from signature_server.config import SignatureConfig
+from signature_server.deep import DeepDescriptor, DeepSpec
+from signature_server.service import SignatureService
+
+
+def create_bundle(config: SignatureConfig) -> ServiceBundle:
+    deep = DeepDescriptor(DeepSpec.load(Path(config.deep_model_dir)), config.max_batch,
+                          config.intra_op_threads)
+    service = SignatureService(deep, config.max_images_per_request, config.max_pixels)
+    return start_bundle(config, lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
+                        [signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name])
+
+
+def create_server(config: SignatureConfig) -> tuple[grpc.Server, int]:
+    bundle = create_bundle(config)
+    return bundle.server, bundle.port
+
+
+def serve(config: SignatureConfig) -> None:
+    serve_forever("signature_server", config, create_bundle)
