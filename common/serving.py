@@ -81,9 +81,13 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def timeout_from(context: grpc.ServicerContext, default_s: float) -> float:
-    """The caller's remaining time, to pass downstream; `default_s` when the caller set none."""
+def timeout_from(context: grpc.ServicerContext, default_s: float, reserve_s: float = 0.0) -> float:
+    """The caller's remaining time to pass downstream; `default_s` when the caller set none.
+
+    `reserve_s` (at most a tenth of what remains) is kept back so that a call which tolerates a
+    late dependency can still answer with partial results before its own deadline.
+    """
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e8:
-        return default_s
-    return max(remaining, 0.001)
+        remaining = default_s
+    return max(remaining - min(reserve_s, remaining / 10), 0.001)

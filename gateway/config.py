@@ -39,5 +39,8 @@ class GatewayConfig(ServerConfig):
     max_regions: int = 64
     # Used when the caller sets no deadline.
     default_timeout_s: float = 30.0
+    # Kept back from the caller's deadline when searching, so a late shard yields a flagged
+    # partial answer instead of failing the whole query.
+    reply_reserve_s: float = 0.1
     # Catalogue images signed per ComputeSignatures call during IndexProducts.
     ingest_batch: int = 16

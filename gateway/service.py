@@ -168,7 +168,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     def _search_all(self, candidates: list[Candidate], signatures: list[common_pb2.Signature],
                     top_k: int, context: grpc.ServicerContext) -> None:
         """One Search per item, all in parallel; only the detected categories' shards are asked."""
-        timeout = timeout_from(context, self.config.default_timeout_s)
+        timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         futures = [self.pool.submit(self._search_one, c, s, top_k, timeout)
                    for c, s in zip(candidates, signatures)]
         for future in futures:

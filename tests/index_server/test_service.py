@@ -1,0 +1,76 @@
+"""The index shard for real, over loopback."""
+
+import grpc
+import numpy as np
+import pytest
+
+from common.config import load_config
+from common.proto_convert import dense_to_proto
+from index_server.config import IndexConfig
+from index_server.server import create_server
+from mps.common.v1 import common_pb2
+from mps.index.v1 import index_pb2, index_pb2_grpc
+
+
+@pytest.fixture()
+def stub():
+    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield index_pb2_grpc.IndexServiceStub(channel)
+    channel.close()
+    server.stop(None)
+
+
+def add(item_id, vector, database="tops", **metadata):
+    return index_pb2.AddRequest(item_id=item_id, database=database,
+                                signature=dense_to_proto(np.asarray(vector, dtype=np.float32)),
+                                metadata=metadata)
+
+
+def search(stub, vector, database="tops", top_k=10):
+    chunks = list(stub.Search(index_pb2.SearchRequest(
+        database=database, signature=dense_to_proto(np.asarray(vector, dtype=np.float32)), top_k=top_k),
+        timeout=5))
+    return chunks, [i for c in chunks for i in c.items]
+
+
+def test_add_search_stream_delete_stats(stub):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(20, 8)).astype(np.float32)
+    response = stub.Add(iter([add(f"p{i}", v, title=f"P{i}") for i, v in enumerate(vectors)]), timeout=5)
+    assert response.added == 20 and response.replaced == 0
+    chunks, items = search(stub, vectors[7], top_k=7)
+    assert [len(c.items) for c in chunks] == [3, 3, 1]  # streamed in chunks of 3
+    assert items[0].item_id == "p7" and items[0].score == pytest.approx(1.0, abs=1e-5)
+    assert items[0].metadata["title"] == "P7"
+    assert all(a.score >= b.score for a, b in zip(items, items[1:]))
+    deleted = stub.Delete(index_pb2.DeleteRequest(database="tops", item_ids=["p7", "nope"]), timeout=5)
+    assert deleted.deleted == 1 and list(deleted.not_found) == ["nope"]
+    assert "p7" not in [i.item_id for i in search(stub, vectors[7])[1]]
+    stats = stub.Stats(index_pb2.StatsRequest(), timeout=5)
+    assert [(d.name, d.items, d.dimension) for d in stats.databases] == [("tops", 19, 8)]
+
+
+def test_errors(stub):
+    stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
+    with pytest.raises(grpc.RpcError) as error:
+        search(stub, [1, 0, 0], database="shoes")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "tops" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        search(stub, [1, 0, 0, 0])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3-d" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Search(index_pb2.SearchRequest(database="tops", signature=common_pb2.Signature(
+            kind=common_pb2.SIGNATURE_KIND_DEEP)), timeout=5))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        search(stub, [1, 0, 0], top_k=100_000)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_bad_item_mid_stream_says_what_was_added(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Add(iter([add("a", [1, 0]), add("b", [0, 1]), add("c", [0, 0])]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "item #2" in error.value.details() and "2 items before it were added" in error.value.details()
+    assert [i.item_id for i in search(stub, [1, 0])[1]] == ["a", "b"]
