@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,6 @@ class DetectorModel:
         self.spec = spec
         self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads)
         self.provider = active_provider(self.session)
-        self._lock = threading.Lock()
 
     def detect(self, image: np.ndarray, score_threshold: float | None = None,
                products_only: bool = False) -> tuple[list[Detection], float]:

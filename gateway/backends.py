@@ -26,7 +26,6 @@ class Backends:
         self._default_index = index_pb2_grpc.IndexServiceStub(channel(index_address))
         self._index_routes = {category: index_pb2_grpc.IndexServiceStub(channel(address))
                               for category, address in index_routes.items()}
-        self.index_addresses = {"*": index_address, **index_routes}
 
     def index_for(self, category: str) -> index_pb2_grpc.IndexServiceStub:
         return self._index_routes.get(category, self._default_index)

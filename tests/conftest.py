@@ -74,11 +74,13 @@ def start_suite(**gateway_overrides) -> Suite:
     from signature_server.server import create_server as signature_server
 
     servers, addresses = {}, {}
-    for name, create, cls in (("detector", detector_server, DetectorConfig),
-                              ("signature", signature_server, SignatureConfig),
-                              ("index", index_server, IndexConfig)):
-        servers[name], port = create(load_config(cls, name, environ={}, port=0, intra_op_threads=2)
-                                     if name != "index" else load_config(cls, name, environ={}, port=0))
+    for name, create, config in (
+            ("detector", detector_server, load_config(DetectorConfig, "detector", environ={}, port=0,
+                                                      intra_op_threads=2)),
+            ("signature", signature_server, load_config(SignatureConfig, "signature", environ={}, port=0,
+                                                        intra_op_threads=2)),
+            ("index", index_server, load_config(IndexConfig, "index", environ={}, port=0))):
+        servers[name], port = create(config)
         addresses[name] = f"127.0.0.1:{port}"
     config = load_config(GatewayConfig, "gateway", environ={}, port=0,
                          detector_address=addresses["detector"], signature_address=addresses["signature"],

@@ -14,7 +14,6 @@ def test_finds_the_cup_in_the_coffee_photo(detector_model, coffee):
 def test_letterbox_beats_a_plain_resize(detector_model, coffee):
     """A plain resize squashes the cup: it is no longer found (why the letterbox exists)."""
     import cv2
-    import onnxruntime  # noqa: F401  (the model's own session is reused)
 
     squashed = cv2.resize(coffee, (416, 416)).astype(np.float32).transpose(2, 0, 1)[None] / 255
     rows = detector_model.session.run(["detections"], {"images": squashed})[0][0]
