@@ -31,17 +31,17 @@ class Section:
     kind: str
     options: dict[str, str] = field(default_factory=dict)
 
-    def int(self, key: str, default: int | None = None) -> int:
+    def get_int(self, key: str, default: int | None = None) -> int:
         if key not in self.options:
             if default is None:
                 raise ValueError(f"[{self.kind}] needs '{key}'")
             return default
         return int(self.options[key])
 
-    def ints(self, key: str) -> list[int]:
+    def get_ints(self, key: str) -> list[int]:
         return [int(v) for v in self.options[key].split(",") if v.strip()]
 
-    def floats(self, key: str) -> list[float]:
+    def get_floats(self, key: str) -> list[float]:
         return [float(v) for v in self.options[key].split(",") if v.strip()]
 
 
@@ -147,7 +147,7 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
     """Builds the ONNX model from a Darknet cfg and its weights."""
     sections = parse_cfg(cfg_text)
     net = sections[0]
-    height, width, channels = net.int("height"), net.int("width"), net.int("channels", 3)
+    height, width, channels = net.get_int("height"), net.get_int("width"), net.get_int("channels", 3)
     reader = WeightReader(weights)
     g = _Graph()
     outputs: list[str] = []  # per layer output name
@@ -158,12 +158,12 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
     for index, section in enumerate(sections[1:]):
         kind = section.kind
         if kind == "convolutional":
-            filters, size = section.int("filters"), section.int("size")
-            stride = section.int("stride", 1)
-            pad = size // 2 if section.int("pad", 0) else section.int("padding", 0)
-            groups = section.int("groups", 1)
+            filters, size = section.get_int("filters"), section.get_int("size")
+            stride = section.get_int("stride", 1)
+            pad = size // 2 if section.get_int("pad", 0) else section.get_int("padding", 0)
+            groups = section.get_int("groups", 1)
             cin = shape[0]
-            if section.int("batch_normalize", 0):
+            if section.get_int("batch_normalize", 0):
                 bias, scale, mean, var = (reader.take(filters) for _ in range(4))
             else:
                 bias, scale, mean, var = reader.take(filters), None, None, None
@@ -186,9 +186,9 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
             out_w = (shape[2] + 2 * pad - size) // stride + 1
             shape = (filters, out_h, out_w)
         elif kind == "maxpool":
-            size, stride = section.int("size"), section.int("stride", 1)
+            size, stride = section.get_int("size"), section.get_int("stride", 1)
             # Darknet pads (size - 1) in total, at the end: output = ceil(input / stride).
-            padding = section.int("padding", size - 1)
+            padding = section.get_int("padding", size - 1)
             out_h = (shape[1] + padding - size) // stride + 1
             out_w = (shape[2] + padding - size) // stride + 1
             pad_end_h = (out_h - 1) * stride + size - shape[1] - padding // 2
@@ -198,26 +198,26 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
                            pads=[padding // 2, padding // 2, max(pad_end_h, 0), max(pad_end_w, 0)])
             shape = (shape[0], out_h, out_w)
         elif kind == "upsample":
-            stride = section.int("stride", 2)
+            stride = section.get_int("stride", 2)
             scales = g.const("scales", np.array([1, 1, stride, stride], dtype=np.float32))
             current = g.op("Resize", [current, "", scales], f"upsample{index}", mode="nearest")
             shape = (shape[0], shape[1] * stride, shape[2] * stride)
         elif kind == "route":
-            layers = [l if l >= 0 else index + l for l in section.ints("layers")]
+            layers = [l if l >= 0 else index + l for l in section.get_ints("layers")]
             if len(layers) == 1:
                 current, shape = outputs[layers[0]], shapes[layers[0]]
             else:
                 current = g.op("Concat", [outputs[l] for l in layers], f"route{index}", axis=1)
                 shape = (sum(shapes[l][0] for l in layers),) + shapes[layers[0]][1:]
         elif kind == "shortcut":
-            source = section.int("from")
+            source = section.get_int("from")
             source = source if source >= 0 else index + source
             current = g.op("Add", [current, outputs[source]], f"shortcut{index}")
         elif kind == "yolo":
-            mask = section.ints("mask")
-            all_anchors = section.floats("anchors")
+            mask = section.get_ints("mask")
+            all_anchors = section.get_floats("anchors")
             pairs = list(zip(all_anchors[0::2], all_anchors[1::2]))
-            head = YoloHead([pairs[m] for m in mask], section.int("classes"),
+            head = YoloHead([pairs[m] for m in mask], section.get_int("classes"),
                             (shape[1], shape[2]), height // shape[1])
             if shape[0] != len(mask) * (5 + head.classes):
                 raise ValueError(f"layer {index}: yolo expects {len(mask) * (5 + head.classes)} "

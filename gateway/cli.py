@@ -33,6 +33,16 @@ def ingest(client: VisualSearchClient, folder: Path, category: str) -> int:
     return int(response.indexed)
 
 
+def parse_region(spec: str) -> tuple[tuple[float, float, float, float], str]:
+    """'X0,Y0,X1,Y1:CATEGORY' -> ((x0, y0, x1, y1), category)."""
+    coords, _, category = spec.partition(":")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in coords.split(","))
+    except ValueError:
+        raise SystemExit(f"--region {spec!r}: expected X0,Y0,X1,Y1:CATEGORY, e.g. 10,20,200,300:tops")
+    return (x0, y0, x1, y1), category
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mps", description="Multi-product visual search client.")
     parser.add_argument("--address", default="127.0.0.1:50050", help="gateway host:port")
@@ -53,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "ingest":
                 print(f"indexed {ingest(client, args.folder, args.category)} images into {args.category!r}")
                 return 0
-            regions = []
-            for spec in args.region:
-                coords, _, category = spec.partition(":")
-                regions.append((tuple(float(v) for v in coords.split(",")), category))
+            regions = [parse_region(spec) for spec in args.region]
             data = args.image.read_bytes()
             result = client.search(data, top_k=args.top_k, min_confidence=args.min_confidence,
                                    regions=regions)

@@ -34,12 +34,13 @@ def free_port() -> int:
 
 
 def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Waits until the process at `address` reports SERVING; raises if it dies or takes too long."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[2]} exited with {process.returncode}; see its log above")
+                raise RuntimeError(f"the server for {address} exited with {process.returncode}; see its log above")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
                         health_pb2.HealthCheckResponse.SERVING:

@@ -53,6 +53,7 @@ def _abort_from(context: grpc.ServicerContext, stage: str, error: grpc.RpcError)
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
         context.abort(code, f"{stage}: {error.details()}")
     context.abort(grpc.StatusCode.UNAVAILABLE, f"{stage} service failed ({code.name}): {error.details()}")
+    raise AssertionError("context.abort returns only by raising")
 
 
 class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):

@@ -62,4 +62,4 @@ def test_every_weight_is_used_and_mismatches_are_refused():
 def test_cfg_parser_reads_sections_and_ignores_comments():
     sections = parse_cfg("[net]\nwidth=416 # comment\n\n[yolo]\nmask = 0,1\n")
     assert [s.kind for s in sections] == ["net", "yolo"]
-    assert sections[0].int("width") == 416 and sections[1].ints("mask") == [0, 1]
+    assert sections[0].get_int("width") == 416 and sections[1].get_ints("mask") == [0, 1]

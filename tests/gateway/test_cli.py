@@ -34,3 +34,13 @@ def test_errors_are_reported_not_raised(suite, tmp_path, capsys):
     bad.write_bytes(b"not a jpeg")
     assert main(["--address", suite.addresses["gateway"], "search", str(bad)]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_malformed_region_is_a_clear_usage_error():
+    import pytest
+
+    from gateway.cli import parse_region
+
+    assert parse_region("1,2,3,4:tops") == ((1.0, 2.0, 3.0, 4.0), "tops")
+    with pytest.raises(SystemExit, match="X0,Y0,X1,Y1:CATEGORY"):
+        parse_region("1,2,3:tops")
