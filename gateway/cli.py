@@ -39,7 +39,7 @@ def parse_region(spec: str) -> tuple[tuple[float, float, float, float], str]:
     try:
         x0, y0, x1, y1 = (float(v) for v in coords.split(","))
     except ValueError:
-        raise SystemExit(f"--region {spec!r}: expected X0,Y0,X1,Y1:CATEGORY, e.g. 10,20,200,300:tops")
+        raise SystemExit(f"--region {spec!r}: expected X0,Y0,X1,Y1:CATEGORY, e.g. 10,20,200,300:tops") from None
     return (x0, y0, x1, y1), category
 
 

@@ -164,6 +164,10 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                 timeout=timeout_from(context, self.config.default_timeout_s))
         except grpc.RpcError as exc:
             _abort_from(context, "signature", exc)
+        if len(response.signatures) != len(crops):
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"signature service returned {len(response.signatures)} signatures for "
+                          f"{len(crops)} images: check that its version matches the gateway's")
         return list(response.signatures)
 
     def _search_all(self, candidates: list[Candidate], signatures: list[common_pb2.Signature],

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np

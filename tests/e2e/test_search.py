@@ -156,3 +156,38 @@ def test_a_query_never_waits_on_a_database_it_does_not_need(suite, coffee_png):
     finally:
         routed.stop()
         silent.close()
+
+
+def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, coffee_png):
+    """A mismatched signature server (fewer signatures than crops) must not silently drop items."""
+    from concurrent import futures
+
+    from mps.signature.v1 import signature_pb2_grpc
+    from signature_server.service import SignatureService
+
+    class LosesOne(SignatureService):
+        def ComputeSignatures(self, request, context):
+            response = super().ComputeSignatures(request, context)
+            del response.signatures[-1]
+            return response
+
+    faulty = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    signature_pb2_grpc.add_SignatureServiceServicer_to_server(LosesOne(deep_descriptor, 64, 10**8), faulty)
+    port = faulty.add_insecure_port("127.0.0.1:0")
+    faulty.start()
+    from gateway.config import GatewayConfig
+    from gateway.server import create_server
+    from common.config import load_config
+
+    gateway, gateway_port = create_server(load_config(
+        GatewayConfig, "gateway", environ={}, port=0, detector_address=suite.addresses["detector"],
+        signature_address=f"127.0.0.1:{port}", index_address=suite.addresses["index"]))
+    try:
+        with VisualSearchClient(f"127.0.0.1:{gateway_port}") as c:
+            with pytest.raises(grpc.RpcError) as error:
+                c.search(coffee_png, regions=[(CUP_BOX, "tableware"), ((0, 0, 50, 50), "tableware")])
+        assert error.value.code() == grpc.StatusCode.INTERNAL
+        assert "1 signatures for 2 images" in error.value.details()
+    finally:
+        gateway.stop(None)
+        faulty.stop(None)
