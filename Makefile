@@ -7,13 +7,17 @@ PROTOS := $(shell find protos -name '*.proto')
 DETECTOR_MODEL  := models/yolov3-tiny/1/model.onnx
 DESCRIPTOR_MODEL := models/efficientnet-lite0/1/model.onnx
 
-.PHONY: run test setup proto models lint bench clean
+KERNELS := $(wildcard kernels/*.cu)
+CUBINS  := $(patsubst kernels/%.cu,build/kernels/%.cubin,$(KERNELS))
+PTX     := $(patsubst kernels/%.cu,build/kernels/%.ptx,$(KERNELS))
+
+.PHONY: run test setup proto models kernels lint bench clean
 .DELETE_ON_ERROR:
 
 run: setup
 	$(PY) -m gateway.demo
 
-test: setup
+test: setup kernels
 	$(VENV)/bin/buf lint
 	$(PY) -m pytest
 
@@ -39,11 +43,21 @@ $(DETECTOR_MODEL): detector_server/darknet_onnx.py $(VENV)/.installed
 $(DESCRIPTOR_MODEL): signature_server/export_efficientnet.py $(VENV)/.installed
 	$(PY) -W ignore -m signature_server.export_efficientnet --out $@
 
+# Every CUDA source must compile (sm_90 cubin and compute_75 PTX) even where no GPU runs it.
+kernels: $(CUBINS) $(PTX)
+build/kernels/%.cubin: kernels/%.cu kernels/descriptor.cuh
+	@mkdir -p $(@D)
+	nvcc --cubin -arch=sm_90 -Ikernels -o $@ $<
+build/kernels/%.ptx: kernels/%.cu kernels/descriptor.cuh
+	@mkdir -p $(@D)
+	nvcc --ptx -arch=compute_75 -Ikernels -o $@ $<
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/buf lint
 
 bench: setup
 	$(PY) bench/search_latency.py
+	$(PY) bench/signature.py
 
 clean:
-	rm -rf mps models/*/1 out
+	rm -rf mps models/yolov3-tiny/1 models/efficientnet-lite0/1 out build

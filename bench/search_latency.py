@@ -15,7 +15,8 @@ import numpy as np
 
 from common.images import encode_jpeg, encode_png
 from gateway.client import Product, VisualSearchClient
-from gateway.demo_catalogue import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo, variants
+from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
+from gateway.demo_catalogue import variants
 from tests.conftest import start_suite
 
 

@@ -28,8 +28,11 @@ class GatewayConfig(ServerConfig):
     index_address: str = "127.0.0.1:50053"
     # Category -> shard address, for categories kept on their own servers.
     index_routes: dict[str, str] = field(default_factory=dict)
-    # "deep" (the bag-of-words kind arrives with the colour-texture signature).
+    # Kind searched when a request leaves signature_kind unset: "deep" or "bow".
     default_signature_kind: str = "deep"
+    # Every product is indexed with each of these kinds, one database per category and kind
+    # ("<category>.<kind>"), so a query may choose either.
+    index_kinds: list[str] = field(default_factory=lambda: ["deep", "bow"])
     exclusive_groups: list[list[str]] = field(default_factory=_default_exclusive_groups)
     exclusive_iou: float = 0.5
     # Crops are shrunk to this many pixels on their longest side before signing.

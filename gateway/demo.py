@@ -19,7 +19,9 @@ from common.proto_convert import box_from_proto, image_to_proto
 from gateway.cli import ingest
 from gateway.client import VisualSearchClient
 from gateway.config import GatewayConfig
-from gateway.demo_catalogue import QUERY_PHOTOS, Detected, build, load_photo
+from common.photos import load_photo
+from gateway.demo_catalogue import QUERY_PHOTOS, Detected, build
+from mps.common.v1 import common_pb2
 from gateway.report import draw_result, format_table
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 
@@ -88,10 +90,13 @@ def main() -> int:
                 ingest(client, catalogue / category, category)
             for name in QUERY_PHOTOS:
                 photo = load_photo(name)
-                result = client.search(encode_png(photo), top_k=3, min_confidence=0.1)
-                print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}) ==")
-                print(format_table(result))
-                print(f"picture: {draw_result(photo, result, OUT / f'demo_{name}.png')}")
+                for kind, label in ((common_pb2.SIGNATURE_KIND_DEEP, "deep"),
+                                    (common_pb2.SIGNATURE_KIND_BOW, "bow")):
+                    result = client.search(encode_png(photo), top_k=3, min_confidence=0.1, signature_kind=kind)
+                    print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}), "
+                          f"{label} signatures ==")
+                    print(format_table(result))
+                    print(f"picture: {draw_result(photo, result, OUT / f'demo_{name}_{label}.png')}")
         return 0
     finally:
         for process in processes.values():

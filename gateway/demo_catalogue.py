@@ -14,26 +14,13 @@ import cv2
 import numpy as np
 
 from common.images import encode_jpeg
+from common.photos import load_photo
 from gateway.exclusive import resolve_exclusive
 
 # Catalogue sources. motorcycle_right is held out: it is a query, another view of motorcycle_left.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
-                  "hubble_deep_field", "retina")
-SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+CATALOGUE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
+                    "hubble_deep_field", "retina", "china.jpg", "flower.jpg")
 QUERY_PHOTOS = ("coffee", "motorcycle_right")
-
-
-def load_photo(name: str) -> np.ndarray:
-    """A bundled photo by name -> (H, W, 3) uint8 RGB."""
-    if name.endswith(".jpg"):
-        from sklearn.datasets import load_sample_image
-
-        return np.ascontiguousarray(load_sample_image(name))
-    import skimage.data
-
-    image = skimage.data.stereo_motorcycle()[0 if name == "motorcycle_left" else 1] \
-        if name.startswith("motorcycle") else getattr(skimage.data, name)()
-    return np.ascontiguousarray(image[..., :3])
 
 
 def variants(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,7 +60,7 @@ def build(folder: Path, detect, groups: list[list[str]], distractors_per_photo: 
     `detect(image) -> list[Detected]` finds the products of a photo (the real detector service).
     """
     rng = np.random.default_rng(seed)
-    photos = {name.removesuffix(".jpg"): load_photo(name) for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS}
+    photos = {name.removesuffix(".jpg"): load_photo(name) for name in CATALOGUE_PHOTOS}
     counts: dict[str, int] = {}
 
     def write(category: str, product_id: str, image: np.ndarray) -> None:

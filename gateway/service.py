@@ -28,6 +28,12 @@ from mps.signature.v1 import signature_pb2
 log = logging.getLogger(__name__)
 
 KINDS = {"deep": common_pb2.SIGNATURE_KIND_DEEP, "bow": common_pb2.SIGNATURE_KIND_BOW}
+KIND_NAMES = {value: name for name, value in KINDS.items()}
+
+
+def database_name(category: str, kind: int) -> str:
+    """The index database of one category's products signed with one kind."""
+    return f"{category}.{KIND_NAMES[kind]}"
 
 
 @dataclass
@@ -60,9 +66,13 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     def __init__(self, config: GatewayConfig, backends: Backends):
         self.config = config
         self.backends = backends
-        if config.default_signature_kind not in KINDS:
-            raise ValueError(f"default_signature_kind must be one of {sorted(KINDS)}")
+        for name in [config.default_signature_kind, *config.index_kinds]:
+            if name not in KINDS:
+                raise ValueError(f"signature kind {name!r} in the gateway config is not one of {sorted(KINDS)}")
+        if config.default_signature_kind not in config.index_kinds:
+            raise ValueError("default_signature_kind must be one of index_kinds")
         self.default_kind = KINDS[config.default_signature_kind]
+        self.index_kinds = [KINDS[name] for name in config.index_kinds]
         # Per-category searches of all concurrent queries run here.
         self.pool = ThreadPoolExecutor(max_workers=4 * config.max_workers, thread_name_prefix="search")
 
@@ -78,6 +88,10 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         top_k = request.top_k or 10
         self._validate_search(request, top_k, context)
         kind = request.signature_kind or self.default_kind
+        if kind not in self.index_kinds:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
+                          f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}")
         if request.image.WhichOneof("source") != "encoded":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "image.encoded is required: send the photo's file bytes")
@@ -183,7 +197,8 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                     timeout: float) -> None:
         stub = self.backends.index_for(candidate.category)
         try:
-            for chunk in stub.Search(index_pb2.SearchRequest(database=candidate.category,
+            database = database_name(candidate.category, signature.kind)
+            for chunk in stub.Search(index_pb2.SearchRequest(database=database,
                                                              signature=signature, top_k=top_k),
                                      timeout=timeout):
                 candidate.matches.extend(gateway_pb2.Match(product_id=i.item_id, score=i.score,
@@ -206,21 +221,22 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         def flush() -> None:
             if not pending:
                 return
-            signatures = self._sign([im for _, im in pending], self.default_kind, context)
             by_shard: dict[int, list[index_pb2.AddRequest]] = defaultdict(list)
             stubs = {}
-            for (request, _), signature in zip(pending, signatures):
-                stub = self.backends.index_for(request.category)
-                stubs[id(stub)] = stub
-                by_shard[id(stub)].append(index_pb2.AddRequest(
-                    item_id=request.product_id, database=request.category, signature=signature,
-                    metadata=request.metadata))
+            for kind in self.index_kinds:
+                signatures = self._sign([im for _, im in pending], kind, context)
+                for (request, _), signature in zip(pending, signatures):
+                    stub = self.backends.index_for(request.category)
+                    stubs[id(stub)] = stub
+                    by_shard[id(stub)].append(index_pb2.AddRequest(
+                        item_id=request.product_id, database=database_name(request.category, kind),
+                        signature=signature, metadata=request.metadata))
             for key, adds in by_shard.items():
                 try:
                     stubs[key].Add(iter(adds), timeout=timeout_from(context, self.config.default_timeout_s))
                 except grpc.RpcError as exc:
                     _abort_from(context, f"index (after {sum(per_category.values())} products indexed)", exc)
-                per_category.update(a.database for a in adds)
+            per_category.update(request.category for request, _ in pending)
             pending.clear()
 
         for position, request in enumerate(request_iterator):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from index_server.dense import DenseDatabase, SignatureError
+from typing import Union
+
+import numpy as np
+
+from common.bow_codec import BagOfWords
+from index_server.dense import DenseDatabase
+from index_server.inverted import BowIndex, SignatureError
+from mps.common.v1 import common_pb2
+
+Database = Union[DenseDatabase, BowIndex]
 
 
 class UnknownDatabase(KeyError):
@@ -22,22 +31,26 @@ class DatabaseInfo:
 
 class Catalogue:
     def __init__(self) -> None:
-        self._databases: dict[str, tuple[int, DenseDatabase]] = {}
+        self._databases: dict[str, tuple[int, Database]] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> tuple[int, DenseDatabase]:
+    def get(self, name: str) -> tuple[int, Database]:
         try:
             return self._databases[name]
         except KeyError:
             raise UnknownDatabase(name) from None
 
-    def get_or_create(self, name: str, kind: int, dimension: int) -> DenseDatabase:
+    def get_or_create(self, name: str, kind: int, value: np.ndarray | BagOfWords) -> Database:
+        """The database `name`, created for this signature's kind and shape by its first item."""
         with self._lock:
             if name not in self._databases:
-                self._databases[name] = (kind, DenseDatabase(dimension))
+                database: Database = BowIndex(value.vocabulary, value.codebook) \
+                    if isinstance(value, BagOfWords) else DenseDatabase(value.size)
+                self._databases[name] = (kind, database)
             held_kind, database = self._databases[name]
         if held_kind != kind:
-            raise SignatureError(f"database {name!r} holds another signature kind ({held_kind}), not {kind}")
+            raise SignatureError(f"database {name!r} holds {common_pb2.SignatureKind.Name(held_kind)} "
+                                 f"signatures, not {common_pb2.SignatureKind.Name(kind)}")
         return database
 
     def names(self) -> list[str]:

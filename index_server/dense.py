@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-
 import numpy as np
 
 
-class SignatureError(ValueError):
-    """A signature does not fit the database; the message says why."""
-
-
-@dataclass
-class Hit:
-    item_id: str
-    score: float
-    metadata: dict[str, str]
+from index_server.inverted import Hit, SignatureError
 
 
 class DenseDatabase:

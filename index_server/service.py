@@ -7,22 +7,30 @@ from typing import Iterator
 import grpc
 import numpy as np
 
+from common.bow_codec import BagOfWords, BowFormatError, decode
 from index_server.catalogue import Catalogue, UnknownDatabase
-from index_server.dense import SignatureError
+from index_server.inverted import SignatureError
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 
-def dense_values(signature: common_pb2.Signature) -> np.ndarray:
-    """The signature's dense vector; raises SignatureError when it has none."""
+def signature_value(signature: common_pb2.Signature) -> np.ndarray | BagOfWords:
+    """A deep signature's dense vector or a bag-of-words signature's decoded bag; raises
+    SignatureError when the signature is empty, malformed or of another kind."""
+    if signature.kind == common_pb2.SIGNATURE_KIND_DEEP:
+        if signature.WhichOneof("value") != "dense" or not signature.dense.values:
+            raise SignatureError("signature is empty: a deep signature carries dense.values")
+        return np.asarray(signature.dense.values, dtype=np.float32)
+    if signature.kind == common_pb2.SIGNATURE_KIND_BOW:
+        if signature.WhichOneof("value") != "bow" or not signature.bow:
+            raise SignatureError("signature is empty: a bag-of-words signature carries bow bytes")
+        try:
+            return decode(signature.bow)
+        except BowFormatError as exc:
+            raise SignatureError(f"bag-of-words signature: {exc}") from None
     if signature.kind == common_pb2.SIGNATURE_KIND_UNSPECIFIED:
-        raise SignatureError("signature kind is unspecified")
-    if signature.kind != common_pb2.SIGNATURE_KIND_DEEP:
-        raise SignatureError(f"signature kind {common_pb2.SignatureKind.Name(signature.kind)} "
-                             "is not indexed by this shard")
-    if signature.WhichOneof("value") != "dense" or not signature.dense.values:
-        raise SignatureError("signature is empty: a deep signature carries dense.values")
-    return np.asarray(signature.dense.values, dtype=np.float32)
+        raise SignatureError("signature kind is unspecified: set SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW")
+    raise SignatureError(f"signature kind {signature.kind} is unknown")
 
 
 class IndexService(index_pb2_grpc.IndexServiceServicer):
@@ -41,10 +49,9 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{where}: item_id and database are required{done}")
             try:
-                vector = dense_values(request.signature)
-                database = self.catalogue.get_or_create(request.database, request.signature.kind,
-                                                        vector.size)
-                replaced += database.add(request.item_id, vector, dict(request.metadata))
+                value = signature_value(request.signature)
+                database = self.catalogue.get_or_create(request.database, request.signature.kind, value)
+                replaced += database.add(request.item_id, value, dict(request.metadata))  # type: ignore[arg-type]
             except SignatureError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}{done}")
             added += 1
@@ -52,7 +59,7 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
 
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext
                ) -> index_pb2.DeleteResponse:
-        database = self._database(request.database, context)
+        _, database = self._database(request.database, context)
         not_found = [i for i in request.item_ids if not database.delete(i)]
         return index_pb2.DeleteResponse(deleted=len(request.item_ids) - len(not_found),
                                         not_found=not_found)
@@ -63,9 +70,14 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         if top_k > self.max_top_k:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"top_k {top_k} is above this shard's limit of {self.max_top_k}")
-        database = self._database(request.database, context)
+        kind, database = self._database(request.database, context)
         try:
-            hits = database.search(dense_values(request.signature), top_k)
+            value = signature_value(request.signature)
+            if request.signature.kind != kind:
+                raise SignatureError(f"database {request.database!r} holds "
+                                     f"{common_pb2.SignatureKind.Name(kind)} signatures, not "
+                                     f"{common_pb2.SignatureKind.Name(request.signature.kind)}")
+            hits = database.search(value, top_k)  # type: ignore[arg-type]
         except SignatureError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for start in range(0, len(hits), self.chunk_size):
@@ -83,7 +95,7 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         if not name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
         try:
-            return self.catalogue.get(name)[1]
+            return self.catalogue.get(name)
         except UnknownDatabase:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"database {name!r} does not exist on this shard; it has "

@@ -13,6 +13,12 @@ class SignatureConfig(ServerConfig):
 
     port: int = 50052
     deep_model_dir: str = str(MODELS_DIR / "efficientnet-lite0")
+    # The colour-texture bag of words: its config.json and versioned codebook.
+    bow_model_dir: str = str(MODELS_DIR / "colour-texture-bow")
+    # Where its kernels run: "auto" (CUDA when a GPU and PyCUDA or CuPy start, else CPU), "cuda", "cpu".
+    kernels: str = "auto"
+    # Crops described in parallel (the CPU path; the CUDA path serialises on one context).
+    bow_threads: int = 2
     # Images per ComputeSignatures call; more is RESOURCE_EXHAUSTED.
     max_images_per_request: int = 64
     # Images per forward pass.

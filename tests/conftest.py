@@ -15,7 +15,7 @@ from common.images import encode_png
 from detector_server.config import DetectorConfig
 from detector_server.model import DetectorModel, ModelSpec
 from gateway.config import GatewayConfig
-from gateway.demo_catalogue import load_photo
+from common.photos import load_photo
 from index_server.config import IndexConfig
 from signature_server.config import SignatureConfig
 from signature_server.deep import DeepDescriptor, DeepSpec
@@ -34,6 +34,15 @@ def detector_model() -> DetectorModel:
 @pytest.fixture(scope="session")
 def deep_descriptor() -> DeepDescriptor:
     return DeepDescriptor(DeepSpec.load(MODELS_DIR / "efficientnet-lite0"), intra_op_threads=2)
+
+
+@pytest.fixture(scope="session")
+def bow_extractor():
+    from kernels import select_kernels
+    from signature_server.bow import BowExtractor, BowSpec, Codebook
+
+    spec = BowSpec.load(MODELS_DIR / "colour-texture-bow")
+    return BowExtractor(spec, Codebook.load(spec.codebook_path, spec.provenance_path), select_kernels("cpu"))
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:

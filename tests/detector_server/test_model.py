@@ -24,7 +24,7 @@ def test_letterbox_beats_a_plain_resize(detector_model, coffee):
 
 
 def test_products_only_and_threshold(detector_model):
-    from gateway.demo_catalogue import load_photo
+    from common.photos import load_photo
 
     photo = load_photo("motorcycle_right")
     everything, _ = detector_model.detect(photo, score_threshold=0.1)

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.images import encode_jpeg, encode_png
 from gateway.client import Product, VisualSearchClient
-from gateway.demo_catalogue import load_photo
+from common.photos import load_photo
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.conftest import bad_images, start_suite
@@ -43,12 +43,14 @@ def healthy(address):
             == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_finds_the_cup_and_its_catalogue_product(client, coffee_png):
-    result = client.search(coffee_png, top_k=3)
+@pytest.mark.parametrize("kind", [common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW])
+def test_finds_the_cup_and_its_catalogue_product(client, coffee_png, kind):
+    result = client.search(coffee_png, top_k=3, signature_kind=kind)
     cups = [i for i in result.items if i.class_name == "cup"]
     assert len(cups) == 1 and cups[0].category == "tableware"
     assert cups[0].matches[0].product_id == "coffee-cup" and cups[0].matches[0].metadata["title"] == "cup"
-    assert len(cups[0].matches) == 3
+    # A bag-of-words search returns only items sharing a visual word with the query.
+    assert len(cups[0].matches) == 3 if kind == common_pb2.SIGNATURE_KIND_DEEP else 1 <= len(cups[0].matches) <= 3
     assert all(a.score >= b.score for a, b in zip(cups[0].matches, cups[0].matches[1:]))
     t = result.timings
     assert t.detect_ms > 0 and t.sign_ms > 0 and t.search_ms > 0 and t.total_ms >= t.detect_ms
@@ -103,7 +105,8 @@ def test_bad_catalogue_image_reports_what_was_indexed(client, suite):
     assert "'broken'" in error.value.details() and "1 products before it were indexed" in error.value.details()
     with grpc.insecure_channel(suite.addresses["index"]) as channel:
         stats = index_pb2_grpc.IndexServiceStub(channel).Stats(index_pb2.StatsRequest(), timeout=5)
-    assert {d.name: d.items for d in stats.databases}["scratch"] == 1
+    items = {d.name: d.items for d in stats.databases}
+    assert items["scratch.deep"] == items["scratch.bow"] == 1
 
 
 def test_a_20_mb_photo_gets_through(client):
@@ -121,8 +124,8 @@ def test_invalid_arguments(client, coffee_png):
             client.search(coffee_png, **kwargs)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
-        client.search(coffee_png, signature_kind=common_pb2.SIGNATURE_KIND_BOW)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        client.search(coffee_png, signature_kind=7)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "signature_kind 7" in error.value.details()
 
 
 def test_deadline_is_honoured(client, coffee_png):
@@ -158,7 +161,7 @@ def test_a_query_never_waits_on_a_database_it_does_not_need(suite, coffee_png):
         silent.close()
 
 
-def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, coffee_png):
+def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, bow_extractor, coffee_png):
     """A mismatched signature server (fewer signatures than crops) must not silently drop items."""
     from concurrent import futures
 
@@ -172,7 +175,7 @@ def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descr
             return response
 
     faulty = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    signature_pb2_grpc.add_SignatureServiceServicer_to_server(LosesOne(deep_descriptor, 64, 10**8), faulty)
+    signature_pb2_grpc.add_SignatureServiceServicer_to_server(LosesOne(deep_descriptor, bow_extractor, 64, 10**8), faulty)
     port = faulty.add_insecure_port("127.0.0.1:0")
     faulty.start()
     from gateway.config import GatewayConfig

@@ -4,7 +4,7 @@ from PIL import Image
 
 from common.images import encode_jpeg, encode_png
 from gateway.cli import main
-from gateway.demo_catalogue import load_photo
+from common.photos import load_photo
 
 
 def test_ingest_folder_then_search_with_a_picture(suite, tmp_path, capsys):

@@ -74,3 +74,46 @@ def test_bad_item_mid_stream_says_what_was_added(stub):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "item #2" in error.value.details() and "2 items before it were added" in error.value.details()
     assert [i.item_id for i in search(stub, [1, 0])[1]] == ["a", "b"]
+
+
+def bow_signature(words, counts=None, vocabulary=5000, codebook=11):
+    from common.bow_codec import BagOfWords, encode
+
+    counts = counts or [1] * len(words)
+    bag = BagOfWords(np.asarray(words, np.int32), np.asarray(counts, np.uint32), vocabulary, codebook)
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
+
+
+def test_bag_of_words_databases_over_grpc(stub):
+    adds = [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow_signature([i, i + 1, 100]))
+            for i in range(10)]
+    assert stub.Add(iter(adds), timeout=5).added == 10
+    query = bow_signature([3, 4, 100])
+    items = [i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query, top_k=4),
+                                    timeout=5) for i in c.items]
+    assert items[0].item_id == "b3" and items[0].score == pytest.approx(1.0)
+    assert {i.item_id for i in items[1:3]} == {"b2", "b4"}  # two words in common
+    stub.Delete(index_pb2.DeleteRequest(database="bags", item_ids=["b3"]), timeout=5)
+    items = [i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query), timeout=5)
+             for i in c.items]
+    assert "b3" not in {i.item_id for i in items} and len(items) == 9
+    stats = {d.name: d for d in stub.Stats(index_pb2.StatsRequest(), timeout=5).databases}
+    assert stats["bags"].kind == common_pb2.SIGNATURE_KIND_BOW and stats["bags"].dimension == 5000
+
+
+@pytest.mark.parametrize("signature, fragment", [
+    (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), "empty"),
+    (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage"), "bag-of-words signature"),
+    (bow_signature([1, 2], codebook=12), "codebook"),
+    (bow_signature([1, 2], vocabulary=6000), "vocabulary"),
+    (dense_to_proto(np.ones(8, np.float32)), "BOW signatures, not SIGNATURE_KIND_DEEP"),
+])
+def test_bad_bag_of_words_signatures_get_invalid_argument(stub, signature, fragment):
+    stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags", signature=bow_signature([1, 2]))]),
+             timeout=5)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Search(index_pb2.SearchRequest(database="bags", signature=signature), timeout=5))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Add(iter([index_pb2.AddRequest(item_id="b", database="bags", signature=signature)]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,6 +1,6 @@
 import numpy as np
 
-from gateway.demo_catalogue import load_photo
+from common.photos import load_photo
 
 ESPRESSO = 967  # ImageNet class index
 

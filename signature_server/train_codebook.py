@@ -1,0 +1,101 @@
+"""Trains the colour-texture codebook: k-means (FAISS) over descriptors of real photos.
+
+    python -m signature_server.train_codebook --out models/colour-texture-bow/1
+
+Descriptors come from the bundled photos named in TRAINING_PHOTOS, whole and as random crops at
+several scales (mirrored half of the time), described exactly as the server describes a crop. The
+result is two files: codebook.npz (uint8 centres / 255) and provenance.json (sources, parameters,
+library versions, checksums, the command). The photos the benchmark searches are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from common.photos import load_photo
+from kernels import select_kernels, spec
+from signature_server.bow import BowExtractor, BowSpec, Codebook
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "colour-texture-bow"
+# bench/signature.py searches tiles of china.jpg, flower.jpg, hubble_deep_field and retina: not here.
+TRAINING_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
+                   "immunohistochemistry", "colorwheel", "logo")
+
+
+def sample_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    height, width = image.shape[:2]
+    crops = [image]
+    for _ in range(count):
+        side = rng.uniform(0.2, 0.8)
+        h, w = max(16, int(height * side * rng.uniform(0.7, 1.3))), max(16, int(width * side))
+        h, w = min(h, height), min(w, width)
+        y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        crop = image[y:y + h, x:x + w]
+        crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return crops
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=MODEL_DIR / "1")
+    parser.add_argument("--centres", type=int, default=5000)
+    parser.add_argument("--crops-per-photo", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--photos", nargs="+", default=list(TRAINING_PHOTOS))
+    args = parser.parse_args(argv)
+
+    bow_spec = BowSpec.load(MODEL_DIR)
+    kernels = select_kernels("auto")
+    rng = np.random.default_rng(args.seed)
+    # Describing needs no codebook; a placeholder of the right width satisfies the extractor.
+    extractor = BowExtractor(bow_spec, Codebook(np.zeros((1, spec.DIMENSION), np.float32)), kernels)
+    sources, descriptors = [], []
+    crops = [(name, crop) for name in args.photos
+             for crop in sample_crops(load_photo(name), args.crops_per_photo, rng)]
+    for name in args.photos:
+        sources.append({"photo": name, "sha256": hashlib.sha256(load_photo(name).tobytes()).hexdigest()})
+    for name, crop in tqdm(crops, desc="describing", unit="crop"):
+        descriptors.append(extractor.describe(crop).descriptors)
+    data = np.ascontiguousarray(np.concatenate(descriptors), np.float32)
+    print(f"{len(data)} descriptors from {len(crops)} crops of {len(args.photos)} photos", file=sys.stderr)
+
+    started = time.time()
+    kmeans = faiss.Kmeans(spec.DIMENSION, args.centres, niter=args.iterations, seed=args.seed,
+                          verbose=True, max_points_per_centroid=100_000)
+    kmeans.train(data)
+    codebook = Codebook(Codebook.quantise(kmeans.centroids).astype(np.float32) / np.float32(255))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "codebook.npz"
+    codebook.save(path)
+    provenance = {
+        "artefact": f"{bow_spec.name} codebook, version {bow_spec.version}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m signature_server.train_codebook " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "centres": args.centres, "dimension": spec.DIMENSION, "storage": "uint8, value = stored / 255",
+        "algorithm": f"faiss.Kmeans (faiss {faiss.__version__}), {args.iterations} iterations, seed {args.seed}",
+        "objective": float(kmeans.obj[-1]), "training_seconds": round(time.time() - started, 1),
+        "descriptors": int(len(data)), "crops": len(crops), "crops_per_photo": args.crops_per_photo,
+        "sources": sources, "kernels": kernels.name, "python": platform.python_version(),
+        "numpy": np.__version__, "fingerprint": codebook.fingerprint,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "config": json.loads((MODEL_DIR / "config.json").read_text()),
+    }
+    (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(json.dumps({"out": str(path), "descriptors": len(data), "fingerprint": codebook.fingerprint}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The inverted index: exact chi-squared against brute force, live updates, compaction."""
+
+import numpy as np
+import pytest
+
+from common.bow_codec import BagOfWords, chi2
+from common.photos import load_photo
+from index_server.inverted import BowIndex, SignatureError
+
+
+def random_bags(rng, count, vocabulary=500, codebook=1):
+    return [BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, 200)) % vocabulary, vocabulary, codebook)
+            for _ in range(count)]
+
+
+def brute_force(query, items, top_k):
+    scored = [(chi2(query, bag), item_id) for item_id, bag in items.items()]
+    scored = [(d, i) for d, i in scored if d < 2.0]  # sharing at least one word
+    return sorted(scored)[:top_k]
+
+
+def assert_exact(index, query, items, top_k=10):
+    hits = index.search(query, top_k)
+    expected = brute_force(query, items, top_k)
+    assert [h.item_id for h in hits] == [i for _, i in expected]
+    np.testing.assert_allclose([2 - 2 * h.score for h in hits], [d for d, _ in expected], atol=1e-6)
+
+
+def test_equals_brute_force_on_random_bags():
+    rng = np.random.default_rng(0)
+    bags = random_bags(rng, 400)
+    index = BowIndex(500, 1)
+    items = {}
+    for i, bag in enumerate(bags):
+        index.add(f"item-{i}", bag, {"n": str(i)})
+        items[f"item-{i}"] = bag
+    for query in random_bags(rng, 20):
+        assert_exact(index, query, items, top_k=25)
+    assert index.search(bags[7], 1)[0].item_id == "item-7" and index.search(bags[7], 1)[0].score == pytest.approx(1)
+
+
+def test_equals_brute_force_on_real_signatures(bow_extractor):
+    index, items = BowIndex(5000, bow_extractor.codebook.fingerprint), {}
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "china.jpg", "flower.jpg", "retina"):
+        photo = load_photo(name)
+        h, w = photo.shape[:2]
+        for part, crop in enumerate((photo, photo[: h // 2], photo[h // 2:], photo[:, : w // 2])):
+            items[f"{name}-{part}"] = bag = bow_extractor.bag(crop)
+            index.add(f"{name}-{part}", bag, {})
+    for query in (bow_extractor.bag(load_photo("coffee")[50:350, 100:500]), items["china.jpg-1"]):
+        assert_exact(index, query, items)
+
+
+def test_delete_replace_and_compaction_keep_results_exact():
+    rng = np.random.default_rng(1)
+    bags = random_bags(rng, 300)
+    index, items = BowIndex(500, 1), {}
+    for i, bag in enumerate(bags):
+        index.add(f"i{i}", bag, {})
+        items[f"i{i}"] = bag
+    for i in range(0, 300, 3):
+        assert index.delete(f"i{i}")
+        del items[f"i{i}"]
+    assert not index.delete("i0") and len(index) == 200
+    assert index.add("i1", bags[0], {"v": "2"})  # replaced
+    items["i1"] = bags[0]
+    queries = random_bags(rng, 10) + [bags[0], bags[3]]
+    for query in queries:
+        assert_exact(index, query, items, top_k=50)
+        assert all(h.item_id != "i3" for h in index.search(query, 300))
+    index.compact()
+    assert index.dead_rows() == 0 and len(index) == 200
+    for query in queries:
+        assert_exact(index, query, items, top_k=50)
+    index.add("new", bags[3], {})
+    assert index.search(bags[3], 1)[0].item_id == "new"
+
+
+def test_word_range_gives_partial_sums_that_add_up():
+    rng = np.random.default_rng(2)
+    bags = random_bags(rng, 100)
+    whole, low, high = BowIndex(500, 1), BowIndex(500, 1, (0, 100)), BowIndex(500, 1, (100, 500))
+    for i, bag in enumerate(bags):
+        for index in (whole, low, high):
+            index.add(str(i), bag, {})
+    query = random_bags(rng, 1)[0]
+    total = np.zeros(100)
+    for index in (low, high):
+        rows, partial = index.partial_scores(query)
+        total[rows] += partial
+    rows, expected = whole.partial_scores(query)
+    np.testing.assert_allclose(total[rows], expected, atol=1e-12)
+
+
+def test_refuses_other_codebooks_and_vocabularies():
+    index = BowIndex(500, 1)
+    with pytest.raises(SignatureError, match="codebook"):
+        index.add("x", BagOfWords.from_words([1, 2], 500, 2), {})
+    with pytest.raises(SignatureError, match="vocabulary"):
+        index.search(BagOfWords.from_words([1, 2], 600, 1), 5)
