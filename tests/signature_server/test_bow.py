@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from common.bow_codec import chi2, decode, encode
 from common.photos import load_photo

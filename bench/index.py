@@ -1,0 +1,177 @@
+"""The bag-of-words inverted index at 100k and 1M items: latency, memory, ingest, vs brute force.
+
+    .venv/bin/python bench/index.py [--sizes 100000 1000000] [--queries 100]
+
+Signatures are realistic: the word statistics come from real photos through the real codebook. Bags
+of ~200 crops of the bundled photos are computed; each synthetic item resamples one of them (its
+keypoint count, 80% of its words drawn from that photo's histogram, 20% from the global word
+frequencies), so posting-list lengths and query overlaps follow real data. Queries are fresh
+resamples. Per size: p50/p99 of one exact top-10 search in the shard's index (in-process, no gRPC),
+bytes per item of the index, ingest rate through BowIndex.add; in the same run, the same queries by
+brute-force sparse chi-squared (scipy CSR over every stored word of every item) and, where it fits
+in memory, FAISS exact inner product on Hellinger-mapped vectors (sqrt of the histogram). Last line:
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.bow_codec import BagOfWords  # noqa: E402
+from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402
+from index_server.inverted import BowIndex  # noqa: E402
+from kernels import select_kernels  # noqa: E402
+from signature_server.bow import BowExtractor, BowSpec, Codebook  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def real_bags(extractor: BowExtractor, rng: np.random.Generator) -> list[BagOfWords]:
+    bags = []
+    for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS:
+        photo = load_photo(name)
+        h, w = photo.shape[:2]
+        for _ in range(16):
+            side = rng.uniform(0.25, 1.0)
+            ch, cw = int(h * side), int(w * side)
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            bags.append(extractor.bag(photo[y:y + ch, x:x + cw]))
+    return bags
+
+
+class Resampler:
+    def __init__(self, bags: list[BagOfWords], vocabulary: int):
+        self.bags = bags
+        self.vocabulary = vocabulary
+        total = np.zeros(vocabulary)
+        for b in bags:
+            total[b.words] += b.counts
+        self.global_cdf = np.cumsum(total / total.sum())
+        self.sizes = np.array([int(b.counts.sum()) for b in bags])
+
+    def sample(self, count: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        """count items -> [(words int32 sorted, counts uint16)]."""
+        out = []
+        templates = rng.integers(0, len(self.bags), count)
+        for t in templates:
+            bag = self.bags[t]
+            draws = self.sizes[t]
+            own = rng.random(draws) < 0.8
+            words = np.empty(draws, np.int64)
+            cdf = np.cumsum(bag.counts / bag.counts.sum())
+            words[own] = bag.words[np.minimum(np.searchsorted(cdf, rng.random(own.sum())), len(bag.words) - 1)]
+            words[~own] = np.minimum(np.searchsorted(self.global_cdf, rng.random((~own).sum())), self.vocabulary - 1)
+            unique, counts = np.unique(words, return_counts=True)
+            out.append((unique.astype(np.int32), counts.astype(np.uint16)))
+        return out
+
+
+def brute_force(matrix: sp.csr_matrix, query: np.ndarray, top_k: int) -> np.ndarray:
+    """Exact chi2 over every stored word of every item: 2 - sum 4xq/(x+q); rows of the top_k."""
+    q = query[matrix.indices]
+    x = matrix.data
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(q > 0, 4 * x * q / (x + q), 0.0)
+    overlap = np.add.reduceat(terms, matrix.indptr[:-1]) if len(terms) else np.zeros(matrix.shape[0])
+    overlap[np.diff(matrix.indptr) == 0] = 0
+    best = np.argpartition(-overlap, top_k)[:top_k]
+    return best[np.argsort(-overlap[best])]
+
+
+def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerprint: int, rng, top_k: int
+            ) -> dict[str, float]:
+    index = BowIndex(resampler.vocabulary, fingerprint)
+    rows, cols, vals = [], [], []
+    added, add_seconds = 0, 0.0
+    with tqdm(total=size, desc=f"ingest {size}", unit="item", mininterval=2) as bar:
+        while added < size:
+            chunk = resampler.sample(min(20_000, size - added), rng)
+            start = time.perf_counter()
+            for i, (words, counts) in enumerate(chunk):
+                index.add(f"item-{added + i}", BagOfWords(words, counts.astype(np.uint32), resampler.vocabulary,
+                                                          fingerprint), {})
+            add_seconds += time.perf_counter() - start
+            for i, (words, counts) in enumerate(chunk):
+                rows.append(np.full(len(words), added + i, np.int32))
+                cols.append(words)
+                vals.append(counts / counts.sum(dtype=np.float64))
+            added += len(chunk)
+            bar.update(len(chunk))
+    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                           shape=(size, resampler.vocabulary))
+    postings = matrix.nnz
+
+    index_ms, brute_ms, agree = [], [], 0
+    for q in queries:
+        start = time.perf_counter()
+        hits = index.search(q, top_k)
+        index_ms.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        best = brute_force(matrix, q.dense().astype(np.float64), top_k)
+        brute_ms.append((time.perf_counter() - start) * 1000)
+        agree += len({h.item_id for h in hits} & {f"item-{r}" for r in best})
+    figures = {"p50_ms": float(np.percentile(index_ms, 50)), "p99_ms": float(np.percentile(index_ms, 99)),
+               "brute_p50_ms": float(np.percentile(brute_ms, 50)),
+               "bytes_per_item": index.nbytes() / size, "postings_per_item": postings / size,
+               "ingest_per_s": size / add_seconds, "recall_at_10": agree / (top_k * len(queries))}
+    figures["speedup_vs_bruteforce"] = figures["brute_p50_ms"] / figures["p50_ms"]
+
+    dense_bytes = size * resampler.vocabulary * 4
+    if dense_bytes <= 4 * 2 ** 30:
+        import faiss
+
+        flat = faiss.IndexFlatIP(resampler.vocabulary)
+        for start in range(0, size, 20_000):
+            block = matrix[start:start + 20_000].toarray().astype(np.float32)
+            flat.add(np.sqrt(block))
+        faiss_ms = []
+        for q in queries:
+            vector = np.sqrt(q.dense())[None, :]
+            start = time.perf_counter()
+            flat.search(vector, top_k)
+            faiss_ms.append((time.perf_counter() - start) * 1000)
+        figures["faiss_flat_hellinger_p50_ms"] = float(np.percentile(faiss_ms, 50))
+        figures["speedup_vs_faiss_flat"] = figures["faiss_flat_hellinger_p50_ms"] / figures["p50_ms"]
+        del flat
+    else:
+        print(f"FAISS flat on Hellinger vectors skipped at {size}: {dense_bytes / 2 ** 30:.0f} GiB of float32")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=10)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    spec = BowSpec.load(MODELS / "colour-texture-bow")
+    codebook = Codebook.load(spec.codebook_path)
+    extractor = BowExtractor(spec, codebook, select_kernels("cpu"))
+    bags = real_bags(extractor, rng)
+    resampler = Resampler(bags, codebook.vocabulary)
+    print(f"{len(bags)} real bags: median {int(np.median([len(b.words) for b in bags]))} distinct words, "
+          f"{int(np.median(resampler.sizes))} keypoints")
+    queries = [BagOfWords(w, c.astype(np.uint32), codebook.vocabulary, codebook.fingerprint)
+               for w, c in resampler.sample(args.queries, rng)]
+    result: dict[str, float] = {}
+    for size in args.sizes:
+        figures = measure(size, resampler, queries, codebook.fingerprint, rng, args.top_k)
+        label = f"{size // 1000}k" if size < 1_000_000 else f"{size // 1_000_000}m"
+        print(f"{size} items: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+        result.update({f"{k}_{label}": round(v, 3) for k, v in figures.items()})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
