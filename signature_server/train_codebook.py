@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     # Describing needs no codebook; a placeholder of the right width satisfies the extractor.
     extractor = BowExtractor(bow_spec, Codebook(np.zeros((1, spec.DIMENSION), np.float32)), kernels)
-    sources, descriptors = [], []
-    crops = [(name, crop) for name in args.photos
-             for crop in sample_crops(load_photo(name), args.crops_per_photo, rng)]
+    sources, descriptors, crops = [], [], []
     for name in args.photos:
-        sources.append({"photo": name, "sha256": hashlib.sha256(load_photo(name).tobytes()).hexdigest()})
+        photo = load_photo(name)
+        sources.append({"photo": name, "sha256": hashlib.sha256(photo.tobytes()).hexdigest()})
+        crops += [(name, crop) for crop in sample_crops(photo, args.crops_per_photo, rng)]
     for name, crop in tqdm(crops, desc="describing", unit="crop"):
         descriptors.append(extractor.describe(crop).descriptors)
     data = np.ascontiguousarray(np.concatenate(descriptors), np.float32)
