@@ -46,6 +46,8 @@ class Candidate:
     box: np.ndarray  # (4,) float32 xyxy original pixels
     matches: list[gateway_pb2.Match] = field(default_factory=list)
     warning: str = ""
+    # Set from the index's first SearchResponse when part of the category's index did not answer.
+    degraded: index_pb2.SearchResponse | None = None
 
 
 def _ms(start: float) -> float:
@@ -118,10 +120,19 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         timings.search_ms = _ms(stage)
         timings.total_ms = _ms(start)
         return gateway_pb2.MultiProductSearchResponse(
-            items=[gateway_pb2.Item(category=c.category, class_name=c.class_name,
-                                    confidence=c.confidence, box=box_to_proto(c.box),
-                                    matches=c.matches, warning=c.warning) for c in candidates],
+            items=[self._item(c) for c in candidates],
             image_width=image.shape[1], image_height=image.shape[0], timings=timings)
+
+    @staticmethod
+    def _item(candidate: Candidate) -> gateway_pb2.Item:
+        item = gateway_pb2.Item(category=candidate.category, class_name=candidate.class_name,
+                                confidence=candidate.confidence, box=box_to_proto(candidate.box),
+                                matches=candidate.matches, warning=candidate.warning)
+        if candidate.degraded is not None:
+            item.degraded = True
+            item.missing_word_ranges.extend(candidate.degraded.missing_word_ranges)
+            item.missing_shards.extend(candidate.degraded.missing_shards)
+        return item
 
     def _validate_search(self, request: gateway_pb2.MultiProductSearchRequest, top_k: int,
                          context: grpc.ServicerContext) -> None:
@@ -201,6 +212,10 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             for chunk in stub.Search(index_pb2.SearchRequest(database=database,
                                                              signature=signature, top_k=top_k),
                                      timeout=timeout):
+                if chunk.degraded:
+                    candidate.degraded = chunk
+                    candidate.warning = (f"part of the {candidate.category!r} index did not answer "
+                                         f"({chunk.degraded_reason}); matches are exact over the rest")
                 candidate.matches.extend(gateway_pb2.Match(product_id=i.item_id, score=i.score,
                                                            metadata=i.metadata) for i in chunk.items)
         except grpc.RpcError as exc:

@@ -2,17 +2,25 @@
 
 For L1-normalised histograms chi2(x, y) = 2 - sum over words in both of 4 x_w y_w / (x_w + y_w), so
 a query touches only the posting lists of its own words. A posting is (row int32, count uint16):
-6 bytes, no Python object. Histogram weights are never quantised: x_w = count_w * inv_total[row],
-with inv_total = 1 / (the item's total count), so scores equal brute force.
+6 bytes, no Python object. Histogram weights are never quantised beyond the count itself:
+x_w = count_w * inv_total[row], inv_total = 1 / (the item's total count), so scores equal brute
+force to float32 rounding.
 
-Postings live in one pool of fixed-size blocks chained per word (the layout of Lucene's in-memory
-postings): an add appends in place, a search walks each query word's chain. A delete clears the
-row's live flag (its postings are skipped, then dropped by compact()). An index may hold only a
-range of words (word-range sharding): its scores are then partial sums over that range.
+Postings live in two parts, like a log-structured merge with one level:
+- the base: one contiguous CSR array per word (offsets, rows, counts); scanning it is a sequential
+  stream, ~10x faster than chasing blocks;
+- the tail: a pool of fixed-size blocks chained per word, where adds append in place.
+When the tail grows past a fraction of the base, merge() folds it into a new base without holding
+the lock (the old base and the frozen tail stay searchable meanwhile), dropping deleted rows'
+postings. A delete clears the row's live flag; compact() also renumbers rows densely.
+An index may hold only a range of words (word-range sharding): its scores are then partial sums
+over that range, named by a 64-bit item key so that shards can be merged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from dataclasses import dataclass
 
@@ -20,12 +28,22 @@ import numba
 import numpy as np
 
 from common.bow_codec import BagOfWords
+from index_server.state import array_from, pack_strings, unpack_strings
 
 BLOCK = 64
+# The tail is merged into the base once it holds this share of the base's postings (plus a floor
+# so small indexes are not merged on every add): bounds the slow block-chasing part of a search.
+MERGE_FRACTION = 0.05
+MERGE_FLOOR = 1 << 20
 
 
 class SignatureError(ValueError):
     """A signature does not fit the database; the message says why."""
+
+
+def item_key(item_id: str) -> int:
+    """The 64-bit key that names an item in partial scores (word-range shards merge by it)."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -35,9 +53,25 @@ class Hit:
     metadata: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Immutable CSR postings: word w's rows are rows[offsets[w]:offsets[w+1]], increasing."""
+
+    offsets: np.ndarray   # (V+1,) int64
+    rows: np.ndarray      # (P,) int32
+    counts: np.ndarray    # (P,) uint16
+
+    @staticmethod
+    def empty(vocabulary: int) -> "Segment":
+        return Segment(np.zeros(vocabulary + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint16))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @dataclass
 class Postings:
-    """The pool: block b holds rows[b*BLOCK:(b+1)*BLOCK], counts likewise; next[b] chains blocks."""
+    """The append pool: block b holds rows[b*BLOCK:(b+1)*BLOCK], counts likewise; next[b] chains."""
 
     rows: np.ndarray      # (blocks * BLOCK,) int32
     counts: np.ndarray    # (blocks * BLOCK,) uint16
@@ -46,9 +80,10 @@ class Postings:
     tail: np.ndarray      # (V,) int32 last block of each word
     fill: np.ndarray      # (V,) int32 postings in the tail block
     used: int = 0         # blocks in use
+    postings: int = 0
 
     @staticmethod
-    def empty(vocabulary: int, blocks: int = 256) -> "Postings":
+    def empty(vocabulary: int, blocks: int = 64) -> "Postings":
         return Postings(np.zeros(blocks * BLOCK, np.int32), np.zeros(blocks * BLOCK, np.uint16),
                         np.full(blocks, -1, np.int32), np.full(vocabulary, -1, np.int32),
                         np.full(vocabulary, -1, np.int32), np.zeros(vocabulary, np.int32))
@@ -69,19 +104,26 @@ class Postings:
 class BowIndex:
     """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
 
-    def __init__(self, vocabulary: int, codebook: int, word_range: tuple[int, int] | None = None):
+    def __init__(self, vocabulary: int, codebook: int, word_range: tuple[int, int] | None = None,
+                 background_merge: bool = True):
         self.vocabulary = vocabulary
         self.codebook = codebook
         self.word_range = word_range or (0, vocabulary)
-        self._postings = Postings.empty(vocabulary)
+        self.background_merge = background_merge
+        self._base = Segment.empty(vocabulary)
+        self._frozen: Postings | None = None      # a tail being merged, still searched
+        self._tail = Postings.empty(vocabulary)
         self._inv_total = np.zeros(1024, np.float32)
         self._live = np.zeros(1024, np.bool_)
+        self._keys = np.zeros(1024, np.uint64)
         self._ids: list[str] = []
         self._metadata: list[dict[str, str] | None] = []
         self._row_of: dict[str, int] = {}
         self._lock = threading.RLock()
+        self._merge_lock = threading.Lock()        # one merge or compaction at a time
 
     # -- checks -----------------------------------------------------------------------------------
+
     def check(self, bag: BagOfWords) -> None:
         if bag.vocabulary != self.vocabulary:
             raise SignatureError(f"signature uses a {bag.vocabulary}-word vocabulary; this database holds "
@@ -95,14 +137,15 @@ class BowIndex:
     def __len__(self) -> int:
         return len(self._row_of)
 
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._row_of
+
     @property
     def dimension(self) -> int:
         return self.vocabulary
 
-    def contains(self, item_id: str) -> bool:
-        return item_id in self._row_of
-
     # -- updates ----------------------------------------------------------------------------------
+
     def add(self, item_id: str, bag: BagOfWords, metadata: dict[str, str]) -> bool:
         """Adds or replaces an item; returns True when it replaced one. Visible to the next search."""
         self.check(bag)
@@ -115,15 +158,22 @@ class BowIndex:
             if row == len(self._live):
                 self._inv_total = np.concatenate([self._inv_total, np.zeros(row, np.float32)])
                 self._live = np.concatenate([self._live, np.zeros(row, np.bool_)])
-            p = self._postings
-            p.reserve(len(words))
-            p.used = _append(words, counts, row, p.rows, p.counts, p.next, p.head, p.tail, p.fill, p.used)
+                self._keys = np.concatenate([self._keys, np.zeros(row, np.uint64)])
+            tail = self._tail
+            tail.reserve(len(words))
+            tail.used = _append(words, counts, row, tail.rows, tail.counts, tail.next, tail.head,
+                                tail.tail, tail.fill, tail.used)
+            tail.postings += len(words)
             self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
+            self._keys[row] = item_key(item_id)
             self._ids.append(item_id)
             self._metadata.append(dict(metadata))
             self._row_of[item_id] = row
             self._live[row] = True
-            return replaced
+            due = tail.postings > MERGE_FLOOR + MERGE_FRACTION * len(self._base)
+        if due and self.background_merge and not self._merge_lock.locked():
+            threading.Thread(target=self.merge, name="bow-merge", daemon=True).start()
+        return replaced
 
     def delete(self, item_id: str) -> bool:
         with self._lock:
@@ -140,63 +190,144 @@ class BowIndex:
     def dead_rows(self) -> int:
         return len(self._ids) - len(self._row_of)
 
+    def merge(self) -> None:
+        """Folds the tail into a new base, dropping deleted rows' postings; searches and adds go on
+        meanwhile (the frozen tail stays searched until the new base replaces it)."""
+        with self._merge_lock:
+            with self._lock:
+                if self._tail.postings == 0:
+                    return
+                self._frozen, self._tail = self._tail, Postings.empty(self.vocabulary)
+                base, frozen = self._base, self._frozen
+                keep = np.where(self._live[:len(self._ids)], np.arange(len(self._ids), dtype=np.int32), -1)
+            merged = _merged(base, frozen, keep)
+            with self._lock:
+                self._base, self._frozen = merged, None
+
     def compact(self) -> None:
-        """Rewrites the pool without deleted rows, renumbering rows densely, each word contiguous."""
-        with self._lock:
+        """Merges everything and renumbers rows densely without deleted rows (holds the lock)."""
+        with self._merge_lock, self._lock:
             live_rows = np.flatnonzero(self._live[:len(self._ids)])
-            renumber = np.full(len(self._ids) + 1, -1, np.int32)
+            renumber = np.full(len(self._ids), -1, np.int32)
             renumber[live_rows] = np.arange(len(live_rows), dtype=np.int32)
-            p = self._postings
-            fresh = Postings.empty(self.vocabulary, max(256, p.used))
-            fresh.used = _compact(p.rows, p.counts, p.next, p.head, p.fill, p.tail, renumber,
-                                  fresh.rows, fresh.counts, fresh.next, fresh.head, fresh.tail, fresh.fill)
-            self._postings = fresh
-            self._inv_total = np.concatenate([self._inv_total[live_rows],
-                                              np.zeros(max(1024, len(live_rows)), np.float32)])
-            self._live = np.concatenate([np.ones(len(live_rows), np.bool_),
-                                         np.zeros(max(1024, len(live_rows)), np.bool_)])
+            self._base = _merged(self._base, self._tail, renumber)
+            self._tail = Postings.empty(self.vocabulary)
+            spare = max(1024, len(live_rows))
+            self._inv_total = np.concatenate([self._inv_total[live_rows], np.zeros(spare, np.float32)])
+            self._live = np.concatenate([np.ones(len(live_rows), np.bool_), np.zeros(spare, np.bool_)])
+            self._keys = np.concatenate([self._keys[live_rows], np.zeros(spare, np.uint64)])
             self._ids = [self._ids[r] for r in live_rows]
             self._metadata = [self._metadata[r] for r in live_rows]
             self._row_of = {item_id: row for row, item_id in enumerate(self._ids)}
 
     # -- search -----------------------------------------------------------------------------------
-    def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and their sums of 4 x y / (x + y) over the query's words in this index's range, for
-        live rows sharing at least one such word: ((n,) int32, (n,) float64)."""
+
+    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
+        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range."""
         self.check(bag)
-        query = bag.histogram().astype(np.float64)
+        words = bag.words.astype(np.int32)
+        query = bag.histogram().astype(np.float32)
+        lo, hi = self.word_range
         with self._lock:
-            p, count = self._postings, len(self._ids)
-            acc = np.zeros(count, np.float64)
-            _accumulate(bag.words.astype(np.int32), query, self.word_range[0], self.word_range[1],
-                        p.rows, p.counts, p.next, p.head, p.tail, p.fill, self._inv_total, acc)
-            rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
-            return rows, acc[rows]
+            base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
+            inv_total = self._inv_total
+            acc = np.zeros(count, np.float32)
+            _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
+            for pool in (frozen, tail) if frozen is not None else (tail,):
+                _accumulate_pool(words, query, lo, hi, pool.rows, pool.counts, pool.next, pool.head,
+                                 pool.tail, pool.fill, inv_total, acc)
+        return acc, count
+
+    def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
+        """Live rows sharing at least one query word in this index's range, and their sums of
+        4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
+        acc, count = self._overlap(bag)
+        rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
+        return rows, acc[rows]
+
+    def partial_scores_by_key(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
+        """partial_scores named by item key instead of row: ((n,) uint64, (n,) float32)."""
+        rows, overlap = self.partial_scores(bag)
+        return self._keys[rows], overlap
 
     def search(self, bag: BagOfWords, top_k: int) -> list[Hit]:
         """Up to top_k items sharing a word with the query, smallest chi2 first; score 1 - chi2 / 2."""
-        rows, overlap = self.partial_scores(bag)
+        acc, count = self._overlap(bag)
+        if top_k <= 0:
+            return []
         with self._lock:
-            return [Hit(self._ids[r], s / 2.0, dict(self._metadata[r] or {}))
-                    for r, s in top_rows(rows, overlap, top_k, self._ids)]
+            rows = _top_candidates(acc, self._live[:count], top_k)
+            best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
+            return [Hit(self._ids[r], float(acc[r]) / 2.0, dict(self._metadata[r] or {})) for r in best]
 
-    def items(self, rows: np.ndarray) -> list[tuple[str, dict[str, str]]]:
+    def lookup(self, keys: np.ndarray) -> dict[int, tuple[str, dict[str, str]]]:
+        """Live items by key: key -> (item id, metadata), for the keys this index holds."""
         with self._lock:
-            return [(self._ids[r], dict(self._metadata[r] or {})) for r in rows]
+            count = len(self._ids)
+            rows = np.flatnonzero(np.isin(self._keys[:count], keys) & self._live[:count])
+            return {int(self._keys[r]): (self._ids[r], dict(self._metadata[r] or {})) for r in rows}
 
     def nbytes(self) -> int:
         """Bytes of the postings and per-row arrays (ids and metadata not counted)."""
-        return self._postings.nbytes() + len(self._ids) * 5
+        pools = self._tail.nbytes() + (self._frozen.nbytes() if self._frozen is not None else 0)
+        return (self._base.rows.nbytes + self._base.counts.nbytes + self._base.offsets.nbytes + pools
+                + len(self._ids) * 13)
+
+    # -- snapshot ---------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, bytes]:
+        """Everything needed to rebuild this index, as named byte strings (see from_state)."""
+        self.merge()
+        with self._merge_lock, self._lock:
+            base, count = self._base, len(self._ids)
+            tail = Postings(self._tail.rows[:self._tail.used * BLOCK].copy(),
+                            self._tail.counts[:self._tail.used * BLOCK].copy(),
+                            self._tail.next[:self._tail.used].copy(), self._tail.head.copy(),
+                            self._tail.tail.copy(), self._tail.fill.copy(), self._tail.used,
+                            self._tail.postings)
+            ids, metadata = list(self._ids), list(self._metadata)
+            inv_total, live, keys = (self._inv_total[:count].copy(), self._live[:count].copy(),
+                                     self._keys[:count].copy())
+        if tail.postings:  # adds raced the merge: fold them in here, off the lock
+            base = _merged(base, tail, np.arange(count, dtype=np.int32))
+        return {"config": json.dumps({"vocabulary": self.vocabulary, "codebook": self.codebook,
+                                      "word_range": list(self.word_range)}).encode(),
+                "offsets": base.offsets.tobytes(), "rows": base.rows.tobytes(),
+                "counts": base.counts.tobytes(), "inv_total": inv_total.tobytes(),
+                "live": live.tobytes(), "keys": keys.tobytes(), "ids": pack_strings(ids),
+                "metadata": json.dumps(metadata).encode()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, bytes]) -> "BowIndex":
+        config = json.loads(state["config"])
+        index = cls(config["vocabulary"], config["codebook"], tuple(config["word_range"]))
+        index._base = Segment(np.frombuffer(state["offsets"], np.int64),
+                              np.frombuffer(state["rows"], np.int32),
+                              np.frombuffer(state["counts"], np.uint16))
+        index._ids = unpack_strings(state["ids"])
+        count = len(index._ids)
+        spare = max(1024, count)
+        index._inv_total = array_from(state["inv_total"], np.float32, spare)
+        index._live = array_from(state["live"], np.bool_, spare)
+        index._keys = array_from(state["keys"], np.uint64, spare)
+        index._metadata = json.loads(state["metadata"])
+        index._row_of = {index._ids[r]: r for r in np.flatnonzero(index._live[:count]).tolist()}
+        return index
 
 
-def top_rows(rows: np.ndarray, overlap: np.ndarray, top_k: int, ids: list[str]
-             ) -> list[tuple[int, float]]:
-    """The top_k (row, overlap) by overlap descending, ties broken by item id."""
-    k = min(top_k, len(rows))
-    if k == 0:
-        return []
-    best = np.argpartition(-overlap, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
-    return sorted(((int(rows[i]), float(overlap[i])) for i in best), key=lambda t: (-t[1], ids[t[0]]))
+def _merged(base: Segment, pool: Postings, renumber: np.ndarray) -> Segment:
+    """A new base: base then pool postings per word, rows mapped by renumber (-1 drops a row)."""
+    vocabulary = len(base.offsets) - 1
+    sizes = np.zeros(vocabulary, np.int64)
+    _merge_sizes(base.offsets, base.rows, pool.rows, pool.next, pool.head, pool.tail, pool.fill,
+                 renumber, sizes)
+    offsets = np.zeros(vocabulary + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    rows = np.empty(offsets[-1], np.int32)
+    counts = np.empty(offsets[-1], np.uint16)
+    _merge_fill(base.offsets, base.rows, base.counts, pool.rows, pool.counts, pool.next, pool.head,
+                pool.tail, pool.fill, renumber, offsets, rows, counts)
+    return Segment(offsets, rows, counts)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -220,8 +351,21 @@ def _append(words, counts, row, rows, pcounts, nxt, head, tail, fill, used):  # 
     return used
 
 
-@numba.njit(cache=True, nogil=True)
-def _accumulate(words, weights, lo, hi, rows, counts, nxt, head, tail, fill, inv_total, acc):  # pragma: no cover
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _accumulate_segment(words, weights, lo, hi, offsets, rows, counts, inv_total, acc):  # pragma: no cover
+    for i in range(words.shape[0]):
+        w = words[i]
+        if w < lo or w >= hi:
+            continue
+        q = weights[i]
+        for j in range(offsets[w], offsets[w + 1]):
+            r = rows[j]
+            x = counts[j] * inv_total[r]
+            acc[r] += 4.0 * q * x / (q + x)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _accumulate_pool(words, weights, lo, hi, rows, counts, nxt, head, tail, fill, inv_total, acc):  # pragma: no cover
     for i in range(words.shape[0]):
         w = words[i]
         if w < lo or w >= hi:
@@ -230,39 +374,88 @@ def _accumulate(words, weights, lo, hi, rows, counts, nxt, head, tail, fill, inv
         block = head[w]
         while block >= 0:
             end = fill[w] if block == tail[w] else BLOCK
-            base = block * BLOCK
-            for j in range(base, base + end):
+            for j in range(block * BLOCK, block * BLOCK + end):
                 r = rows[j]
-                x = np.float64(counts[j] * inv_total[r])
+                x = counts[j] * inv_total[r]
                 acc[r] += 4.0 * q * x / (q + x)
             block = nxt[block]
 
 
 @numba.njit(cache=True, nogil=True)
-def _compact(rows, counts, nxt, head, fill, tail, renumber, out_rows, out_counts, out_next, out_head,
-             out_tail, out_fill):  # pragma: no cover
-    used = 0
-    for w in range(head.shape[0]):
+def _top_candidates(acc, live, k):  # pragma: no cover
+    """Live rows with acc > 0 whose acc is at least the k-th largest (ties kept): the caller sorts."""
+    heap = np.empty(k, np.float32)   # min-heap of the k largest so far
+    size = 0
+    for r in range(acc.shape[0]):
+        a = acc[r]
+        if a <= 0 or not live[r]:
+            continue
+        if size < k:
+            i = size
+            size += 1
+            heap[i] = a
+            while i > 0 and heap[(i - 1) // 2] > heap[i]:
+                parent = (i - 1) // 2
+                heap[i], heap[parent] = heap[parent], heap[i]
+                i = parent
+        elif a > heap[0]:
+            heap[0] = a
+            i = 0
+            while True:
+                left, smallest = 2 * i + 1, i
+                if left < k and heap[left] < heap[smallest]:
+                    smallest = left
+                if left + 1 < k and heap[left + 1] < heap[smallest]:
+                    smallest = left + 1
+                if smallest == i:
+                    break
+                heap[i], heap[smallest] = heap[smallest], heap[i]
+                i = smallest
+    if size == 0:
+        return np.empty(0, np.int64)
+    threshold = heap[0] if size == k else np.float32(0)
+    out = []
+    for r in range(acc.shape[0]):
+        if acc[r] > 0 and acc[r] >= threshold and live[r]:
+            out.append(r)
+    return np.array(out, np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_sizes(offsets, rows, prows, nxt, head, tail, fill, renumber, sizes):  # pragma: no cover
+    for w in range(sizes.shape[0]):
+        n = 0
+        for j in range(offsets[w], offsets[w + 1]):
+            if renumber[rows[j]] >= 0:
+                n += 1
         block = head[w]
         while block >= 0:
             end = fill[w] if block == tail[w] else BLOCK
             for j in range(block * BLOCK, block * BLOCK + end):
-                r = renumber[rows[j]]
-                if r < 0:
-                    continue
-                if out_head[w] < 0 or out_fill[w] == BLOCK:
-                    b = used
-                    used += 1
-                    out_next[b] = -1
-                    if out_head[w] < 0:
-                        out_head[w] = b
-                    else:
-                        out_next[out_tail[w]] = b
-                    out_tail[w] = b
-                    out_fill[w] = 0
-                slot = out_tail[w] * BLOCK + out_fill[w]
-                out_rows[slot] = r
-                out_counts[slot] = counts[j]
-                out_fill[w] += 1
+                if renumber[prows[j]] >= 0:
+                    n += 1
             block = nxt[block]
-    return used
+        sizes[w] = n
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_fill(offsets, rows, counts, prows, pcounts, nxt, head, tail, fill, renumber, out_offsets,
+                out_rows, out_counts):  # pragma: no cover
+    for w in range(out_offsets.shape[0] - 1):
+        o = out_offsets[w]
+        for j in range(offsets[w], offsets[w + 1]):
+            r = renumber[rows[j]]
+            if r >= 0:
+                out_rows[o] = r
+                out_counts[o] = counts[j]
+                o += 1
+        block = head[w]
+        while block >= 0:
+            end = fill[w] if block == tail[w] else BLOCK
+            for j in range(block * BLOCK, block * BLOCK + end):
+                r = renumber[prows[j]]
+                if r >= 0:
+                    out_rows[o] = r
+                    out_counts[o] = pcounts[j]
+                    o += 1
+            block = nxt[block]

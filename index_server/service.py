@@ -1,68 +1,59 @@
-"""IndexService servicer: protobuf <-> numpy, errors -> status codes."""
+"""IndexService servicer of one shard: protobuf <-> numpy, errors -> status codes."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import grpc
 import numpy as np
 
-from common.bow_codec import BagOfWords, BowFormatError, decode
-from index_server.catalogue import Catalogue, UnknownDatabase
-from index_server.inverted import SignatureError
+from index_server.catalogue import AddFailed, Catalogue, UnknownDatabase, signature_value
+from index_server.inverted import BowIndex, SignatureError
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 
-def signature_value(signature: common_pb2.Signature) -> np.ndarray | BagOfWords:
-    """A deep signature's dense vector or a bag-of-words signature's decoded bag; raises
-    SignatureError when the signature is empty, malformed or of another kind."""
-    if signature.kind == common_pb2.SIGNATURE_KIND_DEEP:
-        if signature.WhichOneof("value") != "dense" or not signature.dense.values:
-            raise SignatureError("signature is empty: a deep signature carries dense.values")
-        return np.asarray(signature.dense.values, dtype=np.float32)
-    if signature.kind == common_pb2.SIGNATURE_KIND_BOW:
-        if signature.WhichOneof("value") != "bow" or not signature.bow:
-            raise SignatureError("signature is empty: a bag-of-words signature carries bow bytes")
-        try:
-            return decode(signature.bow)
-        except BowFormatError as exc:
-            raise SignatureError(f"bag-of-words signature: {exc}") from None
-    if signature.kind == common_pb2.SIGNATURE_KIND_UNSPECIFIED:
-        raise SignatureError("signature kind is unspecified: set SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW")
-    raise SignatureError(f"signature kind {signature.kind} is unknown")
-
-
 class IndexService(index_pb2_grpc.IndexServiceServicer):
-    def __init__(self, catalogue: Catalogue, chunk_size: int, max_top_k: int):
+    def __init__(self, catalogue: Catalogue, chunk_size: int = 64, max_top_k: int = 1000,
+                 write_batch: int = 256, partial_chunk: int = 65_536):
         self.catalogue = catalogue
         self.chunk_size = chunk_size
         self.max_top_k = max_top_k
+        self.write_batch = write_batch
+        self.partial_chunk = partial_chunk
 
     def Add(self, request_iterator: Iterator[index_pb2.AddRequest], context: grpc.ServicerContext
             ) -> index_pb2.AddResponse:
         added = replaced = 0
-        for position, request in enumerate(request_iterator):
-            where = f"item #{position} ({request.item_id!r})"
-            done = f"; the {added} items before it were added"
-            if not request.item_id or not request.database:
+        requests = iter(request_iterator)
+        while batch := list(itertools.islice(requests, self.write_batch)):
+            bad = next((i for i, r in enumerate(batch) if not r.item_id or not r.database), None)
+            done, again = self._add_checked(batch if bad is None else batch[:bad], added, context)
+            added += done
+            replaced += again
+            if bad is not None:  # the items before it are added, and the message says so
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: item_id and database are required{done}")
-            try:
-                value = signature_value(request.signature)
-                database = self.catalogue.get_or_create(request.database, request.signature.kind, value)
-                replaced += database.add(request.item_id, value, dict(request.metadata))  # type: ignore[arg-type]
-            except SignatureError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}{done}")
-            added += 1
+                              f"item #{added} ({batch[bad].item_id!r}): item_id and database are "
+                              f"required; the {added} items before it were added")
         return index_pb2.AddResponse(added=added, replaced=replaced)
+
+    def _add_checked(self, batch: list[index_pb2.AddRequest], before: int, context: grpc.ServicerContext
+                     ) -> tuple[int, int]:
+        try:
+            return self.catalogue.add(batch)
+        except AddFailed as failed:
+            request = batch[failed.position]
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"item #{before + failed.position} ({request.item_id!r}): {failed.error}; the "
+                          f"{before + failed.added} items before it were added")
+        raise AssertionError("context.abort returns only by raising")
 
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext
                ) -> index_pb2.DeleteResponse:
-        _, database = self._database(request.database, context)
-        not_found = [i for i in request.item_ids if not database.delete(i)]
-        return index_pb2.DeleteResponse(deleted=len(request.item_ids) - len(not_found),
-                                        not_found=not_found)
+        self._database(request.database, context)
+        deleted, not_found = self.catalogue.delete(request.database, list(request.item_ids))
+        return index_pb2.DeleteResponse(deleted=deleted, not_found=not_found)
 
     def Search(self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
                ) -> Iterator[index_pb2.SearchResponse]:
@@ -70,20 +61,42 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         if top_k > self.max_top_k:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"top_k {top_k} is above this shard's limit of {self.max_top_k}")
-        kind, database = self._database(request.database, context)
-        try:
-            value = signature_value(request.signature)
-            if request.signature.kind != kind:
-                raise SignatureError(f"database {request.database!r} holds "
-                                     f"{common_pb2.SignatureKind.Name(kind)} signatures, not "
-                                     f"{common_pb2.SignatureKind.Name(request.signature.kind)}")
-            hits = database.search(value, top_k)  # type: ignore[arg-type]
-        except SignatureError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        for start in range(0, len(hits), self.chunk_size):
+        database, value = self._query(request.database, request.signature, context)
+        hits = database.search(value, top_k)  # type: ignore[arg-type]
+        yield index_pb2.SearchResponse(items=[
+            index_pb2.ScoredItem(item_id=h.item_id, score=h.score, metadata=h.metadata)
+            for h in hits[:self.chunk_size]])
+        for start in range(self.chunk_size, len(hits), self.chunk_size):
             yield index_pb2.SearchResponse(items=[
                 index_pb2.ScoredItem(item_id=h.item_id, score=h.score, metadata=h.metadata)
                 for h in hits[start:start + self.chunk_size]])
+
+    def PartialScores(self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
+                      ) -> Iterator[index_pb2.PartialScoresResponse]:
+        database, value = self._query(request.database, request.signature, context)
+        if not isinstance(database, BowIndex):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"database {request.database!r} is dense: partial scores exist only for "
+                          "bag-of-words databases (use Search)")
+        keys, sums = database.partial_scores_by_key(value)  # type: ignore[arg-type]
+        keys, sums = keys.astype("<u8"), sums.astype("<f4")
+        word_range = common_pb2.WordRange(first=database.word_range[0], end=database.word_range[1])
+        for start in range(0, max(len(keys), 1), self.partial_chunk):
+            end = start + self.partial_chunk
+            yield index_pb2.PartialScoresResponse(keys=keys[start:end].tobytes(), sums=sums[start:end].tobytes(),
+                                                  word_range=word_range if start == 0 else None)
+
+    def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext
+               ) -> index_pb2.LookupResponse:
+        _, database = self._database(request.database, context)
+        if not isinstance(database, BowIndex):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"database {request.database!r} is dense: items are named by key only in "
+                          "bag-of-words databases")
+        found = database.lookup(np.fromiter(request.keys, np.uint64, len(request.keys)))
+        return index_pb2.LookupResponse(items=[
+            index_pb2.LookedUpItem(key=key, item_id=item_id, metadata=metadata)
+            for key, (item_id, metadata) in found.items()])
 
     def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
               ) -> index_pb2.StatsResponse:
@@ -100,3 +113,16 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"database {name!r} does not exist on this shard; it has "
                           f"{self.catalogue.names()} (a database is created by its first Add)")
+
+    def _query(self, name: str, signature: common_pb2.Signature, context: grpc.ServicerContext):
+        """The database and the decoded query signature, checked against each other."""
+        kind, database = self._database(name, context)
+        try:
+            value = signature_value(signature)
+            if signature.kind != kind:
+                raise SignatureError(f"database {name!r} holds {common_pb2.SignatureKind.Name(kind)} "
+                                     f"signatures, not {common_pb2.SignatureKind.Name(signature.kind)}")
+            database.check(value)
+        except SignatureError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return database, value

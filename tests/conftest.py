@@ -86,7 +86,7 @@ def start_suite(**gateway_overrides) -> Suite:
                                                       intra_op_threads=2)),
             ("signature", signature_server, load_config(SignatureConfig, "signature", environ={}, port=0,
                                                         intra_op_threads=2)),
-            ("index", index_server, load_config(IndexConfig, "index", environ={}, port=0))):
+            ("index", index_server, load_config(IndexConfig, "index", environ={}, port=0, data_dir=""))):
         servers[name], port = create(config)
         addresses[name] = f"127.0.0.1:{port}"
     config = load_config(GatewayConfig, "gateway", environ={}, port=0,

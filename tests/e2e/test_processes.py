@@ -26,7 +26,7 @@ def free_port():
 def test_sigterm_lets_an_in_flight_call_finish():
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "index_server", "--port", str(port),
-                                "--shutdown-grace-s", "10"], cwd=REPO_ROOT)
+                                "--shutdown-grace-s", "10", "--data-dir", ""], cwd=REPO_ROOT)
     try:
         wait_serving(f"127.0.0.1:{port}", process)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

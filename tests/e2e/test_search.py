@@ -194,3 +194,40 @@ def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descr
     finally:
         gateway.stop(None)
         faulty.stop(None)
+
+
+def test_a_dead_word_range_shard_behind_the_router_comes_back_as_a_flagged_item(suite, coffee_png):
+    """Gateway -> router -> two word-range shards; one shard dies: matches still come, flagged."""
+    from common.config import load_config
+    from gateway.config import GatewayConfig
+    from gateway.server import create_server
+    from index_server.config import IndexConfig, RouterConfig
+    from index_server.server import create_bundle, create_router_bundle
+
+    shards = [create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
+                                        word_shard_index=i, word_shard_count=2)) for i in range(2)]
+    router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0, layout="word",
+                                              shards=[[f"127.0.0.1:{s.port}"] for s in shards]))
+    gateway, port = create_server(load_config(
+        GatewayConfig, "gateway", environ={}, port=0, detector_address=suite.addresses["detector"],
+        signature_address=suite.addresses["signature"], index_address=f"127.0.0.1:{router.port}"))
+    coffee = load_photo("coffee")
+    x0, y0, x1, y1 = CUP_BOX
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}") as c:
+            c.index_products([Product("cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1]), {}),
+                              Product("rocket", "tableware", encode_jpeg(load_photo("rocket")), {})])
+            query = dict(regions=[(CUP_BOX, "tableware")], signature_kind=common_pb2.SIGNATURE_KIND_BOW)
+            whole = c.search(coffee_png, **query).items[0]
+            assert not whole.degraded and whole.matches[0].product_id == "cup"
+            shards[1].server.stop(None)
+            item = c.search(coffee_png, **query).items[0]
+            assert item.degraded and item.matches and "did not answer" in item.warning
+            assert [(r.first, r.end) for r in item.missing_word_ranges] == [(2500, 5000)]
+            assert item.matches[0].score <= whole.matches[0].score  # only the other words scored
+    finally:
+        gateway.stop(None)
+        router.server.stop(None)
+        router.on_stop()
+        for shard in shards:
+            shard.server.stop(None)

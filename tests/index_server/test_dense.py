@@ -12,7 +12,7 @@ def unit(rows):
 
 def test_search_equals_brute_force_after_adds_replaces_and_deletes():
     rng = np.random.default_rng(0)
-    db = DenseDatabase(16, capacity=4)  # forces growth
+    db = DenseDatabase(16)
     vectors = {}
     for i in range(300):
         v = rng.normal(size=16).astype(np.float32)
@@ -53,7 +53,7 @@ def test_bad_vectors_are_refused(vector, message):
 
 
 def test_concurrent_adds_and_searches():
-    db = DenseDatabase(8, capacity=2)
+    db = DenseDatabase(8)
     rng = np.random.default_rng(1)
     errors = []
 
@@ -76,3 +76,35 @@ def test_concurrent_adds_and_searches():
     for t in threads:
         t.join()
     assert not errors and len(db) == 1500
+
+
+def test_trained_factories_search_exactly_until_trained_then_approximately():
+    rng = np.random.default_rng(2)
+    db = DenseDatabase(16, factory="IVF4,Flat", train_size=200)
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    for i, v in enumerate(vectors[:199]):
+        db.add(f"v{i}", v, {})
+    assert db.search(vectors[10], 1)[0].item_id == "v10"  # exact flat buffer before training
+    for i, v in enumerate(vectors[199:], start=199):
+        db.add(f"v{i}", v, {})
+    assert db._trained and len(db) == 400
+    assert db.search(vectors[300], 1)[0].item_id == "v300"  # its own cell is always probed
+    assert db.delete("v300") and all(h.item_id != "v300" for h in db.search(vectors[300], 400))
+
+
+def test_a_bad_factory_string_is_refused():
+    with pytest.raises(ValueError, match="factory"):
+        DenseDatabase(16, factory="NotAnIndex")
+
+
+def test_state_round_trip():
+    rng = np.random.default_rng(3)
+    db = DenseDatabase(8)
+    for i in range(50):
+        db.add(f"v{i}", rng.normal(size=8).astype(np.float32), {"i": str(i)})
+    db.delete("v3")
+    copy = DenseDatabase.from_state(db.state())
+    q = rng.normal(size=8).astype(np.float32)
+    assert copy.search(q, 10) == db.search(q, 10) and len(copy) == 49
+    copy.add("new", q, {})
+    assert copy.search(q, 1)[0].item_id == "new"

@@ -14,7 +14,7 @@ from mps.index.v1 import index_pb2, index_pb2_grpc
 
 @pytest.fixture()
 def stub():
-    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3))
+    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3, data_dir=""))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield index_pb2_grpc.IndexServiceStub(channel)
     channel.close()
@@ -117,3 +117,63 @@ def test_bad_bag_of_words_signatures_get_invalid_argument(stub, signature, fragm
     with pytest.raises(grpc.RpcError) as error:
         stub.Add(iter([index_pb2.AddRequest(item_id="b", database="bags", signature=signature)]), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
+    """Writers and readers at once over gRPC, durable store on, merges and snapshots running."""
+    import threading
+
+    import index_server.inverted as inverted
+    from common.bow_codec import BagOfWords
+    from index_server.server import create_bundle
+
+    monkeypatch.setattr(inverted, "MERGE_FLOOR", 2000)
+    bundle = create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir=str(tmp_path),
+                                       snapshot_every=400, write_batch=16))
+    channel = grpc.insecure_channel(f"127.0.0.1:{bundle.port}")
+    stub = index_pb2_grpc.IndexServiceStub(channel)
+    errors: list[BaseException] = []
+    rng = np.random.default_rng(9)
+    bags = {f"w{w}-{i}": rng.choice(5000, 60, replace=False) for w in range(3) for i in range(300)}
+
+    def writer(w):
+        try:
+            for start in range(0, 300, 30):
+                stub.Add(iter([index_pb2.AddRequest(item_id=f"w{w}-{i}", database="bags",
+                                                    signature=bow_signature(bags[f"w{w}-{i}"].tolist()))
+                               for i in range(start, start + 30)]), timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def reader():
+        try:
+            for n in range(60):
+                key = f"w{n % 3}-{n}"
+                items = [i for c in stub.Search(index_pb2.SearchRequest(
+                    database="bags", signature=bow_signature(bags[key].tolist()), top_k=5), timeout=30)
+                    for i in c.items] if n > 5 else []
+                assert len({i.item_id for i in items}) == len(items)
+                assert all(a.score >= b.score for a, b in zip(items, items[1:]))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # before the first add
+                errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + \
+              [threading.Thread(target=reader) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert stub.Stats(index_pb2.StatsRequest(), timeout=5).databases[0].items == 900
+        for key in ("w0-0", "w1-150", "w2-299"):  # every item is findable by its own bag
+            items = [i for c in stub.Search(index_pb2.SearchRequest(
+                database="bags", signature=bow_signature(bags[key].tolist()), top_k=1), timeout=5) for i in c.items]
+            assert items[0].item_id == key
+    finally:
+        channel.close()
+        bundle.server.stop(None)
+        bundle.on_stop()

@@ -1,0 +1,103 @@
+"""A shard's durable state in LMDB: a write-ahead log of every Add/Delete, and snapshots.
+
+Two LMDB environments under the data directory:
+- `log/`: sequence number (u64 big-endian) -> one operation record. A batch of records is one
+  transaction, committed with fsync before the operations are applied in memory and acknowledged,
+  so every acknowledged operation survives kill -9 (or power loss).
+- `snapshot/`: the in-memory databases at some sequence number, as named byte strings, written in
+  one transaction (all or nothing). After it commits, the log up to that number is deleted.
+Start-up loads the snapshot and replays only the log after it. An fcntl lock on the directory
+keeps a second process from opening the same shard.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+_SEQ = struct.Struct(">Q")
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds this data directory."""
+
+
+class ShardStore:
+    def __init__(self, path: Path, map_size: int):
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock_file = open(path / "LOCK", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreLocked(f"data directory {path} is in use by another index shard process") from None
+        # sync + metasync (the defaults): a committed transaction is on disk.
+        self._log = lmdb.open(str(path / "log"), map_size=map_size, subdir=True, sync=True, metasync=True)
+        self._snapshot = lmdb.open(str(path / "snapshot"), map_size=map_size, subdir=True, max_dbs=2)
+        self._blobs = self._snapshot.open_db(b"blobs")
+        with self._log.begin() as txn:
+            cursor = txn.cursor()
+            self._last = _SEQ.unpack(cursor.key())[0] if cursor.last() else self.snapshot_seq()
+
+    def close(self) -> None:
+        self._log.close()
+        self._snapshot.close()
+        self._lock_file.close()
+
+    @property
+    def last_seq(self) -> int:
+        return self._last
+
+    def append(self, records: list[bytes]) -> int:
+        """Commits records durably, in order; returns the sequence number of the last one."""
+        with self._log.begin(write=True) as txn:
+            for record in records:
+                self._last += 1
+                txn.put(_SEQ.pack(self._last), record, append=True)
+        return self._last
+
+    def replay(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """(sequence, record) of every logged operation after `after`, in order."""
+        with self._log.begin(buffers=False) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(_SEQ.pack(after + 1)):
+                for key, value in cursor:
+                    yield _SEQ.unpack(key)[0], value
+
+    def log_length(self) -> int:
+        with self._log.begin() as txn:
+            return txn.stat()["entries"]
+
+    def snapshot_seq(self) -> int:
+        with self._snapshot.begin() as txn:
+            raw = txn.get(b"meta")
+        return json.loads(raw)["seq"] if raw else 0
+
+    def write_snapshot(self, seq: int, databases: dict[str, dict[str, bytes]]) -> None:
+        """Replaces the snapshot with `databases` (name -> blob name -> bytes) as of `seq`, then
+        drops the log up to `seq`. A crash in between leaves a log the next start-up skips."""
+        with self._snapshot.begin(write=True) as txn:
+            txn.drop(self._blobs, delete=False)
+            for name, blobs in databases.items():
+                for blob, value in blobs.items():
+                    txn.put(f"{name}\0{blob}".encode(), value, db=self._blobs)
+            txn.put(b"meta", json.dumps({"seq": seq, "databases": sorted(databases)}).encode())
+        with self._log.begin(write=True) as txn:
+            cursor = txn.cursor()
+            if cursor.first():
+                while cursor.key() and _SEQ.unpack(cursor.key())[0] <= seq and cursor.delete():
+                    pass
+
+    def read_snapshot(self) -> tuple[int, dict[str, dict[str, bytes]]]:
+        databases: dict[str, dict[str, bytes]] = {}
+        with self._snapshot.begin(db=self._blobs) as txn:
+            for key, value in txn.cursor():
+                name, blob = key.decode().split("\0", 1)
+                databases.setdefault(name, {})[blob] = value
+        return self.snapshot_seq(), databases

@@ -1,0 +1,251 @@
+"""The router in front of real shards over loopback: both layouts merge to what one shard answers,
+replicas share reads and all take writes, and a dead or stalled shard degrades a search, flagged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from common.bow_codec import BagOfWords, encode
+from common.config import REPO_ROOT, load_config
+from common.proto_convert import dense_to_proto
+from gateway.demo import wait_serving
+from index_server.config import IndexConfig, RouterConfig
+from index_server.merge import shard_of, word_range_of
+from index_server.server import create_bundle, create_router_bundle
+from mps.common.v1 import common_pb2
+from mps.index.v1 import index_pb2, index_pb2_grpc
+
+VOCABULARY = 300
+
+
+def bow(bag: BagOfWords) -> common_pb2.Signature:
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
+
+
+def random_bags(rng, count):
+    return [BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, 120)) % VOCABULARY, VOCABULARY, 7)
+            for _ in range(count)]
+
+
+class Cluster:
+    """Shard servers (in this process) and a router over them; `stubs` talk to each directly."""
+
+    def __init__(self, layout: str, shards: int, replicas: int = 1, **router):
+        self.bundles, addresses = [], []
+        for number in range(shards):
+            replica_addresses = []
+            for _ in range(replicas):
+                config = load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
+                                     word_shard_index=number if layout == "word" else 0,
+                                     word_shard_count=shards if layout == "word" else 1)
+                bundle = create_bundle(config)
+                self.bundles.append(bundle)
+                replica_addresses.append(f"127.0.0.1:{bundle.port}")
+            addresses.append(replica_addresses)
+        self.addresses = addresses
+        self.router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0,
+                                                       layout=layout, shards=addresses, **router))
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{self.router.port}")]
+        self.stub = index_pb2_grpc.IndexServiceStub(self.channels[0])
+
+    def direct(self, address: str) -> index_pb2_grpc.IndexServiceStub:
+        self.channels.append(grpc.insecure_channel(address))
+        return index_pb2_grpc.IndexServiceStub(self.channels[-1])
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+        self.router.server.stop(None)
+        self.router.on_stop()
+        for bundle in self.bundles:
+            bundle.server.stop(None)
+
+
+@pytest.fixture()
+def single():
+    config = load_config(IndexConfig, "index", environ={}, port=0, data_dir="")
+    bundle = create_bundle(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{bundle.port}")
+    yield index_pb2_grpc.IndexServiceStub(channel)
+    channel.close()
+    bundle.server.stop(None)
+
+
+def search(stub, database, signature, top_k=10, timeout=10):
+    chunks = list(stub.Search(index_pb2.SearchRequest(database=database, signature=signature, top_k=top_k),
+                              timeout=timeout))
+    return chunks[0], [(i.item_id, i.score, dict(i.metadata)) for c in chunks for i in c.items]
+
+
+def assert_same(got, expected):
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], atol=1e-5)
+    assert [g[2] for g in got] == [e[2] for e in expected]
+
+
+@pytest.mark.parametrize("layout", ["item", "word"])
+def test_merge_across_shards_equals_a_single_shard(layout, single):
+    rng = np.random.default_rng(3)
+    bags = random_bags(rng, 300)
+    vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    adds = [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b), metadata={"n": str(i)})
+            for i, b in enumerate(bags)]
+    adds += [index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(v))
+             for i, v in enumerate(vectors)]
+    cluster = Cluster(layout, shards=3, write_batch=50)
+    try:
+        assert cluster.stub.Add(iter(adds), timeout=20).added == len(adds) == single.Add(iter(adds), timeout=20).added
+        # The items really are spread: by item, or by word (every shard holds a share of each bag).
+        held = [{d.name: d.items for d in cluster.direct(a[0]).Stats(index_pb2.StatsRequest(), timeout=5).databases}
+                for a in cluster.addresses]
+        if layout == "item":
+            assert sum(h["bags"] for h in held) == 300 and max(h["bags"] for h in held) < 150
+        else:
+            assert [h["bags"] for h in held] == [300, 300, 300]
+        assert sum(h["dense"] for h in held) == 200  # dense databases are spread by item in both layouts
+        stats = {d.name: d.items for d in cluster.stub.Stats(index_pb2.StatsRequest(), timeout=5).databases}
+        assert stats == {"bags": 300, "dense": 200}
+
+        for query in random_bags(rng, 8) + bags[:2]:
+            first, got = search(cluster.stub, "bags", bow(query), top_k=25)
+            assert not first.degraded
+            assert_same(got, search(single, "bags", bow(query), top_k=25)[1])
+        for vector in rng.normal(size=(5, 16)).astype(np.float32):
+            assert_same(search(cluster.stub, "dense", dense_to_proto(vector))[1],
+                        search(single, "dense", dense_to_proto(vector))[1])
+
+        # Delete then search never returns the item, whichever shards held it.
+        response = cluster.stub.Delete(index_pb2.DeleteRequest(database="bags", item_ids=["b0", "b1", "nope"]),
+                                       timeout=5)
+        assert response.deleted == 2 and list(response.not_found) == ["nope"]
+        assert all(i[0] not in ("b0", "b1") for i in search(cluster.stub, "bags", bow(bags[0]), top_k=300)[1])
+    finally:
+        cluster.close()
+
+
+def test_bad_input_through_the_router_gets_the_shards_status():
+    cluster = Cluster("word", shards=2)
+    try:
+        cluster.stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags",
+                                                    signature=bow(BagOfWords.from_words([1, 2], VOCABULARY, 7)))]),
+                         timeout=5)
+        cases = [("shoes", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.NOT_FOUND, "shoes"),
+                 ("bags", dense_to_proto(np.ones(4, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_DEEP"),
+                 ("bags", bow(BagOfWords.from_words([1], 500, 7)), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+                 ("bags", common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+                 ("", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.INVALID_ARGUMENT, "database")]
+        for database, signature, code, fragment in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                search(cluster.stub, database, signature)
+            assert error.value.code() == code and fragment in error.value.details(), (database, error.value.details())
+        with pytest.raises(grpc.RpcError) as error:
+            cluster.stub.Add(iter([index_pb2.AddRequest(item_id="b", database="bags", signature=bow(
+                BagOfWords.from_words([1], VOCABULARY, 7))), index_pb2.AddRequest(item_id="c", database="bags")]),
+                timeout=5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "item #1" in error.value.details() and "1 items before it were added" in error.value.details()
+        assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1], VOCABULARY, 7)))[1]} == {"a", "b"}
+    finally:
+        cluster.close()
+
+
+def test_replicas_share_searches_and_all_take_writes():
+    cluster = Cluster("item", shards=2, replicas=2)
+    rng = np.random.default_rng(4)
+    bags = random_bags(rng, 60)
+    try:
+        cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
+                               for i, b in enumerate(bags)]), timeout=10)
+        for number, replicas in enumerate(cluster.addresses):
+            counts = [cluster.direct(a).Stats(index_pb2.StatsRequest(), timeout=5).databases[0].items for a in replicas]
+            expected = sum(shard_of(f"b{i}", 2) == number for i in range(60))
+            assert counts == [expected, expected]
+        # One replica of each shard down: searches go to the other one, complete and not degraded.
+        expected = search(cluster.stub, "bags", bow(bags[5]))[1]
+        cluster.bundles[0].server.stop(None)
+        cluster.bundles[3].server.stop(None)
+        for _ in range(6):
+            first, got = search(cluster.stub, "bags", bow(bags[5]))
+            assert not first.degraded and got == expected
+    finally:
+        cluster.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def shard_processes(tmp_path):
+    """Three word-range shard processes (so one can be killed or stopped for real)."""
+    processes, addresses = [], []
+    for number in range(3):
+        port = free_port()
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "index_server", "--port", str(port), "--data-dir", str(tmp_path / f"s{number}"),
+             "--word-shard-index", str(number), "--word-shard-count", "3", "--log-level", "WARNING"],
+            cwd=REPO_ROOT))
+        addresses.append(f"127.0.0.1:{port}")
+    try:
+        for process, address in zip(processes, addresses):
+            wait_serving(address, process)
+        yield processes, addresses
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)
+                process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_late_shard_gives_flagged_results_of_the_other_ranges(shard_processes, fault):
+    processes, addresses = shard_processes
+    router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0, layout="word",
+                                              shards=[[a] for a in addresses], reply_reserve_s=0.05))
+    channel = grpc.insecure_channel(f"127.0.0.1:{router.port}")
+    stub = index_pb2_grpc.IndexServiceStub(channel)
+    rng = np.random.default_rng(5)
+    bags = random_bags(rng, 200)
+    try:
+        stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
+                       for i, b in enumerate(bags)]), timeout=20)
+        query = bags[9]
+        assert search(stub, "bags", bow(query))[1][0][0] == "b9"
+        if fault == "killed":
+            processes[1].kill()
+            processes[1].wait()
+        else:
+            os.kill(processes[1].pid, signal.SIGSTOP)  # alive, but answers nothing before the deadline
+        first, got = search(stub, "bags", bow(query), top_k=20, timeout=2)
+        assert first.degraded and list(first.missing_shards) == []
+        lo, hi = word_range_of(1, 3, VOCABULARY)
+        assert [(r.first, r.end) for r in first.missing_word_ranges] == [(lo, hi)]
+        assert "shard 1" in first.degraded_reason
+        # Exact over the words that answered: chi2 overlap summed over the other two ranges.
+        keep = lambda b: (b.words < lo) | (b.words >= hi)  # noqa: E731
+        q = query.histogram()
+        scores = {}
+        for i, bag in enumerate(bags):
+            x = bag.histogram()
+            common, qi, xi = np.intersect1d(query.words[keep(query)], bag.words, return_indices=True)
+            terms = 4 * q[keep(query)][qi] * x[xi] / (q[keep(query)][qi] + x[xi])
+            if len(common):
+                scores[f"b{i}"] = terms.sum() / 2
+        expected = sorted(scores.items(), key=lambda t: (-t[1], t[0]))[:20]
+        assert [g[0] for g in got] == [e[0] for e in expected]
+        np.testing.assert_allclose([g[1] for g in got], [e[1] for e in expected], atol=1e-5)
+    finally:
+        channel.close()
+        router.server.stop(None)
+        router.on_stop()
