@@ -58,6 +58,7 @@ lint: $(VENV)/.installed
 bench: setup
 	$(PY) bench/search_latency.py
 	$(PY) bench/signature.py
+	$(PY) bench/index.py
 
 clean:
 	rm -rf mps models/yolov3-tiny/1 models/efficientnet-lite0/1 out build

@@ -1,6 +1,7 @@
-"""The bag-of-words inverted index at 100k and 1M items: latency, memory, ingest, vs brute force.
+"""The bag-of-words inverted index at 100k and 1M items: latency, memory, ingest, vs brute force;
+then the sharding layouts over real shard processes.
 
-    .venv/bin/python bench/index.py [--sizes 100000 1000000] [--queries 100]
+    .venv/bin/python bench/index.py [--sizes 100000 1000000] [--queries 100] [--layout-size 100000]
 
 Signatures are realistic: the word statistics come from real photos through the real codebook. Bags
 of ~200 crops of the bundled photos are computed; each synthetic item resamples one of them (its
@@ -11,29 +12,43 @@ bytes per item of the index, ingest rate through BowIndex.add; in the same run, 
 brute-force sparse chi-squared (scipy CSR over every stored word of every item) and, where it fits
 in memory, FAISS exact inner product on Hellinger-mapped vectors (sqrt of the histogram). Last line:
 one JSON object.
+
+Layouts (--layout-size items, 0 skips): real shard processes (durable, LMDB in a temp dir) behind a
+router process, queried over gRPC: one shard alone, then item-range and word-range layouts with
+--shards shards. For each: ingest rate through the router (acknowledged = fsynced), search p50/p99,
+shard memory (RSS) per item, recall@10 against the exact answer, and recall@10 with one shard
+killed (the degraded answer); for one shard, restart time from its snapshot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bow_codec import BagOfWords  # noqa: E402
+from common.bow_codec import BagOfWords, encode  # noqa: E402
+from gateway.demo import free_port, wait_serving  # noqa: E402
+from mps.common.v1 import common_pb2  # noqa: E402
+from mps.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402
 from index_server.inverted import BowIndex  # noqa: E402
 from kernels import select_kernels  # noqa: E402
 from signature_server.bow import BowExtractor, BowSpec, Codebook  # noqa: E402
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
 
 
 def real_bags(extractor: BowExtractor, rng: np.random.Generator) -> list[BagOfWords]:
@@ -110,6 +125,7 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
     matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                            shape=(size, resampler.vocabulary))
     postings = matrix.nnz
+    index.merge()  # the background merge of the append tail, as it settles after an ingest burst
 
     index_ms, brute_ms, agree = [], [], 0
     for q in queries:
@@ -148,11 +164,92 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
     return figures
 
 
+def start(args: list[str], port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "index_server", *args, "--port", str(port),
+                                "--log-level", "WARNING"], cwd=ROOT)
+    wait_serving(f"127.0.0.1:{port}", process)
+    return process
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def search_ids(stub, bag: BagOfWords, top_k: int) -> list[str]:
+    signature = common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
+    return [i.item_id for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=signature,
+                                                                     top_k=top_k), timeout=30) for i in c.items]
+
+
+def measure_layout(layout: str, shards: int, items: list[tuple[np.ndarray, np.ndarray]], queries: list[BagOfWords],
+                   exact: list[list[str]], fingerprint: int, vocabulary: int, top_k: int) -> dict[str, float]:
+    """One layout over real processes: ingest through the router, search, then kill a shard."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as data:
+        ports = [free_port() for _ in range(shards + 1)]
+        processes = [start(["--data-dir", f"{data}/shard{i}", "--word-shard-index", str(i if layout == "word" else 0),
+                            "--word-shard-count", str(shards if layout == "word" else 1)], ports[i])
+                     for i in range(shards)]
+        shard_list = json.dumps([[f"127.0.0.1:{p}"] for p in ports[:shards]])
+        processes.append(start(["router", "--layout", layout, "--shards", shard_list], ports[-1]))
+        try:
+            base_rss = sum(rss_bytes(p.pid) for p in processes[:shards])
+            with grpc.insecure_channel(f"127.0.0.1:{ports[-1]}",
+                                       options=[("grpc.max_send_message_length", 1 << 28)]) as channel:
+                stub = index_pb2_grpc.IndexServiceStub(channel)
+                start_s = time.perf_counter()
+                for first in range(0, len(items), 5000):
+                    stub.Add(iter([index_pb2.AddRequest(
+                        item_id=f"item-{first + i}", database="bags", signature=common_pb2.Signature(
+                            kind=common_pb2.SIGNATURE_KIND_BOW,
+                            bow=encode(BagOfWords(w, c.astype(np.uint32), vocabulary, fingerprint))))
+                        for i, (w, c) in enumerate(items[first:first + 5000])]), timeout=600)
+                figures["ingest_per_s"] = len(items) / (time.perf_counter() - start_s)
+                figures["shard_rss_bytes_per_item"] = (sum(rss_bytes(p.pid) for p in processes[:shards])
+                                                       - base_rss) / len(items)
+                for query in queries[:5]:  # warm-up: channels, numba caches, merges settling
+                    search_ids(stub, query, top_k)
+                latencies, agree = [], 0
+                for query, truth in zip(queries, exact):
+                    t = time.perf_counter()
+                    ids = search_ids(stub, query, top_k)
+                    latencies.append((time.perf_counter() - t) * 1000)
+                    agree += len(set(ids) & set(truth))
+                figures["p50_ms"] = float(np.percentile(latencies, 50))
+                figures["p99_ms"] = float(np.percentile(latencies, 99))
+                figures["recall_at_10"] = agree / (top_k * len(queries))
+                if shards > 1:
+                    processes[-2].kill()  # the last shard dies
+                    processes[-2].wait()
+                    agree = 0
+                    for query, truth in zip(queries, exact):
+                        agree += len(set(search_ids(stub, query, top_k)) & set(truth))
+                    figures["recall_at_10_one_shard_dead"] = agree / (top_k * len(queries))
+            if shards == 1:  # restart time: SIGTERM writes a snapshot; start-up loads it
+                processes[0].terminate()
+                processes[0].wait()
+                t = time.perf_counter()
+                processes[0] = start(["--data-dir", f"{data}/shard0"], ports[0])
+                figures["restart_s"] = time.perf_counter() - t
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+            for process in processes:
+                process.wait()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--layout-size", type=int, default=100_000)
+    parser.add_argument("--shards", type=int, default=2)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     spec = BowSpec.load(MODELS / "colour-texture-bow")
@@ -170,6 +267,19 @@ def main() -> None:
         label = f"{size // 1000}k" if size < 1_000_000 else f"{size // 1_000_000}m"
         print(f"{size} items: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
         result.update({f"{k}_{label}": round(v, 3) for k, v in figures.items()})
+    if args.layout_size:
+        items = resampler.sample(args.layout_size, rng)
+        truth = BowIndex(resampler.vocabulary, codebook.fingerprint, background_merge=False)
+        for i, (w, c) in enumerate(items):
+            truth.add(f"item-{i}", BagOfWords(w, c.astype(np.uint32), resampler.vocabulary, codebook.fingerprint), {})
+        exact = [[h.item_id for h in truth.search(q, args.top_k)] for q in queries]
+        del truth
+        for layout, shards in (("single", 1), ("item", args.shards), ("word", args.shards)):
+            figures = measure_layout("item" if layout == "single" else layout, shards, items, queries, exact,
+                                     codebook.fingerprint, resampler.vocabulary, args.top_k)
+            print(f"layout {layout} x{shards}, {args.layout_size} items over gRPC: "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+            result.update({f"{layout}_{k}": round(v, 3) for k, v in figures.items()})
     print(json.dumps(result))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -78,6 +79,42 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             raise BowFormatError("signature holds a number longer than 5 bytes: it is corrupt")
 
 
+def _read_varints(data: bytes, pos: int, count: int) -> tuple[np.ndarray, int]:
+    """`count` varints from data[pos:] (compiled: a Python loop per count would dominate ingest)."""
+    values = np.empty(count, np.uint32)
+    end = _varints(np.frombuffer(data, np.uint8), pos, values)
+    if end == -1:
+        raise BowFormatError("signature ends inside a number: it is truncated")
+    if end == -2:
+        raise BowFormatError("signature holds a number longer than 5 bytes: it is corrupt")
+    if end == -3:
+        raise BowFormatError("signature holds a count above 2**32: it is corrupt")
+    return values, end
+
+
+@numba.njit(cache=True, nogil=True)
+def _varints(data, pos, out):  # pragma: no cover
+    """Fills out from data[pos:]; the end position, or -1 truncated, -2 too long, -3 too large."""
+    for i in range(out.shape[0]):
+        value = np.uint64(0)
+        shift = 0
+        while True:
+            if pos >= data.shape[0]:
+                return -1
+            byte = data[pos]
+            pos += 1
+            value |= np.uint64(byte & 0x7F) << np.uint64(shift)
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift >= 35:
+                return -2
+        if value > np.uint64(0xFFFFFFFF):
+            return -3
+        out[i] = value
+    return pos
+
+
 def encode(bag: BagOfWords) -> bytes:
     if not 0 < bag.vocabulary < 1 << 16:
         raise ValueError(f"vocabulary of {bag.vocabulary} words does not fit the format (1..65535)")
@@ -114,10 +151,7 @@ def decode(data: bytes) -> BagOfWords:
         raise BowFormatError(f"signature says {count} words but its bitmap holds {len(words)}")
     if count == 0:
         raise BowFormatError("signature holds no words (an empty bag cannot be compared)")
-    pos += bitmap_bytes
-    counts = np.empty(count, np.uint32)
-    for i in range(count):
-        counts[i], pos = _read_varint(data, pos)
+    counts, pos = _read_varints(data, pos + bitmap_bytes, count)
     if pos != len(data):
         raise BowFormatError(f"signature has {len(data) - pos} bytes after its last count: it is corrupt")
     if not counts.all():

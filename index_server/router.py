@@ -294,7 +294,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 sums.append(np.frombuffer(chunk.sums, "<f4"))
             return np.concatenate(keys), np.concatenate(sums)
 
-        answered, missing = self._answered(self._fan_out([(s, lambda s=s: scores(s)) for s in self.shards]),
+        # Only the shards holding some of the query's words have anything to add (with a large
+        # vocabulary and few words per query, that is the word layout's saving).
+        ranges = [word_range_of(s.number, len(self.shards), bag.vocabulary) for s in self.shards]
+        needed = [s for s, (lo, hi) in zip(self.shards, ranges) if np.any((bag.words >= lo) & (bag.words < hi))]
+        answered, missing = self._answered(self._fan_out([(s, lambda s=s: scores(s)) for s in needed]),
                                            request.database, context)
         keys, totals = sum_partials([o.value[0] for o in answered], [o.value[1] for o in answered])  # type: ignore[index]
         best = top_with_ties(totals, top_k)

@@ -249,3 +249,16 @@ def test_a_dead_or_late_shard_gives_flagged_results_of_the_other_ranges(shard_pr
         channel.close()
         router.server.stop(None)
         router.on_stop()
+
+
+def test_word_layout_asks_only_the_shards_holding_the_query_words():
+    cluster = Cluster("word", shards=3)
+    try:
+        bags = [BagOfWords.from_words([1, 2, 150 + i], VOCABULARY, 7) for i in range(5)]
+        cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
+                               for i, b in enumerate(bags)]), timeout=5)
+        cluster.bundles[2].server.stop(None)  # words [200, 300): no query word lives there
+        first, got = search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 152], VOCABULARY, 7)))
+        assert not first.degraded and got[0][0] == "b2"
+    finally:
+        cluster.close()
