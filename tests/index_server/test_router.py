@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -175,6 +177,12 @@ def test_replicas_share_searches_and_all_take_writes():
         for _ in range(6):
             first, got = search(cluster.stub, "bags", bow(bags[5]))
             assert not first.degraded and got == expected
+        # A write cannot reach every replica: refused, naming the shard, so the caller re-sends.
+        with pytest.raises(grpc.RpcError) as error:
+            cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"n{i}", database="bags", signature=bow(bags[i]))
+                                   for i in range(10)]), timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "shard" in error.value.details()
+        assert "re-send" in error.value.details()
     finally:
         cluster.close()
 
@@ -208,7 +216,7 @@ def shard_processes(tmp_path):
             process.wait()
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+@pytest.mark.parametrize("fault", ["killed", "stalled", "killed_in_flight"])
 def test_a_dead_or_late_shard_gives_flagged_results_of_the_other_ranges(shard_processes, fault):
     processes, addresses = shard_processes
     router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0, layout="word",
@@ -227,7 +235,12 @@ def test_a_dead_or_late_shard_gives_flagged_results_of_the_other_ranges(shard_pr
             processes[1].wait()
         else:
             os.kill(processes[1].pid, signal.SIGSTOP)  # alive, but answers nothing before the deadline
-        first, got = search(stub, "bags", bow(query), top_k=20, timeout=2)
+        if fault == "killed_in_flight":  # the shard dies while the router waits on its stream
+            threading.Timer(0.5, processes[1].kill).start()
+        started = time.monotonic()
+        first, got = search(stub, "bags", bow(query), top_k=20, timeout=2 if fault == "stalled" else 8)
+        if fault == "killed_in_flight":
+            assert time.monotonic() - started < 4  # answered on the kill, long before the deadline
         assert first.degraded and list(first.missing_shards) == []
         lo, hi = word_range_of(1, 3, VOCABULARY)
         assert [(r.first, r.end) for r in first.missing_word_ranges] == [(lo, hi)]
