@@ -319,14 +319,14 @@ def _merged(base: Segment, pool: Postings, renumber: np.ndarray) -> Segment:
     """A new base: base then pool postings per word, rows mapped by renumber (-1 drops a row)."""
     vocabulary = len(base.offsets) - 1
     sizes = np.zeros(vocabulary, np.int64)
-    _merge_sizes(base.offsets, base.rows, pool.rows, pool.next, pool.head, pool.tail, pool.fill,
-                 renumber, sizes)
     offsets = np.zeros(vocabulary + 1, np.int64)
+    pool_arrays = (pool.rows, pool.counts, pool.next, pool.head, pool.tail, pool.fill)
+    _merge_walk(base.offsets, base.rows, base.counts, *pool_arrays, renumber, offsets,
+                np.empty(0, np.int32), np.empty(0, np.uint16), sizes, False)
     np.cumsum(sizes, out=offsets[1:])
     rows = np.empty(offsets[-1], np.int32)
     counts = np.empty(offsets[-1], np.uint16)
-    _merge_fill(base.offsets, base.rows, base.counts, pool.rows, pool.counts, pool.next, pool.head,
-                pool.tail, pool.fill, renumber, offsets, rows, counts)
+    _merge_walk(base.offsets, base.rows, base.counts, *pool_arrays, renumber, offsets, rows, counts, sizes, True)
     return Segment(offsets, rows, counts)
 
 
@@ -422,32 +422,17 @@ def _top_candidates(acc, live, k):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_sizes(offsets, rows, prows, nxt, head, tail, fill, renumber, sizes):  # pragma: no cover
+def _merge_walk(offsets, rows, counts, prows, pcounts, nxt, head, tail, fill, renumber, out_offsets,
+                out_rows, out_counts, sizes, write):  # pragma: no cover
+    """Per word, base then pool postings of kept rows: counted into sizes, or (write) copied out."""
     for w in range(sizes.shape[0]):
-        n = 0
-        for j in range(offsets[w], offsets[w + 1]):
-            if renumber[rows[j]] >= 0:
-                n += 1
-        block = head[w]
-        while block >= 0:
-            end = fill[w] if block == tail[w] else BLOCK
-            for j in range(block * BLOCK, block * BLOCK + end):
-                if renumber[prows[j]] >= 0:
-                    n += 1
-            block = nxt[block]
-        sizes[w] = n
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_fill(offsets, rows, counts, prows, pcounts, nxt, head, tail, fill, renumber, out_offsets,
-                out_rows, out_counts):  # pragma: no cover
-    for w in range(out_offsets.shape[0] - 1):
-        o = out_offsets[w]
+        o = out_offsets[w] if write else 0
         for j in range(offsets[w], offsets[w + 1]):
             r = renumber[rows[j]]
             if r >= 0:
-                out_rows[o] = r
-                out_counts[o] = counts[j]
+                if write:
+                    out_rows[o] = r
+                    out_counts[o] = counts[j]
                 o += 1
         block = head[w]
         while block >= 0:
@@ -455,7 +440,10 @@ def _merge_fill(offsets, rows, counts, prows, pcounts, nxt, head, tail, fill, re
             for j in range(block * BLOCK, block * BLOCK + end):
                 r = renumber[prows[j]]
                 if r >= 0:
-                    out_rows[o] = r
-                    out_counts[o] = pcounts[j]
+                    if write:
+                        out_rows[o] = r
+                        out_counts[o] = pcounts[j]
                     o += 1
             block = nxt[block]
+        if not write:
+            sizes[w] = o

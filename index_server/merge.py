@@ -35,9 +35,8 @@ def sum_partials(keys: list[np.ndarray], sums: list[np.ndarray]) -> tuple[np.nda
     table_keys = np.zeros(capacity, np.uint64)
     table_sums = np.zeros(capacity, np.float32)
     used = np.zeros(capacity, np.bool_)
-    count = _hash_sum(all_keys, all_sums, table_keys, table_sums, used)
+    _hash_sum(all_keys, all_sums, table_keys, table_sums, used)
     slots = np.flatnonzero(used)
-    assert len(slots) == count
     return table_keys[slots], table_sums[slots]
 
 
@@ -52,7 +51,6 @@ def top_with_ties(scores: np.ndarray, top_k: int) -> np.ndarray:
 @numba.njit(cache=True, nogil=True)
 def _hash_sum(keys, sums, table_keys, table_sums, used):  # pragma: no cover
     mask = table_keys.shape[0] - 1
-    count = 0
     for i in range(keys.shape[0]):
         key = keys[i]
         # Keys are already uniform hashes: their low bits pick the slot.
@@ -62,6 +60,4 @@ def _hash_sum(keys, sums, table_keys, table_sums, used):  # pragma: no cover
         if not used[slot]:
             used[slot] = True
             table_keys[slot] = key
-            count += 1
         table_sums[slot] += sums[i]
-    return count

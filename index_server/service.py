@@ -63,10 +63,8 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
                           f"top_k {top_k} is above this shard's limit of {self.max_top_k}")
         database, value = self._query(request.database, request.signature, context)
         hits = database.search(value, top_k)  # type: ignore[arg-type]
-        yield index_pb2.SearchResponse(items=[
-            index_pb2.ScoredItem(item_id=h.item_id, score=h.score, metadata=h.metadata)
-            for h in hits[:self.chunk_size]])
-        for start in range(self.chunk_size, len(hits), self.chunk_size):
+        # At least one message, even with no hits (a router's first message carries its flags).
+        for start in range(0, max(len(hits), 1), self.chunk_size):
             yield index_pb2.SearchResponse(items=[
                 index_pb2.ScoredItem(item_id=h.item_id, score=h.score, metadata=h.metadata)
                 for h in hits[start:start + self.chunk_size]])
