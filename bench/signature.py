@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.bow_codec import decode, encode  # noqa: E402
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402
+from index_server.inverted import BowIndex  # noqa: E402
 from kernels import select_kernels  # noqa: E402
 from signature_server.bow import BowExtractor, BowSpec, Codebook  # noqa: E402
 from signature_server.deep import DeepDescriptor, DeepSpec  # noqa: E402
@@ -139,6 +140,18 @@ def main() -> None:
         sel = change_a == change
         (rb, mb), (rd, md) = quality(bow_rank[sel]), quality(deep_rank[sel])
         print(f"{change:<14}{rb:>9.2f}{mb:>9.2f}{rd:>10.2f}{md:>10.2f}")
+    stop_words = {}
+    for share in (0.2, 0.1):  # the index's stop-word variant: R@1 when common words are skipped
+        index = BowIndex(bow.codebook.vocabulary, bow.codebook.fingerprint, max_word_share=share)
+        for i, bag in enumerate(cat_bags):
+            index.add(str(i), bag, {})
+        variant = np.full(bow_distances.shape, 2.0)
+        for row, bag in enumerate(query_bags):
+            for hit in index.search(bag, len(cat_bags)):
+                variant[row, int(hit.item_id)] = 2 - 2 * hit.score
+        stop_words[f"recall_at_1_bow_stopwords_{share}"] = round(quality(ranks(variant, truth_a))[0], 3)
+    print("stop-word variant, R@1 bow: " + ", ".join(f"{k} {v}" for k, v in stop_words.items()))
+    figures.update(stop_words)
     (rb, mb), (rd, md) = quality(bow_rank), quality(deep_rank)
     print(f"{'all':<14}{rb:>9.2f}{mb:>9.2f}{rd:>10.2f}{md:>10.2f}")
     print(f"time per 256x256 crop: colour-texture {figures[key]} ms ({kernels.name}), "

@@ -51,6 +51,8 @@ class DatabaseSettings:
     word_shard_count: int = 1
     dense_factory: str = "Flat"
     dense_train_size: int = 50_000
+    # Bag-of-words stop-word variant (see BowIndex.max_word_share); 1.0 = exact.
+    max_word_share: float = 1.0
 
     def word_range(self, vocabulary: int) -> tuple[int, int]:
         return (vocabulary * self.word_shard_index // self.word_shard_count,
@@ -160,7 +162,8 @@ class Catalogue:
         if name not in self._databases:
             database: Database
             if isinstance(value, BagOfWords):
-                database = BowIndex(value.vocabulary, value.codebook, self.settings.word_range(value.vocabulary))
+                database = BowIndex(value.vocabulary, value.codebook, self.settings.word_range(value.vocabulary),
+                                    max_word_share=self.settings.max_word_share)
             else:
                 database = DenseDatabase(value.size, self.settings.dense_factory, self.settings.dense_train_size)
             self._databases[name] = (kind, database)
@@ -178,6 +181,8 @@ class Catalogue:
             kind = int(blobs.pop("kind"))
             database: Database = BowIndex.from_state(blobs) if kind == common_pb2.SIGNATURE_KIND_BOW \
                 else DenseDatabase.from_state(blobs)
+            if isinstance(database, BowIndex):
+                database.max_word_share = self.settings.max_word_share  # configuration, not data
             self._databases[name] = (kind, database)
         replayed = 0
         for _, record in store.replay(seq):

@@ -31,6 +31,9 @@ class IndexConfig(ServerConfig):
     dense_factory: str = "Flat"
     # A factory that needs training searches exactly until this many vectors, then is trained.
     dense_train_size: int = 50_000
+    # Bag-of-words stop words: query words held by more than this share of a database's items are
+    # skipped (faster, approximate: bench/index.py measures both); 1.0 keeps search exact.
+    max_word_share: float = 1.0
     # Items per streamed SearchResponse message.
     chunk_size: int = 64
     # Partial scores per streamed PartialScoresResponse message (12 bytes each).

@@ -79,6 +79,7 @@ class Postings:
     head: np.ndarray      # (V,) int32 first block of each word, -1 if none
     tail: np.ndarray      # (V,) int32 last block of each word
     fill: np.ndarray      # (V,) int32 postings in the tail block
+    df: np.ndarray        # (V,) int32 postings per word
     used: int = 0         # blocks in use
     postings: int = 0
 
@@ -86,7 +87,8 @@ class Postings:
     def empty(vocabulary: int, blocks: int = 64) -> "Postings":
         return Postings(np.zeros(blocks * BLOCK, np.int32), np.zeros(blocks * BLOCK, np.uint16),
                         np.full(blocks, -1, np.int32), np.full(vocabulary, -1, np.int32),
-                        np.full(vocabulary, -1, np.int32), np.zeros(vocabulary, np.int32))
+                        np.full(vocabulary, -1, np.int32), np.zeros(vocabulary, np.int32),
+                        np.zeros(vocabulary, np.int32))
 
     def reserve(self, new_blocks: int) -> None:
         needed = self.used + new_blocks
@@ -105,8 +107,11 @@ class BowIndex:
     """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
 
     def __init__(self, vocabulary: int, codebook: int, word_range: tuple[int, int] | None = None,
-                 background_merge: bool = True):
+                 background_merge: bool = True, max_word_share: float = 1.0):
         self.vocabulary = vocabulary
+        # The stop-word variant: query words found in more than this share of the items are
+        # skipped (faster, no longer exact); 1.0 = exact chi-squared.
+        self.max_word_share = max_word_share
         self.codebook = codebook
         self.word_range = word_range or (0, vocabulary)
         self.background_merge = background_merge
@@ -162,7 +167,7 @@ class BowIndex:
             tail = self._tail
             tail.reserve(len(words))
             tail.used = _append(words, counts, row, tail.rows, tail.counts, tail.next, tail.head,
-                                tail.tail, tail.fill, tail.used)
+                                tail.tail, tail.fill, tail.df, tail.used)
             tail.postings += len(words)
             self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
             self._keys[row] = item_key(item_id)
@@ -230,6 +235,9 @@ class BowIndex:
         lo, hi = self.word_range
         with self._lock:
             base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
+            if self.max_word_share < 1.0:
+                common = self.document_frequency()[words] > self.max_word_share * len(self._row_of)
+                words, query = words[~common], query[~common]
             inv_total = self._inv_total
             acc = np.zeros(count, np.float32)
             _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
@@ -237,6 +245,12 @@ class BowIndex:
                 _accumulate_pool(words, query, lo, hi, pool.rows, pool.counts, pool.next, pool.head,
                                  pool.tail, pool.fill, inv_total, acc)
         return acc, count
+
+    def document_frequency(self) -> np.ndarray:
+        """(V,) int64 postings per word (deleted items count until the next merge)."""
+        with self._lock:
+            df = np.diff(self._base.offsets) + self._tail.df
+            return df + self._frozen.df if self._frozen is not None else df
 
     def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
         """Live rows sharing at least one query word in this index's range, and their sums of
@@ -283,8 +297,8 @@ class BowIndex:
             tail = Postings(self._tail.rows[:self._tail.used * BLOCK].copy(),
                             self._tail.counts[:self._tail.used * BLOCK].copy(),
                             self._tail.next[:self._tail.used].copy(), self._tail.head.copy(),
-                            self._tail.tail.copy(), self._tail.fill.copy(), self._tail.used,
-                            self._tail.postings)
+                            self._tail.tail.copy(), self._tail.fill.copy(), self._tail.df.copy(),
+                            self._tail.used, self._tail.postings)
             ids, metadata = list(self._ids), list(self._metadata)
             inv_total, live, keys = (self._inv_total[:count].copy(), self._live[:count].copy(),
                                      self._keys[:count].copy())
@@ -331,7 +345,7 @@ def _merged(base: Segment, pool: Postings, renumber: np.ndarray) -> Segment:
 
 
 @numba.njit(cache=True, nogil=True)
-def _append(words, counts, row, rows, pcounts, nxt, head, tail, fill, used):  # pragma: no cover
+def _append(words, counts, row, rows, pcounts, nxt, head, tail, fill, df, used):  # pragma: no cover
     for i in range(words.shape[0]):
         w = words[i]
         if head[w] < 0 or fill[w] == BLOCK:
@@ -348,6 +362,7 @@ def _append(words, counts, row, rows, pcounts, nxt, head, tail, fill, used):  # 
         rows[slot] = row
         pcounts[slot] = counts[i]
         fill[w] += 1
+        df[w] += 1
     return used
 
 

@@ -27,8 +27,10 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
     if not 0 <= config.word_shard_index < config.word_shard_count:
         raise ValueError(f"word_shard_index {config.word_shard_index} is not in [0, word_shard_count "
                          f"{config.word_shard_count})")
+    if not 0.0 < config.max_word_share <= 1.0:
+        raise ValueError(f"max_word_share {config.max_word_share} is not in (0, 1]")
     settings = DatabaseSettings(config.word_shard_index, config.word_shard_count, config.dense_factory,
-                                config.dense_train_size)
+                                config.dense_train_size, config.max_word_share)
     return Catalogue(settings, store, config.snapshot_every)
 
 

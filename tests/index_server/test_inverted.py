@@ -142,3 +142,27 @@ def test_state_round_trip_and_lookup_by_key():
         rows, expected = index.partial_scores(query)
         assert sorted(sums.tolist()) == pytest.approx(sorted(expected.tolist()))
     assert copy.lookup(np.array([item_key("i7"), item_key("i4")], np.uint64)) == {item_key("i7"): ("i7", {"n": "7"})}
+
+
+def test_stop_word_variant_skips_only_the_words_most_items_hold():
+    rng = np.random.default_rng(6)
+    bags = [BagOfWords.from_words(np.concatenate([[0, 0, 1], rng.integers(2, 500, 30)]), 500, 1) for _ in range(200)]
+    exact, variant = BowIndex(500, 1), BowIndex(500, 1, max_word_share=0.5)
+    for i, bag in enumerate(bags):
+        exact.add(f"i{i}", bag, {})
+        variant.add(f"i{i}", bag, {})
+    df = variant.document_frequency()
+    assert df[0] == df[1] == 200 and df[2:].max() < 100
+    query = bags[3]
+    q = query.histogram()
+    expected = {}
+    for i, bag in enumerate(bags):  # the overlap over every query word except 0 and 1
+        common, qi, xi = np.intersect1d(query.words, bag.words, return_indices=True)
+        keep = common >= 2
+        x = bag.histogram()[xi][keep]
+        if keep.any():
+            expected[f"i{i}"] = float(np.sum(4 * q[qi][keep] * x / (q[qi][keep] + x))) / 2
+    hits = variant.search(query, 10)
+    assert [h.item_id for h in hits] == [i for i, _ in sorted(expected.items(), key=lambda t: (-t[1], t[0]))[:10]]
+    np.testing.assert_allclose([h.score for h in hits], sorted(expected.values(), reverse=True)[:10], atol=1e-5)
+    assert hits[0].item_id == "i3" and exact.search(query, 1)[0].score > hits[0].score  # exact is untouched
