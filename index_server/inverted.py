@@ -100,7 +100,7 @@ class Postings:
         self.next = np.concatenate([self.next, np.full(blocks - len(self.next), -1, np.int32)])
 
     def nbytes(self) -> int:
-        return self.used * BLOCK * 6 + self.used * 4 + self.head.nbytes * 3
+        return self.used * BLOCK * 6 + self.used * 4 + self.head.nbytes * 4  # head, tail, fill, df
 
 
 class BowIndex:
