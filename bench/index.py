@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.bow_codec import BagOfWords, encode  # noqa: E402
-from gateway.demo import free_port, wait_serving  # noqa: E402
+from common.local_suite import free_port, wait_serving  # noqa: E402
 from mps.common.v1 import common_pb2  # noqa: E402
 from mps.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import ServerConfig
+from common.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +94,31 @@ def timeout_from(context: grpc.ServicerContext, default_s: float, reserve_s: flo
     if remaining is None or remaining > 1e8:
         remaining = default_s
     return max(remaining - min(reserve_s, remaining / 10), 0.001)
+
+
+class Deadline:
+    """A point in time that calls made on a request's behalf must finish by (monotonic clock)."""
+
+    def __init__(self, seconds: float):
+        self._end = time.monotonic() + seconds
+
+    @classmethod
+    def of(cls, context: grpc.ServicerContext, default_s: float) -> "Deadline":
+        """The caller's deadline, or `default_s` from now when the caller set none."""
+        remaining = context.time_remaining()
+        return cls(default_s if remaining is None or remaining > 1e8 else remaining)
+
+    def remaining(self, reserve_s: float = 0.0) -> float:
+        """Seconds left for a downstream call, keeping back `reserve_s` (at most a tenth of what is
+        left) so that a partial answer can still be sent in time."""
+        left = self._end - time.monotonic()
+        return max(left - min(reserve_s, max(left, 0.0) / 10), 0.001)
+
+
+@contextlib.contextmanager
+def abort_on(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turns a domain error (common.errors) raised inside the block into its status code."""
+    try:
+        yield
+    except ServiceError as error:
+        context.abort(getattr(grpc.StatusCode, error.status), str(error))

@@ -16,5 +16,7 @@ class DetectorConfig(ServerConfig):
     models: list[str] = field(default_factory=lambda: ["yolov3-tiny"])
     models_dir: str = str(MODELS_DIR)
     max_pixels: int = 50_000_000
+    # Most class-agnostic objects one Detect may ask for.
+    max_objects: int = 200
     # ONNX Runtime threads per session; 0 lets it choose.
     intra_op_threads: int = 0

@@ -11,7 +11,7 @@ import numpy as np
 
 from common.onnx_session import active_provider, create_session
 from detector_server.letterbox import letterbox, unletterbox_boxes
-from detector_server.yolo import postprocess
+from detector_server.yolo import objects, postprocess
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class ModelSpec:
     iou_threshold: float
     max_detections: int
     categories: dict[str, str] = field(default_factory=dict)
+    # Class-agnostic objects: NMS overlap and default count.
+    objects_iou_threshold: float = 0.5
+    max_objects: int = 50
 
     @staticmethod
     def load(model_dir: Path) -> "ModelSpec":
@@ -42,7 +45,8 @@ class ModelSpec:
         return ModelSpec(config["name"], str(config["version"]), model_dir / config["file"],
                          class_names, int(config["input_height"]), int(config["input_width"]),
                          float(config["score_threshold"]), float(config["iou_threshold"]),
-                         int(config["max_detections"]), dict(config["categories"]))
+                         int(config["max_detections"]), dict(config["categories"]),
+                         float(config.get("objects_iou_threshold", 0.5)), int(config.get("max_objects", 50)))
 
 
 @dataclass
@@ -54,6 +58,15 @@ class Detection:
     box: np.ndarray  # (4,) float32 xyxy original pixels
 
 
+@dataclass
+class DetectionResult:
+    """What one image holds: classified detections and class-agnostic objects, best first."""
+
+    detections: list[Detection]
+    objects: list[tuple[np.ndarray, float]]  # ((4,) float32 xyxy original pixels, objectness)
+    inference_ms: float
+
+
 class DetectorModel:
     """One loaded model; `detect` is thread-safe (ONNX Runtime sessions are)."""
 
@@ -63,8 +76,9 @@ class DetectorModel:
         self.provider = active_provider(self.session)
 
     def detect(self, image: np.ndarray, score_threshold: float | None = None,
-               products_only: bool = False) -> tuple[list[Detection], float]:
-        """(H, W, 3) uint8 RGB -> (detections best first, inference milliseconds)."""
+               products_only: bool = False, objectness_threshold: float = 0.0,
+               max_objects: int = 0) -> DetectionResult:
+        """(H, W, 3) uint8 RGB -> DetectionResult; objects only when objectness_threshold > 0."""
         spec = self.spec
         tensor, scale, pad = letterbox(image, (spec.input_height, spec.input_width))
         start = time.perf_counter()
@@ -73,13 +87,24 @@ class DetectorModel:
         found = postprocess(rows, score_threshold or spec.score_threshold, spec.iou_threshold,
                             spec.max_detections)
         boxes = unletterbox_boxes(found.boxes, scale, pad, image.shape[:2])
-        out = []
+        detections = []
         for box, score, class_id in zip(boxes, found.scores, found.class_ids):
             name = spec.class_names[class_id]
             category = spec.categories.get(name, "")
             if products_only and not category:
                 continue
-            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            if _degenerate(box):
                 continue  # clipped away entirely: nothing to crop
-            out.append(Detection(int(class_id), name, category, float(score), box))
-        return out, inference_ms
+            detections.append(Detection(int(class_id), name, category, float(score), box))
+        boxed = []
+        if objectness_threshold > 0:
+            agnostic = objects(rows, objectness_threshold, spec.objects_iou_threshold,
+                               max_objects or spec.max_objects)
+            boxed = [(box, float(score)) for box, score in
+                     zip(unletterbox_boxes(agnostic.boxes, scale, pad, image.shape[:2]), agnostic.objectness)
+                     if not _degenerate(box)]
+        return DetectionResult(detections, boxed, inference_ms)
+
+
+def _degenerate(box: np.ndarray) -> bool:
+    return bool(box[2] - box[0] < 1 or box[3] - box[1] < 1)

@@ -27,7 +27,7 @@ def load_models(config: DetectorConfig) -> dict[str, DetectorModel]:
 
 def create_bundle(config: DetectorConfig) -> ServiceBundle:
     models = load_models(config)
-    service = DetectorService(models, next(iter(models)), config.max_pixels)
+    service = DetectorService(models, next(iter(models)), config.max_pixels, config.max_objects)
     return start_bundle(config, lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(service, s),
                         [detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name])
 

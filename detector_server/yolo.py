@@ -1,4 +1,4 @@
-"""YOLO post-processing: decoded head rows -> scored, class-aware, NMS-filtered boxes."""
+"""YOLO post-processing: decoded head rows -> scored, class-aware detections and class-agnostic objects."""
 
 from __future__ import annotations
 
@@ -18,17 +18,56 @@ class Detections:
     class_ids: np.ndarray  # (K,) int64
 
 
+@dataclass
+class Objects:
+    """Class-agnostic boxes of one image, highest objectness first."""
+
+    boxes: np.ndarray  # (K, 4) float32 xyxy network-input pixels
+    objectness: np.ndarray  # (K,) float32
+
+
+def _xyxy(rows: np.ndarray) -> np.ndarray:
+    """(N, >=4) rows (cx, cy, w, h, ...) -> (N, 4) float32 xyxy."""
+    centre, size = rows[:, :2], rows[:, 2:4]
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
+
+
+def _top(scores: np.ndarray, limit: int) -> np.ndarray:
+    """(K,) indices of the `limit` best scores, best first (all when fewer)."""
+    if len(scores) > limit:
+        keep = np.argpartition(-scores, limit - 1)[:limit]
+        return keep[np.argsort(-scores[keep], kind="stable")]
+    return np.argsort(-scores, kind="stable")
+
+
 def postprocess(rows: np.ndarray, score_threshold: float, iou_threshold: float,
-                max_detections: int) -> Detections:
+                max_detections: int, max_candidates: int = 2000) -> Detections:
     """(B, 5 + C) decoded rows (cx, cy, w, h, objectness, class probs) -> Detections.
 
     A box may carry several classes above the threshold (Darknet's behaviour); NMS is per class.
+    Only the `max_candidates` best (box, class) pairs enter NMS, as TensorRT's EfficientNMS keeps a
+    top k first: a threshold near 0 then costs a bounded NMS instead of one over every pair.
     """
     scores_all = rows[:, 5:] * rows[:, 4:5]
     box_ids, class_ids = np.nonzero(scores_all >= score_threshold)
     scores = scores_all[box_ids, class_ids]
-    centre, size = rows[box_ids, :2], rows[box_ids, 2:4]
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    best = _top(scores, max_candidates)
+    box_ids, class_ids, scores = box_ids[best], class_ids[best], scores[best]
+    boxes = _xyxy(rows[box_ids])
     keep = nms(boxes, scores, iou_threshold, class_ids)[:max_detections]
-    return Detections(boxes[keep].astype(np.float32), scores[keep].astype(np.float32),
-                      class_ids[keep].astype(np.int64))
+    return Detections(boxes[keep], scores[keep].astype(np.float32), class_ids[keep].astype(np.int64))
+
+
+def objects(rows: np.ndarray, objectness_threshold: float, iou_threshold: float, max_objects: int,
+            max_candidates: int = 2000) -> Objects:
+    """(B, 5 + C) decoded rows -> class-agnostic Objects.
+
+    Every anchor's objectness (the head's "something is here", before the class split) is a score
+    of its own: things the model has no class for still get boxes. NMS across classes.
+    """
+    objectness = rows[:, 4]
+    candidates = np.flatnonzero(objectness >= objectness_threshold)
+    candidates = candidates[_top(objectness[candidates], max_candidates)]
+    boxes = _xyxy(rows[candidates])
+    keep = nms(boxes, objectness[candidates], iou_threshold)[:max_objects]
+    return Objects(boxes[keep], objectness[candidates][keep].astype(np.float32))

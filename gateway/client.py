@@ -8,24 +8,46 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import grpc
+import numpy as np
 
 from common.serving import channel_options
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
+Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels
+
+
 @dataclass(frozen=True)
 class Product:
-    """One catalogue image to index."""
+    """One catalogue image to index (a product may have several: give each its image_id)."""
 
     product_id: str
     category: str
-    image: bytes  # encoded file bytes
-    metadata: Mapping[str, str]
+    image: bytes | np.ndarray  # encoded file bytes, or (H, W, 3) uint8 RGB pixels
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # Empty: derived from the image's content (re-sending the same image replaces it).
+    image_id: str = ""
+    # Where the product is in the image; None lets the gateway localise it.
+    box: Box | None = None
+
+
+def to_image(image: bytes | np.ndarray) -> common_pb2.Image:
+    """Encoded bytes as they are, or an (H, W, 3) uint8 RGB array as raw pixels."""
+    if isinstance(image, (bytes, bytearray)):
+        return common_pb2.Image(encoded=bytes(image))
+    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"pixels must be (H, W, 3) RGB, got {rgb.shape}")
+    return common_pb2.Image(raw=common_pb2.RawImage(width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes()))
+
+
+def to_box(box: Box) -> common_pb2.Box:
+    return common_pb2.Box(x_min=box[0], y_min=box[1], x_max=box[2], y_max=box[3])
 
 
 class VisualSearchClient:
@@ -47,25 +69,42 @@ class VisualSearchClient:
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
-    def search(self, image: bytes, top_k: int = 10, min_confidence: float = 0.0,
-               regions: Sequence[tuple[tuple[float, float, float, float], str]] = (),
+    def search(self, image: bytes | np.ndarray, top_k: int = 10, min_confidence: float = 0.0,
+               regions: Sequence[tuple[Box, str]] = (),
                signature_kind: int = common_pb2.SIGNATURE_KIND_UNSPECIFIED,
+               categories: Sequence[str] = (), min_score: float | None = None,
+               sources: Sequence[int] = (), max_items: int = 0,
                timeout_s: float | None = None) -> gateway_pb2.MultiProductSearchResponse:
-        """Every product in `image` (encoded bytes) with its top_k catalogue matches.
+        """Every product in `image` (encoded bytes or RGB pixels) with its top_k catalogue products.
 
-        `regions`: optional ((x_min, y_min, x_max, y_max), category) pairs that replace detection.
+        `regions`: optional (box, category) pairs searched instead of localising (category "" =
+        the catalogue decides); `categories` restricts the search; `min_score` drops weaker
+        matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources.
         """
         request = gateway_pb2.MultiProductSearchRequest(
-            image=common_pb2.Image(encoded=image), top_k=top_k, min_confidence=min_confidence,
-            signature_kind=signature_kind,
-            regions=[gateway_pb2.Region(box=common_pb2.Box(x_min=b[0], y_min=b[1], x_max=b[2], y_max=b[3]),
-                                        category=category) for b, category in regions])
+            image=to_image(image), top_k=top_k, min_confidence=min_confidence, signature_kind=signature_kind,
+            regions=[gateway_pb2.Region(box=to_box(b), category=category) for b, category in regions],
+            categories=list(categories), sources=list(sources), max_items=max_items)
+        if min_score is not None:
+            request.min_score = min_score
         return self._stub.MultiProductSearch(request, timeout=timeout_s or self.timeout_s)
 
     def index_products(self, products: Iterable[Product], timeout_s: float | None = None
                        ) -> gateway_pb2.IndexProductsResponse:
-        """Streams catalogue images in; returns how many were indexed per category."""
-        requests = (gateway_pb2.IndexProductsRequest(
-            product_id=p.product_id, category=p.category, image=common_pb2.Image(encoded=p.image),
-            metadata=dict(p.metadata)) for p in products)
-        return self._stub.IndexProducts(requests, timeout=timeout_s or self.timeout_s)
+        """Streams catalogue images in; returns how many were indexed per category and, per image,
+        the region that was signed."""
+        def requests():
+            for p in products:
+                request = gateway_pb2.IndexProductsRequest(product_id=p.product_id, category=p.category,
+                                                           image=to_image(p.image), metadata=dict(p.metadata),
+                                                           image_id=p.image_id)
+                if p.box is not None:
+                    request.box.CopyFrom(to_box(p.box))
+                yield request
+        return self._stub.IndexProducts(requests(), timeout=timeout_s or self.timeout_s)
+
+    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] = (),
+                        timeout_s: float | None = None) -> gateway_pb2.DeleteProductsResponse:
+        """Deletes every image of the products (in these categories; all when empty)."""
+        return self._stub.DeleteProducts(gateway_pb2.DeleteProductsRequest(
+            product_ids=list(product_ids), categories=list(categories)), timeout=timeout_s or self.timeout_s)

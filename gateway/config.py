@@ -8,7 +8,8 @@ from common.config import ServerConfig
 
 
 def _default_exclusive_groups() -> list[list[str]]:
-    # Classes that cannot be the same object: the seed's dress/top/skirt, in COCO terms.
+    # Classes (or catalogue categories) that cannot be the same object: the seed's dress/top/skirt,
+    # in COCO terms.
     return [["cup", "bowl", "vase", "wine glass", "bottle"],
             ["chair", "sofa", "bed", "bench", "diningtable"],
             ["tvmonitor", "laptop", "microwave", "oven"],
@@ -33,17 +34,81 @@ class GatewayConfig(ServerConfig):
     # Every product is indexed with each of these kinds, one database per category and kind
     # ("<category>.<kind>"), so a query may choose either.
     index_kinds: list[str] = field(default_factory=lambda: ["deep", "bow"])
+    # The kind that picks, among a photo's candidate regions, those that are catalogue products
+    # and their categories (cheap to compute for every candidate); the requested kind then signs
+    # only the chosen items.
+    selection_kind: str = "deep"
+
+    # -- localisation ------------------------------------------------------------------------------
+    # Sources used when a request names none: "detector" (product classes), "objectness"
+    # (class-agnostic boxes), "salient" (SCDA), "segment" (selective search ranked by activation).
+    default_sources: list[str] = field(default_factory=lambda: ["detector", "objectness", "salient", "segment"])
+    # Class-agnostic boxes: the detector's objectness threshold and count.
+    objectness_threshold: float = 0.005
+    max_objects: int = 30
+    max_salient: int = 3
+    max_segments: int = 30
+    # Candidates from different sources overlapping this much are one (the better source's box
+    # stays: detector class > objectness > salient > segment).
+    proposal_iou: float = 0.7
+    # Candidates signed and searched per photo (best of each source first), and items returned.
+    max_proposals: int = 48
+    max_items: int = 10
+    # The decoded photo's longest side (a larger JPEG is decoded at a reduced DCT scale); the
+    # detector and the salient-object locator get copies of these sizes.
+    decode_max_side: int = 2000
+    detector_side: int = 416
+    locate_side: int = 640
+    # Crops are shrunk to this many pixels on their longest side before signing (the signatures
+    # look at 224 px or less).
+    crop_max_side: int = 256
+
+    # -- categories and scores ----------------------------------------------------------------------
+    # A class-agnostic item takes the category whose best match beats every other category's best
+    # by at least this much (selection kind's score); otherwise it is ambiguous.
+    category_margin: float = 0.05
+    # A class-agnostic candidate is an item only when its best match (selection kind) scores this.
+    proposal_min_score: float = 0.6
+    # Matches scoring below these are dropped, per kind (see mps.common.v1.SignatureKind), unless a
+    # request sets min_score; per-category overrides as {"category": {"deep": 0.7}}.
+    min_score: dict[str, float] = field(default_factory=lambda: {"deep": 0.0, "bow": 0.0})
+    category_min_score: dict[str, dict[str, float]] = field(default_factory=dict)
     exclusive_groups: list[list[str]] = field(default_factory=_default_exclusive_groups)
     exclusive_iou: float = 0.5
-    # Crops are shrunk to this many pixels on their longest side before signing.
-    crop_max_side: int = 512
+    # Items of one category overlapping this much (IoU) are one product (the better match stays);
+    # so are items whose best match is the same product when the smaller box lies this much
+    # (intersection over its own area) in the other.
+    item_iou: float = 0.5
+    same_product_overlap: float = 0.3
+    # A class-agnostic item's box is the score-weighted mean of the candidates that found the same
+    # product around it, weights exp(sharpness x (score - best)); 0 keeps the best box as it is.
+    box_vote_sharpness: float = 20.0
+    # Seconds the list of catalogue categories (from the index's Stats) is cached.
+    catalogue_refresh_s: float = 5.0
+
+    # -- limits -------------------------------------------------------------------------------------
     max_pixels: int = 50_000_000
     max_top_k: int = 100
     max_regions: int = 64
+    max_categories: int = 256
+    # ComputeSignatures calls are split to stay under these (the signature server's own limit is
+    # 64 images and the message limit 32 MiB).
+    signature_call_images: int = 32
+    signature_call_bytes: int = 8 * 1024 * 1024
     # Used when the caller sets no deadline.
     default_timeout_s: float = 30.0
     # Kept back from the caller's deadline when searching, so a late shard yields a flagged
     # partial answer instead of failing the whole query.
     reply_reserve_s: float = 0.1
-    # Catalogue images signed per ComputeSignatures call during IndexProducts.
+
+    # -- ingestion ------------------------------------------------------------------------------------
+    # Catalogue images localised and signed per batch during IndexProducts.
     ingest_batch: int = 16
+    # Without a box, a catalogue image's product is the detector's most confident box of the
+    # product's category; else its salient object on a plain backdrop; else the most object-like
+    # box (objectness at least ingest_min_objectness); else the salient object; else the whole
+    # image. Salient and object boxes smaller than ingest_min_area of the image are details.
+    ingest_min_objectness: float = 0.02
+    ingest_min_area: float = 0.05
+    # IndexProductsResponse lists at most this many images.
+    ingest_report_limit: int = 100_000

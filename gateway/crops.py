@@ -35,3 +35,15 @@ def valid_box(box: np.ndarray, width: int, height: int) -> str:
     if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
         return f"lies outside the {width}x{height} image"
     return ""
+
+
+def plain_background(image: np.ndarray, ring: float = 0.04, tolerance: int = 24, share: float = 0.9) -> bool:
+    """(H, W, 3) uint8 -> whether it looks like a catalogue shot on a plain backdrop: at least
+    `share` of the pixels of its border ring (`ring` of the shorter side) lie within `tolerance` of
+    the ring's median colour (seed 003: catalogue images differ from street photos)."""
+    height, width = image.shape[:2]
+    t = max(1, int(round(min(height, width) * ring)))
+    border = np.concatenate([image[:t].reshape(-1, 3), image[-t:].reshape(-1, 3),
+                             image[:, :t].reshape(-1, 3), image[:, -t:].reshape(-1, 3)]).astype(np.int16)
+    median = np.median(border, axis=0)
+    return float(np.mean(np.abs(border - median).max(axis=1) <= tolerance)) >= share

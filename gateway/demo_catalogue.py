@@ -21,6 +21,40 @@ from gateway.exclusive import resolve_exclusive
 CATALOGUE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
                     "hubble_deep_field", "retina", "china.jpg", "flower.jpg")
 QUERY_PHOTOS = ("coffee", "motorcycle_right")
+ROCKET_BOX = (292, 120, 352, 420)  # the rocket on its pad, in the 640x427 "rocket" photo
+CUP_BOX = (150, 23, 429, 310)      # the cup and saucer in the 600x400 "coffee" photo
+
+
+def cut(name: str, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A region of a bundled photo."""
+    x0, y0, x1, y1 = box
+    return np.ascontiguousarray(load_photo(name)[y0:y1, x0:x1])
+
+
+def paste(background: np.ndarray, thing: np.ndarray, x: int, y: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pastes `thing` resized to `width` with its top-left at (x, y) -> (new image, (4,) float32 box)."""
+    height = round(thing.shape[0] * width / thing.shape[1])
+    out = background.copy()
+    out[y:y + height, x:x + width] = cv2.resize(thing, (width, height), interpolation=cv2.INTER_AREA)
+    return out, np.array([x, y, x + width, y + height], np.float32)
+
+
+def two_product_scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """China's temple (960x640) with a rocket and a cat's portrait on it: products the COCO
+    detector has no product class for -> (scene, product id -> (4,) true box)."""
+    background = cv2.resize(load_photo("china.jpg"), (960, 640), interpolation=cv2.INTER_LINEAR)
+    scene, rocket = paste(background, cut("rocket", ROCKET_BOX), 90, 100, 90)
+    scene, cat = paste(scene, load_photo("chelsea"), 560, 330, 330)
+    return scene, {"rocket": rocket, "cat-portrait": cat}
+
+
+def tiles(name: str, grid: int = 2) -> list[np.ndarray]:
+    """The grid x grid tiles of a bundled photo."""
+    image = load_photo(name)
+    height, width = image.shape[:2]
+    return [np.ascontiguousarray(image[r * height // grid:(r + 1) * height // grid,
+                                       c * width // grid:(c + 1) * width // grid])
+            for r in range(grid) for c in range(grid)]
 
 
 def variants(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -80,6 +114,11 @@ def build(folder: Path, detect, groups: list[list[str]], distractors_per_photo: 
             x0, y0, x1, y1 = (int(round(v)) for v in d.box)
             for variant, image in variants(photo[y0:y1, x0:x1]).items():
                 write(d.category, f"{name}-{d.class_name.replace(' ', '_')}{n}-{variant}", image)
+    # Products the detector has no class for, each with two images (a sub-folder is one product):
+    # the whole rocket photo is localised at ingest.
+    write("toys", "rocket/front", cut("rocket", ROCKET_BOX)[:, ::-1])
+    write("toys", "rocket/on-pad", load_photo("rocket"))
+    write("pets", "cat-portrait/portrait", load_photo("chelsea"))
     for category in list(counts):
         for name, photo in photos.items():
             for i, image in enumerate(random_crops(photo, distractors_per_photo, rng)):

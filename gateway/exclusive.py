@@ -9,16 +9,17 @@ import numpy as np
 from detector_server.nms import iou_matrix
 
 
-def resolve_exclusive(boxes: np.ndarray, confidences: np.ndarray, class_names: Sequence[str],
+def resolve_exclusive(boxes: np.ndarray, confidences: np.ndarray, labels: Sequence[str],
                       groups: Sequence[Sequence[str]], iou_threshold: float) -> np.ndarray:
     """Indices of the items to keep, most confident first.
 
-    `boxes` (N, 4) float xyxy, `confidences` (N,). An item is dropped when a more confident item
-    whose class shares an exclusive group with its class overlaps it with IoU >= iou_threshold
-    (a dress, a top and a skirt on the same area: only the most confident stays). Items of
-    classes in no common group never suppress each other.
+    `boxes` (N, 4) float xyxy, `confidences` (N,), `labels` (N,) each item's class name or
+    catalogue category. An item is dropped when a more confident item whose label shares an
+    exclusive group with its label overlaps it with IoU >= iou_threshold (a dress, a top and a
+    skirt on the same area: only the most confident stays). Items whose labels are in no common
+    group never suppress each other.
     """
-    n = len(class_names)
+    n = len(labels)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     group_of: dict[str, set[int]] = {}
@@ -29,8 +30,8 @@ def resolve_exclusive(boxes: np.ndarray, confidences: np.ndarray, class_names: S
     ious = iou_matrix(np.asarray(boxes, dtype=np.float64), np.asarray(boxes, dtype=np.float64))
     kept: list[int] = []
     for i in order:
-        groups_i = group_of.get(class_names[i], set())
-        if any(groups_i & group_of.get(class_names[j], set()) and ious[i, j] >= iou_threshold
+        groups_i = group_of.get(labels[i], set())
+        if any(groups_i & group_of.get(labels[j], set()) and ious[i, j] >= iou_threshold
                for j in kept):
             continue
         kept.append(int(i))

@@ -14,19 +14,29 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
+def source_name(item: gateway_pb2.Item) -> str:
+    """'cup' for a detector class, else the source: 'objectness', 'salient', 'region'..."""
+    if item.class_name:
+        return item.class_name
+    name = gateway_pb2.ItemSource.Name(item.source).removeprefix("ITEM_SOURCE_").lower()
+    return {"user_region": "region", "whole_image": "whole image", "unspecified": "?"}.get(name, name)
+
+
 def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: int = 3) -> str:
-    lines = [f"{'#':>2}  {'category':<12} {'class':<12} {'conf':>5}  {'box (x0,y0,x1,y1)':<22} matches (score)"]
+    lines = [f"{'#':>2}  {'category':<12} {'found by':<12} {'conf':>5}  {'box (x0,y0,x1,y1)':<22} matches (score)"]
     for n, item in enumerate(result.items):
         b = item.box
         box = f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f}"
         found = ", ".join(f"{m.product_id} ({m.score:.3f})" for m in item.matches[:matches_shown])
-        lines.append(f"{n:>2}  {item.category:<12} {item.class_name or '(region)':<12} "
-                     f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}")
+        note = f"  [{item.warning}]" if item.warning and found else ""
+        lines.append(f"{n:>2}  {item.category or '?':<12} {source_name(item):<12} "
+                     f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}{note}")
     if not result.items:
         lines.append("    (no product found)")
     t = result.timings
-    lines.append(f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | sign {t.sign_ms:.0f} ms"
-                 f" | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms")
+    lines.append(f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | locate {t.locate_ms:.0f} ms"
+                 f" | sign {t.sign_ms:.0f} ms | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms"
+                 f" ({result.proposals} candidate regions)")
     return "\n".join(lines)
 
 
@@ -53,8 +63,7 @@ def draw_result(photo: np.ndarray, result: gateway_pb2.MultiProductSearchRespons
         colour = PALETTE[n % len(PALETTE)]
         b = item.box
         draw.rectangle([b.x_min, b.y_min, b.x_max, b.y_max], outline=colour, width=3)
-        draw.text((b.x_min + 4, b.y_min + 2), f"{n} {item.class_name or item.category} {item.confidence:.2f}",
-                  fill=colour)
+        draw.text((b.x_min + 4, b.y_min + 2), f"{n} {item.category or '?'} ({source_name(item)})", fill=colour)
         y = 8 + n * (THUMB + 24)
         draw.text((base.width + 8, y), f"{n} {item.category}", fill=colour)
         for m, match in enumerate(item.matches[:matches_shown]):

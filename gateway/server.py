@@ -13,7 +13,7 @@ from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 def create_bundle(config: GatewayConfig) -> ServiceBundle:
     backends = Backends(config.detector_address, config.signature_address, config.index_address,
-                        config.index_routes, config.max_message_bytes)
+                        config.index_routes, config.max_message_bytes, config.catalogue_refresh_s)
     service = VisualSearchService(config, backends)
     return start_bundle(config, lambda s: gateway_pb2_grpc.add_VisualSearchServiceServicer_to_server(service, s),
                         [gateway_pb2.DESCRIPTOR.services_by_name["VisualSearchService"].full_name],

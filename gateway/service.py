@@ -1,82 +1,50 @@
-"""VisualSearchService servicer: MultiProductSearch and IndexProducts over the backend services."""
+"""VisualSearchService servicer: protobuf <-> the pipeline's domain objects, errors -> status codes."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Iterator, NoReturn
+from typing import Iterator
 
 import grpc
 import numpy as np
 
-from common.images import ImageError, decode_image
-from common.proto_convert import box_from_proto, box_to_proto, image_from_proto, image_to_proto
-from common.serving import timeout_from
-from gateway.backends import Backends
+from common.errors import InvalidArgument, ResourceExhausted
+from common.proto_convert import box_from_proto, box_to_proto
+from common.serving import Deadline, abort_on
+from gateway.backends import KIND_NAMES, KIND_VALUES, Backends
 from gateway.config import GatewayConfig
-from gateway.crops import crop, valid_box
-from gateway.exclusive import resolve_exclusive
+from gateway.crops import valid_box
+from gateway.pipeline import CatalogueImage, FoundItem, IndexedImage, Pipeline, SearchOptions, Timings
+from gateway.ports import CatalogueMatch
+from gateway.proposals import Source
 from mps.common.v1 import common_pb2
-from mps.detector.v1 import detector_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from mps.index.v1 import index_pb2
-from mps.signature.v1 import signature_pb2
 
-log = logging.getLogger(__name__)
-
-KINDS = {"deep": common_pb2.SIGNATURE_KIND_DEEP, "bow": common_pb2.SIGNATURE_KIND_BOW}
-KIND_NAMES = {value: name for name, value in KINDS.items()}
-
-
-def database_name(category: str, kind: int) -> str:
-    """The index database of one category's products signed with one kind."""
-    return f"{category}.{KIND_NAMES[kind]}"
-
-
-@dataclass
-class Candidate:
-    """An item to search: a detection or a user-given region."""
-
-    category: str
-    class_name: str
-    confidence: float
-    box: np.ndarray  # (4,) float32 xyxy original pixels
-    matches: list[gateway_pb2.Match] = field(default_factory=list)
-    warning: str = ""
-    # Set from the index's first SearchResponse when part of the category's index did not answer.
-    degraded: index_pb2.SearchResponse | None = None
+SOURCES = {Source.DETECTOR: gateway_pb2.ITEM_SOURCE_DETECTOR, Source.OBJECTNESS: gateway_pb2.ITEM_SOURCE_OBJECTNESS,
+           Source.SALIENT: gateway_pb2.ITEM_SOURCE_SALIENT, Source.SEGMENT: gateway_pb2.ITEM_SOURCE_SEGMENT,
+           Source.WHOLE_IMAGE: gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE,
+           Source.USER_REGION: gateway_pb2.ITEM_SOURCE_USER_REGION}
+SOURCE_OF = {value: source for source, value in SOURCES.items()}
+REQUESTABLE = (Source.DETECTOR, Source.OBJECTNESS, Source.SALIENT, Source.SEGMENT)
 
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _abort_from(context: grpc.ServicerContext, stage: str, error: grpc.RpcError) -> NoReturn:
-    """Maps a failed downstream call to the caller's status."""
-    code = error.code()
-    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
-        context.abort(code, f"{stage}: {error.details()}")
-    context.abort(grpc.StatusCode.UNAVAILABLE, f"{stage} service failed ({code.name}): {error.details()}")
-    raise AssertionError("context.abort returns only by raising")
-
-
 class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     def __init__(self, config: GatewayConfig, backends: Backends):
         self.config = config
         self.backends = backends
-        for name in [config.default_signature_kind, *config.index_kinds]:
-            if name not in KINDS:
-                raise ValueError(f"signature kind {name!r} in the gateway config is not one of {sorted(KINDS)}")
-        if config.default_signature_kind not in config.index_kinds:
-            raise ValueError("default_signature_kind must be one of index_kinds")
-        self.default_kind = KINDS[config.default_signature_kind]
-        self.index_kinds = [KINDS[name] for name in config.index_kinds]
-        # Per-category searches of all concurrent queries run here.
-        self.pool = ThreadPoolExecutor(max_workers=4 * config.max_workers, thread_name_prefix="search")
+        # Downstream calls of all concurrent requests (detector, locator, signature chunks, one
+        # search per category) run here.
+        self.pool = ThreadPoolExecutor(max_workers=8 * config.max_workers, thread_name_prefix="gateway")
+        self.pipeline = Pipeline(config, backends.detector, backends.locator, backends.signer, backends.index,
+                                 self.pool)
+        self.default_kind = KIND_VALUES[config.default_signature_kind]
+        self.index_kinds = [KIND_VALUES[name] for name in config.index_kinds]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -87,191 +55,115 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     def MultiProductSearch(self, request: gateway_pb2.MultiProductSearchRequest,
                            context: grpc.ServicerContext) -> gateway_pb2.MultiProductSearchResponse:
         start = time.perf_counter()
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        with abort_on(context):
+            options = self._options(request)
+            raw = request.image.raw
+            photo = self.pipeline.decode(request.image.encoded if request.image.WhichOneof("source") == "encoded"
+                                         else None,
+                                         (raw.width, raw.height, raw.rgb) if request.image.HasField("raw") else None)
+            timings = Timings(decode_ms=_ms(start))
+            options.regions = self._regions(request.regions, photo.width, photo.height)
+            outcome = self.pipeline.search(photo, options, deadline, timings)
+        t = outcome.timings
+        return gateway_pb2.MultiProductSearchResponse(
+            items=[_item(i) for i in outcome.items], image_width=outcome.width, image_height=outcome.height,
+            proposals=outcome.proposals,
+            timings=gateway_pb2.StageTimings(decode_ms=t.decode_ms, detect_ms=t.detect_ms, locate_ms=t.locate_ms,
+                                             sign_ms=t.sign_ms, search_ms=t.search_ms, total_ms=_ms(start)))
+
+    def _options(self, request: gateway_pb2.MultiProductSearchRequest) -> SearchOptions:
+        config = self.config
         top_k = request.top_k or 10
-        self._validate_search(request, top_k, context)
+        if top_k > config.max_top_k:
+            raise InvalidArgument(f"top_k {top_k} is above the limit of {config.max_top_k}")
+        if not 0.0 <= request.min_confidence <= 1.0:
+            raise InvalidArgument(f"min_confidence {request.min_confidence} is outside (0, 1]; 0 keeps the model's")
+        if len(request.regions) > config.max_regions:
+            raise ResourceExhausted(f"{len(request.regions)} regions; at most {config.max_regions} per query")
+        if len(request.categories) > config.max_categories:
+            raise ResourceExhausted(f"{len(request.categories)} categories; at most {config.max_categories}")
         kind = request.signature_kind or self.default_kind
         if kind not in self.index_kinds:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
-                          f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}")
-        if request.image.WhichOneof("source") != "encoded":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "image.encoded is required: send the photo's file bytes")
-        try:
-            image = decode_image(request.image.encoded, self.config.max_pixels)
-        except ImageError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        timings = gateway_pb2.StageTimings(decode_ms=_ms(start))
-
-        stage = time.perf_counter()
-        if request.regions:
-            candidates = self._regions(request.regions, image, context)
-        else:
-            candidates = self._detect(request, context)
-        timings.detect_ms = _ms(stage)
-
-        stage = time.perf_counter()
-        signatures = self._sign([crop(image, c.box, self.config.crop_max_side) for c in candidates],
-                                kind, context) if candidates else []
-        timings.sign_ms = _ms(stage)
-
-        stage = time.perf_counter()
-        self._search_all(candidates, signatures, top_k, context)
-        timings.search_ms = _ms(stage)
-        timings.total_ms = _ms(start)
-        return gateway_pb2.MultiProductSearchResponse(
-            items=[self._item(c) for c in candidates],
-            image_width=image.shape[1], image_height=image.shape[0], timings=timings)
+            raise InvalidArgument(f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
+                                  f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}")
+        if request.HasField("min_score") and not np.isfinite(request.min_score):
+            raise InvalidArgument("min_score must be a finite number (leave it unset for the gateway's default)")
+        sources = set()
+        for value in request.sources:
+            source = SOURCE_OF.get(value)
+            if source not in REQUESTABLE:
+                name = gateway_pb2.ItemSource.Name(value) if value in gateway_pb2.ItemSource.values() else value
+                raise InvalidArgument(f"sources: {name} cannot be asked for; choose among "
+                                      f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}")
+            sources.add(source)
+        if request.max_items > config.max_regions:
+            raise ResourceExhausted(f"max_items {request.max_items} is above the limit of {config.max_regions}")
+        return SearchOptions(KIND_NAMES[kind], top_k, request.min_confidence, (), list(request.categories),
+                             request.min_score if request.HasField("min_score") else None,
+                             frozenset(sources) or None, request.max_items)
 
     @staticmethod
-    def _item(candidate: Candidate) -> gateway_pb2.Item:
-        item = gateway_pb2.Item(category=candidate.category, class_name=candidate.class_name,
-                                confidence=candidate.confidence, box=box_to_proto(candidate.box),
-                                matches=candidate.matches, warning=candidate.warning)
-        if candidate.degraded is not None:
-            item.degraded = True
-            item.missing_word_ranges.extend(candidate.degraded.missing_word_ranges)
-            item.missing_shards.extend(candidate.degraded.missing_shards)
-        return item
-
-    def _validate_search(self, request: gateway_pb2.MultiProductSearchRequest, top_k: int,
-                         context: grpc.ServicerContext) -> None:
-        if top_k > self.config.max_top_k:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"top_k {top_k} is above the limit of {self.config.max_top_k}")
-        if not 0.0 <= request.min_confidence <= 1.0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"min_confidence {request.min_confidence} is outside (0, 1]; 0 keeps the model's")
-        if len(request.regions) > self.config.max_regions:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.regions)} regions; at most {self.config.max_regions} per query")
-
-    def _regions(self, regions: list[gateway_pb2.Region], image: np.ndarray,
-                 context: grpc.ServicerContext) -> list[Candidate]:
-        height, width = image.shape[:2]
+    def _regions(regions, width: int, height: int) -> list[tuple[np.ndarray, str]]:
         out = []
         for i, region in enumerate(regions):
             box = box_from_proto(region.box)
             problem = valid_box(box, width, height)
             if problem:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"regions[{i}].box {problem}")
-            if not region.category:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"regions[{i}].category is required: the catalogue category to search")
-            box = np.array([max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)],
-                           dtype=np.float32)
-            out.append(Candidate(region.category, "", 1.0, box))
+                raise InvalidArgument(f"regions[{i}].box {problem}")
+            out.append((box, region.category))
         return out
-
-    def _detect(self, request: gateway_pb2.MultiProductSearchRequest,
-                context: grpc.ServicerContext) -> list[Candidate]:
-        try:
-            response = self.backends.detector.Detect(
-                detector_pb2.DetectRequest(image=request.image, min_confidence=request.min_confidence,
-                                           products_only=True),
-                timeout=timeout_from(context, self.config.default_timeout_s))
-        except grpc.RpcError as exc:
-            _abort_from(context, "detector", exc)
-        found = [Candidate(d.category, d.class_name, d.confidence, box_from_proto(d.box))
-                 for d in response.detections]
-        if not found:
-            return []
-        keep = resolve_exclusive(np.stack([c.box for c in found]), np.array([c.confidence for c in found]),
-                                 [c.class_name for c in found], self.config.exclusive_groups,
-                                 self.config.exclusive_iou)
-        return [found[i] for i in keep]
-
-    def _sign(self, crops: list[np.ndarray], kind: int, context: grpc.ServicerContext
-              ) -> list[common_pb2.Signature]:
-        try:
-            response = self.backends.signature.ComputeSignatures(
-                signature_pb2.ComputeSignaturesRequest(images=[image_to_proto(c) for c in crops], kind=kind),
-                timeout=timeout_from(context, self.config.default_timeout_s))
-        except grpc.RpcError as exc:
-            _abort_from(context, "signature", exc)
-        if len(response.signatures) != len(crops):
-            context.abort(grpc.StatusCode.INTERNAL,
-                          f"signature service returned {len(response.signatures)} signatures for "
-                          f"{len(crops)} images: check that its version matches the gateway's")
-        return list(response.signatures)
-
-    def _search_all(self, candidates: list[Candidate], signatures: list[common_pb2.Signature],
-                    top_k: int, context: grpc.ServicerContext) -> None:
-        """One Search per item, all in parallel; only the detected categories' shards are asked."""
-        timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
-        futures = [self.pool.submit(self._search_one, c, s, top_k, timeout)
-                   for c, s in zip(candidates, signatures)]
-        for future in futures:
-            future.result()
-
-    def _search_one(self, candidate: Candidate, signature: common_pb2.Signature, top_k: int,
-                    timeout: float) -> None:
-        stub = self.backends.index_for(candidate.category)
-        try:
-            database = database_name(candidate.category, signature.kind)
-            for chunk in stub.Search(index_pb2.SearchRequest(database=database,
-                                                             signature=signature, top_k=top_k),
-                                     timeout=timeout):
-                if chunk.degraded:
-                    candidate.degraded = chunk
-                    candidate.warning = (f"part of the {candidate.category!r} index did not answer "
-                                         f"({chunk.degraded_reason}); matches are exact over the rest")
-                candidate.matches.extend(gateway_pb2.Match(product_id=i.item_id, score=i.score,
-                                                           metadata=i.metadata) for i in chunk.items)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                candidate.warning = f"no catalogue for category {candidate.category!r} yet"
-            else:
-                candidate.warning = (f"search in {candidate.category!r} failed ({exc.code().name}): "
-                                     f"{exc.details()}; matches may be partial")
-                log.warning("search %s: %s", candidate.category, candidate.warning)
 
     # --- IndexProducts ------------------------------------------------------------------------
 
     def IndexProducts(self, request_iterator: Iterator[gateway_pb2.IndexProductsRequest],
                       context: grpc.ServicerContext) -> gateway_pb2.IndexProductsResponse:
-        per_category: Counter[str] = Counter()
-        pending: list[tuple[gateway_pb2.IndexProductsRequest, np.ndarray]] = []
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        images = (CatalogueImage(
+            r.product_id, r.category, r.image_id,
+            r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
+            (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
+            box_from_proto(r.box) if r.HasField("box") else None, dict(r.metadata)) for r in request_iterator)
+        with abort_on(context):  # an IngestError says how many products were indexed before it
+            indexed = self.pipeline.ingest(images, deadline)
+        return self._ingest_report(indexed)
 
-        def flush() -> None:
-            if not pending:
-                return
-            by_shard: dict[int, list[index_pb2.AddRequest]] = defaultdict(list)
-            stubs = {}
-            for kind in self.index_kinds:
-                signatures = self._sign([im for _, im in pending], kind, context)
-                for (request, _), signature in zip(pending, signatures):
-                    stub = self.backends.index_for(request.category)
-                    stubs[id(stub)] = stub
-                    by_shard[id(stub)].append(index_pb2.AddRequest(
-                        item_id=request.product_id, database=database_name(request.category, kind),
-                        signature=signature, metadata=request.metadata))
-            for key, adds in by_shard.items():
-                try:
-                    stubs[key].Add(iter(adds), timeout=timeout_from(context, self.config.default_timeout_s))
-                except grpc.RpcError as exc:
-                    _abort_from(context, f"index (after {sum(per_category.values())} products indexed)", exc)
-            per_category.update(request.category for request, _ in pending)
-            pending.clear()
+    def _ingest_report(self, indexed: list[IndexedImage]) -> gateway_pb2.IndexProductsResponse:
+        per_category = Counter(image.category for image in indexed)
+        limit = self.config.ingest_report_limit
+        return gateway_pb2.IndexProductsResponse(
+            indexed=len(indexed), per_category=dict(per_category), images_truncated=len(indexed) > limit,
+            images=[gateway_pb2.IndexedImage(product_id=i.product_id, image_id=i.image_id, category=i.category,
+                                             box=box_to_proto(i.box), source=SOURCES[i.source])
+                    for i in indexed[:limit]])
 
-        for position, request in enumerate(request_iterator):
-            problem = ""
-            if not request.product_id or not request.category:
-                problem = "product_id and category are required"
-            else:
-                try:
-                    image = image_from_proto(request.image, self.config.max_pixels)
-                except ImageError as exc:
-                    problem = str(exc)
-            if problem:
-                flush()  # everything before the bad product is indexed, and the reply says so
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"product #{position} ({request.product_id!r}): {problem}; the "
-                              f"{sum(per_category.values())} products before it were indexed")
-            pending.append((request, crop(image, np.array([0, 0, image.shape[1], image.shape[0]]),
-                                          self.config.crop_max_side)))
-            if len(pending) >= self.config.ingest_batch:
-                flush()
-        flush()
-        return gateway_pb2.IndexProductsResponse(indexed=sum(per_category.values()),
-                                                 per_category=dict(per_category))
+    # --- DeleteProducts -----------------------------------------------------------------------
+
+    def DeleteProducts(self, request: gateway_pb2.DeleteProductsRequest,
+                       context: grpc.ServicerContext) -> gateway_pb2.DeleteProductsResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        with abort_on(context):
+            deleted, not_found = self.pipeline.delete_products(list(request.product_ids), list(request.categories),
+                                                               deadline)
+        return gateway_pb2.DeleteProductsResponse(images_deleted=deleted, not_found=not_found)
+
+
+def _match(match: CatalogueMatch) -> gateway_pb2.Match:
+    out = gateway_pb2.Match(product_id=match.product_id, score=match.score, metadata=match.metadata,
+                            image_id=match.image_id)
+    if match.box is not None:
+        out.box.CopyFrom(box_to_proto(match.box))
+    return out
+
+
+def _item(item: FoundItem) -> gateway_pb2.Item:
+    out = gateway_pb2.Item(category=item.category, class_name=item.class_name, confidence=item.confidence,
+                           box=box_to_proto(item.box), matches=[_match(m) for m in item.matches],
+                           warning=item.warning, source=SOURCES[item.source],
+                           category_margin=item.category_margin)
+    if item.degraded is not None:
+        out.degraded = True
+        out.missing_word_ranges.extend(common_pb2.WordRange(first=a, end=b)
+                                       for a, b in item.degraded.missing_word_ranges)
+        out.missing_shards.extend(item.degraded.missing_shards)
+    return out

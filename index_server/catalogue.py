@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 
 from common.bow_codec import BagOfWords, BowFormatError, decode
+from index_server.convert import box_of
 from index_server.dense import DenseDatabase
 from index_server.inverted import BowIndex, SignatureError
 from index_server.store import ShardStore
@@ -32,6 +33,14 @@ _ADD, _DELETE = b"A", b"D"
 
 class UnknownDatabase(KeyError):
     pass
+
+
+class Deleted(NamedTuple):
+    """What a Delete did: items deleted (by id or by group, each once), and what was not there."""
+
+    deleted: int
+    not_found: list[str]
+    groups_not_found: list[str]
 
 
 @dataclass
@@ -86,6 +95,18 @@ class AddFailed(Exception):
         self.position, self.added, self.replaced, self.error = position, added, replaced, error
 
 
+def _apply_add(database: Database, request: index_pb2.AddRequest, value: Value) -> bool:
+    """One logged Add, in memory (live or replayed); True when it replaced an item."""
+    return database.add(request.item_id, value, dict(request.metadata), request.group_id,  # type: ignore[arg-type]
+                        box_of(request))
+
+
+def _apply_delete(database: Database, item_ids: list[str], group_ids: list[str]) -> int:
+    """One logged Delete, in memory (live or replayed): items deleted, each counted once (ids go
+    first, so a group counts only what is left of it)."""
+    return sum(database.delete(item_id) for item_id in item_ids) + database.delete_groups(group_ids)
+
+
 class Catalogue:
     def __init__(self, settings: DatabaseSettings = DatabaseSettings(), store: ShardStore | None = None,
                  snapshot_every: int = 100_000):
@@ -128,34 +149,39 @@ class Catalogue:
                     value = signature_value(request.signature)
                     database = self._get_or_create(request.database, request.signature.kind, value)
                     database.check(value)  # type: ignore[arg-type]
+                    box = box_of(request)
+                    if box is not None and not np.all(np.isfinite(box)):
+                        raise SignatureError("box has NaN or infinite coordinates")
                 except SignatureError as exc:
                     failure = (position, exc)
                     break
                 valid.append((request, database, value))
             if valid and self.store is not None:
                 self.store.append([_ADD + r.SerializeToString() for r, _, _ in valid])
-            replaced = sum(database.add(r.item_id, value, dict(r.metadata))  # type: ignore[arg-type]
-                           for r, database, value in valid)
+            replaced = sum(_apply_add(database, r, value) for r, database, value in valid)
             self._since_snapshot += len(valid)
         self._maybe_snapshot()
         if failure is not None:
             raise AddFailed(failure[0], len(valid), replaced, failure[1])
         return len(valid), replaced
 
-    def delete(self, name: str, item_ids: list[str]) -> tuple[int, list[str]]:
-        """Deletes durably; returns how many were deleted and the ids that were not there."""
+    def delete(self, name: str, item_ids: list[str], group_ids: list[str] | tuple[str, ...] = ()) -> Deleted:
+        """Deletes items and every item of groups, durably; says how many items went and which
+        ids and groups were not there."""
         with self._write:
             _, database = self.get(name)
             present = [i for i in dict.fromkeys(item_ids) if i in database]
-            if present and self.store is not None:
-                self.store.append([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=present)
-                                   .SerializeToString()])
-            for item_id in present:
-                database.delete(item_id)
-            self._since_snapshot += len(present)
+            groups = [g for g in dict.fromkeys(group_ids) if database.group_size(g) > 0]
+            if (present or groups) and self.store is not None:
+                # Only what is there is logged: a replay then does exactly what was acknowledged.
+                self.store.append([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=present,
+                                                                     group_ids=groups).SerializeToString()])
+            deleted = _apply_delete(database, present, groups)
+            self._since_snapshot += deleted
         self._maybe_snapshot()
-        present_set = set(present)
-        return len(present), [i for i in item_ids if i not in present_set]
+        present_set, groups_set = set(present), set(groups)
+        return Deleted(deleted, [i for i in item_ids if i not in present_set],
+                       [g for g in group_ids if g not in groups_set])
 
     def _get_or_create(self, name: str, kind: int, value: Value) -> Database:
         """The database `name`, created for this signature's kind and shape by its first item."""
@@ -187,16 +213,14 @@ class Catalogue:
         replayed = 0
         for _, record in store.replay(seq):
             tag, payload = record[:1], record[1:]
+            # The same apply functions as live writes, so a replay does what was acknowledged.
             if tag == _ADD:
                 request = index_pb2.AddRequest.FromString(payload)
                 value = signature_value(request.signature)
-                self._get_or_create(request.database, request.signature.kind, value).add(  # type: ignore[arg-type]
-                    request.item_id, value, dict(request.metadata))
+                _apply_add(self._get_or_create(request.database, request.signature.kind, value), request, value)
             elif tag == _DELETE:
                 delete = index_pb2.DeleteRequest.FromString(payload)
-                _, database = self.get(delete.database)
-                for item_id in delete.item_ids:
-                    database.delete(item_id)
+                _apply_delete(self.get(delete.database)[1], list(delete.item_ids), list(delete.group_ids))
             replayed += 1
         self._since_snapshot = replayed
         log.info("recovered %d databases from the snapshot at #%d and %d logged operations",

@@ -39,6 +39,8 @@ class IndexConfig(ServerConfig):
     # Partial scores per streamed PartialScoresResponse message (12 bytes each).
     partial_chunk: int = 65_536
     max_top_k: int = 1000
+    # Queries per SearchBatch; more is RESOURCE_EXHAUSTED.
+    max_batch: int = 256
 
 
 @dataclass
@@ -59,5 +61,7 @@ class RouterConfig(ServerConfig):
     reply_reserve_s: float = 0.05
     chunk_size: int = 64
     max_top_k: int = 1000
+    # Queries per SearchBatch; more is RESOURCE_EXHAUSTED.
+    max_batch: int = 256
     # Items forwarded per Add batch.
     write_batch: int = 256

@@ -4,6 +4,7 @@ The FAISS index is built from a factory string ("Flat" by default; e.g. "IVF1024
 "IVF4096,PQ32" by configuration) with METRIC_INNER_PRODUCT behind an IndexIDMap2, so items carry
 stable int64 labels and can be removed. A factory that needs training serves exactly from a flat
 buffer until `train_size` vectors have arrived, then is trained on them and takes over.
+Per label, the item's group number and box live in numpy arrays (see groups.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import threading
 import faiss
 import numpy as np
 
-from index_server.inverted import Hit, SignatureError
+from index_server.groups import GroupTable, box_or_none, box_row, group_name, grown, reported_group
+from index_server.inverted import Hit, SignatureError, first_per_group
 from index_server.state import pack_strings, unpack_strings
 
 
@@ -39,6 +41,9 @@ class DenseDatabase:
         self._label_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
         self._metadata: dict[int, dict[str, str]] = {}
+        self._group = np.zeros(1024, np.int32)                  # group number per label
+        self._boxes = np.full((1024, 4), np.nan, np.float32)    # xyxy per label, NaN = no box
+        self._groups = GroupTable()
         self._next_label = 0
         self._lock = threading.Lock()
 
@@ -47,6 +52,11 @@ class DenseDatabase:
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._label_of
+
+    def group_size(self, group_id: str) -> int:
+        """Live items of a group (an item without a group_id is the group named by its id)."""
+        with self._lock:
+            return self._groups.size(group_id)
 
     def check(self, vector: np.ndarray) -> np.ndarray:
         """The unit vector of a valid (D,) signature; raises SignatureError otherwise."""
@@ -60,9 +70,12 @@ class DenseDatabase:
             raise SignatureError("signature is all zeros: cosine similarity is undefined for it")
         return (vector / norm).astype(np.float32)
 
-    def add(self, item_id: str, vector: np.ndarray, metadata: dict[str, str]) -> bool:
-        """Adds or replaces an item; returns True when it replaced one. Visible to the next search."""
+    def add(self, item_id: str, vector: np.ndarray, metadata: dict[str, str], group_id: str = "",
+            box: np.ndarray | None = None) -> bool:
+        """Adds or replaces an item of a group ("" = its own), with an optional (4,) float32 xyxy box;
+        returns True when it replaced one. Visible to the next search."""
         unit = self.check(vector)
+        box_values = box_row(box)
         with self._lock:
             replaced = self._remove_locked(item_id)
             label = self._next_label
@@ -71,6 +84,12 @@ class DenseDatabase:
             self._label_of[item_id] = label
             self._id_of[label] = item_id
             self._metadata[label] = dict(metadata)
+            self._group = grown(self._group, label + 1)
+            self._boxes = grown(self._boxes, label + 1, np.nan)
+            number = self._groups.number(group_name(item_id, group_id))
+            self._group[label] = number
+            self._groups.sizes[number] += 1
+            self._boxes[label] = box_values
             if not self._trained and len(self._label_of) >= self.train_size:
                 self._train_locked()
             return replaced
@@ -79,12 +98,26 @@ class DenseDatabase:
         with self._lock:
             return self._remove_locked(item_id)
 
+    def delete_groups(self, group_ids: list[str]) -> int:
+        """Deletes every item of these groups; returns how many items that was."""
+        with self._lock:
+            numbers = self._groups.numbers(group_ids)
+            numbers = numbers[self._groups.sizes[numbers] > 0]
+            if len(numbers) == 0:
+                return 0
+            labels = np.flatnonzero(np.isin(self._group[:self._next_label], numbers)).tolist()
+            doomed = [self._id_of[label] for label in labels if label in self._id_of]
+            for item_id in doomed:
+                self._remove_locked(item_id)
+            return len(doomed)
+
     def _remove_locked(self, item_id: str) -> bool:
         label = self._label_of.pop(item_id, None)
         if label is None:
             return False
         self._index.remove_ids(np.array([label], np.int64))
         del self._id_of[label], self._metadata[label]
+        self._groups.sizes[self._group[label]] -= 1
         return True
 
     def _train_locked(self) -> None:
@@ -95,31 +128,81 @@ class DenseDatabase:
         target.add_with_ids(vectors, labels)
         self._index, self._trained = target, True
 
-    def search(self, query: np.ndarray, top_k: int) -> list[Hit]:
-        """(D,) float32 query -> up to top_k hits, highest cosine similarity first (ties by id)."""
-        unit = self.check(query)
+    def search(self, query: np.ndarray, top_k: int, one_per_group: bool = False) -> list[Hit]:
+        """(D,) float32 query -> up to top_k hits, highest cosine similarity first (ties by id).
+        one_per_group: top_k counts groups, each by its best item."""
+        return self.search_batch(query[None, :] if query.ndim == 1 else query, top_k, one_per_group)[0]
+
+    def search_batch(self, queries: np.ndarray, top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
+        """(B, D) float32 queries -> per query what search() returns, from one FAISS search of the
+        whole batch (one matrix product) rather than B."""
+        if len(queries) == 0:
+            return []
+        units = np.empty((len(queries), self.dimension), np.float32)
+        for i, query in enumerate(queries):
+            try:
+                units[i] = self.check(np.asarray(query))
+            except SignatureError as exc:
+                raise SignatureError(f"query #{i}: {exc}" if len(queries) > 1 else str(exc)) from None
         with self._lock:
-            k = min(top_k, len(self._label_of))
-            if k == 0:
-                return []
-            scores, labels = self._index.search(unit[None, :], k)
-            hits = [Hit(self._id_of[int(label)], float(score), dict(self._metadata[int(label)]))
-                    for score, label in zip(scores[0], labels[0]) if label >= 0]
+            count = len(self._label_of)
+            k = min(top_k, count)
+            if k <= 0:
+                return [[] for _ in queries]
+            if not one_per_group:
+                scores, labels = self._index.search(units, k)
+                return [self._ranked(s, l) for s, l in zip(scores, labels)]
+            return self._search_groups_locked(units, top_k, count)
+
+    def _search_groups_locked(self, units: np.ndarray, top_k: int, count: int) -> list[list[Hit]]:
+        """one_per_group: the top 4k items hold k groups unless a few groups own most of the near
+        items; then the queries still short ask again for twice as many, until the whole database."""
+        results: list[list[Hit]] = [[] for _ in range(len(units))]
+        pending = np.arange(len(units))
+        depth = min(count, 4 * top_k)
+        while len(pending):
+            scores, labels = self._index.search(units[pending], depth)
+            short = []
+            for query, query_scores, query_labels in zip(pending.tolist(), scores, labels):
+                hits = self._ranked(query_scores, query_labels)
+                grouped = first_per_group(hits, top_k)
+                # Complete when every item not returned scores below the k-th group's best (an
+                # equal one might win on id), or when nothing more can come back.
+                complete = depth >= count or len(hits) < depth or (
+                    len(grouped) == top_k and grouped[-1].score > hits[-1].score)
+                if complete:
+                    results[query] = grouped
+                else:
+                    short.append(query)
+            pending = np.array(short, np.int64)
+            depth = min(count, 2 * depth)
+        return results
+
+    def _ranked(self, scores: np.ndarray, labels: np.ndarray) -> list[Hit]:
+        hits = [self._hit(int(label), float(score)) for score, label in zip(scores, labels) if label >= 0]
         return sorted(hits, key=lambda h: (-h.score, h.item_id))
+
+    def _hit(self, label: int, score: float) -> Hit:
+        item_id = self._id_of[label]
+        return Hit(item_id, score, dict(self._metadata[label]),
+                   reported_group(item_id, self._groups.names[self._group[label]]),
+                   box_or_none(self._boxes[label]))
 
     # -- snapshot ---------------------------------------------------------------------------------
 
     def state(self) -> dict[str, bytes]:
         """Everything needed to rebuild this database, as named byte strings (see from_state)."""
         with self._lock:
-            labels = sorted(self._id_of)
+            labels = np.array(sorted(self._id_of), np.int64)
             return {"index": faiss.serialize_index(self._index).tobytes(),
                     "config": json.dumps({"dimension": self.dimension, "factory": self.factory,
                                           "train_size": self.train_size, "trained": self._trained,
                                           "next_label": self._next_label}).encode(),
-                    "labels": np.array(labels, np.int64).tobytes(),
-                    "ids": pack_strings([self._id_of[label] for label in labels]),
-                    "metadata": json.dumps([self._metadata[label] for label in labels]).encode()}
+                    "labels": labels.tobytes(),
+                    "ids": pack_strings([self._id_of[label] for label in labels.tolist()]),
+                    "metadata": json.dumps([self._metadata[label] for label in labels.tolist()]).encode(),
+                    "groups": self._group[labels].tobytes(), "group_names": self._groups.state(),
+                    "boxes": self._boxes[labels].tobytes()}
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "DenseDatabase":
@@ -128,9 +211,22 @@ class DenseDatabase:
         database._index = faiss.deserialize_index(np.frombuffer(state["index"], np.uint8).copy())
         database._trained = config["trained"]
         database._next_label = config["next_label"]
-        labels = np.frombuffer(state["labels"], np.int64).tolist()
+        labels = np.frombuffer(state["labels"], np.int64)
         ids = unpack_strings(state["ids"])
-        database._id_of = dict(zip(labels, ids))
-        database._label_of = dict(zip(ids, labels))
-        database._metadata = dict(zip(labels, json.loads(state["metadata"])))
+        database._id_of = dict(zip(labels.tolist(), ids))
+        database._label_of = dict(zip(ids, labels.tolist()))
+        database._metadata = dict(zip(labels.tolist(), json.loads(state["metadata"])))
+        if "groups" in state:
+            names = GroupTable.names_from(state["group_names"])
+            saved_groups = np.frombuffer(state["groups"], np.int32)
+            boxes = np.frombuffer(state["boxes"], np.float32).reshape(len(labels), 4)
+        else:  # a snapshot from before groups: every item is its own group, none has a box
+            names, saved_groups = ids, np.arange(len(ids), dtype=np.int32)
+            boxes = np.full((len(labels), 4), np.nan, np.float32)
+        database._groups, groups = GroupTable.of_rows(names, saved_groups, np.ones(len(labels), np.bool_))
+        size = max(1024, database._next_label)
+        database._group = np.zeros(size, np.int32)
+        database._group[labels] = groups
+        database._boxes = np.full((size, 4), np.nan, np.float32)
+        database._boxes[labels] = boxes
         return database

@@ -19,7 +19,6 @@ over that range, named by a 64-bit item key so that shards can be merged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from dataclasses import dataclass
@@ -28,7 +27,11 @@ import numba
 import numpy as np
 
 from common.bow_codec import BagOfWords
+from index_server.groups import (GroupTable, box_or_none, box_row, group_name, grown, item_key,
+                                 reported_group)
 from index_server.state import array_from, pack_strings, unpack_strings
+
+__all__ = ["BowIndex", "Hit", "SignatureError", "first_per_group", "item_key"]
 
 BLOCK = 64
 # The tail is merged into the base once it holds this share of the base's postings (plus a floor
@@ -41,16 +44,42 @@ class SignatureError(ValueError):
     """A signature does not fit the database; the message says why."""
 
 
-def item_key(item_id: str) -> int:
-    """The 64-bit key that names an item in partial scores (word-range shards merge by it)."""
-    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
-
-
-@dataclass
+@dataclass(eq=False)
 class Hit:
+    """One found item. group_id is "" when the item is its own group; box is (4,) float32 xyxy or
+    None when it was added without one."""
+
     item_id: str
     score: float
     metadata: dict[str, str]
+    group_id: str = ""
+    box: np.ndarray | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Hit):
+            return NotImplemented
+        same_box = (self.box is None and other.box is None) or (
+            self.box is not None and other.box is not None and np.array_equal(self.box, other.box))
+        return same_box and (self.item_id, self.score, self.metadata, self.group_id) == \
+            (other.item_id, other.score, other.metadata, other.group_id)
+
+    @property
+    def group(self) -> str:
+        """The group this item counts in for one_per_group (its own id when it has none)."""
+        return group_name(self.item_id, self.group_id)
+
+
+def first_per_group(ranked: list[Hit], top_k: int) -> list[Hit]:
+    """The first (best) hit of each group of a best-first list, in order, at most top_k of them."""
+    seen: set[str] = set()
+    out = []
+    for hit in ranked:
+        if hit.group not in seen:
+            seen.add(hit.group)
+            out.append(hit)
+            if len(out) == top_k:
+                break
+    return out
 
 
 @dataclass(frozen=True)
@@ -121,9 +150,14 @@ class BowIndex:
         self._inv_total = np.zeros(1024, np.float32)
         self._live = np.zeros(1024, np.bool_)
         self._keys = np.zeros(1024, np.uint64)
+        self._group = np.zeros(1024, np.int32)                  # group number per row
+        self._boxes = np.full((1024, 4), np.nan, np.float32)    # xyxy per row, NaN = no box
+        self._groups = GroupTable()
         self._ids: list[str] = []
         self._metadata: list[dict[str, str] | None] = []
         self._row_of: dict[str, int] = {}
+        # Bumped by compact(), which renumbers rows: scores computed before it name other rows.
+        self._generation = 0
         self._lock = threading.RLock()
         self._merge_lock = threading.Lock()        # one merge or compaction at a time
 
@@ -149,21 +183,31 @@ class BowIndex:
     def dimension(self) -> int:
         return self.vocabulary
 
+    def group_size(self, group_id: str) -> int:
+        """Live items of a group (an item without a group_id is the group named by its id)."""
+        with self._lock:
+            return self._groups.size(group_id)
+
     # -- updates ----------------------------------------------------------------------------------
 
-    def add(self, item_id: str, bag: BagOfWords, metadata: dict[str, str]) -> bool:
-        """Adds or replaces an item; returns True when it replaced one. Visible to the next search."""
+    def add(self, item_id: str, bag: BagOfWords, metadata: dict[str, str], group_id: str = "",
+            box: np.ndarray | None = None) -> bool:
+        """Adds or replaces an item of a group ("" = its own), with an optional (4,) float32 xyxy box;
+        returns True when it replaced one. Visible to the next search."""
         self.check(bag)
         lo, hi = self.word_range
         keep = (bag.words >= lo) & (bag.words < hi)
         words, counts = bag.words[keep].astype(np.int32), bag.counts[keep].astype(np.uint16)
+        box_values = box_row(box)
         with self._lock:
             replaced = self._delete_locked(item_id)
             row = len(self._ids)
             if row == len(self._live):
-                self._inv_total = np.concatenate([self._inv_total, np.zeros(row, np.float32)])
-                self._live = np.concatenate([self._live, np.zeros(row, np.bool_)])
-                self._keys = np.concatenate([self._keys, np.zeros(row, np.uint64)])
+                self._inv_total = grown(self._inv_total, row + 1)
+                self._live = grown(self._live, row + 1)
+                self._keys = grown(self._keys, row + 1)
+                self._group = grown(self._group, row + 1)
+                self._boxes = grown(self._boxes, row + 1, np.nan)
             tail = self._tail
             tail.reserve(len(words))
             tail.used = _append(words, counts, row, tail.rows, tail.counts, tail.next, tail.head,
@@ -171,6 +215,10 @@ class BowIndex:
             tail.postings += len(words)
             self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
             self._keys[row] = item_key(item_id)
+            number = self._groups.number(group_name(item_id, group_id))
+            self._group[row] = number
+            self._groups.sizes[number] += 1
+            self._boxes[row] = box_values
             self._ids.append(item_id)
             self._metadata.append(dict(metadata))
             self._row_of[item_id] = row
@@ -184,12 +232,26 @@ class BowIndex:
         with self._lock:
             return self._delete_locked(item_id)
 
+    def delete_groups(self, group_ids: list[str]) -> int:
+        """Deletes every item of these groups; returns how many items that was."""
+        with self._lock:
+            numbers = self._groups.numbers(group_ids)
+            numbers = numbers[self._groups.sizes[numbers] > 0]
+            if len(numbers) == 0:
+                return 0
+            count = len(self._ids)
+            rows = np.flatnonzero(np.isin(self._group[:count], numbers) & self._live[:count])
+            for row in rows.tolist():
+                self._delete_locked(self._ids[row])
+            return len(rows)
+
     def _delete_locked(self, item_id: str) -> bool:
         row = self._row_of.pop(item_id, None)
         if row is None:
             return False
         self._live[row] = False
         self._metadata[row] = None
+        self._groups.sizes[self._group[row]] -= 1
         return True
 
     def dead_rows(self) -> int:
@@ -210,31 +272,39 @@ class BowIndex:
                 self._base, self._frozen = merged, None
 
     def compact(self) -> None:
-        """Merges everything and renumbers rows densely without deleted rows (holds the lock)."""
+        """Merges everything and renumbers rows densely without deleted rows, and groups without
+        emptied groups (holds the lock)."""
         with self._merge_lock, self._lock:
-            live_rows = np.flatnonzero(self._live[:len(self._ids)])
-            renumber = np.full(len(self._ids), -1, np.int32)
+            count = len(self._ids)
+            live_rows = np.flatnonzero(self._live[:count])
+            renumber = np.full(count, -1, np.int32)
             renumber[live_rows] = np.arange(len(live_rows), dtype=np.int32)
             self._base = _merged(self._base, self._tail, renumber)
             self._tail = Postings.empty(self.vocabulary)
             spare = max(1024, len(live_rows))
+            self._groups, groups = GroupTable.of_rows(self._groups.names, self._group[:count], self._live[:count])
             self._inv_total = np.concatenate([self._inv_total[live_rows], np.zeros(spare, np.float32)])
             self._live = np.concatenate([np.ones(len(live_rows), np.bool_), np.zeros(spare, np.bool_)])
             self._keys = np.concatenate([self._keys[live_rows], np.zeros(spare, np.uint64)])
+            self._group = np.concatenate([groups[live_rows], np.zeros(spare, np.int32)])
+            self._boxes = np.concatenate([self._boxes[live_rows], np.full((spare, 4), np.nan, np.float32)])
             self._ids = [self._ids[r] for r in live_rows]
             self._metadata = [self._metadata[r] for r in live_rows]
             self._row_of = {item_id: row for row, item_id in enumerate(self._ids)}
+            self._generation += 1
 
     # -- search -----------------------------------------------------------------------------------
 
-    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
-        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range."""
+    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int, int]:
+        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range;
+        the row count and the row numbering's generation it holds for."""
         self.check(bag)
         words = bag.words.astype(np.int32)
         query = bag.histogram().astype(np.float32)
         lo, hi = self.word_range
         with self._lock:
             base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
+            generation = self._generation
             if self.max_word_share < 1.0:
                 common = self.document_frequency()[words] > self.max_word_share * len(self._row_of)
                 words, query = words[~common], query[~common]
@@ -244,7 +314,7 @@ class BowIndex:
             for pool in (frozen, tail) if frozen is not None else (tail,):
                 _accumulate_pool(words, query, lo, hi, pool.rows, pool.counts, pool.next, pool.head,
                                  pool.tail, pool.fill, inv_total, acc)
-        return acc, count
+        return acc, count, generation
 
     def document_frequency(self) -> np.ndarray:
         """(V,) int64 postings per word (deleted items count until the next merge)."""
@@ -255,37 +325,91 @@ class BowIndex:
     def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
         """Live rows sharing at least one query word in this index's range, and their sums of
         4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
-        acc, count = self._overlap(bag)
+        acc, count, _ = self._overlap(bag)
         rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
         return rows, acc[rows]
 
     def partial_scores_by_key(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
         """partial_scores named by item key instead of row: ((n,) uint64, (n,) float32)."""
-        rows, overlap = self.partial_scores(bag)
-        return self._keys[rows], overlap
+        keys, sums, _ = self._partial_by_key(bag, with_groups=False)
+        return keys, sums
 
-    def search(self, bag: BagOfWords, top_k: int) -> list[Hit]:
-        """Up to top_k items sharing a word with the query, smallest chi2 first; score 1 - chi2 / 2."""
-        acc, count = self._overlap(bag)
-        if top_k <= 0:
-            return []
-        with self._lock:
-            rows = _top_candidates(acc, self._live[:count], top_k)
-            best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
-            return [Hit(self._ids[r], float(acc[r]) / 2.0, dict(self._metadata[r] or {})) for r in best]
+    def partial_scores_with_groups(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """partial_scores_by_key plus each item's group key ((n,) uint64, item_key of its group)."""
+        keys, sums, groups = self._partial_by_key(bag, with_groups=True)
+        assert groups is not None
+        return keys, sums, groups
 
-    def lookup(self, keys: np.ndarray) -> dict[int, tuple[str, dict[str, str]]]:
-        """Live items by key: key -> (item id, metadata), for the keys this index holds."""
+    def _partial_by_key(self, bag: BagOfWords, with_groups: bool
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        while True:
+            acc, count, generation = self._overlap(bag)
+            with self._lock:
+                if generation != self._generation:
+                    continue  # compacted meanwhile: the rows scored are not today's rows
+                rows = np.flatnonzero((acc > 0) & self._live[:count])
+                groups = self._groups.keys[self._group[rows]] if with_groups else None
+                return self._keys[rows], acc[rows], groups
+
+    def search(self, bag: BagOfWords, top_k: int, one_per_group: bool = False) -> list[Hit]:
+        """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
+        1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact)."""
+        while True:
+            acc, count, generation = self._overlap(bag)
+            if top_k <= 0:
+                return []
+            with self._lock:
+                if generation != self._generation:
+                    continue  # compacted meanwhile: the rows scored are not today's rows
+                live = self._live[:count]
+                rows = self._best_of_groups(acc, live, top_k) if one_per_group else \
+                    _top_candidates(acc, live, top_k)
+                best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
+                return [self._hit(r, float(acc[r]) / 2.0) for r in best]
+
+    def search_batch(self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False
+                     ) -> list[list[Hit]]:
+        """search() of each bag (each query walks its own posting lists; nothing to share)."""
+        for bag in bags:
+            self.check(bag)
+        return [self.search(bag, top_k, one_per_group) for bag in bags]
+
+    def _best_of_groups(self, acc: np.ndarray, live: np.ndarray, top_k: int) -> np.ndarray:
+        """(n,) int64 rows: the best row of each group scoring at least the top_k-th best group's
+        best (ties kept, so ids can break them). One compiled pass over the rows, one over the
+        groups: O(rows + groups). Caller holds the lock."""
+        group = self._group[:len(acc)]
+        best, row, tied = _group_best(acc, live, group, len(self._groups))
+        chosen = _top_candidates(best, row >= 0, top_k)
+        ties = chosen[tied[chosen]]
+        if len(ties):
+            # Several items share their group's best score: the smallest id wins, as between groups.
+            # Rare (duplicate images), so Python is fine; one vectorised pass finds them.
+            resolve = np.zeros(len(best), np.bool_)
+            resolve[ties] = True
+            for r in np.flatnonzero(resolve[group] & live & (acc == best[group])).tolist():
+                g = group[r]
+                if self._ids[r] < self._ids[row[g]]:
+                    row[g] = r
+        return row[chosen]
+
+    def _hit(self, row: int, score: float) -> Hit:
+        item_id = self._ids[row]
+        return Hit(item_id, score, dict(self._metadata[row] or {}),
+                   reported_group(item_id, self._groups.names[self._group[row]]), box_or_none(self._boxes[row]))
+
+    def lookup(self, keys: np.ndarray) -> dict[int, Hit]:
+        """Live items by key, for the keys this index holds: key -> Hit (score 0: nothing is scored)."""
         with self._lock:
             count = len(self._ids)
             rows = np.flatnonzero(np.isin(self._keys[:count], keys) & self._live[:count])
-            return {int(self._keys[r]): (self._ids[r], dict(self._metadata[r] or {})) for r in rows}
+            return {int(self._keys[r]): self._hit(r, 0.0) for r in rows.tolist()}
 
     def nbytes(self) -> int:
-        """Bytes of the postings and per-row arrays (ids and metadata not counted)."""
+        """Bytes of the postings and per-row arrays (ids, metadata and group names not counted)."""
         pools = self._tail.nbytes() + (self._frozen.nbytes() if self._frozen is not None else 0)
         return (self._base.rows.nbytes + self._base.counts.nbytes + self._base.offsets.nbytes + pools
-                + len(self._ids) * 13)
+                + len(self._ids) * 33)
 
     # -- snapshot ---------------------------------------------------------------------------------
 
@@ -302,6 +426,7 @@ class BowIndex:
             ids, metadata = list(self._ids), list(self._metadata)
             inv_total, live, keys = (self._inv_total[:count].copy(), self._live[:count].copy(),
                                      self._keys[:count].copy())
+            groups, boxes, group_names = self._group[:count].copy(), self._boxes[:count].copy(), self._groups.state()
         if tail.postings:  # adds raced the merge: fold them in here, off the lock
             base = _merged(base, tail, np.arange(count, dtype=np.int32))
         return {"config": json.dumps({"vocabulary": self.vocabulary, "codebook": self.codebook,
@@ -309,7 +434,8 @@ class BowIndex:
                 "offsets": base.offsets.tobytes(), "rows": base.rows.tobytes(),
                 "counts": base.counts.tobytes(), "inv_total": inv_total.tobytes(),
                 "live": live.tobytes(), "keys": keys.tobytes(), "ids": pack_strings(ids),
-                "metadata": json.dumps(metadata).encode()}
+                "metadata": json.dumps(metadata).encode(), "groups": groups.tobytes(),
+                "group_names": group_names, "boxes": boxes.tobytes()}
 
     @classmethod
     def from_state(cls, state: dict[str, bytes]) -> "BowIndex":
@@ -326,6 +452,16 @@ class BowIndex:
         index._keys = array_from(state["keys"], np.uint64, spare)
         index._metadata = json.loads(state["metadata"])
         index._row_of = {index._ids[r]: r for r in np.flatnonzero(index._live[:count]).tolist()}
+        if "groups" in state:
+            names = GroupTable.names_from(state["group_names"])
+            row_groups = np.frombuffer(state["groups"], np.int32)
+            boxes = np.frombuffer(state["boxes"], np.float32).reshape(count, 4)
+        else:  # a snapshot from before groups: every item is its own group, none has a box
+            names, row_groups = index._ids, np.arange(count, dtype=np.int32)
+            boxes = np.full((count, 4), np.nan, np.float32)
+        index._groups, groups = GroupTable.of_rows(names, row_groups, index._live[:count])
+        index._group = np.concatenate([groups, np.zeros(spare, np.int32)])
+        index._boxes = np.concatenate([boxes, np.full((spare, 4), np.nan, np.float32)])
         return index
 
 
@@ -434,6 +570,27 @@ def _top_candidates(acc, live, k):  # pragma: no cover
         if acc[r] > 0 and acc[r] >= threshold and live[r]:
             out.append(r)
     return np.array(out, np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_best(acc, live, group, groups):  # pragma: no cover
+    """Per group number: its best acc over live rows with acc > 0, the first row reaching it (-1 for
+    a group with none), and whether another row ties it (the caller breaks ties by id)."""
+    best = np.zeros(groups, np.float32)
+    row = np.full(groups, -1, np.int64)
+    tied = np.zeros(groups, np.bool_)
+    for r in range(acc.shape[0]):
+        a = acc[r]
+        if a <= 0 or not live[r]:
+            continue
+        g = group[r]
+        if row[g] < 0 or a > best[g]:
+            best[g] = a
+            row[g] = r
+            tied[g] = False
+        elif a == best[g]:
+            tied[g] = True
+    return best, row, tied
 
 
 @numba.njit(cache=True, nogil=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from index_server.inverted import Hit, item_key
+from index_server.inverted import Hit, first_per_group, item_key
 
 
-def shard_of(item_id: str, shards: int) -> int:
-    """The item-range shard that holds an item: a stable hash of its id."""
-    return item_key(item_id) % shards
+def shard_of(item_id: str, shards: int, group_id: str = "") -> int:
+    """The item-range shard that holds an item: a stable hash of its group (all images of a product
+    on one shard), or of its id when it has none (where items without groups always were)."""
+    return item_key(group_id or item_id) % shards
 
 
 def word_range_of(shard: int, shards: int, vocabulary: int) -> tuple[int, int]:
@@ -18,26 +19,55 @@ def word_range_of(shard: int, shards: int, vocabulary: int) -> tuple[int, int]:
     return vocabulary * shard // shards, vocabulary * (shard + 1) // shards
 
 
-def merge_top_k(lists: list[list[Hit]], top_k: int) -> list[Hit]:
+def merge_top_k(lists: list[list[Hit]], top_k: int, one_per_group: bool = False) -> list[Hit]:
     """The best top_k of several shards' top-k lists (each shard's top k holds its share of the
-    global top k), best first, ties by id as in one shard."""
-    return sorted((hit for hits in lists for hit in hits), key=lambda h: (-h.score, h.item_id))[:top_k]
+    global top k), best first, ties by id as in one shard. one_per_group: only each group's best
+    hit counts; a group found on several shards (it should live on one) is still kept once, and
+    each shard's top k groups hold its share of the global top k groups, so this stays exact."""
+    ranked = sorted((hit for hits in lists for hit in hits), key=lambda h: (-h.score, h.item_id))
+    return first_per_group(ranked, top_k) if one_per_group else ranked[:top_k]
 
 
-def sum_partials(keys: list[np.ndarray], sums: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per distinct key, the sum of its partial scores over all shards: ((n,) uint64, (n,) float32).
+def sum_partials(keys: list[np.ndarray], sums: list[np.ndarray], groups: list[np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, ...]:
+    """Per distinct key, the sum of its partial scores over all shards: ((n,) uint64, (n,) float32),
+    and with `groups` (each key's group key, aligned with `keys`) the (n,) uint64 group of each.
     An open-addressing hash table in one pass: linear time where sorting would be n log n."""
     all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     all_sums = np.concatenate(sums) if sums else np.zeros(0, np.float32)
+    all_groups = (np.concatenate(groups) if groups else np.zeros(0, np.uint64)) if groups is not None else None
     if len(all_keys) == 0:
-        return all_keys, all_sums
+        return (all_keys, all_sums) if all_groups is None else (all_keys, all_sums, all_groups)
     capacity = 1 << int(2 * len(all_keys) - 1).bit_length()
     table_keys = np.zeros(capacity, np.uint64)
     table_sums = np.zeros(capacity, np.float32)
     used = np.zeros(capacity, np.bool_)
-    _hash_sum(all_keys, all_sums, table_keys, table_sums, used)
+    slot_of = np.empty(len(all_keys), np.int64)
+    _hash_sum(all_keys, all_sums, table_keys, table_sums, used, slot_of)
     slots = np.flatnonzero(used)
-    return table_keys[slots], table_sums[slots]
+    if all_groups is None:
+        return table_keys[slots], table_sums[slots]
+    table_groups = np.zeros(capacity, np.uint64)
+    table_groups[slot_of] = all_groups  # an item has one group, whichever shard names it
+    return table_keys[slots], table_sums[slots], table_groups[slots]
+
+
+def best_of_groups(totals: np.ndarray, groups: np.ndarray, top_k: int) -> np.ndarray:
+    """(n,) float32 totals, (n,) uint64 group keys -> indices of the items that may be the best of
+    one of the top_k best groups: every item at its group's best total, in the groups whose best is
+    at least the top_k-th best group's (ties kept, so ids can break them). Linear, by hash table."""
+    if len(totals) == 0:
+        return np.zeros(0, np.int64)
+    capacity = 1 << int(2 * len(groups) - 1).bit_length()
+    table_groups = np.zeros(capacity, np.uint64)
+    table_best = np.full(capacity, -np.inf, np.float32)
+    used = np.zeros(capacity, np.bool_)
+    slot_of = np.empty(len(groups), np.int64)
+    _hash_max(groups, totals, table_groups, table_best, used, slot_of)
+    group_best = table_best[slot_of]
+    bests = table_best[used]
+    threshold = bests[top_with_ties(bests, top_k)].min() if len(bests) else -np.inf
+    return np.flatnonzero((totals == group_best) & (group_best >= threshold))
 
 
 def top_with_ties(scores: np.ndarray, top_k: int) -> np.ndarray:
@@ -49,7 +79,7 @@ def top_with_ties(scores: np.ndarray, top_k: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _hash_sum(keys, sums, table_keys, table_sums, used):  # pragma: no cover
+def _hash_sum(keys, sums, table_keys, table_sums, used, slot_of):  # pragma: no cover
     mask = table_keys.shape[0] - 1
     for i in range(keys.shape[0]):
         key = keys[i]
@@ -61,3 +91,20 @@ def _hash_sum(keys, sums, table_keys, table_sums, used):  # pragma: no cover
             used[slot] = True
             table_keys[slot] = key
         table_sums[slot] += sums[i]
+        slot_of[i] = slot
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_max(keys, values, table_keys, table_max, used, slot_of):  # pragma: no cover
+    mask = table_keys.shape[0] - 1
+    for i in range(keys.shape[0]):
+        key = keys[i]
+        slot = np.int64(key & np.uint64(mask))
+        while used[slot] and table_keys[slot] != key:
+            slot = (slot + 1) & mask
+        if not used[slot]:
+            used[slot] = True
+            table_keys[slot] = key
+        if values[i] > table_max[slot]:
+            table_max[slot] = values[i]
+        slot_of[i] = slot

@@ -1,8 +1,10 @@
 """The router: IndexService in front of several shards, the one place where shard answers merge.
 
 Layouts (RouterConfig.layout):
-- "item": an item lives on shard hash(id) % N; a Search asks every shard for its top k and keeps
-  the best k. A dead or late shard drops its items (missing_shards).
+- "item": an item lives on shard hash(group_id or id) % N, so every image of a product is on one
+  shard; a Search asks every shard for its top k and keeps the best k. A dead or late shard drops
+  its items (missing_shards). An item moved to another group through an Add should be deleted
+  first: its old copy stays on its old group's shard otherwise.
 - "word": every bag-of-words item is sent to every shard, each keeping a contiguous range of words
   (seed 000, 3.2); a Search sums the shards' streamed partial scores per item and takes the exact
   top k. A dead or late shard drops its words (missing_word_ranges): every item is still ranked,
@@ -13,9 +15,11 @@ Partial failure is never an error for a Search: the answer is flagged `degraded`
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, NoReturn, TypeVar
@@ -25,10 +29,11 @@ import numpy as np
 
 from common.bow_codec import BagOfWords
 from common.serving import channel_options, timeout_from
-from index_server.catalogue import signature_value
+from index_server.catalogue import Value, signature_value
 from index_server.config import RouterConfig
+from index_server.convert import hit_of, scored_item
 from index_server.inverted import Hit, SignatureError
-from index_server.merge import merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
+from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
@@ -149,7 +154,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         own: dict[int, list[index_pb2.AddRequest]] = {}
         for request in batch:
             if not self._word_layout(request.signature.kind):
-                own.setdefault(shard_of(request.item_id, len(self.shards)), []).append(request)
+                own.setdefault(shard_of(request.item_id, len(self.shards), request.group_id), []).append(request)
         groups = [(shard, everywhere, shard.number == 0) for shard in self.shards if everywhere] + \
                  [(self.shards[number], adds, True) for number, adds in own.items()]
         timeout = timeout_from(context, self.config.default_timeout_s)
@@ -182,64 +187,143 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if not request.database:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
         timeout = timeout_from(context, self.config.default_timeout_s)
+        # Group deletes go everywhere too: a group lives on one item-range shard, but on every
+        # word-range shard, and the router does not know which items a group has.
         calls = [(shard, lambda stub=stub: stub.Delete(request, timeout=timeout))
                  for shard in self.shards for stub in shard.replicas]
-        deleted: set[str] = set()
-        found_database = False
+        found_ids: set[str] = set()
+        found_groups: set[str] = set()
+        per_shard: dict[int, int] = {}  # items deleted, from one replica of each shard
         for outcome in self._fan_out(calls):
             if outcome.error is not None and outcome.error.code() == grpc.StatusCode.NOT_FOUND:
                 continue
             if outcome.error is not None:
                 self._abort_write(context, outcome, "deletes are idempotent: re-send this one")
-            found_database = True
             response: index_pb2.DeleteResponse = outcome.value  # type: ignore[assignment]
-            missing = set(response.not_found)
-            deleted.update(i for i in request.item_ids if i not in missing)
-        if not found_database:
+            per_shard.setdefault(outcome.shard.number, response.deleted)
+            missing, missing_groups = set(response.not_found), set(response.groups_not_found)
+            found_ids.update(i for i in request.item_ids if i not in missing)
+            found_groups.update(g for g in request.group_ids if g not in missing_groups)
+        if not per_shard:
             context.abort(grpc.StatusCode.NOT_FOUND, f"database {request.database!r} does not exist on any shard")
-        return index_pb2.DeleteResponse(deleted=len(deleted),
-                                        not_found=[i for i in dict.fromkeys(request.item_ids) if i not in deleted])
+        if not request.group_ids:
+            deleted = len(found_ids)  # by id alone the router knows exactly which ones went
+        elif self.config.layout == "word" and self._kind(request.database, timeout) == common_pb2.SIGNATURE_KIND_BOW:
+            deleted = max(per_shard.values())  # every shard held (and deleted) the same items
+        else:
+            deleted = sum(per_shard.values())  # each item on one shard (its group's)
+        return index_pb2.DeleteResponse(
+            deleted=deleted, not_found=[i for i in dict.fromkeys(request.item_ids) if i not in found_ids],
+            groups_not_found=[g for g in dict.fromkeys(request.group_ids) if g not in found_groups])
+
+    def _kind(self, database: str, timeout: float) -> int:
+        """The signature kind of a database, from the first shard that can say."""
+        for shard in self.shards:
+            try:
+                for held in shard.read.Stats(index_pb2.StatsRequest(), timeout=timeout).databases:
+                    if held.name == database:
+                        return held.kind
+            except grpc.RpcError:
+                continue
+        return common_pb2.SIGNATURE_KIND_UNSPECIFIED
 
     # -- search -----------------------------------------------------------------------------------
 
-    def Search(self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
-               ) -> Iterator[index_pb2.SearchResponse]:
-        top_k = request.top_k or 10
+    def _top_k(self, requested: int, context: grpc.ServicerContext) -> int:
+        top_k = requested or 10
         if top_k > self.config.max_top_k:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"top_k {top_k} is above the router's limit of {self.config.max_top_k}")
+        return top_k
+
+    def _value(self, signature: common_pb2.Signature, context: grpc.ServicerContext, prefix: str = "") -> Value:
+        try:
+            return signature_value(signature)
+        except SignatureError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc))
+        raise AssertionError("context.abort returns only by raising")
+
+    def _flag(self, response: index_pb2.SearchResponse | index_pb2.SearchBatchResponse, missing: list[Outcome],
+              database: str, kind: int, vocabulary: int) -> None:
+        """Sets the degraded flags (the same fields in both responses) for the shards missing."""
+        if not missing:
+            return
+        response.degraded = True
+        response.degraded_reason = "; ".join(
+            f"shard {o.shard.number} ({', '.join(o.shard.addresses)}): {o.error.code().name} "  # type: ignore[union-attr]
+            f"{o.error.details()}" for o in missing)  # type: ignore[union-attr]
+        if self._word_layout(kind):
+            for o in missing:
+                lo, hi = word_range_of(o.shard.number, len(self.shards), vocabulary)
+                response.missing_word_ranges.add(first=lo, end=hi)
+        else:
+            response.missing_shards.extend(o.shard.number for o in missing)
+        log.warning("degraded search in %s: %s", database, response.degraded_reason)
+
+    def Search(self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
+               ) -> Iterator[index_pb2.SearchResponse]:
+        top_k = self._top_k(request.top_k, context)
         if not request.database:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
-        try:
-            value = signature_value(request.signature)
-        except SignatureError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        value = self._value(request.signature, context)
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         if self._word_layout(request.signature.kind):
             assert isinstance(value, BagOfWords)
-            hits, missing = self._search_words(request, value, top_k, timeout, context)
+            hits, missing = self._search_words(request.database, request.signature, value, top_k,
+                                               request.one_per_group, timeout, context)
         else:
-            hits, missing = self._search_items(request, top_k, timeout, context)
+            results, missing = self._search_items(request.database, [request.signature], top_k,
+                                                  request.one_per_group, timeout, context)
+            hits = results[0]
         first = index_pb2.SearchResponse()
-        if missing:
-            first.degraded = True
-            first.degraded_reason = "; ".join(
-                f"shard {o.shard.number} ({', '.join(o.shard.addresses)}): {o.error.code().name} "  # type: ignore[union-attr]
-                f"{o.error.details()}" for o in missing)  # type: ignore[union-attr]
-            if self._word_layout(request.signature.kind):
-                vocabulary = value.vocabulary  # type: ignore[union-attr]
-                for o in missing:
-                    lo, hi = word_range_of(o.shard.number, len(self.shards), vocabulary)
-                    first.missing_word_ranges.add(first=lo, end=hi)
-            else:
-                first.missing_shards.extend(o.shard.number for o in missing)
-            log.warning("degraded search in %s: %s", request.database, first.degraded_reason)
+        self._flag(first, missing, request.database, request.signature.kind, getattr(value, "vocabulary", 0))
         chunks = [hits[i:i + self.config.chunk_size] for i in range(0, len(hits), self.config.chunk_size)] or [[]]
         for number, chunk in enumerate(chunks):
             response = first if number == 0 else index_pb2.SearchResponse()
-            response.items.extend(index_pb2.ScoredItem(item_id=h.item_id, score=h.score, metadata=h.metadata)
-                                  for h in chunk)
+            response.items.extend(scored_item(h) for h in chunk)
             yield response
+
+    def SearchBatch(self, request: index_pb2.SearchBatchRequest, context: grpc.ServicerContext
+                    ) -> index_pb2.SearchBatchResponse:
+        top_k = self._top_k(request.top_k, context)
+        if not request.database:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
+        if not request.signatures:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "signatures is empty: send at least one query")
+        if len(request.signatures) > self.config.max_batch:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(request.signatures)} queries are above the router's batch limit of "
+                          f"{self.config.max_batch}: split the batch")
+        several = len(request.signatures) > 1
+        values = [self._value(s, context, f"signature #{i}: " if several else "")
+                  for i, s in enumerate(request.signatures)]
+        kinds = {s.kind for s in request.signatures}
+        if len(kinds) > 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the signatures of a batch are of several kinds: every query must be of the database's kind")
+        kind = request.signatures[0].kind
+        response = index_pb2.SearchBatchResponse()
+        if self._word_layout(kind):
+            # Per query (partial scores are per query); each gets what is left of the caller's time.
+            deadline = time.monotonic() + timeout_from(context, self.config.default_timeout_s,
+                                                       self.config.reply_reserve_s)
+            missed: dict[int, Outcome] = {}
+            for signature, bag in zip(request.signatures, values):
+                assert isinstance(bag, BagOfWords)
+                hits, missing = self._search_words(request.database, signature, bag, top_k, request.one_per_group,
+                                                   max(deadline - time.monotonic(), 0.001), context)
+                response.results.add().items.extend(scored_item(h) for h in hits)
+                missed.update((o.shard.number, o) for o in missing)
+            self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind,
+                       values[0].vocabulary)  # type: ignore[union-attr]
+            return response
+        timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
+        results, missing = self._search_items(request.database, list(request.signatures), top_k,
+                                              request.one_per_group, timeout, context)
+        for hits in results:
+            response.results.add().items.extend(scored_item(h) for h in hits)
+        self._flag(response, missing, request.database, kind, 0)
+        return response
 
     def _answered(self, outcomes: list[Outcome], request_database: str, context: grpc.ServicerContext
                   ) -> tuple[list[Outcome], list[Outcome]]:
@@ -263,24 +347,32 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 f"shard {o.shard.number}: {o.error.code().name} {o.error.details()}" for o in missing))  # type: ignore[union-attr]
         return answered, missing
 
-    def _search_items(self, request: index_pb2.SearchRequest, top_k: int, timeout: float,
-                      context: grpc.ServicerContext) -> tuple[list[Hit], list[Outcome]]:
-        def search(shard: Shard) -> list[Hit]:
-            return [Hit(i.item_id, i.score, dict(i.metadata))
-                    for chunk in shard.read.Search(index_pb2.SearchRequest(
-                        database=request.database, signature=request.signature, top_k=top_k), timeout=timeout)
-                    for i in chunk.items]
+    def _search_items(self, database: str, signatures: list[common_pb2.Signature], top_k: int,
+                      one_per_group: bool, timeout: float, context: grpc.ServicerContext
+                      ) -> tuple[list[list[Hit]], list[Outcome]]:
+        """Per query, the merged top k of every shard's top k (with one_per_group: top k groups);
+        one Search (one query) or one SearchBatch (several) per shard."""
+        def search(shard: Shard) -> list[list[Hit]]:
+            if len(signatures) == 1:
+                return [[hit_of(i) for chunk in shard.read.Search(index_pb2.SearchRequest(
+                    database=database, signature=signatures[0], top_k=top_k, one_per_group=one_per_group),
+                    timeout=timeout) for i in chunk.items]]
+            response = shard.read.SearchBatch(index_pb2.SearchBatchRequest(
+                database=database, signatures=signatures, top_k=top_k, one_per_group=one_per_group), timeout=timeout)
+            return [[hit_of(i) for i in hits.items] for hits in response.results]
 
         answered, missing = self._answered(self._fan_out([(s, lambda s=s: search(s)) for s in self.shards]),
-                                           request.database, context)
-        return merge_top_k([o.value for o in answered], top_k), missing  # type: ignore[misc]
+                                           database, context)
+        return [merge_top_k([o.value[query] for o in answered], top_k, one_per_group)  # type: ignore[index]
+                for query in range(len(signatures))], missing
 
-    def _search_words(self, request: index_pb2.SearchRequest, bag: BagOfWords, top_k: int, timeout: float,
-                      context: grpc.ServicerContext) -> tuple[list[Hit], list[Outcome]]:
-        partial = index_pb2.PartialScoresRequest(database=request.database, signature=request.signature)
+    def _search_words(self, database: str, signature: common_pb2.Signature, bag: BagOfWords, top_k: int,
+                      one_per_group: bool, timeout: float, context: grpc.ServicerContext
+                      ) -> tuple[list[Hit], list[Outcome]]:
+        partial = index_pb2.PartialScoresRequest(database=database, signature=signature, with_groups=one_per_group)
 
-        def scores(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-            keys, sums = [], []
+        def scores(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            keys, sums, groups = [], [], []
             for number, chunk in enumerate(shard.read.PartialScores(partial, timeout=timeout)):
                 if number == 0:
                     expected = word_range_of(shard.number, len(self.shards), bag.vocabulary)
@@ -292,25 +384,37 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                                       f"{len(self.shards)}")
                 keys.append(np.frombuffer(chunk.keys, "<u8"))
                 sums.append(np.frombuffer(chunk.sums, "<f4"))
-            return np.concatenate(keys), np.concatenate(sums)
+                groups.append(np.frombuffer(chunk.groups, "<u8"))
+                if one_per_group and len(groups[-1]) != len(keys[-1]):
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"shard {shard.number} sent no group keys: it predates one_per_group "
+                                  "searches; upgrade it")
+            return np.concatenate(keys), np.concatenate(sums), np.concatenate(groups)
 
         # Only the shards holding some of the query's words have anything to add (with a large
         # vocabulary and few words per query, that is the word layout's saving).
         ranges = [word_range_of(s.number, len(self.shards), bag.vocabulary) for s in self.shards]
         needed = [s for s, (lo, hi) in zip(self.shards, ranges) if np.any((bag.words >= lo) & (bag.words < hi))]
         answered, missing = self._answered(self._fan_out([(s, lambda s=s: scores(s)) for s in needed]),
-                                           request.database, context)
-        keys, totals = sum_partials([o.value[0] for o in answered], [o.value[1] for o in answered])  # type: ignore[index]
-        best = top_with_ties(totals, top_k)
-        found = self._lookup(request.database, keys[best], answered, timeout, context)
-        hits = [Hit(found[int(k)][0], float(t) / 2.0, found[int(k)][1])
+                                           database, context)
+        values: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [o.value for o in answered]  # type: ignore[misc]
+        if one_per_group:
+            keys, totals, groups = sum_partials([v[0] for v in values], [v[1] for v in values],
+                                                [v[2] for v in values])
+            # Each group's best item(s) first, then the top k groups: the lookup names only those.
+            best = best_of_groups(totals, groups, top_k)
+        else:
+            keys, totals = sum_partials([v[0] for v in values], [v[1] for v in values])
+            best = top_with_ties(totals, top_k)
+        found = self._lookup(database, keys[best], answered, timeout, context)
+        hits = [dataclasses.replace(found[int(k)], score=float(t) / 2.0)
                 for k, t in zip(keys[best], totals[best]) if int(k) in found]
-        return merge_top_k([hits], top_k), missing
+        return merge_top_k([hits], top_k, one_per_group), missing
 
     def _lookup(self, database: str, keys: np.ndarray, answered: list[Outcome], timeout: float,
-                context: grpc.ServicerContext) -> dict[int, tuple[str, dict[str, str]]]:
-        """Ids and metadata of the winning keys, from the first answering shard that gives them
-        (every word-range shard holds every item's id)."""
+                context: grpc.ServicerContext) -> dict[int, Hit]:
+        """Ids, metadata, groups and boxes of the winning keys (as Hits scoring 0), from the first
+        answering shard that gives them (every word-range shard holds every item)."""
         if len(keys) == 0:
             return {}
         request = index_pb2.LookupRequest(database=database, keys=keys.tolist())
@@ -318,7 +422,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         for outcome in answered:
             try:
                 response = outcome.shard.read.Lookup(request, timeout=timeout)
-                return {i.key: (i.item_id, dict(i.metadata)) for i in response.items}
+                return {i.key: hit_of(i, 0.0) for i in response.items}
             except grpc.RpcError as exc:
                 errors.append(f"shard {outcome.shard.number}: {exc.code().name} {exc.details()}")
         context.abort(grpc.StatusCode.UNAVAILABLE, "no shard could name the results: " + "; ".join(errors))

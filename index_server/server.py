@@ -37,7 +37,7 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
 def create_bundle(config: IndexConfig) -> ServiceBundle:
     catalogue = open_catalogue(config)
     service = IndexService(catalogue, config.chunk_size, config.max_top_k, config.write_batch,
-                           config.partial_chunk)
+                           config.partial_chunk, config.max_batch)
     return start_bundle(config, lambda s: index_pb2_grpc.add_IndexServiceServicer_to_server(service, s),
                         SERVICE_NAMES, on_stop=catalogue.close)
 

@@ -25,3 +25,11 @@ class SignatureConfig(ServerConfig):
     max_batch: int = 32
     max_pixels: int = 50_000_000
     intra_op_threads: int = 0
+    # LocateObjects: most salient objects and segments one call may ask for; more is RESOURCE_EXHAUSTED.
+    # (How it locates, e.g. the feature map's size, is the model's config.json `locate` section.)
+    max_salient: int = 8
+    max_segments: int = 200
+    # OpenCV's own thread pool (cv2.setNumThreads, process-wide; -1 = OpenCV's default). Selective search
+    # runs on one thread whatever this says, and concurrent calls already fill the cores, so 1 avoids
+    # OpenCV's pool competing with ONNX Runtime's and the bag of words' threads.
+    opencv_threads: int = 1

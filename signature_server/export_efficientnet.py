@@ -3,8 +3,11 @@
 Torch is used here only, at set-up time; serving needs ONNX Runtime alone. The architecture is
 EfficientNet-B0's block layout without squeeze-excitation and with ReLU6 (the "Lite" variant),
 TensorFlow "same" padding, batch-norm epsilon 1e-3. Input: `images`, (N, 3, 224, 224) float32 RGB
-normalised as (x - 127) / 128. Outputs: `embedding`, (N, 1280) float32, GeM-pooled (p = 3) and
-L2-normalised; `logits`, (N, 1000) ImageNet logits (for sanity checks).
+normalised as (x - 127) / 128; height and width may be any multiples of 32 (the "same" padding
+of every layer is then what it is at 224, so the graph's static pads stay right). Outputs:
+`embedding`, (N, 1280) float32, GeM-pooled (p = 3) and L2-normalised; `logits`, (N, 1000) ImageNet
+logits (for sanity checks); `features`, (N, 1280, H/32, W/32) float32, the last feature map, from
+which the salient object is found (SCDA, signature_server/saliency.py).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, 1000)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
@@ -88,7 +91,7 @@ class EfficientNetLite0(nn.Module):
         logits = self._fc(features.mean(dim=(2, 3)))
         gem = features.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
         embedding = gem / gem.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return embedding, logits
+        return embedding, logits, features
 
 
 def load_pretrained(weights: Path) -> EfficientNetLite0:
@@ -111,9 +114,10 @@ def export(weights: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"],
-                      output_names=["embedding", "logits"],
-                      dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"},
-                                    "logits": {0: "batch"}},
+                      output_names=["embedding", "logits", "features"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                    "embedding": {0: "batch"}, "logits": {0: "batch"},
+                                    "features": {0: "batch", 2: "rows", 3: "columns"}},
                       opset_version=17, dynamo=False)
     tmp.replace(out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import grpc
 
 from common.serving import ServiceBundle, serve_forever, start_bundle
@@ -13,19 +14,23 @@ from kernels import select_kernels
 from signature_server.bow import BowExtractor, BowSpec, Codebook
 from signature_server.config import SignatureConfig
 from signature_server.deep import DeepDescriptor, DeepSpec
+from signature_server.saliency import LocateSpec, ObjectLocator
 from signature_server.service import SignatureService
 
 
 def create_bundle(config: SignatureConfig) -> ServiceBundle:
+    cv2.setNumThreads(config.opencv_threads)
     deep = DeepDescriptor(DeepSpec.load(Path(config.deep_model_dir)), config.max_batch,
                           config.intra_op_threads)
+    locator = ObjectLocator(deep, LocateSpec.load(Path(config.deep_model_dir)))
     bow_spec = BowSpec.load(Path(config.bow_model_dir))
     kernels = select_kernels(config.kernels)
     bow = BowExtractor(bow_spec, Codebook.load(bow_spec.codebook_path, bow_spec.provenance_path), kernels,
                        config.bow_threads)
     logging.getLogger("signature_server").info(
         "deep descriptor on %s; colour-texture kernels on %s", deep.provider, kernels.detail)
-    service = SignatureService(deep, bow, config.max_images_per_request, config.max_pixels)
+    service = SignatureService(deep, bow, config.max_images_per_request, config.max_pixels, locator=locator,
+                               max_salient=config.max_salient, max_segments=config.max_segments)
     return start_bundle(config, lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
                         [signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name])
 

@@ -1,10 +1,12 @@
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import ImageError, decode_image, encode_png, raw_to_array
+from common.images import ImageError, decode_image, decode_photo, encode_jpeg, encode_png, raw_to_array
+from common.photos import load_photo
 from tests.conftest import bad_images, png_bomb
 
 
@@ -39,3 +41,20 @@ def test_raw_image_size_is_checked():
         raw_to_array(2, 1, bytes(5), 10)
     with pytest.raises(ImageError, match="zero size"):
         raw_to_array(0, 1, b"", 10)
+
+
+def test_a_large_jpeg_is_decoded_small_and_keeps_its_original_size():
+    big = cv2.resize(load_photo("coffee"), (4000, 3000), interpolation=cv2.INTER_LINEAR)
+    data = encode_jpeg(big, 90)
+    photo = decode_photo(data, 10**9, 2000)
+    assert photo.rgb.shape == (1500, 2000, 3) and (photo.width, photo.height) == (4000, 3000)
+    assert photo.scale == 0.5
+    reference = cv2.resize(big, (2000, 1500), interpolation=cv2.INTER_AREA)
+    assert np.abs(photo.rgb.astype(int) - reference).mean() < 4  # the DCT-scaled decode is the same picture
+    # EXIF orientation 6 (rotate 90 degrees clockwise): the photo is 3000 wide and 4000 high.
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(big).save(buffer, format="JPEG", exif=exif)
+    turned = decode_photo(buffer.getvalue(), 10**9, 2000)
+    assert (turned.width, turned.height) == (3000, 4000) and turned.rgb.shape == (2000, 1500, 3)

@@ -48,3 +48,25 @@ def test_list_models_reports_the_real_provider(servicer):
     model = response.models[0]
     assert model.is_default and model.execution_provider == "CPUExecutionProvider"
     assert len(model.class_names) == 80 and model.categories["cup"] == "tableware"
+
+
+def test_objects_come_back_in_original_pixels(servicer, coffee_png):
+    request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.01,
+                                         max_objects=5)
+    response, code, _ = unary(servicer, SERVICE, "Detect", request)
+    assert code == grpc.StatusCode.OK and 0 < len(response.objects) <= 5
+    best = response.objects[0]
+    assert best.objectness > 0.5 and 140 < best.box.x_min < 160 and 420 < best.box.x_max < 440
+    # Without the threshold, no objects.
+    plain, _, _ = unary(servicer, SERVICE, "Detect", detector_pb2.DetectRequest(image=request.image))
+    assert not plain.objects
+
+
+@pytest.mark.parametrize("field, value, code", [("objectness_threshold", 1.5, grpc.StatusCode.INVALID_ARGUMENT),
+                                                ("objectness_threshold", -0.1, grpc.StatusCode.INVALID_ARGUMENT),
+                                                ("max_objects", 10_000, grpc.StatusCode.RESOURCE_EXHAUSTED)])
+def test_bad_object_requests(servicer, coffee_png, field, value, code):
+    request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.1)
+    setattr(request, field, value)
+    _, got, details = unary(servicer, SERVICE, "Detect", request)
+    assert got == code and field in details

@@ -13,7 +13,7 @@ import pytest
 
 from common.config import REPO_ROOT
 from common.proto_convert import dense_to_proto
-from gateway.demo import wait_serving
+from common.local_suite import wait_serving
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 

@@ -78,7 +78,7 @@ def test_user_regions_replace_detection(client, coffee_png):
 
 
 @pytest.mark.parametrize("regions, fragment", [([((10, 10, 5, 50), "tableware")], "empty"),
-                                               ([((0, 0, 50, 50), "")], "category"),
+                                               ([((0, 0, float("nan"), 50), "tableware")], "NaN"),
                                                ([((900, 900, 950, 950), "tableware")], "outside")])
 def test_bad_regions(client, coffee_png, regions, fragment):
     with pytest.raises(grpc.RpcError) as error:

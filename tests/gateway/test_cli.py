@@ -42,5 +42,5 @@ def test_malformed_region_is_a_clear_usage_error():
     from gateway.cli import parse_region
 
     assert parse_region("1,2,3,4:tops") == ((1.0, 2.0, 3.0, 4.0), "tops")
-    with pytest.raises(SystemExit, match="X0,Y0,X1,Y1:CATEGORY"):
+    with pytest.raises(SystemExit, match="X0,Y0,X1,Y1\\[:CATEGORY\\]"):
         parse_region("1,2,3:tops")

@@ -22,3 +22,14 @@ def test_valid_box():
     assert "empty" in valid_box(np.array([10, 0, 10, 10]), 100, 100)
     assert "outside" in valid_box(np.array([200, 200, 300, 300]), 100, 100)
     assert "NaN" in valid_box(np.array([np.nan, 0, 10, 10]), 100, 100)
+
+
+def test_a_catalogue_shot_on_a_plain_backdrop_is_told_from_a_photo():
+    from common.photos import load_photo
+    from gateway.crops import plain_background
+
+    cup = load_photo("coffee")[23:310, 150:429]
+    shot = np.full((400, 400, 3), 250, np.uint8)
+    shot[60:347, 60:339] = cup
+    assert plain_background(shot)
+    assert not plain_background(load_photo("coffee")) and not plain_background(load_photo("china.jpg"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -15,25 +14,17 @@ import pytest
 from common.bow_codec import BagOfWords, encode
 from common.config import REPO_ROOT
 from common.proto_convert import dense_to_proto
-from gateway.demo import wait_serving
 from index_server.inverted import item_key
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from common.local_suite import free_port
+from tests.index_server.helpers import start_shard
 
 VOCABULARY = 400
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(data_dir, port, *flags) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "index_server", "--port", str(port), "--data-dir",
-                                str(data_dir), "--log-level", "WARNING", *flags], cwd=REPO_ROOT)
-    wait_serving(f"127.0.0.1:{port}", process)
-    return process
+    return start_shard(data_dir, port, *flags)
 
 
 def bag_add(i: int, rng) -> index_pb2.AddRequest:
@@ -167,3 +158,92 @@ def test_catalogue_recovers_in_process(tmp_path, snapshot_every):
     assert len(index) == 198 and "b5" not in index and "b7" in index
     assert [[(h.item_id, h.score, h.metadata) for h in index.search(q, 20)] for q in queries] == expected
     reopened.close()
+
+
+def product_adds(rng, products: int = 20, images: int = 3) -> tuple[list[index_pb2.AddRequest], dict[str, str]]:
+    """`images` images per product in both kinds' databases, a box on each; item id -> product."""
+    adds, group_of = [], {}
+    for p in range(products):
+        for n in range(images):
+            item_id = f"p{p}-{n}"
+            bag = BagOfWords.from_words(rng.integers(0, VOCABULARY, 40), VOCABULARY, 3)
+            box = common_pb2.Box(x_min=n, y_min=p, x_max=n + 10, y_max=p + 10)
+            adds.append(index_pb2.AddRequest(item_id=item_id, database="bags", group_id=f"p{p}", box=box,
+                                             signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW,
+                                                                            bow=encode(bag))))
+            adds.append(index_pb2.AddRequest(item_id=item_id, database="dense", group_id=f"p{p}", box=box,
+                                             signature=dense_to_proto(rng.normal(size=8).astype(np.float32))))
+            group_of[item_id] = f"p{p}"
+    return adds, group_of
+
+
+def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
+    port = free_port()
+    process = start(tmp_path, port)
+    adds, group_of = product_adds(np.random.default_rng(3))
+    gone = [i for i, g in group_of.items() if g in ("p1", "p2")]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = index_pb2_grpc.IndexServiceStub(channel)
+            stub.Add(iter(adds), timeout=10)
+            for database in ("bags", "dense"):
+                response = stub.Delete(index_pb2.DeleteRequest(database=database, group_ids=["p1", "p2", "p99"]),
+                                       timeout=10)
+                assert response.deleted == len(gone) == 6 and list(response.groups_not_found) == ["p99"]
+    finally:
+        process.kill()  # SIGKILL right after the acknowledgement: no snapshot, the log has it all
+        process.wait()
+    process = start(tmp_path, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = index_pb2_grpc.IndexServiceStub(channel)
+            kept = [i for i in group_of if i not in gone]
+            assert present(stub, kept) == set(kept) and present(stub, gone) == set()
+            stats = {d.name: d.items for d in stub.Stats(index_pb2.StatsRequest(), timeout=5).databases}
+            assert stats == {"bags": 54, "dense": 54}
+            dense = [a for a in adds if a.database == "dense"]
+            for add in dense[:9]:  # products 0, 1, 2: the deleted ones are never found again
+                items = [i for c in stub.Search(index_pb2.SearchRequest(
+                    database="dense", signature=add.signature, top_k=100, one_per_group=True), timeout=5)
+                    for i in c.items]
+                assert not {"p1", "p2"} & {i.group_id for i in items} and len(items) == 18
+                if add.group_id == "p0":  # recovered with its group and its box
+                    assert (items[0].item_id, items[0].group_id, items[0].box) == (add.item_id, "p0", add.box)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@pytest.mark.parametrize("snapshot_every", [1, 1000])
+def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_every):
+    """Recovery goes through the live apply path: groups, boxes and deletes by group come back."""
+    from index_server.catalogue import Catalogue
+    from index_server.store import ShardStore
+
+    catalogue = Catalogue(store=ShardStore(tmp_path, 1 << 30), snapshot_every=snapshot_every)
+    adds, group_of = product_adds(np.random.default_rng(4), products=10)
+    catalogue.add(adds[:30])
+    deleted = catalogue.delete("bags", ["p0-0", "nope"], ["p0", "p3", "p9"])
+    assert deleted == (6, ["nope"], ["p9"])  # p0-0 is counted once; p9 has no image yet
+    catalogue.add(adds[30:])
+    catalogue.add([adds[6]])  # p1-0 again: replaced
+    expected = {}
+    for name in ("bags", "dense"):
+        _, database = catalogue.get(name)
+        expected[name] = [database.search(catalogue_value(a), 30, grouped)
+                          for a in adds[:12] if a.database == name for grouped in (False, True)]
+    catalogue.close(snapshot=False)  # as a crash would: no final snapshot
+    reopened = Catalogue(store=ShardStore(tmp_path, 1 << 30))
+    for name in ("bags", "dense"):
+        _, database = reopened.get(name)
+        assert [database.search(catalogue_value(a), 30, grouped)
+                for a in adds[:12] if a.database == name for grouped in (False, True)] == expected[name]
+    _, bags = reopened.get("bags")
+    assert bags.group_size("p0") == bags.group_size("p3") == 0 and bags.group_size("p9") == 3 and len(bags) == 24
+    reopened.close()
+
+
+def catalogue_value(add: index_pb2.AddRequest):
+    from index_server.catalogue import signature_value
+
+    return signature_value(add.signature)

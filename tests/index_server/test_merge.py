@@ -3,7 +3,7 @@
 import numpy as np
 
 from index_server.inverted import Hit
-from index_server.merge import merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
+from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
 
 
 def test_sum_partials_adds_each_keys_shares():
@@ -38,3 +38,41 @@ def test_routing_is_stable_and_ranges_tile_the_vocabulary():
     assert counts.min() > 850  # spread evenly
     ranges = [word_range_of(i, 3, 5000) for i in range(3)]
     assert ranges[0][0] == 0 and ranges[-1][1] == 5000 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_merge_top_k_one_per_group_keeps_each_groups_best_once():
+    lists = [[Hit("a1", 0.9, {}, "A"), Hit("b1", 0.8, {}, "B"), Hit("x", 0.5, {})],
+             [Hit("a0", 0.9, {}, "A"), Hit("c1", 0.85, {}, "C"), Hit("b2", 0.7, {}, "B")]]
+    assert [h.item_id for h in merge_top_k(lists, 3, one_per_group=True)] == ["a0", "c1", "b1"]
+    assert [h.item_id for h in merge_top_k(lists, 10, one_per_group=True)] == ["a0", "c1", "b1", "x"]
+    assert [h.item_id for h in merge_top_k(lists, 3)] == ["a0", "a1", "c1"]
+
+
+def test_best_of_groups_names_every_candidate_of_the_top_groups_against_brute_force():
+    rng = np.random.default_rng(1)
+    totals = rng.integers(1, 40, 3000).astype(np.float32)  # many ties, within and across groups
+    groups = rng.integers(0, 500, 3000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for top_k in (1, 10, 100, 1000):
+        got = set(best_of_groups(totals, groups, top_k).tolist())
+        best = {}
+        for g, t in zip(groups.tolist(), totals.tolist()):
+            best[g] = max(best.get(g, 0), t)
+        kth = sorted(best.values(), reverse=True)[min(top_k, len(best)) - 1]
+        expected = {i for i, (g, t) in enumerate(zip(groups.tolist(), totals.tolist())) if t == best[g] >= kth}
+        assert got == expected
+    assert len(best_of_groups(np.zeros(0, np.float32), np.zeros(0, np.uint64), 5)) == 0
+
+
+def test_sum_partials_carries_each_keys_group():
+    keys = [np.array([1, 2, 3], np.uint64), np.array([3, 4], np.uint64)]
+    sums = [np.array([0.1, 0.2, 0.3], np.float32), np.array([0.5, 0.4], np.float32)]
+    groups = [np.array([10, 20, 30], np.uint64), np.array([30, 20], np.uint64)]
+    merged_keys, merged, merged_groups = sum_partials(keys, sums, groups)
+    order = np.argsort(merged_keys)
+    assert merged_keys[order].tolist() == [1, 2, 3, 4] and merged_groups[order].tolist() == [10, 20, 30, 20]
+    np.testing.assert_allclose(merged[order], [0.1, 0.2, 0.8, 0.4], rtol=1e-6)
+
+
+def test_an_items_group_decides_its_shard():
+    assert shard_of("img-1", 8, "sku") == shard_of("img-2", 8, "sku") == shard_of("sku", 8)
+    assert shard_of("img-1", 8) == shard_of("img-1", 8, "")  # no group: placed by its id, as before

@@ -1,11 +1,11 @@
-"""The router in front of real shards over loopback: both layouts merge to what one shard answers,
-replicas share reads and all take writes, and a dead or stalled shard degrades a search, flagged."""
+"""The router in front of real shards over loopback: both layouts merge to what one shard answers
+(grouped searches and batches too), replicas share reads and all take writes, deletes by group count
+each item once, and a dead or stalled shard degrades a search, flagged."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,60 +15,24 @@ import grpc
 import numpy as np
 import pytest
 
-from common.bow_codec import BagOfWords, encode
+from common.bow_codec import BagOfWords
 from common.config import REPO_ROOT, load_config
 from common.proto_convert import dense_to_proto
-from gateway.demo import wait_serving
 from index_server.config import IndexConfig, RouterConfig
+from index_server.inverted import item_key
 from index_server.merge import shard_of, word_range_of
 from index_server.server import create_bundle, create_router_bundle
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from tests.index_server import helpers
+from common.local_suite import free_port, wait_serving
+from tests.index_server.helpers import Cluster, bow
 
 VOCABULARY = 300
 
 
-def bow(bag: BagOfWords) -> common_pb2.Signature:
-    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
-
-
 def random_bags(rng, count):
-    return [BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, 120)) % VOCABULARY, VOCABULARY, 7)
-            for _ in range(count)]
-
-
-class Cluster:
-    """Shard servers (in this process) and a router over them; `stubs` talk to each directly."""
-
-    def __init__(self, layout: str, shards: int, replicas: int = 1, **router):
-        self.bundles, addresses = [], []
-        for number in range(shards):
-            replica_addresses = []
-            for _ in range(replicas):
-                config = load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
-                                     word_shard_index=number if layout == "word" else 0,
-                                     word_shard_count=shards if layout == "word" else 1)
-                bundle = create_bundle(config)
-                self.bundles.append(bundle)
-                replica_addresses.append(f"127.0.0.1:{bundle.port}")
-            addresses.append(replica_addresses)
-        self.addresses = addresses
-        self.router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0,
-                                                       layout=layout, shards=addresses, **router))
-        self.channels = [grpc.insecure_channel(f"127.0.0.1:{self.router.port}")]
-        self.stub = index_pb2_grpc.IndexServiceStub(self.channels[0])
-
-    def direct(self, address: str) -> index_pb2_grpc.IndexServiceStub:
-        self.channels.append(grpc.insecure_channel(address))
-        return index_pb2_grpc.IndexServiceStub(self.channels[-1])
-
-    def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
-        self.router.server.stop(None)
-        self.router.on_stop()
-        for bundle in self.bundles:
-            bundle.server.stop(None)
+    return helpers.random_bags(rng, count, VOCABULARY, codebook=7, longest=120)
 
 
 @pytest.fixture()
@@ -187,12 +151,6 @@ def test_replicas_share_searches_and_all_take_writes():
         cluster.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def shard_processes(tmp_path):
     """Three word-range shard processes (so one can be killed or stopped for real)."""
@@ -273,5 +231,109 @@ def test_word_layout_asks_only_the_shards_holding_the_query_words():
         cluster.bundles[2].server.stop(None)  # words [200, 300): no query word lives there
         first, got = search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 152], VOCABULARY, 7)))
         assert not first.degraded and got[0][0] == "b2"
+    finally:
+        cluster.close()
+
+
+def product_adds(rng, products=40):
+    """Several images per product in both kinds' databases, each product's images spread over the
+    stream (round-robin), so that with a small write_batch they reach the router in different batches.
+    Every ninth product's images have no group (each its own)."""
+    per_product = {p: int(rng.integers(1, 6)) for p in range(products)}
+    adds, bags, vectors, group_of = [], {}, {}, {}
+    for n in range(max(per_product.values())):
+        for p, count in per_product.items():
+            if n >= count:
+                continue
+            item_id, group = (f"solo{p}-{n}", "") if p % 9 == 0 else (f"p{p}-{n}", f"p{p}")
+            bags[item_id], vectors[item_id], group_of[item_id] = random_bags(rng, 1)[0], rng.normal(size=16), group
+            box = np.array([n, p, n + 1, p + 1], np.float32) if n % 2 else None
+            adds.append(helpers.add_request(item_id, "bags", bags[item_id], group, box, n=str(n)))
+            adds.append(helpers.add_request(item_id, "dense", vectors[item_id], group, box, n=str(n)))
+    return adds, bags, vectors, group_of
+
+
+def assert_same_items(got, expected):
+    """Same ids, groups, boxes and metadata in the same order; scores to float32 rounding."""
+    assert [(i.item_id, i.group_id, dict(i.metadata)) for i in got] == \
+        [(i.item_id, i.group_id, dict(i.metadata)) for i in expected]
+    assert [i.box if i.HasField("box") else None for i in got] == [i.box if i.HasField("box") else None
+                                                                    for i in expected]
+    np.testing.assert_allclose([i.score for i in got], [i.score for i in expected], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["item", "word"])
+def test_grouped_search_batches_and_group_deletes_through_the_router_equal_one_shard(layout, single):
+    rng = np.random.default_rng(21)
+    adds, bags, vectors, group_of = product_adds(rng)
+    cluster = Cluster(layout, shards=3, replicas=2, write_batch=7)
+    try:
+        assert cluster.stub.Add(iter(adds), timeout=20).added == len(adds) == single.Add(iter(adds), timeout=20).added
+        if layout == "item":  # every image of a product on its product's shard, whatever its batch
+            for number, replicas in enumerate(cluster.addresses):
+                held = cluster.direct(replicas[0]).Lookup(index_pb2.LookupRequest(
+                    database="bags", keys=[item_key(i) for i in bags]), timeout=5).items
+                assert {i.item_id for i in held} == {i for i, g in group_of.items()
+                                                    if shard_of(i, 3, g) == number}
+        bag_queries = [bow(b) for b in random_bags(rng, 4)] + [bow(bags["p1-0"]), bow(bags["solo0-0"])]
+        dense_queries = [dense_to_proto(v) for v in rng.normal(size=(4, 16)).astype(np.float32)]
+        dense_queries.append(dense_to_proto(vectors["p2-0"].astype(np.float32)))
+        for database, queries in (("bags", bag_queries), ("dense", dense_queries)):
+            for grouped in (False, True):
+                batch = helpers.search_batch(cluster.stub, database, queries, top_k=12, one_per_group=grouped)
+                assert not batch.degraded and len(batch.results) == len(queries)
+                for query, hits in zip(queries, batch.results):  # each answer is that query's Search
+                    first, items = helpers.search(cluster.stub, database, query, 12, grouped)
+                    assert not first.degraded
+                    assert_same_items(hits.items, items)
+                    assert_same_items(items, helpers.search(single, database, query, 12, grouped)[1])
+                    if grouped:
+                        assert len(items) == 12 and len({i.group_id or i.item_id for i in items}) == 12
+        for query in random_bags(rng, 3):  # against brute force too, not only against one shard
+            _, items = helpers.search(cluster.stub, "bags", bow(query), 10, one_per_group=True)
+            expected = helpers.grouped_reference(helpers.bow_scores(query, bags), group_of, 10)
+            assert [i.item_id for i in items] == [e[0] for e in expected]
+
+        gone = [i for i, g in group_of.items() if g in ("p1", "p2")] + ["solo9-0"]
+        for database in ("bags", "dense"):  # counted once per item, not per shard or replica
+            response = cluster.stub.Delete(index_pb2.DeleteRequest(
+                database=database, item_ids=["p1-0", "nope"], group_ids=["p1", "p2", "solo9-0", "p-none"]), timeout=5)
+            assert response.deleted == len(gone) and list(response.not_found) == ["nope"]
+            assert list(response.groups_not_found) == ["p-none"]
+        for item_id in gone:
+            for database, query in (("bags", bow(bags[item_id])), ("dense", dense_to_proto(vectors[item_id]))):
+                _, items = helpers.search(cluster.stub, database, query, 300, one_per_group=True)
+                assert not {"p1", "p2", "solo9-0"} & {i.group_id or i.item_id for i in items}
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("layout", ["item", "word"])
+def test_a_search_batch_with_a_shard_down_is_flagged_like_search(layout):
+    rng = np.random.default_rng(22)
+    adds, bags, _, _ = product_adds(rng, products=20)
+    cluster = Cluster(layout, shards=3)
+    try:
+        cluster.stub.Add(iter(a for a in adds if a.database == "bags"), timeout=10)
+        cluster.bundles[1].server.stop(None)
+        # Words all over the vocabulary, so that every query needs every word range.
+        queries = [bow(BagOfWords.from_words(rng.integers(0, VOCABULARY, 40), VOCABULARY, 7)) for _ in range(3)]
+        batch = helpers.search_batch(cluster.stub, "bags", queries, top_k=8, one_per_group=True)
+        assert batch.degraded and "shard 1" in batch.degraded_reason
+        if layout == "item":
+            assert list(batch.missing_shards) == [1] and not batch.missing_word_ranges
+        else:
+            assert [(r.first, r.end) for r in batch.missing_word_ranges] == [word_range_of(1, 3, VOCABULARY)]
+        for query, hits in zip(queries, batch.results):
+            first, items = helpers.search(cluster.stub, "bags", query, 8, one_per_group=True)
+            assert first.degraded and (list(first.missing_shards), list(first.missing_word_ranges)) == \
+                (list(batch.missing_shards), list(batch.missing_word_ranges))
+            assert_same_items(hits.items, items)
+        with pytest.raises(grpc.RpcError) as error:
+            helpers.search_batch(cluster.stub, "bags", [], top_k=8)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as error:
+            helpers.search_batch(cluster.stub, "bags", queries * 100, top_k=8)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "256" in error.value.details()
     finally:
         cluster.close()

@@ -1,20 +1,25 @@
-"""The index shard for real, over loopback."""
+"""The index shard for real, over loopback: adds, searches (grouped and batched), deletes (by group too)."""
 
 import grpc
 import numpy as np
 import pytest
 
+from common.bow_codec import BagOfWords
 from common.config import load_config
 from common.proto_convert import dense_to_proto
 from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from tests.index_server import helpers
+from tests.index_server.helpers import (add_request, as_tuples, bow, bow_scores, dense_scores, grouped_reference,
+                                        random_bags)
 
 
 @pytest.fixture()
 def stub():
-    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3, data_dir=""))
+    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3, data_dir="",
+                                             max_batch=4))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield index_pb2_grpc.IndexServiceStub(channel)
     channel.close()
@@ -124,7 +129,6 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
     import threading
 
     import index_server.inverted as inverted
-    from common.bow_codec import BagOfWords
     from index_server.server import create_bundle
 
     monkeypatch.setattr(inverted, "MERGE_FLOOR", 2000)
@@ -177,3 +181,114 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
         channel.close()
         bundle.server.stop(None)
         bundle.on_stop()
+
+
+def grouped_adds(rng, database, kind, groups=25):
+    """Several images per group (a product), boxes on some, a few items with no group; returns the
+    requests and each item's value and group."""
+    adds, values, group_of = [], {}, {}
+    for g in range(groups):
+        for n in range(int(rng.integers(1, 6))):
+            item_id, group = (f"{database}-solo{g}", "") if g % 7 == 0 else (f"{database}-g{g}-{n}", f"p{g}")
+            value = random_bags(rng, 1, 5000, codebook=11)[0] if kind == "bow" else rng.normal(size=8).astype(np.float32)
+            box = np.array([n, g, n + 1, g + 1], np.float32) if n % 2 else None
+            adds.append(add_request(item_id, database, value, group, box, title=f"{g}/{n}"))
+            values[item_id], group_of[item_id] = value, group
+    return adds, values, group_of
+
+
+def signature_of(value):
+    return bow(value) if isinstance(value, BagOfWords) else dense_to_proto(value)
+
+
+@pytest.mark.parametrize("kind", ["bow", "dense"])
+def test_grouped_search_returns_each_product_once_by_its_best_image(stub, kind):
+    rng = np.random.default_rng(11)
+    adds, values, group_of = grouped_adds(rng, "shop", kind)
+    assert stub.Add(iter(adds), timeout=10).added == len(adds)
+    groups = {g or i for i, g in group_of.items()}
+    queries = [values["shop-g3-1"]] + ([random_bags(rng, 1, 5000, codebook=11)[0] for _ in range(3)] if kind == "bow"
+                                       else list(rng.normal(size=(3, 8)).astype(np.float32)))
+    for query in queries:
+        scores = bow_scores(query, values) if kind == "bow" else dense_scores(query, values)
+        _, items = helpers.search(stub, "shop", signature_of(query), top_k=8, one_per_group=True)
+        expected = grouped_reference(scores, group_of, 8)
+        assert [i.item_id for i in items] == [e[0] for e in expected]
+        np.testing.assert_allclose([i.score for i in items], [e[1] for e in expected], atol=1e-5)
+        assert len(items) == 8 < len(groups)  # exactly top_k groups where that many exist
+        assert len({i.group_id or i.item_id for i in items}) == 8
+    _, items = helpers.search(stub, "shop", signature_of(values["shop-g3-1"]), top_k=1)
+    assert items[0].item_id == "shop-g3-1" and items[0].group_id == "p3" and items[0].metadata["title"] == "3/1"
+    assert (items[0].box.x_min, items[0].box.y_min, items[0].box.x_max, items[0].box.y_max) == (1, 3, 2, 4)
+    _, items = helpers.search(stub, "shop", signature_of(values["shop-solo0"]), top_k=1)
+    assert items[0].group_id == "" and not items[0].HasField("box")
+
+
+@pytest.mark.parametrize("kind", ["bow", "dense"])
+def test_delete_by_group_removes_every_image_of_the_product(stub, kind):
+    rng = np.random.default_rng(12)
+    adds, values, group_of = grouped_adds(rng, "shop", kind)
+    stub.Add(iter(adds), timeout=10)
+    in_p3 = sorted(i for i, g in group_of.items() if g == "p3")
+    response = stub.Delete(index_pb2.DeleteRequest(database="shop", item_ids=[in_p3[0], "nope"],
+                                                   group_ids=["p3", "shop-solo7", "p-none"]), timeout=5)
+    assert response.deleted == len(in_p3) + 1  # an item named by id and by group counts once
+    assert list(response.not_found) == ["nope"] and list(response.groups_not_found) == ["p-none"]
+    for item_id in in_p3 + ["shop-solo7"]:
+        _, items = helpers.search(stub, "shop", signature_of(values[item_id]), top_k=200)
+        assert item_id not in {i.item_id for i in items} and "p3" not in {i.group_id for i in items}
+    stats = stub.Stats(index_pb2.StatsRequest(), timeout=5).databases[0]
+    assert stats.items == len(values) - len(in_p3) - 1
+    again = stub.Delete(index_pb2.DeleteRequest(database="shop", group_ids=["p3"]), timeout=5)
+    assert again.deleted == 0 and list(again.groups_not_found) == ["p3"]
+
+
+def test_lookup_names_groups_and_boxes(stub):
+    from index_server.inverted import item_key
+
+    rng = np.random.default_rng(13)
+    adds, _, _ = grouped_adds(rng, "shop", "bow")
+    stub.Add(iter(adds), timeout=10)
+    found = {i.item_id: i for i in stub.Lookup(index_pb2.LookupRequest(
+        database="shop", keys=[item_key("shop-g1-1"), item_key("shop-solo0")]), timeout=5).items}
+    assert found["shop-g1-1"].group_id == "p1" and found["shop-g1-1"].box.x_max == 2
+    assert found["shop-solo0"].group_id == "" and not found["shop-solo0"].HasField("box")
+
+
+@pytest.mark.parametrize("kind", ["bow", "dense"])
+def test_search_batch_answers_each_query_as_search_does(stub, kind):
+    rng = np.random.default_rng(14)
+    adds, values, _ = grouped_adds(rng, "shop", kind)
+    stub.Add(iter(adds), timeout=10)
+    queries = [signature_of(v) for v in list(values.values())[:4]]  # the fixture's batch limit
+    for grouped in (False, True):
+        response = helpers.search_batch(stub, "shop", queries, top_k=5, one_per_group=grouped)
+        assert not response.degraded and len(response.results) == len(queries)
+        for query, hits in zip(queries, response.results):
+            assert as_tuples(hits.items) == as_tuples(helpers.search(stub, "shop", query, 5, grouped)[1])
+
+
+def test_search_batch_errors(stub):
+    stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
+    good = dense_to_proto(np.array([1, 0, 0], np.float32))
+    cases = [([], 5, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+             ([good] * 5, 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch limit of 4"),
+             ([good, dense_to_proto(np.ones(4, np.float32))], 5, grpc.StatusCode.INVALID_ARGUMENT, "signature #1: "),
+             ([good, bow_signature([1])], 5, grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_BOW"),
+             ([good], 100_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "top_k")]
+    for signatures, top_k, code, fragment in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            helpers.search_batch(stub, "tops", signatures, top_k=top_k)
+        assert error.value.code() == code and fragment in error.value.details(), error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        helpers.search_batch(stub, "shoes", [good])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [i.item_id for i in helpers.search_batch(stub, "tops", [good] * 4).results[3].items] == ["a"]
+
+
+def test_a_box_that_is_not_finite_is_refused(stub):
+    request = add_request("a", "tops", np.ones(3, np.float32), "p", np.array([0, 0, np.inf, 1], np.float32))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Add(iter([add("ok", [1, 0, 0]), request]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "box" in error.value.details()
+    assert "1 items before it were added" in error.value.details()

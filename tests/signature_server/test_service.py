@@ -64,3 +64,104 @@ def test_bag_of_words_signatures_decode_and_match_the_extractor(servicer, coffee
         expected = bow_extractor.bag(image)
         np.testing.assert_array_equal(bag.words, expected.words)
         np.testing.assert_array_equal(bag.counts, expected.counts)
+
+
+# Over a real server on loopback: several kinds per call, and LocateObjects.
+
+MAX_SALIENT, MAX_SEGMENTS = 4, 50
+
+
+@pytest.fixture(scope="module")
+def stub():
+    from common.config import load_config
+    from common.serving import channel_options
+    from mps.signature.v1 import signature_pb2_grpc
+    from signature_server.config import SignatureConfig
+    from signature_server.server import create_server
+
+    server, port = create_server(load_config(SignatureConfig, "signature", environ={}, port=0, intra_op_threads=2,
+                                             max_images_per_request=4, max_salient=MAX_SALIENT,
+                                             max_segments=MAX_SEGMENTS))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(32 * 1024 * 1024))
+    yield signature_pb2_grpc.SignatureServiceStub(channel)
+    channel.close()
+    server.stop(None)
+
+
+def call_code(method, message):
+    """-> (response or None, status code, details)."""
+    try:
+        return method(message, timeout=30), grpc.StatusCode.OK, ""
+    except grpc.RpcError as error:
+        return None, error.code(), error.details()
+
+
+def test_several_kinds_in_one_call_are_image_major_and_equal_one_call_per_kind(stub, coffee, coffee_png):
+    images = [image_to_proto(coffee[:200, :300]), common_pb2.Image(encoded=coffee_png)]
+    kinds = [common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_DEEP]
+    both = stub.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(images=images, kinds=kinds), timeout=30)
+    single = {kind: stub.ComputeSignatures(request(images, kind), timeout=30).signatures for kind in kinds}
+    assert len(both.signatures) == len(images) * len(kinds)
+    for i in range(len(images)):
+        for j, kind in enumerate(kinds):
+            signature = both.signatures[i * len(kinds) + j]
+            assert signature.kind == kind
+            assert signature.SerializeToString() == single[kind][i].SerializeToString()
+
+
+def test_several_kinds_bad_input_and_the_limit_counts_images(stub, coffee):
+    tiny = image_to_proto(coffee[:32, :32])
+    deep, bow = common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW
+
+    def kinds_request(images, kinds):
+        return signature_pb2.ComputeSignaturesRequest(images=images, kinds=kinds)
+
+    # Four images with two kinds is four images: within the limit of 4.
+    response, code, _ = call_code(stub.ComputeSignatures, kinds_request([tiny] * 4, [deep, bow]))
+    assert code == grpc.StatusCode.OK and len(response.signatures) == 8
+    cases = [(kinds_request([tiny], [deep, deep]), grpc.StatusCode.INVALID_ARGUMENT, "listed twice"),
+             (kinds_request([tiny], [deep, 9]), grpc.StatusCode.INVALID_ARGUMENT, "kinds[1]: signature kind 9"),
+             (kinds_request([tiny], [common_pb2.SIGNATURE_KIND_UNSPECIFIED]), grpc.StatusCode.INVALID_ARGUMENT,
+              "SIGNATURE_KIND_UNSPECIFIED is not served"),
+             (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 4"),
+             (kinds_request([], [deep, bow]), grpc.StatusCode.INVALID_ARGUMENT, "no images")]
+    for message, expected_code, fragment in cases:
+        _, code, details = call_code(stub.ComputeSignatures, message)
+        assert code == expected_code and fragment in details, (code, details)
+
+
+def locate(image, max_salient=MAX_SALIENT, max_segments=30):
+    return signature_pb2.LocateObjectsRequest(image=image, max_salient=max_salient, max_segments=max_segments)
+
+
+def test_locate_objects_answers_the_same_for_raw_and_encoded_photos(stub, coffee, coffee_png):
+    raw = stub.LocateObjects(locate(image_to_proto(coffee)), timeout=30)
+    encoded = stub.LocateObjects(locate(common_pb2.Image(encoded=coffee_png)), timeout=30)
+    assert (raw.image_width, raw.image_height) == (600, 400) and raw.compute_ms > 0
+    assert 1 <= len(raw.salient) <= MAX_SALIENT and 1 <= len(raw.segments) <= 30
+    encoded.compute_ms = raw.compute_ms
+    assert encoded == raw
+    for located in [*raw.salient, *raw.segments]:
+        box = located.box
+        assert 0 <= box.x_min < box.x_max <= 600 and 0 <= box.y_min < box.y_max <= 400
+        assert 0 < located.score <= 1
+
+
+def test_locate_objects_bad_input_says_what_to_fix(stub, coffee, coffee_png):
+    from tests.conftest import bad_images
+
+    photo = common_pb2.Image(encoded=coffee_png)
+    cases = [(signature_pb2.LocateObjectsRequest(max_salient=1), grpc.StatusCode.INVALID_ARGUMENT,
+              "no image given"),
+             (locate(common_pb2.Image(encoded=bad_images(coffee_png)["random"])), grpc.StatusCode.INVALID_ARGUMENT,
+              "cannot be decoded"),
+             (locate(common_pb2.Image(encoded=bad_images(coffee_png)["bomb"])), grpc.StatusCode.INVALID_ARGUMENT,
+              "downscale"),
+             (locate(common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))),
+              grpc.StatusCode.INVALID_ARGUMENT, "RGB bytes"),
+             (locate(photo, 0, 0), grpc.StatusCode.INVALID_ARGUMENT, "both 0"),
+             (locate(photo, MAX_SALIENT + 1, 0), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SALIENT}"),
+             (locate(photo, 1, MAX_SEGMENTS + 1), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SEGMENTS}")]
+    for message, expected_code, fragment in cases:
+        _, code, details = call_code(stub.LocateObjects, message)
+        assert code == expected_code and fragment in details, (code, details)

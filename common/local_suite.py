@@ -1,0 +1,105 @@
+"""The four services as local processes on free ports: what `make run` and the benchmarks start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.config import REPO_ROOT
+
+SERVICES = ("detector", "signature", "index", "gateway")
+MODULES = {"detector": "detector_server", "signature": "signature_server", "index": "index_server",
+           "gateway": "gateway"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Waits until the process at `address` reports SERVING; raises if it dies or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server for {address} exited with {process.returncode}; see its log above")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError(f"{address} did not become healthy in {timeout_s} s")
+
+
+@dataclass
+class LocalSuite:
+    """Running service processes and their addresses."""
+
+    addresses: dict[str, str]
+    extra: dict[str, list[str]]
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def command(self, name: str) -> list[str]:
+        args = [sys.executable, "-m", MODULES[name], "--port", self.addresses[name].rpartition(":")[2]]
+        if name == "gateway":
+            args += ["--detector-address", self.addresses["detector"], "--signature-address",
+                     self.addresses["signature"], "--index-address", self.addresses["index"]]
+        return args + self.extra.get(name, [])
+
+    def start(self, name: str, extra: Sequence[str] | None = None) -> None:
+        """Starts (or, with new flags, restarts) one service and waits until it serves."""
+        if extra is not None:
+            self.extra[name] = list(extra)
+        if name in self.processes:
+            self._stop(self.processes.pop(name))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env)
+        wait_serving(self.addresses[name], self.processes[name])
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            self._wait(process)
+        self.processes.clear()
+
+    def _stop(self, process: subprocess.Popen) -> None:
+        process.send_signal(signal.SIGTERM)
+        self._wait(process)
+
+    @staticmethod
+    def _wait(process: subprocess.Popen) -> None:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def start_local_suite(extra: dict[str, list[str]] | None = None) -> LocalSuite:
+    """Starts the four services (the back ends in parallel, then the gateway); `extra` adds flags
+    per service, e.g. {"index": ["--data-dir", ""]}."""
+    suite = LocalSuite({name: f"127.0.0.1:{free_port()}" for name in SERVICES}, dict(extra or {}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for name in SERVICES[:3]:
+            suite.processes[name] = subprocess.Popen(suite.command(name), cwd=REPO_ROOT, env=env)
+        for name in SERVICES[:3]:
+            wait_serving(suite.addresses[name], suite.processes[name])
+        suite.start("gateway")
+    except BaseException:
+        suite.stop()
+        raise
+    return suite

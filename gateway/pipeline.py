@@ -1,0 +1,569 @@
+"""The multi-product search and the catalogue ingestion, as plain Python (no gRPC here).
+
+A search (seed 000, section 4, widened beyond the detector's classes):
+1. localise: the detector's product classes and class-agnostic objectness boxes, and the deep
+   descriptor's salient objects (SCDA) and ranked segments, asked for in parallel on downscaled
+   copies of the photo decoded once; merged across sources (near-duplicates are one region) and
+   capped; the whole image is a candidate too, kept only when nothing else qualifies;
+2. select: every candidate is signed with the cheap selection kind and searched in its category,
+   or, when the detector gave none (or the category has no catalogue), in every category in
+   parallel; a class-agnostic candidate becomes an item only when one category is clearly best
+   and its best match is good enough; overlapping items of one category or one product are one
+   item; mutually exclusive categories keep the more confident;
+3. match: the items are signed with the requested kind (when it is not the selection kind) and
+   searched in their categories; matches below min_score are dropped.
+An ingested catalogue image is localised the same way (unless it comes with a box) and only its
+product's region is signed, so a product shot in a room or on a model is not its background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from common.errors import InvalidArgument, NotFound, ServiceError
+from common.images import ImageError, Photo, decode_photo, raw_to_array, shrink
+from common.serving import Deadline
+from detector_server.nms import iou_matrix
+from gateway.config import GatewayConfig
+from gateway.crops import crop, plain_background, valid_box
+from gateway.exclusive import resolve_exclusive
+from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, Degraded, Detector, Index,
+                           Locator, Signature, Signer)
+from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
+
+KINDS = ("deep", "bow")
+
+
+@dataclass
+class SearchOptions:
+    """One MultiProductSearch, in domain terms; boxes in original pixels."""
+
+    kind: str
+    top_k: int
+    min_confidence: float = 0.0
+    regions: Sequence[tuple[np.ndarray, str]] = ()
+    categories: Sequence[str] = ()
+    min_score: float | None = None
+    sources: frozenset[Source] | None = None
+    max_items: int = 0
+
+
+@dataclass
+class FoundItem:
+    """One product found in a photo, with its catalogue matches."""
+
+    box: np.ndarray  # (4,) float32 xyxy original pixels
+    source: Source
+    confidence: float
+    class_name: str
+    category: str
+    matches: list[CatalogueMatch] = field(default_factory=list)
+    warning: str = ""
+    degraded: Degraded | None = None
+    category_margin: float = 0.0
+
+
+@dataclass
+class Timings:
+    decode_ms: float = 0.0
+    detect_ms: float = 0.0
+    locate_ms: float = 0.0
+    sign_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+@dataclass
+class SearchOutcome:
+    items: list[FoundItem]
+    width: int
+    height: int
+    proposals: int
+    timings: Timings
+
+
+@dataclass
+class CatalogueImage:
+    """One image of IndexProducts, not decoded yet."""
+
+    product_id: str
+    category: str
+    image_id: str
+    encoded: bytes | None
+    raw: tuple[int, int, bytes] | None  # (width, height, RGB bytes)
+    box: np.ndarray | None  # (4,) float32 xyxy original pixels, when the caller gave one
+    metadata: dict[str, str]
+
+
+@dataclass
+class IndexedImage:
+    product_id: str
+    image_id: str
+    category: str
+    box: np.ndarray  # (4,) float32 xyxy original pixels
+    source: Source
+
+
+class IngestError(ServiceError):
+    """Ingestion stopped: `indexed` holds what was indexed before; the message says where."""
+
+    def __init__(self, message: str, status: str, indexed: list[IndexedImage]):
+        super().__init__(message)
+        self.status = status
+        self.indexed = indexed
+
+
+@dataclass
+class _Candidate:
+    """A proposal while it is being judged."""
+
+    proposal: Proposal
+    categories: list[str]          # where it is searched
+    fixed: bool                    # its category is given (detector class, region), not decided
+    answers: dict[str, BatchAnswer | str] = field(default_factory=dict)  # category -> answer or warning
+    index: int = 0                 # its query number in each category's batch
+    category: str = ""
+    margin: float = 0.0
+    ambiguous: str = ""
+    best: float = -np.inf
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def image_id_of(data: bytes) -> str:
+    """A catalogue image's id when the caller gives none: its content, so a re-send replaces it."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+class Pipeline:
+    def __init__(self, config: GatewayConfig, detector: Detector, locator: Locator, signer: Signer,
+                 index: Index, pool: ThreadPoolExecutor):
+        for name in [config.default_signature_kind, config.selection_kind, *config.index_kinds]:
+            if name not in KINDS:
+                raise ValueError(f"signature kind {name!r} in the gateway config is not one of {KINDS}")
+        for kind in (config.default_signature_kind, config.selection_kind):
+            if kind not in config.index_kinds:
+                raise ValueError(f"{kind!r} (default or selection kind) must be one of index_kinds")
+        unknown = set(config.default_sources) - {s.value for s in LOCALISING}
+        if unknown:
+            raise ValueError(f"default_sources {sorted(unknown)} are not among {[s.value for s in LOCALISING]}")
+        self.config = config
+        self.detector, self.locator, self.signer, self.index = detector, locator, signer, index
+        self.pool = pool
+        self.default_sources = frozenset(Source(s) for s in config.default_sources)
+
+    # -- decoding ------------------------------------------------------------------------------------
+
+    def decode(self, encoded: bytes | None, raw: tuple[int, int, bytes] | None) -> Photo:
+        """The photo, decoded once and at most decode_max_side on its longer side."""
+        try:
+            if encoded is not None:
+                return decode_photo(encoded, self.config.max_pixels, self.config.decode_max_side)
+            if raw is not None:
+                width, height, rgb = raw
+                full = raw_to_array(width, height, rgb, self.config.max_pixels)
+                return Photo(shrink(full, self.config.decode_max_side), width, height)
+        except ImageError as exc:
+            raise InvalidArgument(f"image: {exc}") from None
+        raise InvalidArgument("image: no image given: set image.encoded (file bytes) or image.raw (RGB pixels)")
+
+    # -- search --------------------------------------------------------------------------------------
+
+    def search(self, photo: Photo, options: SearchOptions, deadline: Deadline,
+               timings: Timings | None = None) -> SearchOutcome:
+        timings = timings or Timings()
+        config = self.config
+        width, height = photo.rgb.shape[1], photo.rgb.shape[0]
+        if options.regions:
+            proposals = []
+            for box, category in options.regions:
+                clipped = clip_box(box, photo.width, photo.height) * photo.scale
+                proposals.append(Proposal(clipped.astype(np.float32), Source.USER_REGION, 1.0, "", category))
+        else:
+            proposals = self._localise(photo.rgb, options.sources or self.default_sources,
+                                       options.min_confidence, deadline, timings)
+            proposals.append(Proposal(np.array([0, 0, width, height], np.float32), Source.WHOLE_IMAGE, 1.0))
+        selection = config.selection_kind
+        candidates = self._plan(proposals, selection, options.categories)
+        crops = [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in candidates]
+
+        same_kind = options.kind == selection
+        signatures = self._sign(crops, [selection], deadline, timings)
+        self._search(candidates, [s[0] for s in signatures], selection,
+                     options.top_k if same_kind else 1, deadline, timings)
+        for candidate in candidates:
+            self._decide(candidate)
+        chosen = self._select(candidates, options)
+
+        if not same_kind and chosen:
+            final = [self._replan(c, options.kind) for c in chosen]
+            signatures = self._sign([crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in chosen],
+                                    [options.kind], deadline, timings)
+            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings)
+            chosen = final
+        items = [self._item(c, options, photo.scale) for c in chosen]
+        return SearchOutcome(items, photo.width, photo.height, len(proposals) - (0 if options.regions else 1), timings)
+
+    def _localise(self, rgb: np.ndarray, sources: frozenset[Source], min_confidence: float,
+                  deadline: Deadline, timings: Timings) -> list[Proposal]:
+        """Proposals of every source asked for, in pixels of `rgb`, merged and capped."""
+        config = self.config
+        calls: dict[str, Future] = {}
+        if sources & {Source.DETECTOR, Source.OBJECTNESS}:
+            small = shrink(rgb, config.detector_side)
+            objectness = config.objectness_threshold if Source.OBJECTNESS in sources else 0.0
+
+            def detect():
+                start = time.perf_counter()
+                return self.detector.detect(small, min_confidence, objectness, config.max_objects,
+                                            deadline.remaining()), small, _ms(start)
+            calls["detect"] = self.pool.submit(detect)
+        if sources & {Source.SALIENT, Source.SEGMENT}:
+            small_l = shrink(rgb, config.locate_side)
+            salient = config.max_salient if Source.SALIENT in sources else 0
+            segments = config.max_segments if Source.SEGMENT in sources else 0
+
+            def locate():
+                start = time.perf_counter()
+                return self.locator.locate(small_l, salient, segments, deadline.remaining()), small_l, _ms(start)
+            calls["locate"] = self.pool.submit(locate)
+        proposals: list[Proposal] = []
+        height, width = rgb.shape[:2]
+        if "detect" in calls:
+            found, small, ms = calls["detect"].result()
+            timings.detect_ms = ms
+            factor = width / small.shape[1]
+            if Source.DETECTOR in sources:
+                proposals += [Proposal(clip_box(box * factor, width, height), Source.DETECTOR, confidence, name,
+                                       category) for box, name, category, confidence in found.detections if category]
+            proposals += [Proposal(clip_box(box * factor, width, height), Source.OBJECTNESS, score)
+                          for box, score in found.objects]
+        if "locate" in calls:
+            located, small_l, ms = calls["locate"].result()
+            timings.locate_ms = ms
+            factor = width / small_l.shape[1]
+            proposals += [Proposal(clip_box(box * factor, width, height), Source.SALIENT, score)
+                          for box, score in located.salient]
+            proposals += [Proposal(clip_box(box * factor, width, height), Source.SEGMENT, score)
+                          for box, score in located.segments]
+        proposals = [p for p in proposals if p.box[2] - p.box[0] >= 2 and p.box[3] - p.box[1] >= 2]
+        return merge_proposals(proposals, config.proposal_iou, config.max_proposals)
+
+    def _plan(self, proposals: list[Proposal], kind: str, restrict: Sequence[str]) -> list[_Candidate]:
+        """Where each proposal is searched: its own category when it has a catalogue (or is a
+        region's), else every category (the request's, when it restricts them)."""
+        reachable = self.index.categories(kind)
+        available = reachable | self.index.unreachable_categories()
+        allowed = sorted(reachable & set(restrict)) if restrict else sorted(reachable)
+        candidates = []
+        for proposal in proposals:
+            own = proposal.category
+            if own and proposal.source is Source.USER_REGION:
+                candidates.append(_Candidate(proposal, [own], True))
+            elif own and own in available and (not restrict or own in restrict):
+                candidates.append(_Candidate(proposal, [own], True))
+            else:
+                candidates.append(_Candidate(proposal, list(allowed), False))
+        return candidates
+
+    def _replan(self, chosen: _Candidate, kind: str) -> _Candidate:
+        """The chosen item, to be searched with another kind: in its category, or (ambiguous) in
+        the categories it was compared over."""
+        categories = [chosen.category] if chosen.category else [c for c in chosen.categories
+                                                                 if c in self.index.categories(kind)]
+        again = _Candidate(chosen.proposal, categories, True)
+        again.category, again.margin, again.ambiguous = chosen.category, chosen.margin, chosen.ambiguous
+        return again
+
+    def _sign(self, crops: list[np.ndarray], kinds: list[str], deadline: Deadline,
+              timings: Timings) -> list[list[Signature]]:
+        """Signatures [crop][kind], in calls small enough for the signature server's limits."""
+        if not crops:
+            return []
+        start = time.perf_counter()
+        chunks: list[list[np.ndarray]] = [[]]
+        size = 0
+        for image in crops:
+            if chunks[-1] and (len(chunks[-1]) >= self.config.signature_call_images
+                               or size + image.nbytes > self.config.signature_call_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(image)
+            size += image.nbytes
+        futures = [self.pool.submit(self.signer.sign, chunk, kinds, deadline.remaining()) for chunk in chunks]
+        out = [signatures for future in futures for signatures in future.result()]
+        timings.sign_ms += _ms(start)
+        return out
+
+    def _search(self, candidates: list[_Candidate], signatures: list[Signature], kind: str, top_k: int,
+                deadline: Deadline, timings: Timings) -> None:
+        """One SearchBatch per category holding every candidate searched there, all in parallel."""
+        start = time.perf_counter()
+        by_category: dict[str, list[int]] = {}
+        for number, candidate in enumerate(candidates):
+            for category in candidate.categories:
+                by_category.setdefault(category, []).append(number)
+        timeout = deadline.remaining(self.config.reply_reserve_s)
+
+        def run(category: str, numbers: list[int]) -> BatchAnswer | str:
+            try:
+                return self.index.search_batch(category, kind, [signatures[n] for n in numbers], top_k, timeout)
+            except NotFound:
+                return f"no catalogue for category {category!r} yet"
+            except ServiceError as exc:
+                return f"search in {category!r} failed ({exc.status}): {exc}; matches may be partial"
+
+        futures = {category: self.pool.submit(run, category, numbers) for category, numbers in by_category.items()}
+        for category, future in futures.items():
+            answer = future.result()
+            for position, number in enumerate(by_category[category]):
+                if isinstance(answer, str):
+                    candidates[number].answers[category] = answer
+                else:
+                    candidates[number].answers[category] = BatchAnswer([answer.results[position]], answer.degraded)
+        timings.search_ms += _ms(start)
+
+    def _decide(self, candidate: _Candidate) -> None:
+        """Its category (given, or the one whose best match is clearly best) and best score."""
+        bests = {c: a.results[0][0].score for c, a in candidate.answers.items()
+                 if isinstance(a, BatchAnswer) and a.results[0]}
+        candidate.best = max(bests.values(), default=-np.inf)
+        if candidate.fixed:
+            candidate.category = candidate.categories[0]
+            return
+        ranked = sorted(bests.items(), key=lambda kv: -kv[1])
+        if not ranked:
+            return
+        if len(ranked) == 1:
+            candidate.category = ranked[0][0]
+            return
+        (first, s1), (second, s2) = ranked[0], ranked[1]
+        candidate.margin = s1 - s2
+        if candidate.margin >= self.config.category_margin:
+            candidate.category = first
+        else:
+            candidate.ambiguous = (f"no category is clearly best: {first!r} ({s1:.3f}) and {second!r} "
+                                   f"({s2:.3f}) are within {self.config.category_margin}")
+
+    def _select(self, candidates: list[_Candidate], options: SearchOptions) -> list[_Candidate]:
+        """The candidates that are items: regions and detector classes always; class-agnostic ones
+        with a clear category and a good best match; one item per product and place; exclusive
+        categories settled by confidence; the whole image only when nothing else qualifies."""
+        config = self.config
+        regions = [c for c in candidates if c.proposal.source is Source.USER_REGION]
+        if regions:
+            return regions
+        pool = [c for c in candidates if c.proposal.source is Source.DETECTOR
+                or (c.proposal.source in LOCALISING and c.category and not c.ambiguous
+                    and c.best >= config.proposal_min_score)]
+        # Detector classes first (they carry a class), then the best matches.
+        pool.sort(key=lambda c: (c.proposal.source is not Source.DETECTOR, -(
+            c.proposal.confidence if c.proposal.source is Source.DETECTOR else c.best)))
+        kept: list[_Candidate] = []
+        for candidate in pool:
+            if not any(self._same_item(candidate, other) for other in kept):
+                kept.append(candidate)
+        if config.box_vote_sharpness > 0:
+            kept = [self._voted(c, candidates) for c in kept]
+        if kept:
+            labels = [c.proposal.class_name or c.category for c in kept]
+            order_score = np.array([len(kept) - i for i in range(len(kept))], np.float64)
+            keep = resolve_exclusive(np.stack([c.proposal.box for c in kept]), order_score, labels,
+                                     config.exclusive_groups, config.exclusive_iou)
+            kept = [kept[i] for i in sorted(keep)]
+        kept = kept[:options.max_items or config.max_items]
+        if not kept:
+            kept = [c for c in candidates if c.proposal.source is Source.WHOLE_IMAGE]
+        return kept
+
+    def _voted(self, item: _Candidate, candidates: list[_Candidate]) -> _Candidate:
+        """A class-agnostic item's box as the vote of every candidate that found the same product
+        around it (box voting, Gidaris & Komodakis 2015), weighted by exp(sharpness x (score - the
+        item's score)): the best-scoring box alone is often too loose or too tight, the weighted
+        mean of its neighbours is closer to the object."""
+        if item.proposal.source is Source.DETECTOR:
+            return item
+        product = _top_product(item)
+        voters = [c for c in candidates if c.proposal.source in LOCALISING and _top_product(c) == product
+                  and overlap_of_smaller(c.proposal.box, item.proposal.box) >= self.config.same_product_overlap]
+        if len(voters) < 2:
+            return item
+        weights = np.exp(self.config.box_vote_sharpness * (np.array([c.best for c in voters]) - item.best))
+        box = (np.stack([c.proposal.box for c in voters]) * weights[:, None]).sum(axis=0) / weights.sum()
+        voted = _Candidate(Proposal(box.astype(np.float32), item.proposal.source, item.proposal.confidence,
+                                    item.proposal.class_name, item.proposal.category),
+                           item.categories, item.fixed, item.answers, item.index, item.category, item.margin,
+                           item.ambiguous, item.best)
+        return voted
+
+    def _same_item(self, candidate: _Candidate, other: _Candidate) -> bool:
+        """Two candidates that are one product in one place: one category and a large overlap, or
+        the same best product on overlapping boxes (one product shown twice in a photo would be
+        two separate places; two looser or tighter boxes of one object overlap)."""
+        a, b = candidate.proposal, other.proposal
+        if a.source is Source.DETECTOR and b.source is Source.DETECTOR:
+            return False  # the detector's own NMS and the exclusive groups settle these
+        iou = float(iou_matrix(a.box[None].astype(np.float64), b.box[None].astype(np.float64))[0, 0])
+        if candidate.category and candidate.category == other.category and iou >= self.config.item_iou:
+            return True
+        top_a, top_b = _top_product(candidate), _top_product(other)
+        return bool(top_a and top_a == top_b and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap)
+
+    def _item(self, candidate: _Candidate, options: SearchOptions, scale: float) -> FoundItem:
+        proposal = candidate.proposal
+        item = FoundItem(proposal.box / scale, proposal.source, proposal.confidence, proposal.class_name,
+                         candidate.category, category_margin=candidate.margin)
+        if proposal.source is Source.USER_REGION and proposal.category:
+            item.category = proposal.category
+        warnings = [a for a in candidate.answers.values() if isinstance(a, str)]
+        answers = [a for c, a in candidate.answers.items() if isinstance(a, BatchAnswer)
+                   and (not candidate.category or c == candidate.category)]
+        if candidate.ambiguous:
+            warnings.insert(0, candidate.ambiguous)
+        matches = sorted((m for a in answers for m in a.results[0]), key=lambda m: (-m.score, m.product_id))
+        floor = self._min_score(item.category, options)
+        item.matches = [m for m in matches if m.score >= floor][:options.top_k]
+        if matches and not item.matches:
+            warnings.append(f"no catalogue product scores {floor:.3f} or more (min_score): the best is "
+                            f"{matches[0].product_id!r} at {matches[0].score:.3f}")
+        degraded = [a.degraded for a in answers if a.degraded is not None]
+        if degraded:
+            item.degraded = degraded[0]
+            warnings.append(f"part of the {item.category or 'catalogue'!r} index did not answer "
+                            f"({degraded[0].reason}); matches are exact over the rest")
+        if candidate.category and isinstance(candidate.answers.get(candidate.category), str):
+            warnings = [candidate.answers[candidate.category]]  # type: ignore[list-item]
+        item.warning = "; ".join(dict.fromkeys(warnings))
+        return item
+
+    def _min_score(self, category: str, options: SearchOptions) -> float:
+        if options.min_score is not None:
+            return options.min_score
+        return self.config.category_min_score.get(category, {}).get(
+            options.kind, self.config.min_score.get(options.kind, 0.0))
+
+    # -- ingestion -----------------------------------------------------------------------------------
+
+    def localise_product(self, photo: Photo, category: str, deadline: Deadline) -> tuple[np.ndarray, Source]:
+        """Where a catalogue image's product is, in pixels of `photo.rgb`: the detector's most
+        confident box of the product's category; else, on a plain backdrop (a catalogue shot), the
+        salient object; else (a product in a room or on a model) the most object-like box; else the
+        salient object, when it is big enough to be the product; else the whole image.
+
+        Measured on bench/scenes.py's catalogue: on white, the salient object covers the product
+        best (median IoU 0.90, the best objectness box 0.69); in a room the objectness box does
+        (0.53 against 0.39)."""
+        config = self.config
+        rgb = photo.rgb
+        height, width = rgb.shape[:2]
+        small, small_l = shrink(rgb, config.detector_side), shrink(rgb, config.locate_side)
+        detected = self.pool.submit(self.detector.detect, small, 0.0, config.ingest_min_objectness, 5,
+                                    deadline.remaining())
+        located = self.pool.submit(self.locator.locate, small_l, 1, 0, deadline.remaining())
+        found = detected.result()
+        ours = [(confidence, box) for box, _, box_category, confidence in found.detections
+                if box_category == category]
+        if ours:
+            box = max(ours, key=lambda pair: pair[0])[1] * (width / small.shape[1])
+            return clip_box(box, width, height), Source.DETECTOR
+        def big(boxes: list[np.ndarray]) -> list[np.ndarray]:
+            # A catalogue image is about its product: a small box is a detail (a label, a light).
+            return [b for b in boxes if (b[2] - b[0]) * (b[3] - b[1]) >= config.ingest_min_area * width * height]
+
+        salient = big([clip_box(box * (width / small_l.shape[1]), width, height) for box, _ in located.result().salient])
+        if salient and plain_background(rgb):
+            return salient[0], Source.SALIENT
+        objects = big([clip_box(box * (width / small.shape[1]), width, height) for box, _ in found.objects])
+        if objects:
+            return objects[0], Source.OBJECTNESS
+        if salient:
+            return salient[0], Source.SALIENT
+        return np.array([0, 0, width, height], np.float32), Source.WHOLE_IMAGE
+
+    def ingest(self, images: Iterable[CatalogueImage], deadline: Deadline) -> list[IndexedImage]:
+        """Localises, signs (every index kind in one call) and adds catalogue images in batches.
+        A bad image raises IngestError after every image before it was indexed."""
+        config = self.config
+        done: list[IndexedImage] = []
+        batch: list[tuple[CatalogueImage, Photo]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            try:
+                done.extend(self._ingest_batch(batch, deadline))
+            except ServiceError as exc:
+                raise IngestError(f"{exc}; the {len(done)} products before this batch of {len(batch)} "
+                                  "were indexed: re-send from there (a re-sent image replaces itself)",
+                                  exc.status, done) from None
+            batch.clear()
+
+        for position, image in enumerate(images):
+            try:
+                if not image.product_id or not image.category:
+                    raise InvalidArgument("product_id and category are required")
+                photo = self.decode(image.encoded, image.raw)
+                if image.box is not None:
+                    problem = valid_box(image.box, photo.width, photo.height)
+                    if problem:
+                        raise InvalidArgument(f"box {problem}")
+            except InvalidArgument as exc:
+                flush()  # everything before the bad image is indexed, and the error says so
+                raise IngestError(f"product #{position} ({image.product_id!r}): {exc}; the {len(done)} "
+                                  "products before it were indexed", exc.status, done) from None
+            if not image.image_id:
+                image.image_id = image_id_of(image.encoded if image.encoded is not None
+                                             else image.raw[2])  # type: ignore[index]
+            batch.append((image, photo))
+            if len(batch) >= config.ingest_batch:
+                flush()
+        flush()
+        return done
+
+    def _ingest_batch(self, batch: list[tuple[CatalogueImage, Photo]], deadline: Deadline) -> list[IndexedImage]:
+        config = self.config
+
+        def place(pair: tuple[CatalogueImage, Photo]) -> tuple[np.ndarray, Source]:
+            image, photo = pair
+            if image.box is not None:
+                return clip_box(image.box, photo.width, photo.height) * photo.scale, Source.USER_REGION
+            return self.localise_product(photo, image.category, deadline)
+
+        placed = list(self.pool.map(place, batch))
+        crops = [crop(photo.rgb, box, config.crop_max_side) for (_, photo), (box, _) in zip(batch, placed)]
+        kinds = list(config.index_kinds)
+        signatures = self._sign(crops, kinds, deadline, Timings())
+        entries, report = [], []
+        for (image, photo), (box, source), signed in zip(batch, placed, signatures):
+            original = (box / photo.scale).astype(np.float32)
+            report.append(IndexedImage(image.product_id, image.image_id, image.category, original, source))
+            entries += [CatalogueEntry(image.product_id, image.image_id, image.category, kind, signature,
+                                       original, image.metadata) for kind, signature in zip(kinds, signed)]
+        self.index.add(entries, deadline.remaining())
+        return report
+
+    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str],
+                        deadline: Deadline) -> tuple[int, list[str]]:
+        if not product_ids:
+            raise InvalidArgument("product_ids is empty: name the products to delete")
+        if any(not p for p in product_ids):
+            raise InvalidArgument("product_ids has an empty id")
+        return self.index.delete_products(list(dict.fromkeys(product_ids)), list(categories) or None,
+                                          deadline.remaining())
+
+
+def _top_product(candidate: _Candidate) -> str:
+    """The product of its best match over the categories it was searched in."""
+    best, product = -np.inf, ""
+    for answer in candidate.answers.values():
+        if isinstance(answer, BatchAnswer) and answer.results[0] and answer.results[0][0].score > best:
+            best, product = answer.results[0][0].score, answer.results[0][0].product_id
+    return product
+

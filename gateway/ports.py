@@ -1,0 +1,113 @@
+"""What the gateway's pipeline needs from the services behind it, as plain Python (no gRPC here).
+
+`gateway/backends.py` implements these over gRPC; tests may implement them in-process. Every
+method takes the seconds it may spend and raises common.errors on failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+# A signature is opaque to the pipeline: it is computed by the signer and handed to the index.
+Signature = Any
+
+
+@dataclass
+class DetectorOutput:
+    """Boxes in pixels of the image that was sent."""
+
+    # (box (4,) float32 xyxy, class name, category ("" when the class is not a product), confidence)
+    detections: list[tuple[np.ndarray, str, str, float]]
+    objects: list[tuple[np.ndarray, float]]  # (box, objectness)
+    inference_ms: float = 0.0
+
+
+@dataclass
+class LocatorOutput:
+    """Boxes in pixels of the image that was sent."""
+
+    salient: list[tuple[np.ndarray, float]]
+    segments: list[tuple[np.ndarray, float]]
+    compute_ms: float = 0.0
+
+
+@dataclass
+class CatalogueMatch:
+    """One catalogue image found for a query (the best image of its product when grouped)."""
+
+    product_id: str
+    image_id: str
+    score: float
+    metadata: dict[str, str]
+    box: np.ndarray | None  # (4,) float32 xyxy pixels of the catalogue image, when known
+
+
+@dataclass
+class Degraded:
+    """Part of a category's index did not answer; the matches are exact over the rest."""
+
+    reason: str
+    missing_word_ranges: list[tuple[int, int]] = field(default_factory=list)
+    missing_shards: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BatchAnswer:
+    """results[i] answers query i, best first."""
+
+    results: list[list[CatalogueMatch]]
+    degraded: Degraded | None = None
+
+
+@dataclass
+class CatalogueEntry:
+    """One catalogue image, signed, for the index."""
+
+    product_id: str
+    image_id: str
+    category: str
+    kind: str
+    signature: Signature
+    box: np.ndarray  # (4,) float32 xyxy original pixels
+    metadata: dict[str, str]
+
+
+class Detector(Protocol):
+    def detect(self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float,
+               max_objects: int, timeout_s: float) -> DetectorOutput: ...
+
+
+class Locator(Protocol):
+    def locate(self, rgb: np.ndarray, max_salient: int, max_segments: int, timeout_s: float) -> LocatorOutput: ...
+
+
+class Signer(Protocol):
+    def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
+        """[crop][kind] signatures; raises common.errors on failure."""
+        ...
+
+
+class Index(Protocol):
+    def categories(self, kind: str) -> set[str]:
+        """The categories whose database of this kind exists (may be cached briefly)."""
+        ...
+
+    def unreachable_categories(self) -> set[str]:
+        """Categories that may exist but whose index did not answer: searched only when named."""
+        ...
+
+    def search_batch(self, category: str, kind: str, signatures: Sequence[Signature], top_k: int,
+                     timeout_s: float) -> BatchAnswer:
+        """Each query's top_k products (one per product, its best image) in one category's
+        database; raises common.errors.NotFound when that database does not exist."""
+        ...
+
+    def add(self, entries: Sequence[CatalogueEntry], timeout_s: float) -> None: ...
+
+    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] | None,
+                        timeout_s: float) -> tuple[int, list[str]]:
+        """Deletes every image of the products in every kind -> (images deleted, ids not found)."""
+        ...
