@@ -61,6 +61,7 @@ bench: setup
 	$(PY) bench/search_latency.py
 	$(PY) bench/signature.py
 	$(PY) bench/index.py
+	$(PY) bench/scenes.py
 
 clean:
 	rm -rf mps models/yolov3-tiny/1 models/efficientnet-lite0/1 out build

@@ -18,6 +18,7 @@ product's region is signed, so a product shot in a room or on a model is not its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -126,7 +127,6 @@ class _Candidate:
     categories: list[str]          # where it is searched
     fixed: bool                    # its category is given (detector class, region), not decided
     answers: dict[str, BatchAnswer | str] = field(default_factory=dict)  # category -> answer or warning
-    index: int = 0                 # its query number in each category's batch
     category: str = ""
     margin: float = 0.0
     ambiguous: str = ""
@@ -193,6 +193,9 @@ class Pipeline:
         selection = config.selection_kind
         candidates = self._plan(proposals, selection, options.categories)
         crops = [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in candidates]
+        if all(c.fixed for c in candidates) and options.regions:
+            selection = options.kind  # regions with their categories: nothing to select
+            candidates = self._plan(proposals, selection, options.categories)
 
         same_kind = options.kind == selection
         signatures = self._sign(crops, [selection], deadline, timings)
@@ -397,11 +400,7 @@ class Pipeline:
             return item
         weights = np.exp(self.config.box_vote_sharpness * (np.array([c.best for c in voters]) - item.best))
         box = (np.stack([c.proposal.box for c in voters]) * weights[:, None]).sum(axis=0) / weights.sum()
-        voted = _Candidate(Proposal(box.astype(np.float32), item.proposal.source, item.proposal.confidence,
-                                    item.proposal.class_name, item.proposal.category),
-                           item.categories, item.fixed, item.answers, item.index, item.category, item.margin,
-                           item.ambiguous, item.best)
-        return voted
+        return dataclasses.replace(item, proposal=dataclasses.replace(item.proposal, box=box.astype(np.float32)))
 
     def _same_item(self, candidate: _Candidate, other: _Candidate) -> bool:
         """Two candidates that are one product in one place: one category and a large overlap, or

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from mps.gateway.v1 import gateway_pb2
 
@@ -56,22 +56,29 @@ def draw_result(photo: np.ndarray, result: gateway_pb2.MultiProductSearchRespons
     base = Image.fromarray(photo)
     rows = max(len(result.items), 1)
     panel_w = 40 + matches_shown * (THUMB + 8)
-    canvas = Image.new("RGB", (base.width + panel_w, max(base.height, rows * (THUMB + 24) + 8)), "white")
+    # Labels readable at any photo size: the font grows with the photo, on a filled patch.
+    font = ImageFont.load_default(size=max(14, base.width // 60))
+    small = ImageFont.load_default(size=14)
+    row_h = THUMB + 40
+    canvas = Image.new("RGB", (base.width + panel_w, max(base.height, rows * row_h + 8)), "white")
     canvas.paste(base, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for n, item in enumerate(result.items):
         colour = PALETTE[n % len(PALETTE)]
         b = item.box
-        draw.rectangle([b.x_min, b.y_min, b.x_max, b.y_max], outline=colour, width=3)
-        draw.text((b.x_min + 4, b.y_min + 2), f"{n} {item.category or '?'} ({source_name(item)})", fill=colour)
-        y = 8 + n * (THUMB + 24)
-        draw.text((base.width + 8, y), f"{n} {item.category}", fill=colour)
+        draw.rectangle([b.x_min, b.y_min, b.x_max, b.y_max], outline=colour, width=max(3, base.width // 400))
+        label = f"{n} {item.category or '?'} ({source_name(item)})"
+        left, top, right, bottom = draw.textbbox((b.x_min + 3, b.y_min + 3), label, font=font)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=colour)
+        draw.text((b.x_min + 3, b.y_min + 3), label, fill="white", font=font)
+        y = 8 + n * row_h
+        draw.text((base.width + 8, y), f"{n} {item.category or '?'}", fill=colour, font=small)
         for m, match in enumerate(item.matches[:matches_shown]):
             x = base.width + 8 + m * (THUMB + 8)
             thumb = _thumbnail(match.metadata.get("path", ""))
             if thumb is not None:
-                canvas.paste(thumb, (x, y + 14))
-            draw.text((x, y + 14 + THUMB - 12), f"{match.score:.2f}", fill=(0, 0, 0))
+                canvas.paste(thumb, (x, y + 20))
+            draw.text((x, y + 22 + THUMB), f"{match.score:.2f}", fill=(0, 0, 0), font=small)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out

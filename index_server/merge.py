@@ -43,7 +43,7 @@ def sum_partials(keys: list[np.ndarray], sums: list[np.ndarray], groups: list[np
     table_sums = np.zeros(capacity, np.float32)
     used = np.zeros(capacity, np.bool_)
     slot_of = np.empty(len(all_keys), np.int64)
-    _hash_sum(all_keys, all_sums, table_keys, table_sums, used, slot_of)
+    _hash_reduce(all_keys, all_sums, table_keys, table_sums, used, slot_of, False)
     slots = np.flatnonzero(used)
     if all_groups is None:
         return table_keys[slots], table_sums[slots]
@@ -63,7 +63,7 @@ def best_of_groups(totals: np.ndarray, groups: np.ndarray, top_k: int) -> np.nda
     table_best = np.full(capacity, -np.inf, np.float32)
     used = np.zeros(capacity, np.bool_)
     slot_of = np.empty(len(groups), np.int64)
-    _hash_max(groups, totals, table_groups, table_best, used, slot_of)
+    _hash_reduce(groups, totals, table_groups, table_best, used, slot_of, True)
     group_best = table_best[slot_of]
     bests = table_best[used]
     threshold = bests[top_with_ties(bests, top_k)].min() if len(bests) else -np.inf
@@ -79,7 +79,9 @@ def top_with_ties(scores: np.ndarray, top_k: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _hash_sum(keys, sums, table_keys, table_sums, used, slot_of):  # pragma: no cover
+def _hash_reduce(keys, values, table_keys, table_values, used, slot_of, take_max):  # pragma: no cover
+    """Per distinct key, the sum (or, with take_max, the maximum) of its values, in an
+    open-addressing table; slot_of[i] is the slot of keys[i]."""
     mask = table_keys.shape[0] - 1
     for i in range(keys.shape[0]):
         key = keys[i]
@@ -90,21 +92,9 @@ def _hash_sum(keys, sums, table_keys, table_sums, used, slot_of):  # pragma: no 
         if not used[slot]:
             used[slot] = True
             table_keys[slot] = key
-        table_sums[slot] += sums[i]
-        slot_of[i] = slot
-
-
-@numba.njit(cache=True, nogil=True)
-def _hash_max(keys, values, table_keys, table_max, used, slot_of):  # pragma: no cover
-    mask = table_keys.shape[0] - 1
-    for i in range(keys.shape[0]):
-        key = keys[i]
-        slot = np.int64(key & np.uint64(mask))
-        while used[slot] and table_keys[slot] != key:
-            slot = (slot + 1) & mask
-        if not used[slot]:
-            used[slot] = True
-            table_keys[slot] = key
-        if values[i] > table_max[slot]:
-            table_max[slot] = values[i]
+        if take_max:
+            if values[i] > table_values[slot]:
+                table_values[slot] = values[i]
+        else:
+            table_values[slot] += values[i]
         slot_of[i] = slot

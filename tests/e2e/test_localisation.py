@@ -133,7 +133,7 @@ def test_a_category_without_a_catalogue_is_searched_like_no_category(shop, coffe
 def test_a_category_nobody_can_tell_apart_is_left_open(shop, coffee_png):
     """The same distractor tiles are in 'pets' and 'toys': the catalogue cannot pick one for the cup."""
     _, client, _ = shop
-    restricted = client.search(coffee_png, categories=["pets", "toys"], top_k=3)
+    restricted = client.search(coffee_png, categories=["pets", "toys"], top_k=3, min_score=0.0)
     cup = [i for i in restricted.items if i.class_name == "cup"][0]
     assert cup.category == "" and "no category is clearly best" in cup.warning
     assert cup.matches and {m.product_id.split("-")[0] for m in cup.matches} <= {"pets", "toys", "doomed", "rocket"}
@@ -183,7 +183,7 @@ def test_a_product_with_several_images_is_one_result(shop, scene):
     suite, client, _ = shop
     _, png, boxes = scene
     assert stats(suite)["toys.deep"] >= 2 + 2 + 4 * len(DISTRACTORS)  # both rocket images are kept
-    item = client.search(png, top_k=5, regions=[(tuple(boxes["rocket"]), "toys")]).items[0]
+    item = client.search(png, top_k=5, regions=[(tuple(boxes["rocket"]), "toys")], min_score=0.0).items[0]
     ids = [m.product_id for m in item.matches]
     assert ids[0] == "rocket" and len(ids) == len(set(ids)) == 5
     assert item.matches[0].image_id in ("front", "on-pad")
@@ -226,8 +226,10 @@ def test_min_score_turns_the_least_bad_item_into_no_match(shop, scene):
     _, client, _ = shop
     _, png, boxes = scene
     region = [(tuple(boxes["cat-portrait"]), "toys")]  # no cat among the toys
-    loose = client.search(png, regions=region).items[0]
+    loose = client.search(png, regions=region, min_score=0.0).items[0]
     assert loose.matches  # without a floor, the least bad toy comes back
+    floored = client.search(png, regions=region).items[0]  # the gateway's default floor for deep
+    assert all(m.score >= 0.55 for m in floored.matches)
     strict = client.search(png, regions=region, min_score=loose.matches[0].score + 0.01).items[0]
     assert not strict.matches and "min_score" in strict.warning
 
