@@ -85,6 +85,14 @@ def test_finds_products_the_detector_has_no_class_for(shop, scene):
         assert item.category_margin > 0
 
 
+def test_max_items_caps_the_items_best_first(shop, scene):
+    _, client, _ = shop
+    everything = client.search(scene[1], top_k=1)
+    capped = client.search(scene[1], top_k=1, max_items=1)
+    assert len(everything.items) >= 2 and len(capped.items) == 1
+    assert capped.items[0].matches[0].product_id == everything.items[0].matches[0].product_id
+
+
 def test_the_detector_only_path_finds_nothing_there(shop, scene):
     """What users hit before: the detector has no class for either product."""
     _, client, _ = shop
