@@ -717,7 +717,6 @@ def place(canvas_hw: tuple[int, int], masks: list[np.ndarray], min_visible: floa
     for index, mask in enumerate(masks):
         h, w = mask.shape
         area = int(mask.sum())
-        spot = None
         for _ in range(tries):
             x = int(rng.integers(-int(overflow * w), W - w + int(overflow * w) + 1))
             y = int(rng.integers(-int(overflow * h), H - h + int(overflow * h) + 1))
@@ -730,20 +729,17 @@ def place(canvas_hw: tuple[int, int], masks: list[np.ndarray], min_visible: floa
             lost = np.bincount(under[under >= 0], minlength=len(areas))
             if any(visible[k] - lost[k] < min_visible * areas[k] for k in range(len(areas))):
                 continue
-            spot = (x, y, x0, y0, x1, y1, part, own, lost)
-            break
-        if spot is None:
-            positions.append(None)
+            for k in range(len(visible)):
+                visible[k] -= int(lost[k])
+            owner[y0:y1, x0:x1][part] = index
             areas.append(area)
+            visible.append(own)
+            positions.append((x, y))
+            break
+        else:  # no place: it takes no area, so it constrains nothing that comes after it
+            areas.append(0)
             visible.append(0)
-            continue
-        x, y, x0, y0, x1, y1, part, own, lost = spot
-        for k in range(len(visible)):
-            visible[k] -= int(lost[k])
-        owner[y0:y1, x0:x1][part] = index
-        areas.append(area)
-        visible.append(own)
-        positions.append((x, y))
+            positions.append(None)
     return positions, owner
 
 

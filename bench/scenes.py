@@ -69,6 +69,9 @@ class Tally:
     box_right: list[float] = field(default_factory=list)
     box_wrong: list[float] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.ms["localised_iou30"] = self.ms["localised"]  # one search, two criteria
+
     def recall(self, path: str, k: int) -> float:
         ranks = np.array(self.ranks[path])
         return float(np.mean((ranks > 0) & (ranks <= k))) if len(ranks) else 0.0
@@ -83,22 +86,20 @@ def boxes_of(items) -> np.ndarray:
     return np.stack([box_from_proto(i.box) for i in items]) if items else np.zeros((0, 4), np.float32)
 
 
-def located_ranks(items, objects, min_iou: float = 0.5) -> tuple[list[int], list[bool], int]:
-    """Per object: the best rank among the items on it (IoU >= min_iou), and whether any item is on
-    it; and how many items are a true object with its right product first."""
+def located_ranks(items, objects, min_iou: float = 0.5) -> tuple[list[int], list[bool], list[bool]]:
+    """Per object: the best rank among the items on it (IoU >= min_iou; 0 when none has it), and
+    whether any item is on it; per item: whether it is a true object with its right product first."""
     if not items:
-        return [0] * len(objects), [False] * len(objects), 0
+        return [0] * len(objects), [False] * len(objects), []
     truth = np.array([o.box for o in objects], np.float32)
-    overlaps = iou_matrix(truth, boxes_of(items))
-    ranks, located = [], []
+    on = iou_matrix(truth, boxes_of(items)) >= min_iou
+    ranks = []
     for o, obj in enumerate(objects):
-        on = [items[j] for j in np.flatnonzero(overlaps[o] >= min_iou)]
-        found = [r for r in (rank_of(i.matches, obj.product_id) for i in on) if r]
+        found = [r for r in (rank_of(items[j].matches, obj.product_id) for j in np.flatnonzero(on[o])) if r]
         ranks.append(min(found) if found else 0)
-        located.append(bool(on))
-    good = sum(1 for j, item in enumerate(items) if item.matches and any(
-        overlaps[o, j] >= 0.5 and item.matches[0].product_id == obj.product_id for o, obj in enumerate(objects)))
-    return ranks, located, good
+    right = [bool(item.matches) and any(on[o, j] and item.matches[0].product_id == obj.product_id
+                                        for o, obj in enumerate(objects)) for j, item in enumerate(items)]
+    return ranks, list(on.any(axis=1)), right
 
 
 def ingest(client: VisualSearchClient, data, root: Path) -> tuple[float, list[float]]:
@@ -110,7 +111,7 @@ def ingest(client: VisualSearchClient, data, root: Path) -> tuple[float, list[fl
         for image in product.images:
             products.append(Product(product.product_id, product.category, (root / image.path).read_bytes(),
                                     {"path": str(root / image.path)}, image.image_id))
-            if image.box is not None:
+            if image.style == "room":
                 truth[(product.product_id, image.image_id)] = np.array(image.box, np.float32)
     for distractor in data.distractors:
         products.append(Product(distractor.product_id, distractor.category,
@@ -152,18 +153,16 @@ def run_kind(client: VisualSearchClient, detector, data, root: Path, kind: str, 
                                                     for i, o in zip(result.items, objects)]
         if "localised" in paths:
             result = timed("localised")
-            ranks, located, good = located_ranks(list(result.items), objects)
+            items = list(result.items)
+            ranks, located, right = located_ranks(items, objects)
             tally.ranks["localised"] += ranks
-            tally.ranks["localised_iou30"] += located_ranks(list(result.items), objects, 0.3)[0]
-            tally.ms["localised_iou30"] = tally.ms["localised"]
+            tally.ranks["localised_iou30"] += located_ranks(items, objects, 0.3)[0]  # a looser criterion
             tally.located += located
-            tally.items.append(len(result.items))
-            tally.good_items += good
-            for item in result.items:
+            tally.items.append(len(items))
+            tally.good_items += sum(right)
+            for item, is_right in zip(items, right):
                 if item.matches:
-                    right = any(float(iou_matrix(box_from_proto(item.box)[None], np.array([o.box], np.float32))[0, 0])
-                                >= 0.5 and item.matches[0].product_id == o.product_id for o in objects)
-                    (tally.right_scores if right else tally.wrong_scores).append(item.matches[0].score)
+                    (tally.right_scores if is_right else tally.wrong_scores).append(item.matches[0].score)
         if "detector_only" in paths:
             # Before: the detector's product classes, searched in their own category only.
             start = time.perf_counter()

@@ -25,10 +25,6 @@ class ResourceExhausted(ServiceError):
     status = "RESOURCE_EXHAUSTED"
 
 
-class FailedPrecondition(ServiceError):
-    status = "FAILED_PRECONDITION"
-
-
 class Unavailable(ServiceError):
     status = "UNAVAILABLE"
 

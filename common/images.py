@@ -89,6 +89,11 @@ def shrink(rgb: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
+def raw_photo(width: int, height: int, rgb: bytes, max_pixels: int, max_side: int = 0) -> Photo:
+    """Raw RGB bytes -> a Photo at most `max_side` pixels on its longer side (0 = any)."""
+    return Photo(shrink(raw_to_array(width, height, rgb, max_pixels), max_side), width, height)
+
+
 def raw_to_array(width: int, height: int, rgb: bytes, max_pixels: int) -> np.ndarray:
     """Checks and reshapes raw RGB bytes to (H, W, 3) uint8."""
     if width == 0 or height == 0:

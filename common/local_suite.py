@@ -64,38 +64,38 @@ class LocalSuite:
         if extra is not None:
             self.extra[name] = list(extra)
         if name in self.processes:
-            self._stop(self.processes.pop(name))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.processes[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env)
+            self._stop([self.processes.pop(name)])
+        self.spawn(name)
         wait_serving(self.addresses[name], self.processes[name])
 
+    def spawn(self, name: str) -> None:
+        """Starts one service's process without waiting for it."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env)
+
     def stop(self) -> None:
-        for process in self.processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            self._wait(process)
+        self._stop(list(self.processes.values()))
         self.processes.clear()
 
-    def _stop(self, process: subprocess.Popen) -> None:
-        process.send_signal(signal.SIGTERM)
-        self._wait(process)
-
     @staticmethod
-    def _wait(process: subprocess.Popen) -> None:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    def _stop(processes: list[subprocess.Popen]) -> None:
+        """SIGTERM (they drain in-flight calls), then a kill for any still there after 20 s."""
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def start_local_suite(extra: dict[str, list[str]] | None = None) -> LocalSuite:
     """Starts the four services (the back ends in parallel, then the gateway); `extra` adds flags
     per service, e.g. {"index": ["--data-dir", ""]}."""
     suite = LocalSuite({name: f"127.0.0.1:{free_port()}" for name in SERVICES}, dict(extra or {}))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for name in SERVICES[:3]:
-            suite.processes[name] = subprocess.Popen(suite.command(name), cwd=REPO_ROOT, env=env)
+            suite.spawn(name)
         for name in SERVICES[:3]:
             wait_serving(suite.addresses[name], suite.processes[name])
         suite.start("gateway")

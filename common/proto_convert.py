@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.images import ImageError, decode_image, raw_to_array
+from common.images import ImageError, Photo, decode_photo, raw_photo
 from mps.common.v1 import common_pb2
 
 
 def image_from_proto(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
-    """`mps.common.v1.Image` -> (H, W, 3) uint8 RGB; raises ImageError on bad input."""
+    """`mps.common.v1.Image` -> (H, W, 3) uint8 RGB at full size; raises ImageError on bad input."""
+    return photo_from_proto(image, max_pixels).rgb
+
+
+def photo_from_proto(image: common_pb2.Image, max_pixels: int, max_side: int = 0) -> Photo:
+    """`mps.common.v1.Image` -> a Photo at most `max_side` on its longer side (0 = any), decoded
+    once and small (see decode_photo); raises ImageError on bad input."""
     source = image.WhichOneof("source")
     if source == "encoded":
-        return decode_image(image.encoded, max_pixels)
+        return decode_photo(image.encoded, max_pixels, max_side)
     if source == "raw":
-        return raw_to_array(image.raw.width, image.raw.height, image.raw.rgb, max_pixels)
+        return raw_photo(image.raw.width, image.raw.height, image.raw.rgb, max_pixels, max_side)
     raise ImageError("no image given: set image.encoded (file bytes) or image.raw (RGB pixels)")
 
 

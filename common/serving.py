@@ -90,10 +90,7 @@ def timeout_from(context: grpc.ServicerContext, default_s: float, reserve_s: flo
     `reserve_s` (at most a tenth of what remains) is kept back so that a call which tolerates a
     late dependency can still answer with partial results before its own deadline.
     """
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 1e8:
-        remaining = default_s
-    return max(remaining - min(reserve_s, remaining / 10), 0.001)
+    return Deadline.of(context, default_s).remaining(reserve_s)
 
 
 class Deadline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +27,10 @@ class ModelSpec:
     score_threshold: float
     iou_threshold: float
     max_detections: int
-    categories: dict[str, str] = field(default_factory=dict)
+    categories: dict[str, str]
     # Class-agnostic objects: NMS overlap and default count.
-    objects_iou_threshold: float = 0.5
-    max_objects: int = 50
+    objects_iou_threshold: float
+    max_objects: int
 
     @staticmethod
     def load(model_dir: Path) -> "ModelSpec":
@@ -46,7 +46,7 @@ class ModelSpec:
                          class_names, int(config["input_height"]), int(config["input_width"]),
                          float(config["score_threshold"]), float(config["iou_threshold"]),
                          int(config["max_detections"]), dict(config["categories"]),
-                         float(config.get("objects_iou_threshold", 0.5)), int(config.get("max_objects", 50)))
+                         float(config["objects_iou_threshold"]), int(config["max_objects"]))
 
 
 @dataclass

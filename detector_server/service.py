@@ -11,8 +11,7 @@ from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 
 
 class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
-    def __init__(self, models: dict[str, DetectorModel], default: str, max_pixels: int,
-                 max_objects: int = 200):
+    def __init__(self, models: dict[str, DetectorModel], default: str, max_pixels: int, max_objects: int):
         if default not in models:
             raise ValueError(f"default model {default!r} is not loaded")
         self.models = models

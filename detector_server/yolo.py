@@ -40,22 +40,30 @@ def _top(scores: np.ndarray, limit: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
+def _nms_best(rows: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int, max_candidates: int,
+              classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, >=4) rows, (K,) scores -> the kept (boxes, scores, indices into rows), best first.
+
+    Only the `max_candidates` best enter NMS, as TensorRT's EfficientNMS keeps a top k first: a
+    threshold near 0 then costs a bounded NMS instead of one over every candidate.
+    """
+    best = _top(scores, max_candidates)
+    boxes = _xyxy(rows[best])
+    keep = nms(boxes, scores[best], iou_threshold, None if classes is None else classes[best])[:limit]
+    return boxes[keep], scores[best][keep].astype(np.float32), best[keep]
+
+
 def postprocess(rows: np.ndarray, score_threshold: float, iou_threshold: float,
                 max_detections: int, max_candidates: int = 2000) -> Detections:
     """(B, 5 + C) decoded rows (cx, cy, w, h, objectness, class probs) -> Detections.
 
     A box may carry several classes above the threshold (Darknet's behaviour); NMS is per class.
-    Only the `max_candidates` best (box, class) pairs enter NMS, as TensorRT's EfficientNMS keeps a
-    top k first: a threshold near 0 then costs a bounded NMS instead of one over every pair.
     """
     scores_all = rows[:, 5:] * rows[:, 4:5]
     box_ids, class_ids = np.nonzero(scores_all >= score_threshold)
-    scores = scores_all[box_ids, class_ids]
-    best = _top(scores, max_candidates)
-    box_ids, class_ids, scores = box_ids[best], class_ids[best], scores[best]
-    boxes = _xyxy(rows[box_ids])
-    keep = nms(boxes, scores, iou_threshold, class_ids)[:max_detections]
-    return Detections(boxes[keep], scores[keep].astype(np.float32), class_ids[keep].astype(np.int64))
+    boxes, scores, kept = _nms_best(rows[box_ids], scores_all[box_ids, class_ids], iou_threshold,
+                                    max_detections, max_candidates, class_ids)
+    return Detections(boxes, scores, class_ids[kept].astype(np.int64))
 
 
 def objects(rows: np.ndarray, objectness_threshold: float, iou_threshold: float, max_objects: int,
@@ -65,9 +73,6 @@ def objects(rows: np.ndarray, objectness_threshold: float, iou_threshold: float,
     Every anchor's objectness (the head's "something is here", before the class split) is a score
     of its own: things the model has no class for still get boxes. NMS across classes.
     """
-    objectness = rows[:, 4]
-    candidates = np.flatnonzero(objectness >= objectness_threshold)
-    candidates = candidates[_top(objectness[candidates], max_candidates)]
-    boxes = _xyxy(rows[candidates])
-    keep = nms(boxes, objectness[candidates], iou_threshold)[:max_objects]
-    return Objects(boxes[keep], objectness[candidates][keep].astype(np.float32))
+    candidates = np.flatnonzero(rows[:, 4] >= objectness_threshold)
+    boxes, scores, _ = _nms_best(rows[candidates], rows[candidates, 4], iou_threshold, max_objects, max_candidates)
+    return Objects(boxes, scores)

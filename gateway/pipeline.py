@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from common.errors import InvalidArgument, NotFound, ServiceError
-from common.images import ImageError, Photo, decode_photo, raw_to_array, shrink
+from common.images import ImageError, Photo, decode_photo, raw_photo, shrink
 from common.serving import Deadline
 from detector_server.nms import iou_matrix
 from gateway.config import GatewayConfig
@@ -130,7 +130,8 @@ class _Candidate:
     category: str = ""
     margin: float = 0.0
     ambiguous: str = ""
-    best: float = -np.inf
+    best: float = -np.inf          # its best match's score over the categories searched
+    product: str = ""              # and that match's product
 
 
 def _ms(start: float) -> float:
@@ -167,9 +168,7 @@ class Pipeline:
             if encoded is not None:
                 return decode_photo(encoded, self.config.max_pixels, self.config.decode_max_side)
             if raw is not None:
-                width, height, rgb = raw
-                full = raw_to_array(width, height, rgb, self.config.max_pixels)
-                return Photo(shrink(full, self.config.decode_max_side), width, height)
+                return raw_photo(*raw, self.config.max_pixels, self.config.decode_max_side)
         except ImageError as exc:
             raise InvalidArgument(f"image: {exc}") from None
         raise InvalidArgument("image: no image given: set image.encoded (file bytes) or image.raw (RGB pixels)")
@@ -190,12 +189,11 @@ class Pipeline:
             proposals = self._localise(photo.rgb, options.sources or self.default_sources,
                                        options.min_confidence, deadline, timings)
             proposals.append(Proposal(np.array([0, 0, width, height], np.float32), Source.WHOLE_IMAGE, 1.0))
-        selection = config.selection_kind
+        # Regions that all name their category leave nothing to select: sign them once, as asked.
+        named = bool(options.regions) and all(category for _, category in options.regions)
+        selection = options.kind if named else config.selection_kind
         candidates = self._plan(proposals, selection, options.categories)
         crops = [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in candidates]
-        if all(c.fixed for c in candidates) and options.regions:
-            selection = options.kind  # regions with their categories: nothing to select
-            candidates = self._plan(proposals, selection, options.categories)
 
         same_kind = options.kind == selection
         signatures = self._sign(crops, [selection], deadline, timings)
@@ -335,9 +333,12 @@ class Pipeline:
 
     def _decide(self, candidate: _Candidate) -> None:
         """Its category (given, or the one whose best match is clearly best) and best score."""
-        bests = {c: a.results[0][0].score for c, a in candidate.answers.items()
-                 if isinstance(a, BatchAnswer) and a.results[0]}
-        candidate.best = max(bests.values(), default=-np.inf)
+        firsts = {c: a.results[0][0] for c, a in candidate.answers.items()
+                  if isinstance(a, BatchAnswer) and a.results[0]}
+        bests = {c: match.score for c, match in firsts.items()}
+        if firsts:
+            top = max(firsts.values(), key=lambda m: m.score)
+            candidate.best, candidate.product = top.score, top.product_id
         if candidate.fixed:
             candidate.category = candidate.categories[0]
             return
@@ -393,8 +394,7 @@ class Pipeline:
         mean of its neighbours is closer to the object."""
         if item.proposal.source is Source.DETECTOR:
             return item
-        product = _top_product(item)
-        voters = [c for c in candidates if c.proposal.source in LOCALISING and _top_product(c) == product
+        voters = [c for c in candidates if c.proposal.source in LOCALISING and c.product == item.product
                   and overlap_of_smaller(c.proposal.box, item.proposal.box) >= self.config.same_product_overlap]
         if len(voters) < 2:
             return item
@@ -412,8 +412,8 @@ class Pipeline:
         iou = float(iou_matrix(a.box[None].astype(np.float64), b.box[None].astype(np.float64))[0, 0])
         if candidate.category and candidate.category == other.category and iou >= self.config.item_iou:
             return True
-        top_a, top_b = _top_product(candidate), _top_product(other)
-        return bool(top_a and top_a == top_b and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap)
+        return bool(candidate.product and candidate.product == other.product
+                    and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap)
 
     def _item(self, candidate: _Candidate, options: SearchOptions, scale: float) -> FoundItem:
         proposal = candidate.proposal
@@ -556,13 +556,4 @@ class Pipeline:
             raise InvalidArgument("product_ids has an empty id")
         return self.index.delete_products(list(dict.fromkeys(product_ids)), list(categories) or None,
                                           deadline.remaining())
-
-
-def _top_product(candidate: _Candidate) -> str:
-    """The product of its best match over the categories it was searched in."""
-    best, product = -np.inf, ""
-    for answer in candidate.answers.values():
-        if isinstance(answer, BatchAnswer) and answer.results[0] and answer.results[0][0].score > best:
-            best, product = answer.results[0][0].score, answer.results[0][0].product_id
-    return product
 

@@ -97,8 +97,9 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                 raise InvalidArgument(f"sources: {name} cannot be asked for; choose among "
                                       f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}")
             sources.add(source)
-        if request.max_items > config.max_regions:
-            raise ResourceExhausted(f"max_items {request.max_items} is above the limit of {config.max_regions}")
+        if request.max_items > config.max_proposals:
+            raise ResourceExhausted(f"max_items {request.max_items} is above the {config.max_proposals} candidate "
+                                    "regions a photo is searched with")
         return SearchOptions(KIND_NAMES[kind], top_k, request.min_confidence, (), list(request.categories),
                              request.min_score if request.HasField("min_score") else None,
                              frozenset(sources) or None, request.max_items)

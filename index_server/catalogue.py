@@ -87,6 +87,16 @@ def signature_value(signature: common_pb2.Signature) -> Value:
     raise SignatureError(f"signature kind {signature.kind} is unknown")
 
 
+def item_value(request: index_pb2.AddRequest) -> Value:
+    """An Add's signature value, once the item is known to be well formed (its signature, its box);
+    raises SignatureError otherwise. The router checks with it too, before forwarding."""
+    value = signature_value(request.signature)
+    box = box_of(request)
+    if box is not None and not np.all(np.isfinite(box)):
+        raise SignatureError("box has NaN or infinite coordinates")
+    return value
+
+
 class AddFailed(Exception):
     """Item `position` of a batch was refused; the items before it were added (and logged)."""
 
@@ -146,12 +156,9 @@ class Catalogue:
             failure: tuple[int, SignatureError] | None = None
             for position, request in enumerate(requests):
                 try:
-                    value = signature_value(request.signature)
+                    value = item_value(request)
                     database = self._get_or_create(request.database, request.signature.kind, value)
                     database.check(value)  # type: ignore[arg-type]
-                    box = box_of(request)
-                    if box is not None and not np.all(np.isfinite(box)):
-                        raise SignatureError("box has NaN or infinite coordinates")
                 except SignatureError as exc:
                     failure = (position, exc)
                     break

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Sequence
 
 import faiss
 import numpy as np
 
 from index_server.groups import GroupTable, box_or_none, box_row, group_name, grown, reported_group
-from index_server.inverted import Hit, SignatureError, first_per_group
+from index_server.inverted import Hit, SignatureError
 from index_server.state import pack_strings, unpack_strings
 
 
@@ -105,11 +106,14 @@ class DenseDatabase:
             numbers = numbers[self._groups.sizes[numbers] > 0]
             if len(numbers) == 0:
                 return 0
-            labels = np.flatnonzero(np.isin(self._group[:self._next_label], numbers)).tolist()
-            doomed = [self._id_of[label] for label in labels if label in self._id_of]
-            for item_id in doomed:
-                self._remove_locked(item_id)
-            return len(doomed)
+            labels = [label for label in np.flatnonzero(np.isin(self._group[:self._next_label], numbers)).tolist()
+                      if label in self._id_of]
+            # One remove_ids for the whole group: each call scans the index.
+            self._index.remove_ids(np.array(labels, np.int64))
+            for label in labels:
+                del self._label_of[self._id_of.pop(label)], self._metadata[label]
+                self._groups.sizes[self._group[label]] -= 1
+            return len(labels)
 
     def _remove_locked(self, item_id: str) -> bool:
         label = self._label_of.pop(item_id, None)
@@ -131,10 +135,11 @@ class DenseDatabase:
     def search(self, query: np.ndarray, top_k: int, one_per_group: bool = False) -> list[Hit]:
         """(D,) float32 query -> up to top_k hits, highest cosine similarity first (ties by id).
         one_per_group: top_k counts groups, each by its best item."""
-        return self.search_batch(query[None, :] if query.ndim == 1 else query, top_k, one_per_group)[0]
+        return self.search_batch(query[None, :], top_k, one_per_group)[0]
 
-    def search_batch(self, queries: np.ndarray, top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
-        """(B, D) float32 queries -> per query what search() returns, from one FAISS search of the
+    def search_batch(self, queries: Sequence[np.ndarray], top_k: int, one_per_group: bool = False
+                     ) -> list[list[Hit]]:
+        """B (D,) float32 queries (or a (B, D) array) -> per query what search() returns, from one FAISS search of the
         whole batch (one matrix product) rather than B."""
         if len(queries) == 0:
             return []
@@ -164,12 +169,19 @@ class DenseDatabase:
             scores, labels = self._index.search(units[pending], depth)
             short = []
             for query, query_scores, query_labels in zip(pending.tolist(), scores, labels):
-                hits = self._ranked(query_scores, query_labels)
-                grouped = first_per_group(hits, top_k)
+                # (-score, id, label) sorts best first with ties by id; Hits only for the winners.
+                ranked = sorted((-float(s), self._id_of[int(label)], int(label))
+                                for s, label in zip(query_scores, query_labels) if label >= 0)
+                winners: dict[int, tuple[float, str, int]] = {}
+                for entry in ranked:
+                    winners.setdefault(int(self._group[entry[2]]), entry)
+                    if len(winners) == top_k:
+                        break
+                grouped = [self._hit(label, -negative) for negative, _, label in winners.values()]
                 # Complete when every item not returned scores below the k-th group's best (an
                 # equal one might win on id), or when nothing more can come back.
-                complete = depth >= count or len(hits) < depth or (
-                    len(grouped) == top_k and grouped[-1].score > hits[-1].score)
+                complete = depth >= count or len(ranked) < depth or (
+                    len(grouped) == top_k and grouped[-1].score > -ranked[-1][0])
                 if complete:
                     results[query] = grouped
                 else:

@@ -74,10 +74,6 @@ class GroupTable:
             self.keys[number] = item_key(name)
         return number
 
-    def find(self, name: str) -> int:
-        """The group's number, -1 when it was never seen."""
-        return self._number.get(name, -1)
-
     def size(self, name: str) -> int:
         """Live items in the group (0 for an unknown group)."""
         number = self._number.get(name)

@@ -156,8 +156,6 @@ class BowIndex:
         self._ids: list[str] = []
         self._metadata: list[dict[str, str] | None] = []
         self._row_of: dict[str, int] = {}
-        # Bumped by compact(), which renumbers rows: scores computed before it name other rows.
-        self._generation = 0
         self._lock = threading.RLock()
         self._merge_lock = threading.Lock()        # one merge or compaction at a time
 
@@ -291,20 +289,19 @@ class BowIndex:
             self._ids = [self._ids[r] for r in live_rows]
             self._metadata = [self._metadata[r] for r in live_rows]
             self._row_of = {item_id: row for row, item_id in enumerate(self._ids)}
-            self._generation += 1
 
     # -- search -----------------------------------------------------------------------------------
 
-    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int, int]:
-        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range;
-        the row count and the row numbering's generation it holds for."""
+    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
+        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range,
+        and the row count. Rows are numbers that compact() changes: a caller reading rows from the
+        scores holds the lock across both."""
         self.check(bag)
         words = bag.words.astype(np.int32)
         query = bag.histogram().astype(np.float32)
         lo, hi = self.word_range
         with self._lock:
             base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
-            generation = self._generation
             if self.max_word_share < 1.0:
                 common = self.document_frequency()[words] > self.max_word_share * len(self._row_of)
                 words, query = words[~common], query[~common]
@@ -314,7 +311,7 @@ class BowIndex:
             for pool in (frozen, tail) if frozen is not None else (tail,):
                 _accumulate_pool(words, query, lo, hi, pool.rows, pool.counts, pool.next, pool.head,
                                  pool.tail, pool.fill, inv_total, acc)
-        return acc, count, generation
+        return acc, count
 
     def document_frequency(self) -> np.ndarray:
         """(V,) int64 postings per word (deleted items count until the next merge)."""
@@ -325,8 +322,9 @@ class BowIndex:
     def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
         """Live rows sharing at least one query word in this index's range, and their sums of
         4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
-        acc, count, _ = self._overlap(bag)
-        rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
+        with self._lock:
+            acc, count = self._overlap(bag)
+            rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
         return rows, acc[rows]
 
     def partial_scores_by_key(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
@@ -342,30 +340,23 @@ class BowIndex:
 
     def _partial_by_key(self, bag: BagOfWords, with_groups: bool
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        while True:
-            acc, count, generation = self._overlap(bag)
-            with self._lock:
-                if generation != self._generation:
-                    continue  # compacted meanwhile: the rows scored are not today's rows
-                rows = np.flatnonzero((acc > 0) & self._live[:count])
-                groups = self._groups.keys[self._group[rows]] if with_groups else None
-                return self._keys[rows], acc[rows], groups
+        with self._lock:
+            acc, count = self._overlap(bag)
+            rows = np.flatnonzero((acc > 0) & self._live[:count])
+            groups = self._groups.keys[self._group[rows]] if with_groups else None
+            return self._keys[rows], acc[rows], groups
 
     def search(self, bag: BagOfWords, top_k: int, one_per_group: bool = False) -> list[Hit]:
         """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
         1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact)."""
-        while True:
-            acc, count, generation = self._overlap(bag)
+        with self._lock:
+            acc, count = self._overlap(bag)
             if top_k <= 0:
                 return []
-            with self._lock:
-                if generation != self._generation:
-                    continue  # compacted meanwhile: the rows scored are not today's rows
-                live = self._live[:count]
-                rows = self._best_of_groups(acc, live, top_k) if one_per_group else \
-                    _top_candidates(acc, live, top_k)
-                best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
-                return [self._hit(r, float(acc[r]) / 2.0) for r in best]
+            live = self._live[:count]
+            rows = self._best_of_groups(acc, live, top_k) if one_per_group else _top_candidates(acc, live, top_k)
+            best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
+            return [self._hit(r, float(acc[r]) / 2.0) for r in best]
 
     def search_batch(self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False
                      ) -> list[list[Hit]]:

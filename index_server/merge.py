@@ -66,7 +66,7 @@ def best_of_groups(totals: np.ndarray, groups: np.ndarray, top_k: int) -> np.nda
     _hash_reduce(groups, totals, table_groups, table_best, used, slot_of, True)
     group_best = table_best[slot_of]
     bests = table_best[used]
-    threshold = bests[top_with_ties(bests, top_k)].min() if len(bests) else -np.inf
+    threshold = bests[top_with_ties(bests, top_k)].min()  # totals is not empty: neither is bests
     return np.flatnonzero((totals == group_best) & (group_best >= threshold))
 
 

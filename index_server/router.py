@@ -29,7 +29,7 @@ import numpy as np
 
 from common.bow_codec import BagOfWords
 from common.serving import channel_options, timeout_from
-from index_server.catalogue import Value, signature_value
+from index_server.catalogue import Value, item_value, signature_value
 from index_server.config import RouterConfig
 from index_server.convert import hit_of, scored_item
 from index_server.inverted import Hit, SignatureError
@@ -132,7 +132,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 try:
                     if not request.item_id or not request.database:
                         raise SignatureError("item_id and database are required")
-                    signature_value(request.signature)
+                    item_value(request)
                 except SignatureError as exc:
                     problem = (request.item_id, exc)
                     batch = batch[:position]
@@ -208,8 +208,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"database {request.database!r} does not exist on any shard")
         if not request.group_ids:
             deleted = len(found_ids)  # by id alone the router knows exactly which ones went
-        elif self.config.layout == "word" and self._kind(request.database, timeout) == common_pb2.SIGNATURE_KIND_BOW:
-            deleted = max(per_shard.values())  # every shard held (and deleted) the same items
+        elif self.config.layout == "word" and self._kind(request.database, timeout) in (
+                common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_UNSPECIFIED):
+            # Every shard held (and deleted) the same bag-of-words items; a kind no shard could
+            # tell counts the same way, so the count never exceeds what went.
+            deleted = max(per_shard.values())
         else:
             deleted = sum(per_shard.values())  # each item on one shard (its group's)
         return index_pb2.DeleteResponse(

@@ -10,7 +10,6 @@ import numpy as np
 
 from index_server.catalogue import AddFailed, Catalogue, Database, UnknownDatabase, Value, signature_value
 from index_server.convert import looked_up_item, scored_item
-from index_server.dense import DenseDatabase
 from index_server.inverted import BowIndex, SignatureError
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -81,10 +80,8 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         values = [self._checked(request.database, kind, database, signature, context,
                                 f"signature #{i}: " if len(request.signatures) > 1 else "")
                   for i, signature in enumerate(request.signatures)]
-        if isinstance(database, DenseDatabase):  # one FAISS search (a matrix product) for the batch
-            results = database.search_batch(np.stack(values), top_k, request.one_per_group)  # type: ignore[arg-type]
-        else:
-            results = database.search_batch(values, top_k, request.one_per_group)  # type: ignore[arg-type]
+        # A dense database answers the whole batch with one FAISS search (a matrix product).
+        results = database.search_batch(values, top_k, request.one_per_group)  # type: ignore[arg-type]
         return index_pb2.SearchBatchResponse(results=[
             index_pb2.SearchHits(items=[scored_item(h) for h in hits]) for hits in results])
 

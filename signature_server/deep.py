@@ -29,11 +29,13 @@ class DeepSpec:
                         int(c["input_width"]), float(c["mean"]), float(c["std"]), int(c["dimension"]))
 
 
-def preprocess(image: np.ndarray, spec: DeepSpec) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, h, w) float32, resized whole (a crop is the product) and normalised."""
+def preprocess(image: np.ndarray, spec: DeepSpec, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, h, w) float32, resized whole (a crop is the product) to `size`
+    = (h, w) (the model's input size by default) and normalised."""
+    input_height, input_width = size or (spec.input_height, spec.input_width)
     height, width = image.shape[:2]
-    shrink = width > spec.input_width or height > spec.input_height
-    resized = cv2.resize(image, (spec.input_width, spec.input_height),
+    shrink = width > input_width or height > input_height
+    resized = cv2.resize(image, (input_width, input_height),
                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return ((resized.astype(np.float32) - spec.mean) / spec.std).transpose(2, 0, 1)
 
@@ -54,6 +56,11 @@ class DeepDescriptor:
             batch = np.stack([preprocess(im, self.spec) for im in images[start:start + self.max_batch]])
             out[start:start + len(batch)] = self.session.run(["embedding"], {"images": batch})[0]
         return out
+
+    def features(self, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (C, h/32, w/32) float32 last feature map of the whole image
+        resized to `size` = (h, w), multiples of 32 (the exported graph takes any such size)."""
+        return self.session.run(["features"], {"images": preprocess(image, self.spec, size)[None]})[0][0]
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """N images -> (N, 1000) ImageNet logits (sanity checks only)."""

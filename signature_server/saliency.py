@@ -8,10 +8,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 from detector_server.nms import nms
-from signature_server.deep import DeepDescriptor, DeepSpec
+from common.images import shrink
+from signature_server.deep import DeepDescriptor
 
 # A located object: (4,) float32 xyxy box in pixels of the original image, and its score in (0, 1].
 Located = tuple[np.ndarray, float]
@@ -63,34 +63,14 @@ def feature_input_size(height: int, width: int, long_side: int, multiple: int) -
     return snap(height * scale), snap(width * scale)
 
 
-def feature_map(session: ort.InferenceSession, image: np.ndarray, long_side: int, spec: DeepSpec,
-                multiple: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (C, h, w) float32, the `features` output for the whole photo.
-
-    The photo is resized whole (aspect kept up to rounding to `multiple`), so cell (i, j) of the
-    map covers the same fraction of the photo whatever its size; normalised as deep.preprocess.
-    """
-    height, width = image.shape[:2]
-    input_height, input_width = feature_input_size(height, width, long_side, multiple)
-    shrink = input_width < width or input_height < height
-    resized = cv2.resize(image, (input_width, input_height),
-                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    tensor = ((resized.astype(np.float32) - spec.mean) / spec.std).transpose(2, 0, 1)[None]
-    return session.run(["features"], {"images": np.ascontiguousarray(tensor)})[0][0]
-
-
 def activation_map(features: np.ndarray) -> np.ndarray:
     """(C, h, w) float32 feature map -> (h, w) float32 channel sum, SCDA's aggregation map A."""
     return features.sum(axis=0, dtype=np.float32)
 
 
-def _as_activation(activation: np.ndarray) -> np.ndarray:
-    return activation_map(activation) if activation.ndim == 3 else activation.astype(np.float32, copy=False)
-
-
 def salient_objects(activation: np.ndarray, image_size: tuple[int, int], max_objects: int,
                     upsample: int = 4) -> list[Located]:
-    """(h, w) float32 map A (or the (C, h, w) features) -> up to `max_objects` (box, score), largest first.
+    """(h, w) float32 map A -> up to `max_objects` (box, score), largest first.
 
     SCDA (Wei et al. 2017): A's cells above mean(A) are the object; each 8-connected component is
     one object, its box in pixels of the (width, height) = `image_size` image, its score its share
@@ -98,12 +78,11 @@ def salient_objects(activation: np.ndarray, image_size: tuple[int, int], max_obj
     """
     if max_objects <= 0:
         return []
-    a = _as_activation(activation)
     width, height = image_size
-    rows, columns = a.shape
+    rows, columns = activation.shape
     # Bilinear upsampling before the threshold: the mask's border then falls between cell centres.
-    up = cv2.resize(a, (columns * upsample, rows * upsample), interpolation=cv2.INTER_LINEAR)
-    excess = up - a.mean()
+    up = cv2.resize(activation, (columns * upsample, rows * upsample), interpolation=cv2.INTER_LINEAR)
+    excess = up - activation.mean()
     mask = (excess > 0).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:  # a constant map has nothing above its mean
@@ -125,9 +104,7 @@ def selective_search(image: np.ndarray, long_side: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (N, 4) float32 xyxy boxes in its pixels, sorted: selective search (fast mode)
     run on a copy whose longer side is at most `long_side`."""
     height, width = image.shape[:2]
-    scale = min(1.0, long_side / max(height, width))
-    small = image if scale == 1.0 else cv2.resize(
-        image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = shrink(image, long_side)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     # Its colour strategies convert from BGR.
     search.setBaseImage(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
@@ -147,10 +124,9 @@ def activation_contrast(activation: np.ndarray, boxes: np.ndarray, image_size: t
     A is resized to `scale` of the (width, height) image and read through its integral image, so
     every box costs four look-ups whatever its size. A box with no ring (the whole image) gets 0.
     """
-    a = _as_activation(activation)
     width, height = image_size
     grid_w, grid_h = max(1, round(width * scale)), max(1, round(height * scale))
-    grid = cv2.resize(a, (grid_w, grid_h), interpolation=cv2.INTER_LINEAR)
+    grid = cv2.resize(activation, (grid_w, grid_h), interpolation=cv2.INTER_LINEAR)
     integral = cv2.integral(grid, sdepth=cv2.CV_64F)
     cells = boxes.astype(np.float64) * np.array([grid_w / width, grid_h / height] * 2)
     x0 = np.clip(np.floor(cells[:, 0]), 0, grid_w - 1).astype(np.int64)
@@ -206,9 +182,8 @@ class ObjectLocator:
     def locate(self, image: np.ndarray, max_salient: int, max_segments: int) -> Localisation:
         """(H, W, 3) uint8 RGB -> its salient objects and segments, boxes in its pixels."""
         height, width = image.shape[:2]
-        features = feature_map(self.descriptor.session, image, self.spec.feature_long_side,
-                               self.descriptor.spec, self.spec.input_multiple)
-        activation = activation_map(features)
+        size = feature_input_size(height, width, self.spec.feature_long_side, self.spec.input_multiple)
+        activation = activation_map(self.descriptor.features(image, size))
         return Localisation(
             salient_objects(activation, (width, height), max_salient, self.spec.salient_upsample),
             segment_proposals(image, activation, max_segments, self.spec))

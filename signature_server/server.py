@@ -19,7 +19,6 @@ from signature_server.service import SignatureService
 
 
 def create_bundle(config: SignatureConfig) -> ServiceBundle:
-    cv2.setNumThreads(config.opencv_threads)
     deep = DeepDescriptor(DeepSpec.load(Path(config.deep_model_dir)), config.max_batch,
                           config.intra_op_threads)
     locator = ObjectLocator(deep, LocateSpec.load(Path(config.deep_model_dir)))
@@ -29,8 +28,8 @@ def create_bundle(config: SignatureConfig) -> ServiceBundle:
                        config.bow_threads)
     logging.getLogger("signature_server").info(
         "deep descriptor on %s; colour-texture kernels on %s", deep.provider, kernels.detail)
-    service = SignatureService(deep, bow, config.max_images_per_request, config.max_pixels, locator=locator,
-                               max_salient=config.max_salient, max_segments=config.max_segments)
+    service = SignatureService(deep, bow, locator, config.max_images_per_request, config.max_pixels,
+                               config.max_salient, config.max_segments)
     return start_bundle(config, lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
                         [signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name])
 
@@ -41,4 +40,6 @@ def create_server(config: SignatureConfig) -> tuple[grpc.Server, int]:
 
 
 def serve(config: SignatureConfig) -> None:
+    # Process-wide, so set where the process is the server's own (not in tests' shared process).
+    cv2.setNumThreads(config.opencv_threads)
     serve_forever("signature_server", config, create_bundle)

@@ -8,11 +8,10 @@ import grpc
 import numpy as np
 
 from common.images import ImageError
-from common.proto_convert import box_to_proto, dense_to_proto, image_from_proto
+from common.proto_convert import box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
 from mps.common.v1 import common_pb2
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
 from signature_server.bow import BowExtractor
-from signature_server.config import SignatureConfig
 from signature_server.deep import DeepDescriptor
 from signature_server.saliency import Located, ObjectLocator
 
@@ -24,9 +23,8 @@ def _kind_name(kind: int) -> str:
 
 
 class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
-    def __init__(self, deep: DeepDescriptor, bow: BowExtractor, max_images: int, max_pixels: int, *,
-                 locator: ObjectLocator | None = None, max_salient: int = SignatureConfig.max_salient,
-                 max_segments: int = SignatureConfig.max_segments):
+    def __init__(self, deep: DeepDescriptor, bow: BowExtractor, locator: ObjectLocator, max_images: int,
+                 max_pixels: int, max_salient: int, max_segments: int):
         self.deep = deep
         self.bow = bow
         self.max_images = max_images
@@ -37,25 +35,18 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
 
     def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest,
                      context: grpc.ServicerContext) -> list[int]:
-        if not request.kinds:
-            kind = request.kind
-            if kind == common_pb2.SIGNATURE_KIND_UNSPECIFIED:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "kind is unspecified: set SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW, or list "
-                              "several in kinds (ListKinds lists what is served)")
-            if kind not in SERVED_KINDS:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"signature kind {kind} is unknown; ListKinds lists what is served")
-            return [kind]
-        kinds = list(request.kinds)
+        """The kinds asked for: `kinds`, or the one `kind`; each served, none twice."""
+        field = "kinds" if request.kinds else "kind"
+        kinds = list(request.kinds) or [request.kind]
         for j, kind in enumerate(kinds):
+            where = f"kinds[{j}]" if request.kinds else "kind"
             if kind not in SERVED_KINDS:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"kinds[{j}]: signature kind {_kind_name(kind)} is not served; set "
-                              "SIGNATURE_KIND_DEEP and/or SIGNATURE_KIND_BOW (ListKinds lists what is served)")
+                              f"{where}: signature kind {_kind_name(kind)} is not served; set "
+                              f"SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW in {field} (ListKinds lists what is served)")
             if kind in kinds[:j]:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"kinds[{j}]: {_kind_name(kind)} is listed twice; list each kind once")
+                              f"{where}: {_kind_name(kind)} is listed twice; list each kind once")
         return kinds
 
     def ComputeSignatures(self, request: signature_pb2.ComputeSignaturesRequest,
@@ -87,9 +78,6 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
 
     def LocateObjects(self, request: signature_pb2.LocateObjectsRequest,
                       context: grpc.ServicerContext) -> signature_pb2.LocateObjectsResponse:
-        if self.locator is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this signature server was started without an "
-                                                         "object locator")
         if request.max_salient == 0 and request.max_segments == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "max_salient and max_segments are both 0: ask for at least one salient object "
@@ -103,15 +91,16 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                           f"max_segments is {request.max_segments}; this server gives at most "
                           f"{self.max_segments}: ask for fewer")
         try:
-            image = image_from_proto(request.image, self.max_pixels)
+            # Nothing finer than the feature map's size is looked at: a large photo is decoded small.
+            photo = photo_from_proto(request.image, self.max_pixels, self.locator.spec.feature_long_side)
         except ImageError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {exc}")
         start = time.perf_counter()
-        found = self.locator.locate(image, request.max_salient, request.max_segments)
-        height, width = image.shape[:2]
+        found = self.locator.locate(photo.rgb, request.max_salient, request.max_segments)
         return signature_pb2.LocateObjectsResponse(
-            salient=_located_to_proto(found.salient), segments=_located_to_proto(found.segments),
-            image_width=width, image_height=height, compute_ms=(time.perf_counter() - start) * 1000)
+            salient=_located_to_proto(found.salient, photo.scale),
+            segments=_located_to_proto(found.segments, photo.scale),
+            image_width=photo.width, image_height=photo.height, compute_ms=(time.perf_counter() - start) * 1000)
 
     def ListKinds(self, request: signature_pb2.ListKindsRequest, context: grpc.ServicerContext
                   ) -> signature_pb2.ListKindsResponse:
@@ -125,5 +114,6 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                                    backend=bow.kernels.detail, metric="chi2")])
 
 
-def _located_to_proto(located: list[Located]) -> list[signature_pb2.LocatedObject]:
-    return [signature_pb2.LocatedObject(box=box_to_proto(box), score=score) for box, score in located]
+def _located_to_proto(located: list[Located], scale: float) -> list[signature_pb2.LocatedObject]:
+    """Boxes found on a copy `scale` times the image's size, in pixels of the image as sent."""
+    return [signature_pb2.LocatedObject(box=box_to_proto(box / scale), score=score) for box, score in located]

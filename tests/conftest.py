@@ -37,6 +37,20 @@ def deep_descriptor() -> DeepDescriptor:
 
 
 @pytest.fixture(scope="session")
+def locate_spec():
+    from signature_server.saliency import LocateSpec
+
+    return LocateSpec.load(MODELS_DIR / "efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def locator(deep_descriptor, locate_spec):
+    from signature_server.saliency import ObjectLocator
+
+    return ObjectLocator(deep_descriptor, locate_spec)
+
+
+@pytest.fixture(scope="session")
 def bow_extractor():
     from kernels import select_kernels
     from signature_server.bow import BowExtractor, BowSpec, Codebook

@@ -13,7 +13,7 @@ SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
 
 @pytest.fixture(scope="module")
 def servicer(detector_model):
-    return DetectorService({"yolov3-tiny": detector_model}, "yolov3-tiny", 50_000_000)
+    return DetectorService({"yolov3-tiny": detector_model}, "yolov3-tiny", 50_000_000, max_objects=200)
 
 
 def test_detect_encoded_and_raw(servicer, coffee, coffee_png):

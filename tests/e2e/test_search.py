@@ -161,7 +161,8 @@ def test_a_query_never_waits_on_a_database_it_does_not_need(suite, coffee_png):
         silent.close()
 
 
-def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, bow_extractor, coffee_png):
+def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, bow_extractor, locator,
+                                                               coffee_png):
     """A mismatched signature server (fewer signatures than crops) must not silently drop items."""
     from concurrent import futures
 
@@ -175,7 +176,8 @@ def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descr
             return response
 
     faulty = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    signature_pb2_grpc.add_SignatureServiceServicer_to_server(LosesOne(deep_descriptor, bow_extractor, 64, 10**8), faulty)
+    loses_one = LosesOne(deep_descriptor, bow_extractor, locator, 64, 10**8, 8, 200)
+    signature_pb2_grpc.add_SignatureServiceServicer_to_server(loses_one, faulty)
     port = faulty.add_insecure_port("127.0.0.1:0")
     faulty.start()
     from gateway.config import GatewayConfig

@@ -23,10 +23,6 @@ from tests.index_server.helpers import start_shard
 VOCABULARY = 400
 
 
-def start(data_dir, port, *flags) -> subprocess.Popen:
-    return start_shard(data_dir, port, *flags)
-
-
 def bag_add(i: int, rng) -> index_pb2.AddRequest:
     bag = BagOfWords.from_words(rng.integers(0, VOCABULARY, 40), VOCABULARY, 3)
     return index_pb2.AddRequest(item_id=f"b{i}", database="bags", metadata={"i": str(i)},
@@ -41,7 +37,7 @@ def present(stub, ids: list[str]) -> set[str]:
 def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path):
     port = free_port()
     # Snapshots every 300 operations, so the kill may also land in one.
-    process = start(tmp_path, port, "--snapshot-every", "300")
+    process = start_shard(tmp_path, port, "--snapshot-every", "300")
     acked: list[str] = []
     deleted: list[str] = []
     stop = threading.Event()
@@ -74,7 +70,7 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path):
     stop.set()
     writer.join()
 
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = index_pb2_grpc.IndexServiceStub(channel)
@@ -96,7 +92,7 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path):
 
 def test_clean_restart_recovers_both_kinds_from_the_snapshot(tmp_path):
     port = free_port()
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(50, 8)).astype(np.float32)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -109,7 +105,7 @@ def test_clean_restart_recovers_both_kinds_from_the_snapshot(tmp_path):
             database="dense", signature=dense_to_proto(vectors[3]), top_k=5), timeout=5) for i in c.items]
     process.terminate()  # SIGTERM: drains, then snapshots
     assert process.wait(timeout=30) == 0
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = index_pb2_grpc.IndexServiceStub(channel)
@@ -125,7 +121,7 @@ def test_clean_restart_recovers_both_kinds_from_the_snapshot(tmp_path):
 
 def test_a_second_process_on_the_same_data_dir_is_refused(tmp_path):
     port = free_port()
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     try:
         second = subprocess.run([sys.executable, "-m", "index_server", "--port", str(free_port()),
                                  "--data-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -179,7 +175,7 @@ def product_adds(rng, products: int = 20, images: int = 3) -> tuple[list[index_p
 
 def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
     port = free_port()
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     adds, group_of = product_adds(np.random.default_rng(3))
     gone = [i for i, g in group_of.items() if g in ("p1", "p2")]
     try:
@@ -193,7 +189,7 @@ def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
     finally:
         process.kill()  # SIGKILL right after the acknowledgement: no snapshot, the log has it all
         process.wait()
-    process = start(tmp_path, port)
+    process = start_shard(tmp_path, port)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = index_pb2_grpc.IndexServiceStub(channel)

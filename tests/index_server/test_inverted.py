@@ -7,12 +7,12 @@ import pytest
 from common.bow_codec import BagOfWords, chi2
 from common.photos import load_photo
 from index_server.inverted import BowIndex, Hit, SignatureError, item_key
-from tests.index_server.helpers import bow_scores, grouped_reference
+from tests.index_server import helpers
+from tests.index_server.helpers import bow_scores, grouped_reference, ungrouped_reference
 
 
 def random_bags(rng, count, vocabulary=500, codebook=1):
-    return [BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, 200)) % vocabulary, vocabulary, codebook)
-            for _ in range(count)]
+    return helpers.random_bags(rng, count, vocabulary, codebook)
 
 
 def brute_force(query, items, top_k):
@@ -260,11 +260,14 @@ def test_a_snapshot_from_before_groups_loads_with_every_item_its_own_group():
     assert copy.delete_groups(["pair"]) == 2 and "i8" not in copy
 
 
-def test_search_batch_is_each_query_searched():
+def test_search_batch_answers_each_query_exactly():
     rng = np.random.default_rng(10)
-    index, bags, _ = grouped_catalogue(rng, groups=30)
+    index, bags, group_of = grouped_catalogue(rng, groups=30)
     queries = random_bags(rng, 5)
     for grouped in (False, True):
-        assert index.search_batch(queries, 7, grouped) == [index.search(q, 7, grouped) for q in queries]
+        for query, hits in zip(queries, index.search_batch(queries, 7, grouped)):
+            scores = bow_scores(query, bags)
+            expected = grouped_reference(scores, group_of, 7) if grouped else ungrouped_reference(scores, 7)
+            assert [h.item_id for h in hits] == [i for i, _ in expected]
     with pytest.raises(SignatureError, match="vocabulary"):
         index.search_batch([queries[0], BagOfWords.from_words([1], 600, 1)], 5)

@@ -119,6 +119,16 @@ def test_bad_input_through_the_router_gets_the_shards_status():
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "item #1" in error.value.details() and "1 items before it were added" in error.value.details()
         assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1], VOCABULARY, 7)))[1]} == {"a", "b"}
+        # A box with NaN is refused by the router itself, so the count of what was added holds.
+        bad_box = index_pb2.AddRequest(item_id="d", database="bags", signature=bow(
+            BagOfWords.from_words([1], VOCABULARY, 7)), box=common_pb2.Box(x_min=float("nan"), x_max=5, y_max=5))
+        with pytest.raises(grpc.RpcError) as error:
+            cluster.stub.Add(iter([index_pb2.AddRequest(item_id="e", database="bags", signature=bow(
+                BagOfWords.from_words([2], VOCABULARY, 7))), bad_box]), timeout=5)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "box has NaN" in error.value.details()
+        assert "1 items before it were added" in error.value.details()
+        assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 2], VOCABULARY, 7)))[1]} == \
+            {"a", "b", "e"}
     finally:
         cluster.close()
 

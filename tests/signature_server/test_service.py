@@ -13,8 +13,9 @@ SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
 
 
 @pytest.fixture(scope="module")
-def servicer(deep_descriptor, bow_extractor):
-    return SignatureService(deep_descriptor, bow_extractor, max_images=4, max_pixels=50_000_000)
+def servicer(deep_descriptor, bow_extractor, locator):
+    return SignatureService(deep_descriptor, bow_extractor, locator, max_images=4, max_pixels=50_000_000,
+                            max_salient=8, max_segments=200)
 
 
 def request(images, kind=common_pb2.SIGNATURE_KIND_DEEP):
@@ -123,6 +124,8 @@ def test_several_kinds_bad_input_and_the_limit_counts_images(stub, coffee):
              (kinds_request([tiny], [deep, 9]), grpc.StatusCode.INVALID_ARGUMENT, "kinds[1]: signature kind 9"),
              (kinds_request([tiny], [common_pb2.SIGNATURE_KIND_UNSPECIFIED]), grpc.StatusCode.INVALID_ARGUMENT,
               "SIGNATURE_KIND_UNSPECIFIED is not served"),
+             (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT,
+              "kind: signature kind SIGNATURE_KIND_UNSPECIFIED is not served"),
              (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 4"),
              (kinds_request([], [deep, bow]), grpc.StatusCode.INVALID_ARGUMENT, "no images")]
     for message, expected_code, fragment in cases:
