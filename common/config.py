@@ -33,6 +33,42 @@ class ServerConfig:
     # Seconds in-flight calls get to finish after SIGTERM.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # "json": one JSON object per line (time, level, service, request_id, message, fields);
+    # "text": the same fields for a terminal.
+    log_format: str = "json"
+    # One log line per RPC (method, status, milliseconds, client, request id).
+    access_log: bool = True
+    # Prometheus metrics at http://host:metrics_port/metrics; 0 = off.
+    metrics_port: int = 0
+    # Server reflection (lets grpcurl and friends list the API); off hides the schema.
+    reflection: bool = True
+
+    # --- TLS. PEM files; "" = plaintext. See common/security.py.
+    # This server's certificate chain and private key (both or neither).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # mTLS: clients must present a certificate signed by this CA; such a client counts as an
+    # internal caller (another service of the suite).
+    tls_client_ca: str = ""
+    # As a client of the other services: the CA their certificates are signed by ("" = plaintext),
+    # and this service's own certificate and key for their mTLS.
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+
+    # --- Credentials. Give secrets by environment (MPS_<SERVICE>_INTERNAL_TOKEN), not by flag.
+    # Shared secret of the suite's services: sent on every call to another service; where set,
+    # required on this service's internal RPCs (the index's writes and replication).
+    internal_token: str = ""
+    # Client tokens and their scopes ("read": search; "write": ingest and delete), as a JSON file
+    # {"tokens": [{"client": "shop-a", "sha256": "<hex digest of the token>", "scopes": ["read"]}]};
+    # "" = no client authentication (anyone may call the public RPCs).
+    auth_tokens_file: str = ""
+    # Per-client limits (a client is its token's name, else its address); 0 = none.
+    # Requests per second (token bucket of `rate_burst` requests) and calls in flight at once.
+    rate_limit_per_s: float = 0.0
+    rate_burst: int = 0
+    max_concurrent_per_client: int = 0
 
 
 def _parse_value(raw: str, kind: Any) -> Any:

@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from common.errors import quote
+
 # Pillow's own bomb check is a warning up to 2x its limit; we enforce ours before decoding.
 PILImage.MAX_IMAGE_PIXELS = None
 
@@ -31,6 +33,23 @@ class Photo:
     def scale(self) -> float:
         """Pixels of `rgb` per pixel of the original (<= 1)."""
         return self.rgb.shape[1] / self.width
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(..., 4) float xyxy in pixels of `rgb` -> the same in pixels of the original, clipped to it.
+
+        Per axis: a strip 1 pixel thin stays 1 pixel thin when shrunk, so one scale does not fit both.
+        """
+        height, width = self.rgb.shape[:2]
+        factors = np.array([self.width / width, self.height / height] * 2, np.float64)
+        limits = np.array([self.width, self.height] * 2, np.float64)
+        return np.clip(np.asarray(boxes, np.float64) * factors, 0, limits)
+
+    def to_shrunk(self, boxes: np.ndarray) -> np.ndarray:
+        """(..., 4) float xyxy in pixels of the original -> the same in pixels of `rgb`, clipped to it."""
+        height, width = self.rgb.shape[:2]
+        factors = np.array([width / self.width, height / self.height] * 2, np.float64)
+        limits = np.array([width, height] * 2, np.float64)
+        return np.clip(np.asarray(boxes, np.float64) * factors, 0, limits)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -57,7 +76,7 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
             image = PILImage.open(io.BytesIO(data))
             width, height = image.size
             if width <= 0 or height <= 0:
-                raise ImageError(f"image has zero size ({width}x{height})")
+                raise ImageError(f"image has zero size ({width}x{height}): send an image with pixels")
             if width * height > max_pixels:
                 raise ImageError(
                     f"image is {width}x{height} = {width * height} pixels, above the limit of "
@@ -70,13 +89,35 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
                 image.draft("RGB", (max(1, int(image.size[0] * factor)), max(1, int(image.size[1] * factor))))
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = to_rgb8(image)
     except ImageError:
         raise
     except Exception as exc:  # Pillow raises many types for corrupt data
-        raise ImageError(f"image cannot be decoded ({type(exc).__name__}: {exc}); "
+        # Pillow's text may quote the data or a path: bounded, never echoed whole.
+        why = "its bytes are in no image format this server reads" if isinstance(
+            exc, PILImage.UnidentifiedImageError) else f"{type(exc).__name__}: {quote(str(exc), 120)}"
+        raise ImageError(f"image cannot be decoded ({why}); "
                          "send a complete JPEG, PNG, WebP, BMP, GIF or TIFF file") from exc
     return Photo(shrink(rgb, max_side), width, height)
+
+
+# Pillow's modes for one channel of more than 8 bits (16-bit grayscale PNG and TIFF): its own
+# convert("RGB") clips them at 255, so a 16-bit photo would come out white.
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb8(image: PILImage.Image) -> np.ndarray:
+    """A loaded Pillow image of any mode -> (H, W, 3) uint8 RGB, 16-bit channels scaled by 255/65535.
+
+    Pillow already keeps the high byte of 16-bit RGB, RGBA and grey+alpha PNGs (modes RGB, RGBA,
+    LA); palette, CMYK and the rest convert as Pillow does (alpha is dropped, not composited).
+    """
+    if image.mode in _WIDE_GREY:
+        # "I" is how Pillow holds 16-bit grey from several formats; values past 16 bits are clipped.
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def shrink(rgb: np.ndarray, max_side: int) -> np.ndarray:
@@ -97,12 +138,15 @@ def raw_photo(width: int, height: int, rgb: bytes, max_pixels: int, max_side: in
 def raw_to_array(width: int, height: int, rgb: bytes, max_pixels: int) -> np.ndarray:
     """Checks and reshapes raw RGB bytes to (H, W, 3) uint8."""
     if width == 0 or height == 0:
-        raise ImageError(f"raw image has zero size ({width}x{height})")
+        raise ImageError(f"raw image has zero size ({width}x{height}): set raw.width and raw.height "
+                         "to the image's size in pixels")
     if width * height > max_pixels:
-        raise ImageError(f"raw image is {width}x{height}, above the limit of {max_pixels} pixels")
+        raise ImageError(f"raw image is {width}x{height}, above the limit of {max_pixels} pixels: "
+                         "downscale it before sending")
     expected = width * height * 3
     if len(rgb) != expected:
-        raise ImageError(f"raw image of {width}x{height} needs {expected} RGB bytes, got {len(rgb)}")
+        raise ImageError(f"raw image of {width}x{height} needs {expected} RGB bytes, got {len(rgb)}: "
+                         "send width x height x 3 bytes, row by row, R G B per pixel")
     return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3)
 
 

@@ -27,10 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Waits until the process at `address` reports SERVING; raises if it dies or takes too long."""
+def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Waits until the process at `address` reports SERVING; raises if it dies or takes too long.
+    `credentials`: TLS (and a client certificate) for a server with TLS on."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with grpc.secure_channel(address, credentials) if credentials is not None \
+            else grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -40,7 +43,8 @@ def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120
                         health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)  # not up yet, or up but NOT_SERVING (e.g. a replica catching up)
     raise TimeoutError(f"{address} did not become healthy in {timeout_s} s")
 
 
@@ -51,6 +55,10 @@ class LocalSuite:
     addresses: dict[str, str]
     extra: dict[str, list[str]]
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # For servers with TLS on: the credentials a health check needs.
+    credentials: grpc.ChannelCredentials | None = None
+    # Added to every process's environment (secrets go here, not in flags).
+    environment: dict[str, str] = field(default_factory=dict)
 
     def command(self, name: str) -> list[str]:
         args = [sys.executable, "-m", MODULES[name], "--port", self.addresses[name].rpartition(":")[2]]
@@ -66,11 +74,11 @@ class LocalSuite:
         if name in self.processes:
             self._stop([self.processes.pop(name)])
         self.spawn(name)
-        wait_serving(self.addresses[name], self.processes[name])
+        wait_serving(self.addresses[name], self.processes[name], credentials=self.credentials)
 
     def spawn(self, name: str) -> None:
         """Starts one service's process without waiting for it."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.environment}
         self.processes[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, env=env)
 
     def stop(self) -> None:
@@ -89,15 +97,18 @@ class LocalSuite:
                 process.kill()
 
 
-def start_local_suite(extra: dict[str, list[str]] | None = None) -> LocalSuite:
+def start_local_suite(extra: dict[str, list[str]] | None = None, environment: dict[str, str] | None = None,
+                      credentials: grpc.ChannelCredentials | None = None) -> LocalSuite:
     """Starts the four services (the back ends in parallel, then the gateway); `extra` adds flags
-    per service, e.g. {"index": ["--data-dir", ""]}."""
-    suite = LocalSuite({name: f"127.0.0.1:{free_port()}" for name in SERVICES}, dict(extra or {}))
+    per service, e.g. {"index": ["--data-dir", ""]}; `environment` adds variables to every process
+    (e.g. MPS_INDEX_INTERNAL_TOKEN); `credentials` are what a health check needs where TLS is on."""
+    suite = LocalSuite({name: f"127.0.0.1:{free_port()}" for name in SERVICES}, dict(extra or {}),
+                       credentials=credentials, environment=dict(environment or {}))
     try:
         for name in SERVICES[:3]:
             suite.spawn(name)
         for name in SERVICES[:3]:
-            wait_serving(suite.addresses[name], suite.processes[name])
+            wait_serving(suite.addresses[name], suite.processes[name], credentials=credentials)
         suite.start("gateway")
     except BaseException:
         suite.stop()

@@ -1,4 +1,5 @@
-"""Server bootstrap shared by every service: options, health, reflection, graceful SIGTERM."""
+"""Server bootstrap shared by every service: options, interceptors, TLS, health, reflection,
+metrics, graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,13 +18,27 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import ServerConfig
 from common.errors import ServiceError
+from common.interceptors import LayeredInterceptor
+from common.security import Access, ClientLimits, Gatekeeper, server_credentials
+from common.telemetry import setup_logging, start_metrics_server, telemetry_layer
 
 log = logging.getLogger(__name__)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int, max_reconnect_backoff_ms: int = 1000,
+                    initial_reconnect_backoff_ms: int = 100,
+                    min_connect_timeout_ms: int = 20_000) -> list[tuple[str, int]]:
+    """Message limits, and prompt reconnection: gRPC's default backoff (1 s growing by 1.6x up to
+    120 s) keeps a channel failing for many seconds after its server is back (17 s was measured
+    at the gateway); capped at `max_reconnect_backoff_ms`, a restarted server is reached within
+    about that long. gRPC core reads grpc.min_reconnect_backoff_ms as the time a connection
+    attempt (TCP, TLS and HTTP/2 handshakes) may take: it stays at gRPC's default of 20 s, since
+    a short one would never connect over a slow link. Servers ignore these options."""
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", initial_reconnect_backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", min_connect_timeout_ms),
+            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms)]
 
 
 @dataclass
@@ -38,29 +53,52 @@ class ServiceBundle:
 
 
 def start_bundle(config: ServerConfig, register: Callable[[grpc.Server], None],
-                 service_names: Iterable[str], on_stop: Callable[[], None] | None = None) -> ServiceBundle:
-    """Creates and starts a server with health and reflection, bound to config.host:config.port."""
+                 service_names: Iterable[str], on_stop: Callable[[], None] | None = None,
+                 policy: Mapping[str, Access] | None = None, name: str | None = None) -> ServiceBundle:
+    """Creates and starts a server with health and reflection, bound to config.host:config.port.
+
+    Every call goes through the telemetry layer (request id, metrics, access log), then the
+    gatekeeper (`policy`: the access each method needs, see common.security), then the per-client
+    limits. `name` labels the metrics and logs (default: the service's package, e.g. "index").
+    """
+    names = list(service_names)
+    name = name or names[0].split(".")[1]
+    layers = [telemetry_layer(name, config.access_log), Gatekeeper.from_config(config, policy or {}).layer()]
+    limits = ClientLimits(config.rate_limit_per_s, config.rate_burst, config.max_concurrent_per_client)
+    if limits.enabled:
+        layers.append(limits.layer())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
+                         interceptors=[LayeredInterceptor(layers)],
                          options=channel_options(config.max_message_bytes))
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
-    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    credentials = server_credentials(config)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials is not None \
+        else server.add_insecure_port(address)
     if port == 0:
-        raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        raise RuntimeError(f"cannot bind {address}")
+    stop_metrics = start_metrics_server(config.host, config.metrics_port)
     server.start()
-    for name in names + [""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return ServiceBundle(server, port, health_servicer, on_stop)
+    for service in names + [""]:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop() -> None:
+        if on_stop is not None:
+            on_stop()
+        if stop_metrics is not None:
+            stop_metrics()
+    return ServiceBundle(server, port, health_servicer, stop)
 
 
 def serve_forever(name: str, config: ServerConfig,
                   create_bundle: Callable[[Any], ServiceBundle]) -> None:
     """Starts the service and blocks until SIGTERM/SIGINT; then stops taking calls, lets
     in-flight ones finish (up to config.shutdown_grace_s) and runs the bundle's on_stop."""
-    setup_logging(config.log_level)
+    setup_logging(name, config.log_level, config.log_format)
     bundle = create_bundle(config)
     log.info("%s listening on %s:%d", name, config.host, bundle.port)
     stop = threading.Event()
@@ -77,11 +115,6 @@ def serve_forever(name: str, config: ServerConfig,
     if bundle.on_stop is not None:
         bundle.on_stop()
     log.info("%s stopped", name)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def timeout_from(context: grpc.ServicerContext, default_s: float, reserve_s: float = 0.0) -> float:

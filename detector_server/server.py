@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 
+from common.security import method_policy
 from common.serving import ServiceBundle, serve_forever, start_bundle
 from detector_server.config import DetectorConfig
 from detector_server.model import DetectorModel, ModelSpec
@@ -25,11 +26,14 @@ def load_models(config: DetectorConfig) -> dict[str, DetectorModel]:
     return models
 
 
+SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
+
+
 def create_bundle(config: DetectorConfig) -> ServiceBundle:
     models = load_models(config)
     service = DetectorService(models, next(iter(models)), config.max_pixels, config.max_objects)
     return start_bundle(config, lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(service, s),
-                        [detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name])
+                        [SERVICE.full_name], policy=method_policy(SERVICE))
 
 
 def create_server(config: DetectorConfig) -> tuple[grpc.Server, int]:

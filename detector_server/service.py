@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
+from common.errors import InvalidArgument, NotFound, quote
 from common.images import ImageError
+from common.names import check_name
 from common.proto_convert import box_to_proto, image_from_proto
+from common.serving import abort_on
 from detector_server.model import DetectorModel
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
+
+# An unknown model's NOT_FOUND names at most this many of the loaded ones.
+MAX_LISTED_MODELS = 8
 
 
 class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
@@ -21,25 +29,20 @@ class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
 
     def Detect(self, request: detector_pb2.DetectRequest, context: grpc.ServicerContext
                ) -> detector_pb2.DetectResponse:
-        name = request.model or self.default
-        model = self.models.get(name)
-        if model is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"model {name!r} is not loaded; ListModels gives {sorted(self.models)}")
-        if not 0.0 <= request.min_confidence <= 1.0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"min_confidence {request.min_confidence} is outside (0, 1]; 0 keeps the model's")
-        if not 0.0 <= request.objectness_threshold <= 1.0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"objectness_threshold {request.objectness_threshold} is outside (0, 1]; "
-                          "0 asks for no class-agnostic objects")
-        if request.max_objects > self.max_objects:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"max_objects {request.max_objects} is above this server's limit of {self.max_objects}")
-        try:
-            image = image_from_proto(request.image, self.max_pixels)
-        except ImageError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        with abort_on(context):
+            name, model = self._model(request.model)
+            _check_fraction("min_confidence", request.min_confidence, "0 keeps the model's threshold")
+            _check_fraction("objectness_threshold", request.objectness_threshold,
+                            "0 asks for no class-agnostic objects")
+            if request.max_objects > self.max_objects:
+                raise InvalidArgument(f"max_objects {request.max_objects} is above this server's limit of "
+                                      f"{self.max_objects}: ask for at most {self.max_objects}, or 0 for the "
+                                      "model's default")
+            try:
+                image = image_from_proto(request.image, self.max_pixels)
+            except ImageError as exc:
+                # common.images says what to fix; a decoder's own text inside it is cut short all the same.
+                raise InvalidArgument(_bounded(str(exc))) from exc
         result = model.detect(image, request.min_confidence or None, request.products_only,
                               request.objectness_threshold, request.max_objects)
         return detector_pb2.DetectResponse(
@@ -59,3 +62,29 @@ class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
                                    class_names=list(m.spec.class_names), categories=m.spec.categories,
                                    is_default=name == self.default)
             for name, m in self.models.items()])
+
+    def _model(self, name: str) -> tuple[str, DetectorModel]:
+        """The model a request names (empty: the default); InvalidArgument or NotFound otherwise."""
+        if not name:
+            return self.default, self.models[self.default]
+        check_name("model", name)
+        model = self.models.get(name)
+        if model is None:
+            loaded = sorted(self.models)
+            listed = ", ".join(quote(n) for n in loaded[:MAX_LISTED_MODELS])
+            more = f" and {len(loaded) - MAX_LISTED_MODELS} more" if len(loaded) > MAX_LISTED_MODELS else ""
+            raise NotFound(f"model {quote(name)} is not loaded: use one of {listed}{more} "
+                           "(ListModels lists them), or leave model empty for the default")
+        return name, model
+
+
+def _bounded(message: str, limit: int = 512) -> str:
+    return message if len(message) <= limit else message[:limit] + "…"
+
+
+def _check_fraction(field: str, value: float, zero: str) -> None:
+    """Raises InvalidArgument unless `value` is 0 (`zero` says what that means) or in (0, 1]."""
+    if math.isnan(value):
+        raise InvalidArgument(f"{field} is NaN: send a number in (0, 1]; {zero}")
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgument(f"{field} {value:g} is outside (0, 1]: send a number in (0, 1]; {zero}")

@@ -40,16 +40,19 @@ def _top(scores: np.ndarray, limit: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def _nms_best(rows: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int, max_candidates: int,
-              classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(K, >=4) rows, (K,) scores -> the kept (boxes, scores, indices into rows), best first.
+def _nms_best(rows: np.ndarray, candidates: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int,
+              max_candidates: int, classes: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, >=4) rows, (K,) row index and score of each candidate -> the kept (boxes, scores,
+    indices into the candidates), best first. The one path of detections and objects.
 
     Only the `max_candidates` best enter NMS, as TensorRT's EfficientNMS keeps a top k first: a
-    threshold near 0 then costs a bounded NMS instead of one over every candidate.
+    threshold near 0 (every anchor x class passes 1e-30) then costs a bounded NMS, and only the
+    top k rows are ever copied.
     """
     best = _top(scores, max_candidates)
-    boxes = _xyxy(rows[best])
-    keep = nms(boxes, scores[best], iou_threshold, None if classes is None else classes[best])[:limit]
+    boxes = _xyxy(rows[candidates[best]])
+    keep = nms(boxes, scores[best], iou_threshold, None if classes is None else classes[best], max_keep=limit)
     return boxes[keep], scores[best][keep].astype(np.float32), best[keep]
 
 
@@ -61,7 +64,7 @@ def postprocess(rows: np.ndarray, score_threshold: float, iou_threshold: float,
     """
     scores_all = rows[:, 5:] * rows[:, 4:5]
     box_ids, class_ids = np.nonzero(scores_all >= score_threshold)
-    boxes, scores, kept = _nms_best(rows[box_ids], scores_all[box_ids, class_ids], iou_threshold,
+    boxes, scores, kept = _nms_best(rows, box_ids, scores_all[box_ids, class_ids], iou_threshold,
                                     max_detections, max_candidates, class_ids)
     return Detections(boxes, scores, class_ids[kept].astype(np.int64))
 
@@ -74,5 +77,5 @@ def objects(rows: np.ndarray, objectness_threshold: float, iou_threshold: float,
     of its own: things the model has no class for still get boxes. NMS across classes.
     """
     candidates = np.flatnonzero(rows[:, 4] >= objectness_threshold)
-    boxes, scores, _ = _nms_best(rows[candidates], rows[candidates, 4], iou_threshold, max_objects, max_candidates)
+    boxes, scores, _ = _nms_best(rows, candidates, rows[candidates, 4], iou_threshold, max_objects, max_candidates)
     return Objects(boxes, scores)

@@ -3,9 +3,10 @@ gateway, per-category index routing, proto <-> domain conversion, and status -> 
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from typing import NoReturn, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import grpc
 import numpy as np
@@ -13,9 +14,10 @@ import numpy as np
 from common.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable,
                            Internal)
 from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
-from common.serving import channel_options
-from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, Degraded, DetectorOutput,
-                           LocatorOutput, Signature)
+from common.channels import open_channel
+from common.config import ServerConfig
+from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, CategoryFailure, Degraded,
+                           DetectorOutput, LocatorOutput, Signature)
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -85,8 +87,25 @@ class GrpcLocator:
 
 
 class GrpcSigner:
+    # Asking the signature service for its limit must not hold a search up for long.
+    LIMIT_TIMEOUT_S = 1.0
+
     def __init__(self, channel: grpc.Channel):
         self.stub = signature_pb2_grpc.SignatureServiceStub(channel)
+        self._limit: int | None = None  # images per call, as advertised; None = not asked yet
+
+    def images_per_call(self, timeout_s: float) -> int:
+        limit = self._limit
+        if limit is not None:
+            return limit
+        try:
+            response = self.stub.ListKinds(signature_pb2.ListKindsRequest(),
+                                           timeout=min(timeout_s, self.LIMIT_TIMEOUT_S))
+        except grpc.RpcError:
+            return 0  # asked again next time; the configured limit meanwhile
+        # An older signature service does not advertise it (the field is absent or 0).
+        self._limit = int(getattr(response, "max_images_per_call", 0) or 0)
+        return self._limit
 
     def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
         request = signature_pb2.ComputeSignaturesRequest(images=[image_to_proto(c) for c in crops],
@@ -94,6 +113,8 @@ class GrpcSigner:
         try:
             response = self.stub.ComputeSignatures(request, timeout=timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._limit = None  # the service may have restarted with another limit: ask again
             raise_from("signature", exc)
         per = len(kinds)
         if len(response.signatures) != len(crops) * per:
@@ -104,72 +125,124 @@ class GrpcSigner:
         return [signatures[i * per:(i + 1) * per] for i in range(len(crops))]
 
 
+class _IndexBackend:
+    """One index address: its stub, its channel's connectivity, and its last catalogue listing."""
+
+    def __init__(self, address: str, channel: grpc.Channel):
+        self.address = address
+        self.channel = channel
+        self.stub = index_pb2_grpc.IndexServiceStub(channel)
+        self.state: grpc.ChannelConnectivity | None = None
+        self.listed: dict[str, set[str]] = {}      # kind -> categories, at the last listing that answered
+        self.failure: tuple[str, str] | None = None  # (status code name, details) of the last listing
+        self.fetched = -np.inf
+        channel.subscribe(self._track, try_to_connect=False)
+
+    def _track(self, state: grpc.ChannelConnectivity) -> None:
+        self.state = state
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """A channel in TRANSIENT_FAILURE fails every call at once until its next reconnection
+        attempt (at most max_reconnect_backoff_ms apart, common.serving.channel_options): a short
+        wait for that lets a backend that is back answer this call rather than the next one."""
+        if self.state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE or timeout_s <= 0:
+            return
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+
+
 class GrpcIndex:
     """Index databases by category and kind, over the default index address and per-category routes."""
 
     # Listing the catalogue's databases must not hold a search up for long.
     LIST_TIMEOUT_S = 1.0
 
-    def __init__(self, default: grpc.Channel, routes: dict[str, grpc.Channel], refresh_s: float):
-        self._default = index_pb2_grpc.IndexServiceStub(default)
-        self._routes = {category: index_pb2_grpc.IndexServiceStub(channel) for category, channel in routes.items()}
+    def __init__(self, channels: dict[str, grpc.Channel], default_address: str, routes: dict[str, str],
+                 refresh_s: float, ready_wait_s: float = 0.3):
+        self._backends = {address: _IndexBackend(address, channels[address])
+                          for address in dict.fromkeys([default_address, *routes.values()])}
+        self._default = self._backends[default_address]
+        self._routes = {category: self._backends[address] for category, address in routes.items()}
         self._refresh_s = refresh_s
+        self._ready_wait_s = ready_wait_s
         self._lock = threading.Lock()
-        self._databases: dict[str, set[str]] = {}   # kind -> categories
-        self._unreachable: set[str] = set()
-        self._fetched = -np.inf
 
-    def stub_for(self, category: str) -> index_pb2_grpc.IndexServiceStub:
+    def _backend(self, category: str) -> _IndexBackend:
         return self._routes.get(category, self._default)
 
-    def _stubs(self) -> list[index_pb2_grpc.IndexServiceStub]:
-        return list({id(s): s for s in [self._default, *self._routes.values()]}.values())
+    def backend_of(self, category: str) -> str:
+        return self._backend(category).address
 
     def categories(self, kind: str) -> set[str]:
         with self._lock:
-            if time.monotonic() - self._fetched > self._refresh_s:
-                self._databases, self._unreachable = self._fetch()
-                self._fetched = time.monotonic()
-            return set(self._databases.get(kind, set()))
+            self._refresh()
+            return {category for backend in self._backends.values() if backend.failure is None
+                    for category in backend.listed.get(kind, ()) if self._backend(category) is backend}
 
-    def unreachable_categories(self) -> set[str]:
-        """Routed categories whose shard did not answer the last listing (assumed to exist)."""
+    def unreachable(self) -> list[CategoryFailure]:
+        """Categories of backends whose last listing failed: those the backend held when it last
+        answered, and those routed to it; a backend with neither is one failure with category ""."""
+        failures = []
         with self._lock:
-            return set(self._unreachable)
+            for backend in self._backends.values():
+                if backend.failure is None:
+                    continue
+                code, details = backend.failure
+                held = {c for kinds in backend.listed.values() for c in kinds if self._backend(c) is backend}
+                held |= {c for c, routed in self._routes.items() if routed is backend}
+                reason = f"the index at {backend.address} did not answer ({code}): {details}"
+                failures += [CategoryFailure(c, code, reason, backend.address) for c in sorted(held)] or \
+                    [CategoryFailure("", code, reason + "; the categories it holds are unknown", backend.address)]
+        return failures
 
     def invalidate(self) -> None:
         with self._lock:
-            self._fetched = -np.inf
+            for backend in self._backends.values():
+                backend.fetched = -np.inf
 
-    def _fetch(self) -> tuple[dict[str, set[str]], set[str]]:
-        """Every shard's databases, asked in parallel; a routed shard that does not answer in time
-        is left out (its categories are searched only when an item names them)."""
-        calls = [(stub, stub.Stats.future(index_pb2.StatsRequest(), timeout=self.LIST_TIMEOUT_S))
-                 for stub in self._stubs()]
-        found: dict[str, set[str]] = {}
-        unreachable: set[str] = set()
-        for stub, call in calls:
+    def _refresh(self) -> None:
+        """Lists the databases of every backend due (in parallel): one that answered is listed again
+        after refresh_s; one that failed after refresh_s too (a silent backend costs a listing's
+        timeout), or as soon as its channel is connected again (a restarted backend is used at once)."""
+        now = time.monotonic()
+        due = [b for b in self._backends.values() if now - b.fetched > self._refresh_s
+               or (b.failure is not None and b.state is grpc.ChannelConnectivity.READY)]
+        calls = [(b, b.stub.Stats.future(index_pb2.StatsRequest(), timeout=self.LIST_TIMEOUT_S)) for b in due]
+        for backend, call in calls:
+            backend.fetched = time.monotonic()
             try:
                 stats = call.result()
             except grpc.RpcError as exc:
-                if stub is self._default:
-                    raise_from("index (listing the catalogue's categories)", exc)
-                unreachable.update(c for c, routed in self._routes.items() if routed is stub)
+                backend.failure = (exc.code().name, exc.details() or "")
                 continue
+            backend.failure = None
+            backend.listed = {}
             for database in stats.databases:
                 category, _, kind = database.name.rpartition(".")
-                if category and kind in KIND_VALUES and self.stub_for(category) is stub:
-                    found.setdefault(kind, set()).add(category)
-        return found, unreachable
+                if category and kind in KIND_VALUES:
+                    backend.listed.setdefault(kind, set()).add(category)
+
+    def _failed(self, backend: _IndexBackend, exc: grpc.RpcError) -> None:
+        """A call that found the backend gone: list it again at the next search."""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            with self._lock:
+                backend.fetched = -np.inf
 
     def search_batch(self, category: str, kind: str, signatures: Sequence[Signature], top_k: int,
                      timeout_s: float) -> BatchAnswer:
         request = index_pb2.SearchBatchRequest(database=database_name(category, kind), signatures=signatures,
                                                top_k=top_k, one_per_group=True)
+        backend = self._backend(category)
+        end = time.monotonic() + timeout_s
+        backend.wait_ready(min(self._ready_wait_s, timeout_s / 4))
         try:
-            response = self.stub_for(category).SearchBatch(request, timeout=timeout_s)
+            response = backend.stub.SearchBatch(request, timeout=max(end - time.monotonic(), 0.001))
         except grpc.RpcError as exc:
-            raise_from(f"index ({category!r})", exc)
+            self._failed(backend, exc)
+            raise_from(f"index at {backend.address} ({category!r})", exc)
         degraded = None
         if response.degraded:
             degraded = Degraded(response.degraded_reason,
@@ -177,27 +250,23 @@ class GrpcIndex:
                                 list(response.missing_shards))
         return BatchAnswer([[_match(item) for item in hits.items] for hits in response.results], degraded)
 
-    def add(self, entries: Sequence[CatalogueEntry], timeout_s: float) -> None:
-        by_stub: dict[int, tuple[index_pb2_grpc.IndexServiceStub, list[index_pb2.AddRequest]]] = {}
-        for entry in entries:
-            stub = self.stub_for(entry.category)
-            by_stub.setdefault(id(stub), (stub, []))[1].append(index_pb2.AddRequest(
-                item_id=item_id_of(entry.product_id, entry.image_id),
-                database=database_name(entry.category, entry.kind), signature=entry.signature,
-                metadata=entry.metadata, group_id=entry.product_id, box=box_to_proto(entry.box)))
-        try:
-            for stub, requests in by_stub.values():
-                stub.Add(iter(requests), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise_from("index", exc)
-        finally:
-            self.invalidate()
+    def writer(self, timeout_s: float) -> "GrpcCatalogueWriter":
+        return GrpcCatalogueWriter(self, time.monotonic() + timeout_s)
 
     def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] | None,
                         timeout_s: float) -> tuple[int, list[str]]:
         self.invalidate()
         held = {kind: self.categories(kind) for kind in KIND_VALUES}
+        down = self.unreachable()
         wanted = set(categories) if categories is not None else set().union(*held.values())
+        # Deleting around a backend that does not answer would report its products as not found:
+        # refuse before deleting anything.
+        blocking = [f for f in down if f.category in wanted or categories is None]
+        if blocking:
+            names = sorted({f.category for f in blocking if f.category})
+            raise Unavailable(f"nothing was deleted: {blocking[0].reason}"
+                              + (f" (categories {names[:8]})" if names else "")
+                              + "; retry when it is back, or name only categories held elsewhere")
         deleted_images = 0
         found: set[str] = set()
         for category in sorted(wanted):
@@ -205,13 +274,16 @@ class GrpcIndex:
             for kind, present in held.items():
                 if category not in present:
                     continue
+                backend = self._backend(category)
                 try:
-                    response = self.stub_for(category).Delete(index_pb2.DeleteRequest(
+                    response = backend.stub.Delete(index_pb2.DeleteRequest(
                         database=database_name(category, kind), group_ids=list(product_ids)), timeout=timeout_s)
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.NOT_FOUND:
                         continue
-                    raise_from(f"index ({category!r}, after {deleted_images} images deleted)", exc)
+                    self._failed(backend, exc)
+                    raise_from(f"index at {backend.address} ({category!r}, after {deleted_images} images "
+                               "deleted)", exc)
                 # Every kind holds the same images: count them once.
                 per_kind = max(per_kind, response.deleted)
                 missing = set(response.groups_not_found)
@@ -219,6 +291,104 @@ class GrpcIndex:
             deleted_images += per_kind
         self.invalidate()
         return deleted_images, [p for p in product_ids if p not in found]
+
+
+class _AddStream:
+    """One backend's Add stream for one ingestion, fed from a queue as entries come."""
+
+    _END = object()
+
+    def __init__(self, backend: _IndexBackend, timeout_s: float):
+        self.backend = backend
+        self.categories: set[str] = set()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = backend.stub.Add.future(self._requests(), timeout=timeout_s)
+
+    def _requests(self) -> Iterator[index_pb2.AddRequest]:
+        while (request := self._queue.get()) is not self._END:
+            yield request
+
+    def check(self) -> None:
+        """Raises the stream's error when it has already ended (a backend that failed or went away)."""
+        if self.call.done():
+            try:
+                self.call.result(timeout=0)
+            except grpc.RpcError as exc:
+                raise_from(f"index at {self.backend.address}", exc)
+            raise Internal(f"the index at {self.backend.address} ended an Add stream before it was closed")
+
+    def send(self, requests: list[index_pb2.AddRequest]) -> None:
+        for request in requests:
+            self._queue.put(request)
+
+    def end(self) -> None:
+        """Ends the stream normally: the backend then stores it."""
+        self._queue.put(self._END)
+
+    def outcome(self) -> Exception | None:
+        """Waits for the backend's answer -> None once it has stored the stream, else its error."""
+        try:
+            self.call.result()
+        except grpc.RpcError as exc:
+            try:
+                raise_from(f"index at {self.backend.address}", exc)
+            except Exception as error:  # noqa: BLE001 - handed back, as domain errors
+                return error
+        except grpc.FutureCancelledError:
+            return Unavailable(f"the Add stream to the index at {self.backend.address} was cancelled")
+        return None
+
+    def cancel(self) -> None:
+        self.call.cancel()  # the backend sees the stream cancelled and stores nothing of it
+        self._queue.put(self._END)  # and grpc's thread reading the queue ends
+
+
+class GrpcCatalogueWriter:
+    """gateway.ports.CatalogueWriter: one Add stream per index backend, opened at its first entry
+    and kept open until the ingestion ends (a backend stores an Add stream only when it ends
+    normally, so closing per batch would acknowledge what the gateway has not)."""
+
+    def __init__(self, index: GrpcIndex, end: float):
+        self._index = index
+        self._end = end
+        self._streams: dict[str, _AddStream] = {}
+
+    def add(self, entries: Sequence[CatalogueEntry]) -> None:
+        by_backend: dict[str, list[index_pb2.AddRequest]] = {}
+        for entry in entries:
+            backend = self._index._backend(entry.category)
+            by_backend.setdefault(backend.address, []).append(index_pb2.AddRequest(
+                item_id=item_id_of(entry.product_id, entry.image_id),
+                database=database_name(entry.category, entry.kind), signature=entry.signature,
+                metadata=entry.metadata, group_id=entry.product_id, box=box_to_proto(entry.box)))
+        for address in by_backend:  # nothing is sent when one of the streams has already failed
+            if address in self._streams:
+                self._streams[address].check()
+        for address, requests in by_backend.items():
+            stream = self._streams.get(address)
+            if stream is None:
+                stream = self._streams[address] = _AddStream(self._index._backends[address],
+                                                             max(self._end - time.monotonic(), 0.001))
+            stream.categories.update(e.category for e in entries if self._index.backend_of(e.category) == address)
+            stream.send(requests)
+
+    def commit(self) -> dict[str, Exception]:
+        failed: dict[str, Exception] = {}
+        try:
+            for stream in self._streams.values():
+                stream.end()  # every backend commits at once, not one after the other
+            for stream in self._streams.values():
+                error = stream.outcome()
+                if error is not None:
+                    failed.update((category, error) for category in stream.categories)
+        finally:
+            self._index.invalidate()
+        return failed
+
+    def cancel(self) -> None:
+        for stream in self._streams.values():
+            stream.cancel()
+        self._index.invalidate()
 
 
 def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
@@ -233,21 +403,23 @@ class Backends:
     """Every channel the gateway opens, and the ports over them."""
 
     def __init__(self, detector_address: str, signature_address: str, index_address: str,
-                 index_routes: dict[str, str], max_message_bytes: int, catalogue_refresh_s: float = 5.0):
-        options = channel_options(max_message_bytes)
+                 index_routes: dict[str, str], security: ServerConfig, catalogue_refresh_s: float = 5.0,
+                 index_ready_wait_s: float = 0.3):
+        """`security`: the gateway's config, for TLS and the internal credential (common.channels)."""
         self._channels: dict[str, grpc.Channel] = {}
 
         def channel(address: str) -> grpc.Channel:
             if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address, options=options)
+                self._channels[address] = open_channel(address, security)
             return self._channels[address]
 
         self.detector = GrpcDetector(channel(detector_address))
         self.locator = GrpcLocator(channel(signature_address))
         self.signer = GrpcSigner(channel(signature_address))
-        self.index = GrpcIndex(channel(index_address),
-                               {category: channel(address) for category, address in index_routes.items()},
-                               catalogue_refresh_s)
+        for address in [index_address, *index_routes.values()]:
+            channel(address)
+        self.index = GrpcIndex(self._channels, index_address, index_routes, catalogue_refresh_s,
+                               index_ready_wait_s)
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -42,13 +43,22 @@ def _products(files: list[tuple[str, str, Path]], category: str, progress: tqdm)
         progress.update(1)
 
 
+# Images per IndexProducts stream: the gateway takes at most 10 000 per stream (a stream is stored
+# only once it ends), and a failed stream is re-sent whole.
+STREAM_IMAGES = 2000
+
+
 def ingest(client: VisualSearchClient, folder: Path, category: str) -> int:
+    """Streams every image under `folder` in, STREAM_IMAGES per stream -> the images stored."""
     files = catalogue_files(folder)
     if not files:
         raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    indexed = 0
     with tqdm(total=len(files), unit="img", desc=f"ingest {category}") as progress:
-        response = client.index_products(_products(files, category, progress), timeout_s=3600)
-    return int(response.indexed)
+        for first in range(0, len(files), STREAM_IMAGES):
+            part = files[first:first + STREAM_IMAGES]
+            indexed += client.index_products(_products(part, category, progress), timeout_s=3600).indexed
+    return indexed
 
 
 def parse_region(spec: str) -> tuple[tuple[float, float, float, float], str]:
@@ -63,8 +73,12 @@ def parse_region(spec: str) -> tuple[tuple[float, float, float, float], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mps", description="Multi-product visual search client.")
+    parser = argparse.ArgumentParser(prog="mps", description="Multi-product visual search client; the "
+                                     "gateway's client token, if it wants one, is read from MPS_TOKEN.")
     parser.add_argument("--address", default="127.0.0.1:50050", help="gateway host:port")
+    parser.add_argument("--tls-ca", type=Path, default=None,
+                        help="PEM of the CA that signed the gateway's certificate (default: plaintext)")
+    parser.add_argument("--request-id", default="", help="x-request-id of the calls (default: the gateway's)")
     commands = parser.add_subparsers(dest="command", required=True)
     search = commands.add_parser("search", help="find every product in IMAGE and similar items")
     search.add_argument("image", type=Path)
@@ -87,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("--category", action="append", default=[], help="only in this category (repeatable)")
     args = parser.parse_args(argv)
     try:
-        with VisualSearchClient(args.address) as client:
+        tls_ca = args.tls_ca.read_bytes() if args.tls_ca else None
+        # The token comes from the environment, never a flag (flags show in `ps`).
+        with VisualSearchClient(args.address, token=os.environ.get("MPS_TOKEN", ""), tls_ca=tls_ca,
+                                request_id=args.request_id) as client:
             if args.command == "ingest":
                 print(f"indexed {ingest(client, args.folder, args.category)} images into {args.category!r}")
                 return 0

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import grpc
 import numpy as np
 
+from common.channels import OutgoingMetadata
 from common.serving import channel_options
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -52,8 +53,15 @@ def to_box(box: Box) -> common_pb2.Box:
 
 class VisualSearchClient:
     def __init__(self, address: str, timeout_s: float = 30.0,
-                 max_message_bytes: int = 32 * 1024 * 1024):
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+                 max_message_bytes: int = 32 * 1024 * 1024, token: str = "", tls_ca: bytes | None = None,
+                 request_id: str = ""):
+        """`token`: the gateway's client token (sent as `authorization: Bearer`); `tls_ca`: the PEM
+        of the CA that signed the gateway's certificate (None = plaintext); `request_id`: sent as
+        `x-request-id` on every call (the gateway makes one otherwise and logs it everywhere)."""
+        options = channel_options(max_message_bytes)
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options) \
+            if tls_ca is not None else grpc.insecure_channel(address, options=options)
+        self._channel = grpc.intercept_channel(channel, OutgoingMetadata(token, lambda: request_id))
         self._stub = gateway_pb2_grpc.VisualSearchServiceStub(self._channel)
         self.timeout_s = timeout_s
 

@@ -85,18 +85,34 @@ class GatewayConfig(ServerConfig):
     # A class-agnostic item's box is the score-weighted mean of the candidates that found the same
     # product around it, weights exp(sharpness x (score - best)); 0 keeps the best box as it is.
     box_vote_sharpness: float = 20.0
-    # Seconds the list of catalogue categories (from the index's Stats) is cached.
+    # Seconds the list of catalogue categories (from the index's Stats) is cached. An index backend
+    # that did not answer is listed again as soon as its channel reconnects.
     catalogue_refresh_s: float = 5.0
+    # A search waits up to this long for an index backend whose channel is between reconnection
+    # attempts (at most 1 s apart), so one that is back answers at once; 0 = fail at once.
+    index_ready_wait_s: float = 0.3
 
     # -- limits -------------------------------------------------------------------------------------
     max_pixels: int = 50_000_000
     max_top_k: int = 100
     max_regions: int = 64
     max_categories: int = 256
-    # ComputeSignatures calls are split to stay under these (the signature server's own limit is
-    # 64 images and the message limit 32 MiB).
+    # ComputeSignatures calls are split to stay under these: images per call when the signature
+    # service does not advertise its limit (ListKinds' max_images_per_call, used when it does),
+    # and bytes per call (its message limit is 32 MiB). The chunks are signed in parallel.
     signature_call_images: int = 32
     signature_call_bytes: int = 8 * 1024 * 1024
+    # Products' metadata, as the index shard limits it (checked here so a refused product is refused
+    # before anything of it is written): keys per product, UTF-8 bytes per key and per value, and
+    # in all (keys and values).
+    max_metadata_keys: int = 64
+    max_metadata_key_bytes: int = 128
+    max_metadata_value_bytes: int = 4096
+    max_metadata_bytes: int = 16384
+    # product_id and image_id, in UTF-8 bytes (the index item is "<product_id>/<image_id>").
+    max_id_bytes: int = 256
+    # Product ids per DeleteProducts call.
+    max_delete_ids: int = 10_000
     # Used when the caller sets no deadline.
     default_timeout_s: float = 30.0
     # Kept back from the caller's deadline when searching, so a late shard yields a flagged
@@ -114,3 +130,10 @@ class GatewayConfig(ServerConfig):
     ingest_min_area: float = 0.05
     # IndexProductsResponse lists at most this many images.
     ingest_report_limit: int = 100_000
+    # Images per IndexProducts stream; more is RESOURCE_EXHAUSTED (the images before are stored).
+    # An index shard holds a whole Add stream until it ends (at most 20 000 items, one per image
+    # and kind), since nothing of a stream is stored unless it ends normally.
+    max_images_per_stream: int = 10_000
+    # How long the end of an IndexProducts stream waits for a cancel that grpc reports just after
+    # it (see gateway/service.py): a cancelled stream must store nothing.
+    cancel_settle_s: float = 0.02

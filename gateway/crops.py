@@ -29,11 +29,11 @@ def crop(image: np.ndarray, box: np.ndarray, max_side: int) -> np.ndarray:
 def valid_box(box: np.ndarray, width: int, height: int) -> str:
     """Why a user-given (4,) xyxy box cannot be used, or '' when it can."""
     if not np.all(np.isfinite(box)):
-        return "has NaN or infinite coordinates"
+        return "has NaN or infinite coordinates: give finite pixel coordinates"
     if box[2] <= box[0] or box[3] <= box[1]:
         return "is empty: x_max must exceed x_min and y_max exceed y_min"
     if box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
-        return f"lies outside the {width}x{height} image"
+        return f"lies outside the {width}x{height} image: give a box that overlaps it, in its pixels"
     return ""
 
 

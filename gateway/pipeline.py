@@ -27,15 +27,18 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from common.errors import InvalidArgument, NotFound, ServiceError
+from common.errors import (Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable,
+                           quote)
 from common.images import ImageError, Photo, decode_photo, raw_photo, shrink
+from common.limits import check_id, check_metadata
+from common.names import check_name
 from common.serving import Deadline
 from detector_server.nms import iou_matrix
 from gateway.config import GatewayConfig
 from gateway.crops import crop, plain_background, valid_box
 from gateway.exclusive import resolve_exclusive
-from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, Degraded, Detector, Index,
-                           Locator, Signature, Signer)
+from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, CatalogueWriter, CategoryFailure, Degraded,
+                           Detector, Index, Locator, Signature, Signer)
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
 
 KINDS = ("deep", "bow")
@@ -86,6 +89,9 @@ class SearchOutcome:
     height: int
     proposals: int
     timings: Timings
+    # Categories that should have been searched but could not be, by name ("" first when a backend's
+    # categories are unknown).
+    failed: list[CategoryFailure] = field(default_factory=list)
 
 
 @dataclass
@@ -126,7 +132,10 @@ class _Candidate:
     proposal: Proposal
     categories: list[str]          # where it is searched
     fixed: bool                    # its category is given (detector class, region), not decided
-    answers: dict[str, BatchAnswer | str] = field(default_factory=dict)  # category -> answer or warning
+    # category -> its answer, a warning (no catalogue there), or why it could not be searched
+    answers: dict[str, BatchAnswer | str | CategoryFailure] = field(default_factory=dict)
+    # Categories it would have been compared over but whose index did not answer the listing.
+    unsearched: list[CategoryFailure] = field(default_factory=list)
     category: str = ""
     margin: float = 0.0
     ambiguous: str = ""
@@ -136,6 +145,49 @@ class _Candidate:
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+def split_calls(crops: list[np.ndarray], limit: int, max_bytes: int) -> list[list[np.ndarray]]:
+    """Crops in as few calls as `limit` images per call allows, of even sizes (40 crops under a
+    limit of 32: 20 + 20, not 32 + 8, so parallel calls end together), each under `max_bytes`
+    unless a single crop is larger."""
+    calls = -(-len(crops) // max(limit, 1))
+    bounds = [len(crops) * i // calls for i in range(calls + 1)]
+    chunks: list[list[np.ndarray]] = []
+    for first, end in zip(bounds, bounds[1:]):
+        chunk: list[np.ndarray] = []
+        size = 0
+        for image in crops[first:end]:
+            if chunk and size + image.nbytes > max_bytes:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(image)
+            size += image.nbytes
+        chunks.append(chunk)
+    return chunks
+
+
+def _unsearchable(failed: list[CategoryFailure]) -> str:
+    """Why a search failed as a whole: no category could be searched (bounded, whatever the number
+    of categories)."""
+    by_backend: dict[str, list[CategoryFailure]] = {}
+    for failure in failed:
+        by_backend.setdefault(failure.backend, []).append(failure)
+    parts = []
+    for backend, failures in list(by_backend.items())[:3]:
+        names = [quote(f.category) for f in failures if f.category]
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        parts.append(f"the index at {backend} ({failures[0].code}{'; categories ' + listed if names else ''}): "
+                     f"{failures[0].reason[:300]}")
+    return "no catalogue category could be searched: " + "; ".join(parts) + "; retry when the index is back"
+
+
+def _stored(images: Iterable[IndexedImage]) -> str:
+    """'3 images of 2 products were stored' (exact: what the index holds from this call)."""
+    images = list(images)
+    products = len({i.product_id for i in images})
+    return (f"{len(images)} image{'s' if len(images) != 1 else ''} of {products} "
+            f"product{'s' if products != 1 else ''} {'were' if len(images) != 1 else 'was'} stored")
 
 
 def image_id_of(data: bytes) -> str:
@@ -183,7 +235,7 @@ class Pipeline:
         if options.regions:
             proposals = []
             for box, category in options.regions:
-                clipped = clip_box(box, photo.width, photo.height) * photo.scale
+                clipped = photo.to_shrunk(clip_box(box, photo.width, photo.height))
                 proposals.append(Proposal(clipped.astype(np.float32), Source.USER_REGION, 1.0, "", category))
         else:
             proposals = self._localise(photo.rgb, options.sources or self.default_sources,
@@ -197,8 +249,9 @@ class Pipeline:
 
         same_kind = options.kind == selection
         signatures = self._sign(crops, [selection], deadline, timings)
+        answered: set[str] = set()
         self._search(candidates, [s[0] for s in signatures], selection,
-                     options.top_k if same_kind else 1, deadline, timings)
+                     options.top_k if same_kind else 1, deadline, timings, answered)
         for candidate in candidates:
             self._decide(candidate)
         chosen = self._select(candidates, options)
@@ -207,10 +260,26 @@ class Pipeline:
             final = [self._replan(c, options.kind) for c in chosen]
             signatures = self._sign([crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in chosen],
                                     [options.kind], deadline, timings)
-            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings)
+            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings,
+                         answered)
             chosen = final
-        items = [self._item(c, options, photo.scale) for c in chosen]
-        return SearchOutcome(items, photo.width, photo.height, len(proposals) - (0 if options.regions else 1), timings)
+        failed = self._failures(candidates + chosen)
+        if failed and not answered:
+            raise Unavailable(_unsearchable(failed))
+        items = [self._item(c, options, photo) for c in chosen]
+        return SearchOutcome(items, photo.width, photo.height, len(proposals) - (0 if options.regions else 1),
+                             timings, failed)
+
+    @staticmethod
+    def _failures(candidates: list[_Candidate]) -> list[CategoryFailure]:
+        """Every category that could not be searched for some candidate, once (the latest failure
+        of each); a category unsearched only matters to candidates that would have been compared
+        over it (not to a region or a detector class that names its own)."""
+        failed: dict[str, CategoryFailure] = {}
+        for candidate in candidates:
+            failed.update((f.category, f) for f in candidate.unsearched)
+            failed.update((c, a) for c, a in candidate.answers.items() if isinstance(a, CategoryFailure))
+        return [failed[c] for c in sorted(failed)]
 
     def _localise(self, rgb: np.ndarray, sources: frozenset[Source], min_confidence: float,
                   deadline: Deadline, timings: Timings) -> list[Proposal]:
@@ -259,10 +328,21 @@ class Pipeline:
 
     def _plan(self, proposals: list[Proposal], kind: str, restrict: Sequence[str]) -> list[_Candidate]:
         """Where each proposal is searched: its own category when it has a catalogue (or is a
-        region's), else every category (the request's, when it restricts them)."""
+        region's), else every category (the request's, when it restricts them). A category whose
+        index did not answer its listing is searched only when named (a backend that is down or
+        silent must not hold every query up); a candidate compared over every category keeps it
+        as unsearched."""
         reachable = self.index.categories(kind)
-        available = reachable | self.index.unreachable_categories()
-        allowed = sorted(reachable & set(restrict)) if restrict else sorted(reachable)
+        down = self.index.unreachable()
+        unreachable = {f.category for f in down if f.category}
+        available = reachable | unreachable
+        wanted = set(restrict)
+        allowed = sorted(available & wanted) if restrict else sorted(reachable)
+        # In scope: what the request names (a named category that is nowhere known may be on a
+        # backend whose categories are unknown), else every category.
+        unsearched = [f for f in down
+                      if (f.category and f.category not in allowed and (not restrict or f.category in wanted))
+                      or (not f.category and (not restrict or wanted - available))]
         candidates = []
         for proposal in proposals:
             own = proposal.category
@@ -271,7 +351,7 @@ class Pipeline:
             elif own and own in available and (not restrict or own in restrict):
                 candidates.append(_Candidate(proposal, [own], True))
             else:
-                candidates.append(_Candidate(proposal, list(allowed), False))
+                candidates.append(_Candidate(proposal, list(allowed), False, unsearched=list(unsearched)))
         return candidates
 
     def _replan(self, chosen: _Candidate, kind: str) -> _Candidate:
@@ -279,33 +359,38 @@ class Pipeline:
         the categories it was compared over."""
         categories = [chosen.category] if chosen.category else [c for c in chosen.categories
                                                                  if c in self.index.categories(kind)]
-        again = _Candidate(chosen.proposal, categories, True)
+        again = _Candidate(chosen.proposal, categories, True, unsearched=chosen.unsearched)
         again.category, again.margin, again.ambiguous = chosen.category, chosen.margin, chosen.ambiguous
+        # Why the choice of category may be wrong stays with the item.
+        again.answers.update((c, a) for c, a in chosen.answers.items()
+                             if isinstance(a, CategoryFailure) and c not in categories)
         return again
 
     def _sign(self, crops: list[np.ndarray], kinds: list[str], deadline: Deadline,
               timings: Timings) -> list[list[Signature]]:
-        """Signatures [crop][kind], in calls small enough for the signature server's limits."""
+        """Signatures [crop][kind], in calls of at most the signature service's limit (as its
+        ListKinds advertises it, else signature_call_images), in parallel, all within the request's
+        deadline."""
         if not crops:
             return []
         start = time.perf_counter()
-        chunks: list[list[np.ndarray]] = [[]]
-        size = 0
-        for image in crops:
-            if chunks[-1] and (len(chunks[-1]) >= self.config.signature_call_images
-                               or size + image.nbytes > self.config.signature_call_bytes):
-                chunks.append([])
-                size = 0
-            chunks[-1].append(image)
-            size += image.nbytes
-        futures = [self.pool.submit(self.signer.sign, chunk, kinds, deadline.remaining()) for chunk in chunks]
-        out = [signatures for future in futures for signatures in future.result()]
+        limit = self.signer.images_per_call(deadline.remaining()) or self.config.signature_call_images
+        chunks = split_calls(crops, limit, self.config.signature_call_bytes)
+        futures = [self.pool.submit(lambda chunk: self.signer.sign(chunk, kinds, deadline.remaining()), chunk)
+                   for chunk in chunks]
+        try:
+            out = [signatures for future in futures for signatures in future.result()]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # the chunks not started yet: the request has failed
+            raise
         timings.sign_ms += _ms(start)
         return out
 
     def _search(self, candidates: list[_Candidate], signatures: list[Signature], kind: str, top_k: int,
-                deadline: Deadline, timings: Timings) -> None:
-        """One SearchBatch per category holding every candidate searched there, all in parallel."""
+                deadline: Deadline, timings: Timings, answered: set[str]) -> None:
+        """One SearchBatch per category holding every candidate searched there, all in parallel;
+        the categories whose index answered (a missing database is an answer) join `answered`."""
         start = time.perf_counter()
         by_category: dict[str, list[int]] = {}
         for number, candidate in enumerate(candidates):
@@ -313,19 +398,21 @@ class Pipeline:
                 by_category.setdefault(category, []).append(number)
         timeout = deadline.remaining(self.config.reply_reserve_s)
 
-        def run(category: str, numbers: list[int]) -> BatchAnswer | str:
+        def run(category: str, numbers: list[int]) -> BatchAnswer | str | CategoryFailure:
             try:
                 return self.index.search_batch(category, kind, [signatures[n] for n in numbers], top_k, timeout)
             except NotFound:
-                return f"no catalogue for category {category!r} yet"
+                return f"no catalogue for category {quote(category)} yet"
             except ServiceError as exc:
-                return f"search in {category!r} failed ({exc.status}): {exc}; matches may be partial"
+                return CategoryFailure(category, exc.status, str(exc), self.index.backend_of(category))
 
         futures = {category: self.pool.submit(run, category, numbers) for category, numbers in by_category.items()}
         for category, future in futures.items():
             answer = future.result()
+            if not isinstance(answer, CategoryFailure):
+                answered.add(category)
             for position, number in enumerate(by_category[category]):
-                if isinstance(answer, str):
+                if isinstance(answer, (str, CategoryFailure)):
                     candidates[number].answers[category] = answer
                 else:
                     candidates[number].answers[category] = BatchAnswer([answer.results[position]], answer.degraded)
@@ -415,13 +502,14 @@ class Pipeline:
         return bool(candidate.product and candidate.product == other.product
                     and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap)
 
-    def _item(self, candidate: _Candidate, options: SearchOptions, scale: float) -> FoundItem:
+    def _item(self, candidate: _Candidate, options: SearchOptions, photo: Photo) -> FoundItem:
         proposal = candidate.proposal
-        item = FoundItem(proposal.box / scale, proposal.source, proposal.confidence, proposal.class_name,
+        item = FoundItem(photo.to_original(proposal.box).astype(np.float32), proposal.source, proposal.confidence, proposal.class_name,
                          candidate.category, category_margin=candidate.margin)
         if proposal.source is Source.USER_REGION and proposal.category:
             item.category = proposal.category
         warnings = [a for a in candidate.answers.values() if isinstance(a, str)]
+        failures = [a for a in candidate.answers.values() if isinstance(a, CategoryFailure)] + candidate.unsearched
         answers = [a for c, a in candidate.answers.items() if isinstance(a, BatchAnswer)
                    and (not candidate.category or c == candidate.category)]
         if candidate.ambiguous:
@@ -437,6 +525,15 @@ class Pipeline:
             item.degraded = degraded[0]
             warnings.append(f"part of the {item.category or 'catalogue'!r} index did not answer "
                             f"({degraded[0].reason}); matches are exact over the rest")
+        if failures:
+            # Its category could not be searched, or (class-agnostic) its category was chosen
+            # without some: see the response's failed_categories.
+            names = sorted({quote(f.category) if f.category else f"the categories at {f.backend}" for f in failures})
+            reason = (f"{', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''} "
+                      f"could not be searched ({failures[0].code})")
+            if item.degraded is None:
+                item.degraded = Degraded(reason)
+            warnings.append(reason + ": matches are over the rest only")
         if candidate.category and isinstance(candidate.answers.get(candidate.category), str):
             warnings = [candidate.answers[candidate.category]]  # type: ignore[list-item]
         item.warning = "; ".join(dict.fromkeys(warnings))
@@ -486,53 +583,94 @@ class Pipeline:
             return salient[0], Source.SALIENT
         return np.array([0, 0, width, height], np.float32), Source.WHOLE_IMAGE
 
-    def ingest(self, images: Iterable[CatalogueImage], deadline: Deadline) -> list[IndexedImage]:
-        """Localises, signs (every index kind in one call) and adds catalogue images in batches.
-        A bad image raises IngestError after every image before it was indexed."""
+    def check_image(self, image: CatalogueImage) -> None:
+        """Raises InvalidArgument (what to fix) for a catalogue image the index would refuse, so that
+        it is refused before anything of it is written."""
         config = self.config
-        done: list[IndexedImage] = []
+        check_id("product_id", image.product_id, config.max_id_bytes, required=True)
+        check_id("image_id", image.image_id, config.max_id_bytes, required=False)
+        check_name("category", image.category)
+        check_metadata(image.metadata, config)
+
+    def ingest(self, images: Iterable[CatalogueImage], deadline: Deadline) -> list[IndexedImage]:
+        """Localises, signs (every index kind in one call) and adds catalogue images in batches ->
+        the distinct images stored, in the order of their first appearance (an image sent twice is
+        stored once: the last one sent).
+
+        Nothing is stored before the end: the index streams stay open and are ended normally (so
+        the index stores them) only when the images end normally. `images` raising Cancelled (the
+        client went away) stores nothing. A refused image (InvalidArgument, ResourceExhausted) or a
+        failing back end raises IngestError after the images before it are stored; its message
+        says exactly how many were."""
+        config = self.config
+        writer = self.index.writer(deadline.remaining())
+        # Sent to the index, by (category, product, image): the last one sent, at its first place.
+        sent: dict[tuple[str, str, str], IndexedImage] = {}
         batch: list[tuple[CatalogueImage, Photo]] = []
 
         def flush() -> None:
-            if not batch:
-                return
-            try:
-                done.extend(self._ingest_batch(batch, deadline))
-            except ServiceError as exc:
-                raise IngestError(f"{exc}; the {len(done)} products before this batch of {len(batch)} "
-                                  "were indexed: re-send from there (a re-sent image replaces itself)",
-                                  exc.status, done) from None
-            batch.clear()
+            if batch:
+                for report in self._ingest_batch(batch, writer, deadline):
+                    sent[(report.category, report.product_id, report.image_id)] = report
+                batch.clear()
 
-        for position, image in enumerate(images):
-            try:
-                if not image.product_id or not image.category:
-                    raise InvalidArgument("product_id and category are required")
-                photo = self.decode(image.encoded, image.raw)
-                if image.box is not None:
-                    problem = valid_box(image.box, photo.width, photo.height)
-                    if problem:
-                        raise InvalidArgument(f"box {problem}")
-            except InvalidArgument as exc:
-                flush()  # everything before the bad image is indexed, and the error says so
-                raise IngestError(f"product #{position} ({image.product_id!r}): {exc}; the {len(done)} "
-                                  "products before it were indexed", exc.status, done) from None
-            if not image.image_id:
-                image.image_id = image_id_of(image.encoded if image.encoded is not None
-                                             else image.raw[2])  # type: ignore[index]
-            batch.append((image, photo))
-            if len(batch) >= config.ingest_batch:
-                flush()
-        flush()
-        return done
+        def stored(failed: dict[str, Exception]) -> list[IndexedImage]:
+            return [report for (category, _, _), report in sent.items() if category not in failed]
 
-    def _ingest_batch(self, batch: list[tuple[CatalogueImage, Photo]], deadline: Deadline) -> list[IndexedImage]:
+        where = ""
+        try:
+            for position, image in enumerate(images):
+                try:
+                    if position >= config.max_images_per_stream:
+                        raise ResourceExhausted(f"send at most {config.max_images_per_stream} images per "
+                                                "IndexProducts stream: split the ingest into several streams")
+                    self.check_image(image)
+                    photo = self.decode(image.encoded, image.raw)
+                    if image.box is not None:
+                        problem = valid_box(image.box, photo.width, photo.height)
+                        if problem:
+                            raise InvalidArgument(f"box {problem}")
+                except (InvalidArgument, ResourceExhausted):
+                    flush()  # every image before the refused one is stored, and the error says so
+                    where = f"product #{position} ({quote(image.product_id)}): "
+                    raise
+                if not image.image_id:
+                    image.image_id = image_id_of(image.encoded if image.encoded is not None
+                                                 else image.raw[2])  # type: ignore[index]
+                batch.append((image, photo))
+                if len(batch) >= config.ingest_batch:
+                    flush()
+            flush()
+        except Cancelled as exc:
+            writer.cancel()
+            raise IngestError(f"{exc}: nothing was stored", exc.status, []) from None
+        except ServiceError as exc:
+            failed = writer.commit()
+            kept = stored(failed)
+            lost = f", none of categories {sorted(failed)[:5]} (their index failed too)" if failed else ""
+            raise IngestError(f"{where}{exc}; {_stored(kept)} (those before it in the stream{lost}): fix it and "
+                              "re-send from there (a re-sent image replaces itself)", exc.status, kept) from None
+        except BaseException:
+            writer.cancel()
+            raise
+        failed = writer.commit()
+        if failed:
+            kept = stored(failed)
+            error = next(iter(failed.values()))
+            status = getattr(error, "status", "UNAVAILABLE")
+            raise IngestError(f"{error}; {_stored(kept)}: none of categories {sorted(failed)[:5]}, whose index "
+                              "failed: re-send those", status, kept)
+        return list(sent.values())
+
+    def _ingest_batch(self, batch: list[tuple[CatalogueImage, Photo]], writer: CatalogueWriter,
+                      deadline: Deadline) -> list[IndexedImage]:
+        """Localises and signs a batch and sends it to the index -> what was sent."""
         config = self.config
 
         def place(pair: tuple[CatalogueImage, Photo]) -> tuple[np.ndarray, Source]:
             image, photo = pair
             if image.box is not None:
-                return clip_box(image.box, photo.width, photo.height) * photo.scale, Source.USER_REGION
+                return photo.to_shrunk(clip_box(image.box, photo.width, photo.height)), Source.USER_REGION
             return self.localise_product(photo, image.category, deadline)
 
         placed = list(self.pool.map(place, batch))
@@ -541,19 +679,33 @@ class Pipeline:
         signatures = self._sign(crops, kinds, deadline, Timings())
         entries, report = [], []
         for (image, photo), (box, source), signed in zip(batch, placed, signatures):
-            original = (box / photo.scale).astype(np.float32)
+            original = photo.to_original(box).astype(np.float32)
             report.append(IndexedImage(image.product_id, image.image_id, image.category, original, source))
             entries += [CatalogueEntry(image.product_id, image.image_id, image.category, kind, signature,
                                        original, image.metadata) for kind, signature in zip(kinds, signed)]
-        self.index.add(entries, deadline.remaining())
+        writer.add(entries)
         return report
 
     def delete_products(self, product_ids: Sequence[str], categories: Sequence[str],
                         deadline: Deadline) -> tuple[int, list[str]]:
+        config = self.config
         if not product_ids:
             raise InvalidArgument("product_ids is empty: name the products to delete")
-        if any(not p for p in product_ids):
-            raise InvalidArgument("product_ids has an empty id")
+        if len(product_ids) > config.max_delete_ids:
+            raise ResourceExhausted(f"{len(product_ids)} product_ids in one call, above the limit of "
+                                    f"{config.max_delete_ids}: delete at most {config.max_delete_ids} per call")
+        for i, product_id in enumerate(product_ids):
+            if not product_id:
+                raise InvalidArgument(f"product_ids[{i}] is empty: every id must name a product")
+            size = len(product_id.encode("utf-8", "surrogatepass"))
+            if size > config.max_id_bytes:
+                raise InvalidArgument(f"product_ids[{i}] is {size} UTF-8 bytes, above the limit of "
+                                      f"{config.max_id_bytes}: no product id is longer")
+        if len(categories) > config.max_categories:
+            raise ResourceExhausted(f"{len(categories)} categories in one call, above the limit of "
+                                    f"{config.max_categories}: name at most {config.max_categories}")
+        for category in categories:
+            check_name("category", category)
         return self.index.delete_products(list(dict.fromkeys(product_ids)), list(categories) or None,
                                           deadline.remaining())
 

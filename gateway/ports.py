@@ -63,6 +63,17 @@ class BatchAnswer:
 
 
 @dataclass
+class CategoryFailure:
+    """A category that could not be searched (or, with category "", an index backend whose
+    categories are unknown because it has not answered a listing)."""
+
+    category: str
+    code: str      # the grpc.StatusCode name, e.g. "UNAVAILABLE"
+    reason: str
+    backend: str   # the index address holding the category
+
+
+@dataclass
 class CatalogueEntry:
     """One catalogue image, signed, for the index."""
 
@@ -89,14 +100,43 @@ class Signer(Protocol):
         """[crop][kind] signatures; raises common.errors on failure."""
         ...
 
+    def images_per_call(self, timeout_s: float) -> int:
+        """The most images one `sign` call may carry, as the signature service advertises it;
+        0 when it does not say (the caller then uses its own configured limit)."""
+        ...
+
+
+class CatalogueWriter(Protocol):
+    """One ingestion's writes. Entries stream to their index backends as they are given, but
+    nothing is stored before `commit`; `cancel` stores nothing (a backend stores an Add stream only
+    when it ends normally)."""
+
+    def add(self, entries: Sequence[CatalogueEntry]) -> None:
+        """Sends the entries on; raises common.errors (nothing of these entries sent) when a
+        backend they go to has already failed."""
+        ...
+
+    def commit(self) -> dict[str, Exception]:
+        """Ends every stream normally and waits for each backend: -> the categories written to
+        whose backend failed (and so stored none of them), with its error; {} when all stored."""
+        ...
+
+    def cancel(self) -> None: ...
+
 
 class Index(Protocol):
     def categories(self, kind: str) -> set[str]:
         """The categories whose database of this kind exists (may be cached briefly)."""
         ...
 
-    def unreachable_categories(self) -> set[str]:
-        """Categories that may exist but whose index did not answer: searched only when named."""
+    def unreachable(self) -> list[CategoryFailure]:
+        """Categories that may exist but whose index did not answer its last listing (searched only
+        when named), with why; one with category "" stands for a backend whose categories are
+        unknown (it has not answered a listing yet)."""
+        ...
+
+    def backend_of(self, category: str) -> str:
+        """The address of the index backend holding the category."""
         ...
 
     def search_batch(self, category: str, kind: str, signatures: Sequence[Signature], top_k: int,
@@ -105,7 +145,9 @@ class Index(Protocol):
         database; raises common.errors.NotFound when that database does not exist."""
         ...
 
-    def add(self, entries: Sequence[CatalogueEntry], timeout_s: float) -> None: ...
+    def writer(self, timeout_s: float) -> CatalogueWriter:
+        """A writer for one ingestion; every stream it opens ends within `timeout_s`."""
+        ...
 
     def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] | None,
                         timeout_s: float) -> tuple[int, list[str]]:

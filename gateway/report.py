@@ -33,6 +33,9 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
                      f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}{note}")
     if not result.items:
         lines.append("    (no product found)")
+    for failure in result.failed_categories:
+        lines.append(f"not searched: {failure.category or '(unknown categories)'} at {failure.backend} "
+                     f"({failure.code})")
     t = result.timings
     lines.append(f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | locate {t.locate_ms:.0f} ms"
                  f" | sign {t.sign_ms:.0f} ms | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms"

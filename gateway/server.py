@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from common.security import Access, method_policy
 from common.serving import ServiceBundle, serve_forever, start_bundle
 from gateway.backends import Backends
 from gateway.config import GatewayConfig
@@ -11,13 +12,16 @@ from gateway.service import VisualSearchService
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["VisualSearchService"]
+
+
 def create_bundle(config: GatewayConfig) -> ServiceBundle:
     backends = Backends(config.detector_address, config.signature_address, config.index_address,
-                        config.index_routes, config.max_message_bytes, config.catalogue_refresh_s)
+                        config.index_routes, config, config.catalogue_refresh_s, config.index_ready_wait_s)
     service = VisualSearchService(config, backends)
     return start_bundle(config, lambda s: gateway_pb2_grpc.add_VisualSearchServiceServicer_to_server(service, s),
-                        [gateway_pb2.DESCRIPTOR.services_by_name["VisualSearchService"].full_name],
-                        on_stop=service.close)
+                        [SERVICE.full_name], on_stop=service.close,
+                        policy=method_policy(SERVICE, IndexProducts=Access.WRITE, DeleteProducts=Access.WRITE))
 
 
 def create_server(config: GatewayConfig) -> tuple[grpc.Server, int]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import grpc
 import numpy as np
 
-from common.errors import InvalidArgument, ResourceExhausted
+from common.errors import Cancelled, InvalidArgument, ResourceExhausted
+from common.names import check_name
 from common.proto_convert import box_from_proto, box_to_proto
 from common.serving import Deadline, abort_on
+from common.streams import StreamEnd
+from common.telemetry import BATCH_SIZE, ContextThreadPoolExecutor
 from gateway.backends import KIND_NAMES, KIND_VALUES, Backends
 from gateway.config import GatewayConfig
 from gateway.crops import valid_box
@@ -40,7 +42,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         self.backends = backends
         # Downstream calls of all concurrent requests (detector, locator, signature chunks, one
         # search per category) run here.
-        self.pool = ThreadPoolExecutor(max_workers=8 * config.max_workers, thread_name_prefix="gateway")
+        self.pool = ContextThreadPoolExecutor(max_workers=8 * config.max_workers, thread_name_prefix="gateway")
         self.pipeline = Pipeline(config, backends.detector, backends.locator, backends.signer, backends.index,
                                  self.pool)
         self.default_kind = KIND_VALUES[config.default_signature_kind]
@@ -65,24 +67,37 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             timings = Timings(decode_ms=_ms(start))
             options.regions = self._regions(request.regions, photo.width, photo.height)
             outcome = self.pipeline.search(photo, options, deadline, timings)
+        BATCH_SIZE.labels("gateway", "proposals_per_photo").observe(outcome.proposals)
+        BATCH_SIZE.labels("gateway", "items_per_photo").observe(len(outcome.items))
         t = outcome.timings
         return gateway_pb2.MultiProductSearchResponse(
             items=[_item(i) for i in outcome.items], image_width=outcome.width, image_height=outcome.height,
             proposals=outcome.proposals,
             timings=gateway_pb2.StageTimings(decode_ms=t.decode_ms, detect_ms=t.detect_ms, locate_ms=t.locate_ms,
-                                             sign_ms=t.sign_ms, search_ms=t.search_ms, total_ms=_ms(start)))
+                                             sign_ms=t.sign_ms, search_ms=t.search_ms, total_ms=_ms(start)),
+            failed_categories=[gateway_pb2.CategoryFailure(category=f.category, code=f.code, reason=f.reason,
+                                                           backend=f.backend) for f in outcome.failed])
 
     def _options(self, request: gateway_pb2.MultiProductSearchRequest) -> SearchOptions:
         config = self.config
         top_k = request.top_k or 10
         if top_k > config.max_top_k:
-            raise InvalidArgument(f"top_k {top_k} is above the limit of {config.max_top_k}")
+            raise InvalidArgument(f"top_k {top_k} is above the limit of {config.max_top_k}: ask for at most "
+                                  f"{config.max_top_k}")
         if not 0.0 <= request.min_confidence <= 1.0:
-            raise InvalidArgument(f"min_confidence {request.min_confidence} is outside (0, 1]; 0 keeps the model's")
+            raise InvalidArgument(f"min_confidence {request.min_confidence} is outside (0, 1]: set a threshold in "
+                                  "(0, 1], or 0 to keep the model's")
         if len(request.regions) > config.max_regions:
-            raise ResourceExhausted(f"{len(request.regions)} regions; at most {config.max_regions} per query")
+            raise ResourceExhausted(f"{len(request.regions)} regions; at most {config.max_regions} per query: "
+                                    "split them over several queries")
         if len(request.categories) > config.max_categories:
-            raise ResourceExhausted(f"{len(request.categories)} categories; at most {config.max_categories}")
+            raise ResourceExhausted(f"{len(request.categories)} categories; at most {config.max_categories} per "
+                                    "query: name fewer, or none to search every category")
+        for i, category in enumerate(request.categories):
+            try:
+                check_name("category", category)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"categories[{i}]: {exc}") from None
         kind = request.signature_kind or self.default_kind
         if kind not in self.index_kinds:
             raise InvalidArgument(f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
@@ -98,8 +113,9 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                                       f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}")
             sources.add(source)
         if request.max_items > config.max_proposals:
-            raise ResourceExhausted(f"max_items {request.max_items} is above the {config.max_proposals} candidate "
-                                    "regions a photo is searched with")
+            raise InvalidArgument(f"max_items {request.max_items} is above the limit of {config.max_proposals} "
+                                  f"(the candidate regions a photo is searched with): ask for at most "
+                                  f"{config.max_proposals}, or 0 for the gateway's default")
         return SearchOptions(KIND_NAMES[kind], top_k, request.min_confidence, (), list(request.categories),
                              request.min_score if request.HasField("min_score") else None,
                              frozenset(sources) or None, request.max_items)
@@ -112,6 +128,11 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             problem = valid_box(box, width, height)
             if problem:
                 raise InvalidArgument(f"regions[{i}].box {problem}")
+            if region.category:  # empty: every category
+                try:
+                    check_name("category", region.category)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"regions[{i}].category: {exc}") from None
             out.append((box, region.category))
         return out
 
@@ -120,13 +141,25 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     def IndexProducts(self, request_iterator: Iterator[gateway_pb2.IndexProductsRequest],
                       context: grpc.ServicerContext) -> gateway_pb2.IndexProductsResponse:
         deadline = Deadline.of(context, self.config.default_timeout_s)
-        images = (CatalogueImage(
-            r.product_id, r.category, r.image_id,
-            r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
-            (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
-            box_from_proto(r.box) if r.HasField("box") else None, dict(r.metadata)) for r in request_iterator)
-        with abort_on(context):  # an IngestError says how many products were indexed before it
-            indexed = self.pipeline.ingest(images, deadline)
+        end = StreamEnd(context)
+
+        def images() -> Iterator[CatalogueImage]:
+            # A client's cancel (or its deadline) ends grpc python's request iterator with an
+            # RpcError, or exactly like a normal end (common/streams.py): tell the two apart.
+            try:
+                for r in request_iterator:
+                    yield CatalogueImage(
+                        r.product_id, r.category, r.image_id,
+                        r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
+                        (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
+                        box_from_proto(r.box) if r.HasField("box") else None, dict(r.metadata))
+            except grpc.RpcError:
+                raise Cancelled("the client cancelled the stream or its deadline passed") from None
+            if not end.completed(self.config.cancel_settle_s):
+                raise Cancelled("the client cancelled the stream or its deadline passed")
+
+        with abort_on(context):  # an IngestError says exactly what was stored before it
+            indexed = self.pipeline.ingest(images(), deadline)
         return self._ingest_report(indexed)
 
     def _ingest_report(self, indexed: list[IndexedImage]) -> gateway_pb2.IndexProductsResponse:
@@ -134,6 +167,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         limit = self.config.ingest_report_limit
         return gateway_pb2.IndexProductsResponse(
             indexed=len(indexed), per_category=dict(per_category), images_truncated=len(indexed) > limit,
+            products=len({image.product_id for image in indexed}),
             images=[gateway_pb2.IndexedImage(product_id=i.product_id, image_id=i.image_id, category=i.category,
                                              box=box_to_proto(i.box), source=SOURCES[i.source])
                     for i in indexed[:limit]])

@@ -1,23 +1,32 @@
 """The databases of one shard, by name, each holding one signature kind; durable through a ShardStore.
 
-Every change goes through here: validated, written ahead to the store's log (one fsync per batch),
-then applied in memory, all under one write lock so the log order is the memory order. Start-up
-loads the last snapshot and replays the log after it through the same apply path.
+Every change goes through here: validated, written ahead to the store's log (one fsync per Add
+stream or Delete), then applied in memory, all under one write lock so the log order is the memory
+order. Start-up loads the last snapshot and replays the log after it through the same apply path.
+A database that cannot be loaded (a damaged snapshot blob, a logged operation that fails) does not
+keep the shard from starting: it is set aside, answered with FAILED_PRECONDITION and reported by
+Stats, and its stored data is written back verbatim by every snapshot, so nothing of it is lost.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import struct
 import threading
-from dataclasses import dataclass
-from typing import NamedTuple, Union
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple, Union
 
 import numpy as np
 
 from common.bow_codec import BagOfWords, BowFormatError, decode
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
+from common.limits import check_id, check_metadata
+from common.names import check_name
 from index_server.convert import box_of
-from index_server.dense import DenseDatabase
+from index_server.dense import DenseDatabase, unit_vector
 from index_server.inverted import BowIndex, SignatureError
+from index_server.limits import ItemLimits, check_stream_length, reworded
 from index_server.store import ShardStore
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2
@@ -29,10 +38,87 @@ Value = Union[np.ndarray, BagOfWords]
 
 # Log record tags; the payload is the request message itself.
 _ADD, _DELETE = b"A", b"D"
+# The snapshot blob of a database set aside at start-up that holds its logged operations since its
+# snapshot (u32 little-endian length + record, repeated), replayed after its state once it loads.
+PENDING_BLOB = "unreplayed_log"
+# How much of an exception's text a "could not be loaded" reason keeps.
+_REASON_CHARS = 400
 
 
-class UnknownDatabase(KeyError):
-    pass
+class UnknownDatabase(NotFound):
+    def __init__(self, name: str):
+        super().__init__(f"database {quote(name)} does not exist on this shard; a database is created by "
+                         "the first Add of an item to it")
+        self.name = name
+
+
+class BrokenDatabase(FailedPrecondition):
+    """A call on a database that could not be loaded at start-up."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"database {quote(name)} could not be loaded at start-up: {reason}; its stored data "
+                         "is kept as it was (nothing is lost): repair the cause and restart the shard, or "
+                         "restore the database from a fellow replica or a backup")
+
+
+def _pack_records(records: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(r)) + r for r in records)
+
+
+def _unpack_records(blob: bytes) -> list[bytes]:
+    records, position = [], 0
+    while position < len(blob):
+        (size,) = struct.unpack_from("<I", blob, position)
+        records.append(bytes(blob[position + 4:position + 4 + size]))
+        position += 4 + size
+    return records
+
+
+def _parse_record(record: bytes) -> index_pb2.AddRequest | index_pb2.DeleteRequest:
+    tag, payload = record[:1], record[1:]
+    if tag == _ADD:
+        return index_pb2.AddRequest.FromString(payload)
+    if tag == _DELETE:
+        return index_pb2.DeleteRequest.FromString(payload)
+    raise ValueError(f"logged record with unknown tag {tag!r}")
+
+
+@dataclass
+class Unloadable:
+    """A database set aside at start-up: why, its snapshot blobs exactly as stored, and its logged
+    operations since that snapshot (neither applied nor dropped)."""
+
+    reason: str
+    blobs: dict[str, bytes]
+    pending: list[bytes] = field(default_factory=list)
+
+    def carried(self) -> dict[str, bytes]:
+        """What a snapshot writes for it: the blobs verbatim, the pending operations appended to
+        those an earlier start-up set aside."""
+        if not self.pending:
+            return dict(self.blobs)
+        return {**self.blobs, PENDING_BLOB: self.blobs.get(PENDING_BLOB, b"") + _pack_records(self.pending)}
+
+    def kind(self) -> int:
+        try:
+            return int(self.blobs["kind"])
+        except (KeyError, ValueError):
+            return common_pb2.SIGNATURE_KIND_UNSPECIFIED
+
+
+def logged_operation(record: bytes) -> index_pb2.LoggedOperation:
+    """A log record as the message a replication stream carries."""
+    tag, payload = record[:1], record[1:]
+    if tag == _ADD:
+        return index_pb2.LoggedOperation(add=index_pb2.AddRequest.FromString(payload))
+    return index_pb2.LoggedOperation(delete=index_pb2.DeleteRequest.FromString(payload))
+
+
+def record_of(operation: index_pb2.LoggedOperation) -> bytes:
+    """The log record of an operation received in a replication stream."""
+    if operation.WhichOneof("operation") == "add":
+        return _ADD + operation.add.SerializeToString()
+    return _DELETE + operation.delete.SerializeToString()
 
 
 class Deleted(NamedTuple):
@@ -49,6 +135,8 @@ class DatabaseInfo:
     kind: int
     dimension: int
     items: int
+    # Set when the database could not be loaded at start-up (and is not served): why.
+    broken_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,22 +175,54 @@ def signature_value(signature: common_pb2.Signature) -> Value:
     raise SignatureError(f"signature kind {signature.kind} is unknown")
 
 
-def item_value(request: index_pb2.AddRequest) -> Value:
-    """An Add's signature value, once the item is known to be well formed (its signature, its box);
-    raises SignatureError otherwise. The router checks with it too, before forwarding."""
-    value = signature_value(request.signature)
-    box = box_of(request)
-    if box is not None and not np.all(np.isfinite(box)):
-        raise SignatureError("box has NaN or infinite coordinates")
+def item_value(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(),
+               check_database_name: bool = True) -> Value:
+    """An Add's signature value, once the item is known to be well formed whatever the databases
+    hold (its names, ids, metadata, signature and box, within `limits`); raises InvalidArgument
+    saying what to fix otherwise. The router checks with it too, before forwarding.
+    check_database_name=False lets a database stored before names were checked be written to."""
+    if check_database_name:
+        check_name("database", request.database)
+    check_id("item_id", request.item_id, limits.max_id_bytes, required=True)
+    check_id("group_id", request.group_id, limits.max_id_bytes, required=False)
+    check_metadata(request.metadata, limits)
+    try:
+        value = signature_value(request.signature)
+        if isinstance(value, BagOfWords):
+            if value.vocabulary > limits.max_bow_vocabulary:
+                raise SignatureError(f"signature uses a {value.vocabulary}-word vocabulary, above the limit of "
+                                     f"{limits.max_bow_vocabulary} words (max_bow_vocabulary)")
+        else:
+            if value.size > limits.max_dense_dimension:
+                raise SignatureError(f"signature has {value.size} values, above the limit of "
+                                     f"{limits.max_dense_dimension} dimensions (max_dense_dimension): "
+                                     "reduce the descriptor's dimension")
+            unit_vector(value)  # finite and not all zeros
+        box = box_of(request)
+        if box is not None and not np.all(np.isfinite(box)):
+            raise SignatureError("box has NaN or infinite coordinates")
+    except SignatureError as exc:
+        raise InvalidArgument(str(exc)) from None
     return value
 
 
-class AddFailed(Exception):
-    """Item `position` of a batch was refused; the items before it were added (and logged)."""
+def _shape(kind: int, value: Value) -> tuple[int, int, int]:
+    """What every item of one database shares: (kind, dimension or vocabulary, codebook)."""
+    if isinstance(value, BagOfWords):
+        return kind, value.vocabulary, value.codebook
+    return kind, value.size, 0
 
-    def __init__(self, position: int, added: int, replaced: int, error: SignatureError):
-        super().__init__(str(error))
-        self.position, self.added, self.replaced, self.error = position, added, replaced, error
+
+def _describe(shape: tuple[int, int, int]) -> str:
+    kind, size, codebook = shape
+    if kind == common_pb2.SIGNATURE_KIND_BOW:
+        return f"a bag-of-words signature of a {size}-word vocabulary and codebook {codebook:08x}"
+    return f"a deep signature of {size} values"
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
 
 
 def _apply_add(database: Database, request: index_pb2.AddRequest, value: Value) -> bool:
@@ -117,78 +237,168 @@ def _apply_delete(database: Database, item_ids: list[str], group_ids: list[str])
     return sum(database.delete(item_id) for item_id in item_ids) + database.delete_groups(group_ids)
 
 
+class AddStream:
+    """The items of one Add stream, each checked as it arrives, committed together by
+    Catalogue.commit (all or nothing), so a stream that fails or is cancelled stores nothing."""
+
+    def __init__(self, catalogue: "Catalogue"):
+        self.catalogue = catalogue
+        self.items: list[tuple[index_pb2.AddRequest, Value]] = []
+        # Databases this stream would create, by the shape of their first item here.
+        self.shapes: dict[str, tuple[int, int, int]] = {}
+
+    def stage(self, request: index_pb2.AddRequest) -> None:
+        """Checks the next item; raises a ServiceError naming it (and saying nothing was added)."""
+        position = len(self.items)
+        check_stream_length(position + 1, self.catalogue.limits)
+        try:
+            value = self.catalogue.check_add(request, self.shapes)
+        except ServiceError as exc:
+            raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream "
+                            "was added") from None
+        self.items.append((request, value))
+
+
 class Catalogue:
     def __init__(self, settings: DatabaseSettings = DatabaseSettings(), store: ShardStore | None = None,
-                 snapshot_every: int = 100_000):
+                 snapshot_every: int = 100_000, limits: ItemLimits = ItemLimits()):
         self.settings = settings
         self.store = store
         self.snapshot_every = snapshot_every
+        self.limits = limits
         self._databases: dict[str, tuple[int, Database]] = {}
+        # Databases set aside at start-up, by name (see Unloadable).
+        self._broken: dict[str, Unloadable] = {}
         self._write = threading.Lock()       # log order == apply order
         self._snapshotting = threading.Lock()
         self._since_snapshot = 0
         self._snapshot_thread: threading.Thread | None = None
+        # While catching up from a fellow replica (index_server.replication): the records logged
+        # since, applied only once the copy is installed; None otherwise.
+        self._deferred: list[bytes] | None = None
+        # Replication streams to fellow replicas: each gets every batch of records logged.
+        self._followers: list[queue.SimpleQueue[list[bytes]]] = []
         if store is not None:
             self._recover(store)
 
     # -- reads ------------------------------------------------------------------------------------
 
     def get(self, name: str) -> tuple[int, Database]:
+        """(kind, database); raises UnknownDatabase (NOT_FOUND) or BrokenDatabase (FAILED_PRECONDITION)."""
         try:
             return self._databases[name]
         except KeyError:
+            broken = self._broken.get(name)
+            if broken is not None:
+                raise BrokenDatabase(name, broken.reason) from None
             raise UnknownDatabase(name) from None
+
+    def holds(self, name: str) -> bool:
+        """Whether a database of this name is stored here (served, or set aside at start-up)."""
+        return name in self._databases or name in self._broken
 
     def names(self) -> list[str]:
         return sorted(self._databases)
 
     def stats(self) -> list[DatabaseInfo]:
-        return [DatabaseInfo(name, kind, db.dimension, len(db))
-                for name, (kind, db) in sorted(self._databases.items())]
+        infos = [DatabaseInfo(name, kind, db.dimension, len(db)) for name, (kind, db) in self._databases.items()]
+        infos += [DatabaseInfo(name, broken.kind(), 0, 0, broken.reason) for name, broken in self._broken.items()]
+        return sorted(infos, key=lambda info: info.name)
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def add(self, requests: list[index_pb2.AddRequest]) -> tuple[int, int]:
-        """Adds a batch durably: returns (added, replaced). A refused item raises AddFailed after
-        the items before it have been added."""
+    def stream(self) -> AddStream:
+        return AddStream(self)
+
+    def add(self, requests: Iterable[index_pb2.AddRequest]) -> tuple[int, int]:
+        """Adds items durably, all or nothing: returns (added, replaced) as commit() counts them;
+        a refused item raises a ServiceError naming it, and nothing is added."""
+        stream = self.stream()
+        for request in requests:
+            stream.stage(request)
+        return self.commit(stream)
+
+    def check_add(self, request: index_pb2.AddRequest, shapes: dict[str, tuple[int, int, int]]) -> Value:
+        """An Add's value once it fits its database (as held here, or as `shapes`, the databases a
+        stream would create, say: the first item for a new one sets its shape there)."""
+        value = item_value(request, self.limits, check_database_name=not self.holds(request.database))
+        self._fit(request, value, shapes)
+        return value
+
+    def _fit(self, request: index_pb2.AddRequest, value: Value, shapes: dict[str, tuple[int, int, int]]) -> None:
+        name, kind = request.database, request.signature.kind
+        if name in self._broken:
+            raise BrokenDatabase(name, self._broken[name].reason)
+        if name in self._databases:
+            held_kind, database = self._databases[name]
+            if held_kind != kind:
+                raise InvalidArgument(f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
+                                      f"signatures, not {common_pb2.SignatureKind.Name(kind)}")
+            try:
+                database.check(value)  # type: ignore[arg-type]
+            except SignatureError as exc:
+                raise InvalidArgument(str(exc)) from None
+            return
+        shape = _shape(kind, value)
+        first = shapes.setdefault(name, shape)
+        if first != shape:
+            raise InvalidArgument(f"database {quote(name)} is new, and this stream's first item for it has "
+                                  f"{_describe(first)}, this one {_describe(shape)}: every item of a database "
+                                  "has the same kind and shape")
+
+    def commit(self, stream: AddStream) -> tuple[int, int]:
+        """Stores a stream's items in one durable log transaction, then in memory; returns
+        (added, replaced): added counts each (database, item_id) once, replaced those of them that
+        overwrote an item (one from before the stream, or the same id earlier in it). Nothing is
+        stored when an item no longer fits (another stream created its database meanwhile)."""
         with self._write:
-            valid: list[tuple[index_pb2.AddRequest, Database, Value]] = []
-            failure: tuple[int, SignatureError] | None = None
-            for position, request in enumerate(requests):
+            shapes: dict[str, tuple[int, int, int]] = {}
+            for position, (request, value) in enumerate(stream.items):
                 try:
-                    value = item_value(request)
-                    database = self._get_or_create(request.database, request.signature.kind, value)
-                    database.check(value)  # type: ignore[arg-type]
-                except SignatureError as exc:
-                    failure = (position, exc)
-                    break
-                valid.append((request, database, value))
-            if valid and self.store is not None:
-                self.store.append([_ADD + r.SerializeToString() for r, _, _ in valid])
-            replaced = sum(_apply_add(database, r, value) for r, database, value in valid)
-            self._since_snapshot += len(valid)
+                    self._fit(request, value, shapes)
+                except ServiceError as exc:
+                    raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this "
+                                    "stream was added") from None
+            if stream.items:
+                self._log([_ADD + r.SerializeToString() for r, _ in stream.items])
+            stored: set[tuple[str, str]] = set()
+            replaced: set[tuple[str, str]] = set()
+            for request, value in stream.items:
+                key = (request.database, request.item_id)
+                # Catching up (replication): logged now, applied once the copy is installed.
+                if self._deferred is None and _apply_add(
+                        self._get_or_create(request.database, request.signature.kind, value), request, value):
+                    replaced.add(key)
+                stored.add(key)
+            self._since_snapshot += len(stream.items)
         self._maybe_snapshot()
-        if failure is not None:
-            raise AddFailed(failure[0], len(valid), replaced, failure[1])
-        return len(valid), replaced
+        return len(stored), len(replaced)
 
     def delete(self, name: str, item_ids: list[str], group_ids: list[str] | tuple[str, ...] = ()) -> Deleted:
         """Deletes items and every item of groups, durably; says how many items went and which
         ids and groups were not there."""
         with self._write:
+            if name in self._broken:
+                raise BrokenDatabase(name, self._broken[name].reason)
+            if self._deferred is not None:
+                # Catching up: what is held here is stale, so the whole request is logged, and
+                # applied (what of it is there) once the copy is installed.
+                self._log([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=item_ids,
+                                                             group_ids=group_ids).SerializeToString()])
+                return Deleted(0, list(item_ids), list(group_ids))
             _, database = self.get(name)
             present = [i for i in dict.fromkeys(item_ids) if i in database]
             groups = [g for g in dict.fromkeys(group_ids) if database.group_size(g) > 0]
-            if (present or groups) and self.store is not None:
+            if present or groups:
                 # Only what is there is logged: a replay then does exactly what was acknowledged.
-                self.store.append([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=present,
-                                                                     group_ids=groups).SerializeToString()])
+                self._log([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=present,
+                                                             group_ids=groups).SerializeToString()])
             deleted = _apply_delete(database, present, groups)
             self._since_snapshot += deleted
         self._maybe_snapshot()
         present_set, groups_set = set(present), set(groups)
-        return Deleted(deleted, [i for i in item_ids if i not in present_set],
-                       [g for g in group_ids if g not in groups_set])
+        return Deleted(deleted, [i for i in dict.fromkeys(item_ids) if i not in present_set],
+                       [g for g in dict.fromkeys(group_ids) if g not in groups_set])
 
     def _get_or_create(self, name: str, kind: int, value: Value) -> Database:
         """The database `name`, created for this signature's kind and shape by its first item."""
@@ -202,40 +412,164 @@ class Catalogue:
             self._databases[name] = (kind, database)
         held_kind, database = self._databases[name]
         if held_kind != kind:
-            raise SignatureError(f"database {name!r} holds {common_pb2.SignatureKind.Name(held_kind)} "
+            raise SignatureError(f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
                                  f"signatures, not {common_pb2.SignatureKind.Name(kind)}")
         return database
 
     # -- durability -------------------------------------------------------------------------------
 
     def _recover(self, store: ShardStore) -> None:
+        """Loads the snapshot and replays the log after it. A database whose state or logged
+        operations fail is set aside (Unloadable) with all its stored data; the rest is served."""
         seq, snapshot = store.read_snapshot()
-        for name, blobs in snapshot.items():
-            kind = int(blobs.pop("kind"))
-            database: Database = BowIndex.from_state(blobs) if kind == common_pb2.SIGNATURE_KIND_BOW \
-                else DenseDatabase.from_state(blobs)
-            if isinstance(database, BowIndex):
-                database.max_word_share = self.settings.max_word_share  # configuration, not data
-            self._databases[name] = (kind, database)
+        self._load_states(snapshot)
         replayed = 0
-        for _, record in store.replay(seq):
-            tag, payload = record[:1], record[1:]
-            # The same apply functions as live writes, so a replay does what was acknowledged.
-            if tag == _ADD:
-                request = index_pb2.AddRequest.FromString(payload)
-                value = signature_value(request.signature)
-                _apply_add(self._get_or_create(request.database, request.signature.kind, value), request, value)
-            elif tag == _DELETE:
-                delete = index_pb2.DeleteRequest.FromString(payload)
-                _apply_delete(self.get(delete.database)[1], list(delete.item_ids), list(delete.group_ids))
+        failed: dict[str, str] = {}  # databases whose replay failed here -> why
+        for number, record in store.replay(seq):
             replayed += 1
+            request = _parse_record(record)
+            name = request.database
+            if name in failed:
+                continue  # collected with the rest of its records below
+            if name in self._broken:
+                self._broken[name].pending.append(record)
+                continue
+            try:
+                self._apply_record(request)
+            except Exception as exc:  # noqa: BLE001 - one database's damage must not stop the shard
+                failed[name] = f"replaying logged operation #{number}: {_reason(exc)}"
+                self._databases.pop(name, None)
+        for name, reason in failed.items():
+            # Its snapshot blobs and every operation logged for it since, in order, as stored.
+            pending = [r for _, r in store.replay(seq) if _parse_record(r).database == name]
+            self._set_aside(name, reason, snapshot.get(name, {}), pending)
         self._since_snapshot = replayed
         log.info("recovered %d databases from the snapshot at #%d and %d logged operations",
                  len(self._databases), seq, replayed)
 
+    def _set_aside(self, name: str, reason: str, blobs: dict[str, bytes], pending: list[bytes]) -> None:
+        self._broken[name] = Unloadable(reason, dict(blobs), pending)
+        log.error("database %s could not be loaded and is not served (its stored data is kept): %s",
+                  quote(name), reason)
+
+    def _apply_record(self, request: index_pb2.AddRequest | index_pb2.DeleteRequest) -> None:
+        """One logged operation, in memory, through the same apply functions as live writes."""
+        if isinstance(request, index_pb2.AddRequest):
+            value = signature_value(request.signature)
+            _apply_add(self._get_or_create(request.database, request.signature.kind, value), request, value)
+        elif request.database in self._databases or request.database in self._broken:
+            _apply_delete(self.get(request.database)[1], list(request.item_ids), list(request.group_ids))
+        # else: a Delete logged while catching up (replication), of a database not held: nothing to do
+
+    def _load_states(self, states: dict[str, dict[str, bytes]]) -> None:
+        """Adds the databases of a snapshot (name -> blob name -> bytes, "kind" among the blobs,
+        and PENDING_BLOB for one an earlier start-up set aside); one that fails is set aside."""
+        for name, stored in states.items():
+            blobs = dict(stored)
+            pending = _unpack_records(blobs.pop(PENDING_BLOB, b""))
+            try:
+                if "kind" in blobs or not pending:  # else it was created by its pending operations
+                    kind = int(blobs.pop("kind"))
+                    database: Database = BowIndex.from_state(blobs) if kind == common_pb2.SIGNATURE_KIND_BOW \
+                        else DenseDatabase.from_state(blobs)
+                    if isinstance(database, BowIndex):
+                        database.max_word_share = self.settings.max_word_share  # configuration, not data
+                    self._databases[name] = (kind, database)
+                reason = "its snapshot state"
+                for request in map(_parse_record, pending):
+                    reason = "replaying an operation logged before it was set aside"
+                    self._apply_record(request)
+            except Exception as exc:  # noqa: BLE001 - one database's damage must not stop the shard
+                self._databases.pop(name, None)
+                self._set_aside(name, f"{reason}: {_reason(exc)}", stored, [])
+
+    def _replay(self, records: Iterable[bytes]) -> int:
+        """Applies logged records in order (the caller holds the write lock or owns the catalogue);
+        returns how many. A record that no longer fits (one logged while catching up, against a
+        database the copy holds with another kind or shape, or does not hold) is skipped."""
+        replayed = 0
+        for record in records:
+            request = _parse_record(record)
+            if request.database in self._broken:  # kept with it, as start-up does
+                self._broken[request.database].pending.append(record)
+                replayed += 1
+                continue
+            try:
+                self._apply_record(request)
+            except (ServiceError, SignatureError) as exc:
+                log.warning("skipped a logged %s that does not apply here: %s", type(request).__name__, exc)
+            replayed += 1
+        return replayed
+
+    def _log(self, records: list[bytes]) -> None:
+        """Writes records ahead (durably) and hands them to the replication streams; called
+        under the write lock, so every reader sees the log order."""
+        if self.store is not None:
+            self.store.append(records)
+        if self._deferred is not None:
+            self._deferred.extend(records)
+        for follower in self._followers:
+            follower.put(records)
+
+    # -- replication (index_server.replication drives these) -------------------------------------
+
+    @property
+    def deferring(self) -> bool:
+        """True while catching up: writes are logged but not applied until install()."""
+        return self._deferred is not None
+
+    def begin_deferral(self) -> None:
+        """From now on writes are logged (so acknowledged ones survive a crash) and kept for
+        install(), but not applied: what is held here is about to be replaced by a copy."""
+        with self._write:
+            if self._deferred is None:
+                self._deferred = []
+
+    def follow(self) -> tuple[dict[str, dict[str, bytes]], queue.SimpleQueue[list[bytes]]]:
+        """Every database's state (the snapshot format) and a queue that receives every batch of
+        records logged after it: together, a consistent copy that stays current. unfollow() ends it."""
+        with self._write:
+            if self._deferred is not None:
+                raise RuntimeError("this replica is catching up itself: it cannot be copied")
+            states = {name: {**database.state(), "kind": str(kind).encode()}
+                      for name, (kind, database) in self._databases.items()}
+            # Set aside here: copied as stored (the copy then sets them aside too), never dropped.
+            states.update((name, broken.carried()) for name, broken in self._broken.items())
+            tail: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+            self._followers.append(tail)
+        return states, tail
+
+    def unfollow(self, tail: queue.SimpleQueue[list[bytes]]) -> None:
+        """No more records go to `tail` (those already in it stay)."""
+        with self._write:
+            self._followers.remove(tail)
+
+    def install(self, states: dict[str, dict[str, bytes]], records: Iterable[bytes]) -> None:
+        """Replaces every database with a copy (states, then records logged after them), then
+        applies the writes deferred here meanwhile, in their order, and ends the deferral; writes
+        it durably (a snapshot) before returning. Re-applying a write the copy has is harmless:
+        an Add replaces, a Delete of what is not there does nothing."""
+        fresh = Catalogue(self.settings, limits=self.limits)  # in memory: built off the write lock
+        fresh._load_states(states)
+        fresh._replay(records)
+        with self._write:
+            fresh._replay(self._deferred or [])
+            self._databases = fresh._databases
+            self._broken = fresh._broken  # the copy replaces what was set aside here too
+            self._deferred = None
+            self._since_snapshot = 0
+        self.snapshot()
+
+    def end_deferral(self) -> None:
+        """Ends a deferral without a copy (no source could give one): applies the deferred writes
+        to what is held here."""
+        with self._write:
+            self._replay(self._deferred or [])
+            self._deferred = None
+
     def _maybe_snapshot(self) -> None:
         if (self.store is not None and self._since_snapshot >= self.snapshot_every
-                and not self._snapshotting.locked()):
+                and self._deferred is None and not self._snapshotting.locked()):
             self._snapshot_thread = threading.Thread(target=self.snapshot, name="snapshot", daemon=True)
             self._snapshot_thread.start()
 
@@ -245,12 +579,16 @@ class Catalogue:
             return
         with self._snapshotting:
             with self._write:  # no change between the sequence number and the states
+                if self._deferred is not None:
+                    return  # logged writes are not applied yet: the log must stay as it is
                 seq = self.store.last_seq
                 for _, database in self._databases.values():
                     if isinstance(database, BowIndex) and database.dead_rows() > len(database) // 4:
                         database.compact()
                 states = {name: {**database.state(), "kind": str(kind).encode()}
                           for name, (kind, database) in self._databases.items()}
+                # Set aside at start-up: written back as stored, never dropped.
+                states.update((name, broken.carried()) for name, broken in self._broken.items())
                 self._since_snapshot = 0
             self.store.write_snapshot(seq, states)
             log.info("snapshot of %d databases at #%d", len(states), seq)

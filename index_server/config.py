@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.config import ServerConfig
+from index_server.limits import ItemLimits
 
 
 @dataclass
-class IndexConfig(ServerConfig):
+class IndexConfig(ServerConfig, ItemLimits):
     """Serves one index shard over gRPC (mps.index.v1.IndexService)."""
 
     port: int = 50053
@@ -20,8 +21,10 @@ class IndexConfig(ServerConfig):
     # A snapshot is written after this many logged operations (and at shutdown), so start-up
     # replays at most this many.
     snapshot_every: int = 100_000
-    # Items per logged (fsynced) batch within one Add stream.
-    write_batch: int = 256
+    # grpc python ends a server's request iterator on a client's cancel as if the stream had ended,
+    # and reports the cancel a moment later (tests/index_server/test_cancel.py): an Add waits this
+    # long for that report before it commits. Costs each Add stream this much latency.
+    cancel_settle_s: float = 0.005
     # Word-range sharding: this shard keeps words [V*index/count, V*(index+1)/count) of each
     # bag-of-words item; the router must list the shards in this order.
     word_shard_index: int = 0
@@ -41,10 +44,29 @@ class IndexConfig(ServerConfig):
     max_top_k: int = 1000
     # Queries per SearchBatch; more is RESOURCE_EXHAUSTED.
     max_batch: int = 256
+    # The other replicas of this shard (host:port, comma-separated). When set, this replica first
+    # copies the state of one of them (index_server.replication) and serves reads only after.
+    peers: str = ""
+    # How long to keep asking the peers for a copy before serving what this replica holds.
+    catch_up_timeout_s: float = 60.0
+    # Deadline of one copy (the whole stream, which may wait up to the source's replicate_settle_s).
+    replicate_timeout_s: float = 3600.0
+    # The source keeps sending writes for this long after its copy: at least the routers'
+    # reconnection backoff (common.serving.channel_options: 1 s), so that writes a router could
+    # not yet deliver to this returning replica are in the stream.
+    catch_up_tail_s: float = 3.0
+    # As a source: bytes per streamed part of a copy, and how long to wait for the writes in
+    # flight when the copy began (an Add stream is committed when it ends: as long as a router's
+    # add_timeout_s, so that one a returning replica missed is in its copy).
+    replicate_chunk_bytes: int = 1 << 20
+    replicate_settle_s: float = 600.0
+
+    def peer_list(self) -> list[str]:
+        return [peer.strip() for peer in self.peers.split(",") if peer.strip()]
 
 
 @dataclass
-class RouterConfig(ServerConfig):
+class RouterConfig(ServerConfig, ItemLimits):
     """Serves mps.index.v1.IndexService in front of several shards, merging their answers."""
 
     port: int = 50054
@@ -53,7 +75,8 @@ class RouterConfig(ServerConfig):
     # (seed 000, 3.2); dense databases are spread by item in both layouts.
     layout: str = "item"
     # One entry per shard, in order: the addresses of its replicas. Searches are spread over a
-    # shard's replicas (gRPC round_robin); Adds and Deletes go to every replica.
+    # shard's replicas (gRPC round_robin over those whose health is SERVING: not one catching up);
+    # Adds and Deletes go to every replica.
     shards: list[list[str]] = field(default_factory=lambda: [["127.0.0.1:50053"]])
     # Used when the caller sets no deadline.
     default_timeout_s: float = 10.0
@@ -63,5 +86,13 @@ class RouterConfig(ServerConfig):
     max_top_k: int = 1000
     # Queries per SearchBatch; more is RESOURCE_EXHAUSTED.
     max_batch: int = 256
-    # Items forwarded per Add batch.
-    write_batch: int = 256
+    # The deadline of an Add stream's calls to the shards when the caller set none (an ingest
+    # stream may run long; a Search gets default_timeout_s).
+    add_timeout_s: float = 600.0
+    # As IndexConfig.cancel_settle_s: a cancelled stream must not be committed on the shards.
+    cancel_settle_s: float = 0.005
+    # A write succeeds once this many replicas of each shard it goes to acknowledged it (all of
+    # them, where a shard has fewer). A replica that missed it (down, or catching up) copies a
+    # fellow replica when it returns (IndexConfig.peers); one that stays up after missing a write
+    # (a timeout) lags until it restarts: raise this to refuse such writes (the caller re-sends).
+    min_write_replicas: int = 1

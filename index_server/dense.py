@@ -21,6 +21,19 @@ from index_server.inverted import Hit, SignatureError
 from index_server.state import pack_strings, unpack_strings
 
 
+def unit_vector(vector: np.ndarray) -> np.ndarray:
+    """(D,) float32 of unit length, in the direction of a (D,) vector; raises SignatureError when
+    the vector has NaN or infinite values or is all zeros. The norm is taken in float64: float32
+    squares overflow above ~1.8e19 (and underflow below ~1e-23), which made huge vectors zero."""
+    if not np.all(np.isfinite(vector)):
+        raise SignatureError("signature has NaN or infinite values")
+    wide = np.asarray(vector, np.float64)
+    norm = float(np.linalg.norm(wide))
+    if norm == 0.0:
+        raise SignatureError("signature is all zeros: cosine similarity is undefined for it")
+    return (wide / norm).astype(np.float32)
+
+
 def _make(dimension: int, factory: str) -> faiss.Index:
     try:
         return faiss.IndexIDMap2(faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT))
@@ -64,12 +77,7 @@ class DenseDatabase:
         if vector.shape != (self.dimension,):
             raise SignatureError(f"signature has {vector.size} values; this database holds "
                                  f"{self.dimension}-d vectors")
-        if not np.all(np.isfinite(vector)):
-            raise SignatureError("signature has NaN or infinite values")
-        norm = float(np.linalg.norm(vector))
-        if norm == 0.0:
-            raise SignatureError("signature is all zeros: cosine similarity is undefined for it")
-        return (vector / norm).astype(np.float32)
+        return unit_vector(vector)
 
     def add(self, item_id: str, vector: np.ndarray, metadata: dict[str, str], group_id: str = "",
             box: np.ndarray | None = None) -> bool:

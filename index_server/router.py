@@ -9,7 +9,10 @@ Layouts (RouterConfig.layout):
   (seed 000, 3.2); a Search sums the shards' streamed partial scores per item and takes the exact
   top k. A dead or late shard drops its words (missing_word_ranges): every item is still ranked,
   on the other words. Dense databases are spread by item as in the item layout.
-Each shard may have replicas: searches are spread over them by gRPC round_robin, writes go to all.
+Each shard may have replicas: searches are spread by gRPC round_robin over those whose health is
+SERVING (one catching up is not: index_server.replication), writes go to all. A write succeeds once
+min_write_replicas of each shard's replicas acknowledged it (default 1); a replica that missed it
+copies a fellow replica when it returns.
 Partial failure is never an error for a Search: the answer is flagged `degraded` instead.
 """
 
@@ -18,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import json
 import logging
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, NoReturn, TypeVar
 
@@ -28,13 +32,18 @@ import grpc
 import numpy as np
 
 from common.bow_codec import BagOfWords
-from common.serving import channel_options, timeout_from
+from common.channels import open_channel
+from common.errors import ServiceError, quote
+from common.serving import abort_on, timeout_from
+from common.telemetry import ContextThreadPoolExecutor
 from index_server.catalogue import Value, item_value, signature_value
 from index_server.config import RouterConfig
 from index_server.convert import hit_of, scored_item
 from index_server.inverted import Hit, SignatureError
+from index_server.limits import check_stream_length, check_top_k, limits_of, reworded
 from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
 from mps.common.v1 import common_pb2
+from common.streams import StreamEnd
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,11 +72,26 @@ def read_target(addresses: list[str]) -> str:
     return f"{scheme}:" + ",".join(addresses)
 
 
+def read_options(replicas: int) -> list[tuple[str, object]]:
+    """Channel options for a shard's reads: round_robin over the replicas whose gRPC health for
+    IndexService is SERVING, so one catching up (index_server.replication) or draining gets no
+    reads; with several replicas, a read refused UNAVAILABLE (a replica just killed, or not yet
+    seen as catching up) is tried again on another."""
+    service = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
+    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}],
+                                 "healthCheckConfig": {"serviceName": service}}
+    if replicas > 1:
+        config["methodConfig"] = [{"name": [{"service": service}], "retryPolicy": {
+            "maxAttempts": min(replicas + 1, 5), "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return [("grpc.service_config", json.dumps(config))]
+
+
 @dataclass
 class Shard:
     number: int
     addresses: list[str]
-    read: index_pb2_grpc.IndexServiceStub            # round_robin over the replicas
+    read: index_pb2_grpc.IndexServiceStub            # round_robin over the healthy replicas
     replicas: list[index_pb2_grpc.IndexServiceStub]  # one per replica, for writes
 
 
@@ -80,6 +104,90 @@ class Outcome:
     error: grpc.RpcError | None = None
 
 
+# Items queued per forwarded Add stream: a slow shard slows the caller's stream down (flow control).
+_QUEUED_ITEMS = 256
+
+
+class _Downstream:
+    """One forwarded Add stream to one shard replica, fed from a bounded queue as items arrive."""
+
+    def __init__(self, shard: Shard, stub: index_pb2_grpc.IndexServiceStub, timeout: float):
+        self.shard = shard
+        self._queue: queue.Queue[index_pb2.AddRequest | None] = queue.Queue(maxsize=_QUEUED_ITEMS)
+        self.future = stub.Add.future(self._requests(), timeout=timeout)
+
+    def _requests(self) -> Iterator[index_pb2.AddRequest]:
+        while (request := self._queue.get()) is not None:
+            yield request
+
+    def send(self, request: index_pb2.AddRequest | None) -> None:
+        """Queues an item (None ends the stream); drops it once the call is over (a failed call
+        reads no more: Router._check_forwarding reports it)."""
+        while not self.future.done():
+            try:
+                self._queue.put(request, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def cancel(self) -> None:
+        """Cancels the call (the shard then stores nothing of it) and frees the thread feeding it."""
+        if self.future.done():
+            return
+        self.future.cancel()
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+
+    def outcome(self) -> Outcome:
+        try:
+            return Outcome(self.shard, self.future.result())
+        except grpc.RpcError as exc:
+            return Outcome(self.shard, error=exc)
+
+
+class _ForwardedAdd:
+    """The forwarded streams of one Add, by ("own", shard) or, for word-layout bag-of-words
+    items, ("all", shard): each a list of one _Downstream per replica, opened by its first item."""
+
+    def __init__(self, router: "Router", timeout: float):
+        self.router = router
+        self.timeout = timeout
+        self.groups: dict[tuple[str, int], list[_Downstream]] = {}
+
+    def send(self, request: index_pb2.AddRequest) -> None:
+        router = self.router
+        if router._word_layout(request.signature.kind):
+            keys = [("all", shard.number) for shard in router.shards]
+        else:
+            keys = [("own", shard_of(request.item_id, len(router.shards), request.group_id))]
+        for key in keys:
+            group = self.groups.get(key)
+            if group is None:
+                shard = router.shards[key[1]]
+                group = self.groups[key] = [_Downstream(shard, stub, self.timeout) for stub in shard.replicas]
+            for downstream in group:
+                downstream.send(request)
+
+    def finish(self) -> list[tuple[tuple[str, int], list[Outcome]]]:
+        """Ends every stream (each shard replica commits its own) and waits for the answers."""
+        for group in self.groups.values():
+            for downstream in group:
+                downstream.send(None)
+        return [(key, [d.outcome() for d in group]) for key, group in self.groups.items()]
+
+    def cancel(self) -> None:
+        for group in self.groups.values():
+            for downstream in group:
+                downstream.cancel()
+
+
 class Router(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, config: RouterConfig):
         if config.layout not in ("item", "word"):
@@ -87,19 +195,20 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if not config.shards or not all(config.shards):
             raise ValueError("shards must list at least one shard, each with at least one address")
         self.config = config
-        options = channel_options(config.max_message_bytes)
+        self.limits = limits_of(config)
         self._channels: list[grpc.Channel] = []
 
         def stub(target: str, extra: list[tuple[str, object]]) -> index_pb2_grpc.IndexServiceStub:
-            channel = grpc.insecure_channel(target, options=options + extra)
+            channel = open_channel(target, config, extra)
             self._channels.append(channel)
             return index_pb2_grpc.IndexServiceStub(channel)
 
-        self.shards = [Shard(i, list(addresses), stub(read_target(addresses), [("grpc.lb_policy_name", "round_robin")]),
+        self.shards = [Shard(i, list(addresses), stub(read_target(addresses), read_options(len(addresses))),
                              [stub(a, []) for a in addresses])
                        for i, addresses in enumerate(config.shards)]
         replicas = sum(len(s.addresses) for s in self.shards)
-        self._pool = ThreadPoolExecutor(max_workers=max(4, 4 * replicas), thread_name_prefix="router")
+        # Context-copying: calls made for a request carry its request id.
+        self._pool = ContextThreadPoolExecutor(max_workers=max(4, 4 * replicas), thread_name_prefix="router")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -124,53 +233,89 @@ class Router(index_pb2_grpc.IndexServiceServicer):
 
     def Add(self, request_iterator: Iterator[index_pb2.AddRequest], context: grpc.ServicerContext
             ) -> index_pb2.AddResponse:
-        added = replaced = 0
-        requests = iter(request_iterator)
-        while batch := list(itertools.islice(requests, self.config.write_batch)):
-            problem = None
-            for position, request in enumerate(batch):
+        """Forwards the stream as it arrives, each item checked as a shard checks it: one stream
+        per shard replica for the items the shard holds, and in the word layout one more to every
+        shard for the bag-of-words items. A shard commits a stream when it ends (all or nothing),
+        so the router ends them only once the caller ended its own; a refused item, a cancel or a
+        failing shard before then cancels them all, and nothing is stored anywhere."""
+        end = StreamEnd(context)
+        forward = _ForwardedAdd(self, timeout_from(context, self.config.add_timeout_s))
+        try:
+            with abort_on(context):
                 try:
-                    if not request.item_id or not request.database:
-                        raise SignatureError("item_id and database are required")
-                    item_value(request)
-                except SignatureError as exc:
-                    problem = (request.item_id, exc)
-                    batch = batch[:position]
-                    break
-            replaced += self._forward_adds(batch, added, context)
-            added += len(batch)
-            if problem is not None:  # the items before it are added, and the message says so
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"item #{added} ({problem[0]!r}): {problem[1]}; the {added} items before "
-                              "it were added")
-        return index_pb2.AddResponse(added=added, replaced=replaced)
+                    for position, request in enumerate(request_iterator):  # a cancel: raises, or ends
+                        check_stream_length(position + 1, self.limits)
+                        try:
+                            item_value(request, self.limits)
+                        except ServiceError as exc:
+                            raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of "
+                                            "this stream was added") from None
+                        forward.send(request)
+                        self._check_forwarding(context, forward)
+                except grpc.RpcError:
+                    return index_pb2.AddResponse()  # cancelled: the shards' streams are cancelled below
+                if not end.completed(self.config.cancel_settle_s):
+                    return index_pb2.AddResponse()  # cancelled: the shards' streams are cancelled below
+            results = forward.finish()
+            stored = any(o.error is None for _, outcomes in results for o in outcomes)
+            partial = ("; the other shards stored their items of this stream: fix it and re-send the whole "
+                       "stream (an Add of an existing id replaces it)") if stored else ""
+            for _, outcomes in results:
+                for outcome in outcomes:
+                    if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
+                        context.abort(outcome.error.code(), f"shard {outcome.shard.number} "
+                                      f"({', '.join(outcome.shard.addresses)}): {outcome.error.details()}{partial}")
+            acknowledged = self._acknowledged(
+                context, [outcomes for _, outcomes in results],
+                "the shards that answered stored their items of this stream: re-send the whole stream (an Add "
+                "of an existing id replaces it)" if stored else "nothing of this stream was added: re-send it")
+            added = replaced = 0
+            for (key, _), outcome in zip(results, acknowledged):
+                # Word layout: every shard holds every bag-of-words item; count them on shard 0.
+                if key[0] == "own" or key[1] == 0:
+                    added += outcome.value.added  # type: ignore[attr-defined]
+                    replaced += outcome.value.replaced  # type: ignore[attr-defined]
+            return index_pb2.AddResponse(added=added, replaced=replaced)
+        finally:
+            forward.cancel()  # whatever is still open: a refusal, a cancel, an error
 
-    def _forward_adds(self, batch: list[index_pb2.AddRequest], before: int,
-                      context: grpc.ServicerContext) -> int:
-        """Sends a batch to every replica of the shards that hold its items; returns how many
-        items replaced existing ones. Any failure aborts: the caller re-sends from `before`."""
-        # Word-layout bag-of-words items go to every shard; the rest to their item's shard.
-        everywhere = [r for r in batch if self._word_layout(r.signature.kind)]
-        own: dict[int, list[index_pb2.AddRequest]] = {}
-        for request in batch:
-            if not self._word_layout(request.signature.kind):
-                own.setdefault(shard_of(request.item_id, len(self.shards), request.group_id), []).append(request)
-        groups = [(shard, everywhere, shard.number == 0) for shard in self.shards if everywhere] + \
-                 [(self.shards[number], adds, True) for number, adds in own.items()]
-        timeout = timeout_from(context, self.config.default_timeout_s)
-        calls, counted = [], []
-        for shard, adds, counts in groups:
-            for replica, stub in enumerate(shard.replicas):
-                calls.append((shard, lambda stub=stub, adds=adds: stub.Add(iter(adds), timeout=timeout)))
-                counted.append(counts and replica == 0)
-        replaced = 0
-        for outcome, counts in zip(self._fan_out(calls), counted):
-            if outcome.error is not None:
-                self._abort_write(context, outcome, f"the {before} items before this batch were added; "
-                                  "re-send from there (an Add of an existing id replaces it)")
-            if counts:
-                replaced += outcome.value.replaced  # type: ignore[attr-defined]
-        return replaced
+    def _check_forwarding(self, context: grpc.ServicerContext, forward: "_ForwardedAdd") -> None:
+        """Aborts (the caller's finally cancels every stream) once a shard refused an item, or too
+        few of a shard's replicas are left to acknowledge: a forwarded stream that is over before
+        it was ended has failed."""
+        for group in forward.groups.values():
+            failed = [d.outcome() for d in group if d.future.done()]
+            if not failed:
+                continue
+            for outcome in failed:
+                if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
+                    self._abort_write(context, outcome, "")
+            if len(group) - len(failed) < max(1, min(self.config.min_write_replicas, len(group))):
+                self._abort_write(context, failed[0], "nothing of this stream was added: re-send it")
+
+    def _acknowledged(self, context: grpc.ServicerContext, writes: list[list[Outcome]], tail: str
+                      ) -> list[Outcome]:
+        """Per write to one shard (its outcomes on each of the shard's replicas), the answer of an
+        acknowledging replica (NOT_FOUND acknowledges a Delete: the database is not there).
+        A refusal that is the caller's fault aborts with its code; fewer acknowledgments than
+        min_write_replicas (or the shard's replica count, if fewer) abort UNAVAILABLE, ending with
+        `tail`. A replica that missed the write (down, or catching up) is only logged: it copies
+        a fellow replica when it is back (IndexConfig.peers, index_server.replication)."""
+        chosen = []
+        for outcomes in writes:
+            for outcome in outcomes:
+                if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
+                    self._abort_write(context, outcome, tail)
+            acked = [o for o in outcomes if o.error is None or o.error.code() == grpc.StatusCode.NOT_FOUND]
+            missed = [o for o in outcomes if not (o.error is None or o.error.code() == grpc.StatusCode.NOT_FOUND)]
+            if not acked or len(acked) < min(self.config.min_write_replicas, len(outcomes)):
+                self._abort_write(context, missed[0], tail)
+            for outcome in missed:
+                log.warning("a replica of shard %d (%s) missed a write, acknowledged by %d of %d replicas: %s %s",
+                            outcome.shard.number, ", ".join(outcome.shard.addresses), len(acked), len(outcomes),
+                            outcome.error.code().name, outcome.error.details())  # type: ignore[union-attr]
+            chosen.append(min(acked, key=lambda o: o.error is not None))  # an answer over a NOT_FOUND
+        return chosen
 
     def _abort_write(self, context: grpc.ServicerContext, outcome: Outcome, tail: str) -> NoReturn:
         error = outcome.error
@@ -191,21 +336,24 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         # word-range shard, and the router does not know which items a group has.
         calls = [(shard, lambda stub=stub: stub.Delete(request, timeout=timeout))
                  for shard in self.shards for stub in shard.replicas]
+        outcomes = self._fan_out(calls)
+        starts = list(itertools.accumulate((len(shard.replicas) for shard in self.shards), initial=0))
+        acknowledged = self._acknowledged(context, [outcomes[start:end] for start, end in zip(starts, starts[1:])],
+                                          "deletes are idempotent: re-send this one")
         found_ids: set[str] = set()
         found_groups: set[str] = set()
         per_shard: dict[int, int] = {}  # items deleted, from one replica of each shard
-        for outcome in self._fan_out(calls):
-            if outcome.error is not None and outcome.error.code() == grpc.StatusCode.NOT_FOUND:
+        for outcome in acknowledged:
+            if outcome.error is not None:  # NOT_FOUND: the database is not on this shard
                 continue
-            if outcome.error is not None:
-                self._abort_write(context, outcome, "deletes are idempotent: re-send this one")
             response: index_pb2.DeleteResponse = outcome.value  # type: ignore[assignment]
             per_shard.setdefault(outcome.shard.number, response.deleted)
             missing, missing_groups = set(response.not_found), set(response.groups_not_found)
             found_ids.update(i for i in request.item_ids if i not in missing)
             found_groups.update(g for g in request.group_ids if g not in missing_groups)
         if not per_shard:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"database {request.database!r} does not exist on any shard")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"database {quote(request.database)} does not exist on any "
+                          "shard; a database is created by the first Add of an item to it")
         if not request.group_ids:
             deleted = len(found_ids)  # by id alone the router knows exactly which ones went
         elif self.config.layout == "word" and self._kind(request.database, timeout) in (
@@ -233,11 +381,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
     # -- search -----------------------------------------------------------------------------------
 
     def _top_k(self, requested: int, context: grpc.ServicerContext) -> int:
-        top_k = requested or 10
-        if top_k > self.config.max_top_k:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"top_k {top_k} is above the router's limit of {self.config.max_top_k}")
-        return top_k
+        with abort_on(context):
+            return check_top_k(requested, self.config.max_top_k)
+        raise AssertionError("context.abort returns only by raising")
 
     def _value(self, signature: common_pb2.Signature, context: grpc.ServicerContext, prefix: str = "") -> Value:
         try:
@@ -319,6 +465,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 missed.update((o.shard.number, o) for o in missing)
             self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind,
                        values[0].vocabulary)  # type: ignore[union-attr]
+            self._check_size(response, context)
             return response
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         results, missing = self._search_items(request.database, list(request.signatures), top_k,
@@ -326,7 +473,15 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         for hits in results:
             response.results.add().items.extend(scored_item(h) for h in hits)
         self._flag(response, missing, request.database, kind, 0)
+        self._check_size(response, context)
         return response
+
+    def _check_size(self, response: index_pb2.SearchBatchResponse, context: grpc.ServicerContext) -> None:
+        size = response.ByteSize()
+        if size > self.config.max_message_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the answer is {size} bytes, above the message limit of {self.config.max_message_bytes}: "
+                          "send fewer queries per batch or ask for a smaller top_k")
 
     def _answered(self, outcomes: list[Outcome], request_database: str, context: grpc.ServicerContext
                   ) -> tuple[list[Outcome], list[Outcome]]:
@@ -343,8 +498,8 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             else:
                 missing.append(outcome)
         if not answered and not missing:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"database {request_database!r} does not exist on any shard "
-                                                     "(a database is created by its first Add)")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"database {quote(request_database)} does not exist on any "
+                          "shard; a database is created by the first Add of an item to it")
         if not answered and absent == 0:
             context.abort(grpc.StatusCode.UNAVAILABLE, "no shard answered: " + "; ".join(
                 f"shard {o.shard.number}: {o.error.code().name} {o.error.details()}" for o in missing))  # type: ignore[union-attr]
@@ -440,6 +595,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                ) -> index_pb2.LookupResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Lookup is a shard's RPC: a router's Search already names items")
 
+    def Replicate(self, request: index_pb2.ReplicateRequest, context: grpc.ServicerContext
+                  ) -> Iterator[index_pb2.ReplicateResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "Replicate is a shard replica's RPC: give a replica's --peers the other replicas' addresses")
+
     def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
               ) -> index_pb2.StatsResponse:
         timeout = timeout_from(context, self.config.default_timeout_s)
@@ -455,4 +615,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 # Word layout: every shard holds every bag-of-words item.
                 held.items = max(held.items, database.items) if self._word_layout(database.kind) \
                     else held.items + database.items
+                # A shard that could not load it reports no kind or dimension, and why.
+                held.kind = held.kind or database.kind
+                held.dimension = max(held.dimension, database.dimension)
+                if database.broken_reason:
+                    held.broken_reason = "; ".join(filter(None, [
+                        held.broken_reason, f"shard {outcome.shard.number}: {database.broken_reason}"]))
         return index_pb2.StatsResponse(databases=[merged[name] for name in sorted(merged)])

@@ -6,6 +6,10 @@ Two LMDB environments under the data directory:
   so every acknowledged operation survives kill -9 (or power loss).
 - `snapshot/`: the in-memory databases at some sequence number, as named byte strings, written in
   one transaction (all or nothing). After it commits, the log up to that number is deleted.
+  A blob's key is the database's number (u64 big-endian, its place in the meta's `databases` list)
+  then the blob's name, so a database name of any length or character makes a valid, unambiguous
+  key (LMDB keys are at most 511 bytes); the names live in the meta record, JSON. Snapshots
+  written before (meta without "format") keyed blobs `name NUL blob`, and are still read.
 Start-up loads the snapshot and replays only the log after it. An fcntl lock on the directory
 keeps a second process from opening the same shard.
 """
@@ -21,6 +25,8 @@ from typing import Iterator
 import lmdb
 
 _SEQ = struct.Struct(">Q")
+# The snapshot layout written by write_snapshot (see the module docstring); 1 = `name NUL blob` keys.
+SNAPSHOT_FORMAT = 2
 
 
 class StoreLocked(RuntimeError):
@@ -82,12 +88,13 @@ class ShardStore:
     def write_snapshot(self, seq: int, databases: dict[str, dict[str, bytes]]) -> None:
         """Replaces the snapshot with `databases` (name -> blob name -> bytes) as of `seq`, then
         drops the log up to `seq`. A crash in between leaves a log the next start-up skips."""
+        names = sorted(databases)
         with self._snapshot.begin(write=True) as txn:
             txn.drop(self._blobs, delete=False)
-            for name, blobs in databases.items():
-                for blob, value in blobs.items():
-                    txn.put(f"{name}\0{blob}".encode(), value, db=self._blobs)
-            txn.put(b"meta", json.dumps({"seq": seq, "databases": sorted(databases)}).encode())
+            for number, name in enumerate(names):
+                for blob, value in databases[name].items():
+                    txn.put(_SEQ.pack(number) + blob.encode(), value, db=self._blobs)
+            txn.put(b"meta", json.dumps({"format": SNAPSHOT_FORMAT, "seq": seq, "databases": names}).encode())
         with self._log.begin(write=True) as txn:
             cursor = txn.cursor()
             if cursor.first():
@@ -95,9 +102,17 @@ class ShardStore:
                     pass
 
     def read_snapshot(self) -> tuple[int, dict[str, dict[str, bytes]]]:
-        databases: dict[str, dict[str, bytes]] = {}
+        with self._snapshot.begin() as txn:
+            raw = txn.get(b"meta")
+        meta = json.loads(raw) if raw else {"seq": 0, "databases": []}
+        databases: dict[str, dict[str, bytes]] = {name: {} for name in meta["databases"]}
         with self._snapshot.begin(db=self._blobs) as txn:
             for key, value in txn.cursor():
-                name, blob = key.decode().split("\0", 1)
+                if "format" in meta:
+                    name = meta["databases"][_SEQ.unpack(key[:8])[0]]
+                    blob = key[8:].decode()
+                else:
+                    # Format 1: blob names never hold a NUL, database names might: split on the last.
+                    name, blob = key.decode().rsplit("\0", 1)
                 databases.setdefault(name, {})[blob] = value
-        return self.snapshot_seq(), databases
+        return meta["seq"], databases

@@ -100,8 +100,10 @@ def working_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def grid_points(height: int, width: int, step: int) -> np.ndarray:
-    ys = np.arange(step // 2, height, step)
-    xs = np.arange(step // 2, width, step)
+    """(K, 2) int32 (y, x) points every `step` pixels; an image thinner than half a step (a
+    100000x1 strip is 192x1 when working) gets its middle row or column, so it is still described."""
+    ys = np.arange(step // 2, height, step) if height > step // 2 else np.array([height // 2])
+    xs = np.arange(step // 2, width, step) if width > step // 2 else np.array([width // 2])
     return np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.int32)
 
 
@@ -134,8 +136,9 @@ class BowExtractor:
         saliency = k.saliency(amplitudes)
         threshold = max(self.spec.absolute_threshold, self.spec.relative_threshold * float(saliency.max()))
         points, values = k.select_keypoints(saliency, self.spec.nms_radius, threshold, self.spec.max_keypoints)
-        if len(points) < self.spec.min_keypoints:
-            # A plain or nearly plain crop: describe it on a regular grid so it still gets a signature.
+        if len(points) < max(1, self.spec.min_keypoints):
+            # A plain or nearly plain crop: describe it on a regular grid so it still gets a signature
+            # (never an empty bag: the codec refuses one, and the kernels have nothing to work on).
             grid = grid_points(*saliency.shape, self.spec.grid_step)[: self.spec.max_keypoints - len(points)]
             points = np.concatenate([points, grid])
             values = np.concatenate([values, saliency[grid[:, 0], grid[:, 1]]])

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import grpc
 
+from common.security import method_policy
 from common.serving import ServiceBundle, serve_forever, start_bundle
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
 from kernels import select_kernels
@@ -16,6 +17,9 @@ from signature_server.config import SignatureConfig
 from signature_server.deep import DeepDescriptor, DeepSpec
 from signature_server.saliency import LocateSpec, ObjectLocator
 from signature_server.service import SignatureService
+
+
+SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
 
 
 def create_bundle(config: SignatureConfig) -> ServiceBundle:
@@ -31,7 +35,7 @@ def create_bundle(config: SignatureConfig) -> ServiceBundle:
     service = SignatureService(deep, bow, locator, config.max_images_per_request, config.max_pixels,
                                config.max_salient, config.max_segments)
     return start_bundle(config, lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
-                        [signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name])
+                        [SERVICE.full_name], policy=method_policy(SERVICE))
 
 
 def create_server(config: SignatureConfig) -> tuple[grpc.Server, int]:

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 
-from common.images import ImageError
+from common.images import ImageError, Photo
 from common.proto_convert import box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
 from mps.common.v1 import common_pb2
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
@@ -53,11 +53,13 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                           context: grpc.ServicerContext) -> signature_pb2.ComputeSignaturesResponse:
         kinds = self._check_kinds(request, context)
         if not request.images:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no images given")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"no images given: send 1 to {self.max_images} images in images")
         # The limit is on images (what is decoded and held), whatever the number of kinds.
         if len(request.images) > self.max_images:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.images)} images in one call; at most {self.max_images}: split it")
+                          f"{len(request.images)} images are above the limit of {self.max_images} per call: "
+                          "split the call")
         images = []
         for i, image in enumerate(request.images):
             try:
@@ -98,14 +100,14 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         start = time.perf_counter()
         found = self.locator.locate(photo.rgb, request.max_salient, request.max_segments)
         return signature_pb2.LocateObjectsResponse(
-            salient=_located_to_proto(found.salient, photo.scale),
-            segments=_located_to_proto(found.segments, photo.scale),
+            salient=_located_to_proto(found.salient, photo),
+            segments=_located_to_proto(found.segments, photo),
             image_width=photo.width, image_height=photo.height, compute_ms=(time.perf_counter() - start) * 1000)
 
     def ListKinds(self, request: signature_pb2.ListKindsRequest, context: grpc.ServicerContext
                   ) -> signature_pb2.ListKindsResponse:
         bow = self.bow
-        return signature_pb2.ListKindsResponse(kinds=[
+        return signature_pb2.ListKindsResponse(max_images_per_call=self.max_images, kinds=[
             signature_pb2.KindInfo(kind=common_pb2.SIGNATURE_KIND_DEEP, dimension=self.deep.spec.dimension,
                                    model=self.deep.spec.name, backend=self.deep.provider, metric="cosine"),
             signature_pb2.KindInfo(kind=common_pb2.SIGNATURE_KIND_BOW, dimension=bow.codebook.vocabulary,
@@ -114,6 +116,7 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                                    backend=bow.kernels.detail, metric="chi2")])
 
 
-def _located_to_proto(located: list[Located], scale: float) -> list[signature_pb2.LocatedObject]:
-    """Boxes found on a copy `scale` times the image's size, in pixels of the image as sent."""
-    return [signature_pb2.LocatedObject(box=box_to_proto(box / scale), score=score) for box, score in located]
+def _located_to_proto(located: list[Located], photo: Photo) -> list[signature_pb2.LocatedObject]:
+    """Boxes found on the photo's decoded copy, in pixels of the image as sent."""
+    return [signature_pb2.LocatedObject(box=box_to_proto(photo.to_original(box)), score=score)
+            for box, score in located]

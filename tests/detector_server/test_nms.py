@@ -37,3 +37,37 @@ def test_matches_brute_force_on_random_boxes():
 
 def test_empty():
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).size == 0
+
+
+def test_classes_never_suppress_each_other_with_negative_coordinates():
+    """Boxes of anchors near the edge start below 0: the class shift must still separate classes."""
+    boxes = np.array([[-300, -300, 10, 10], [5, 5, 400, 400], [-300, -300, 10, 10]], dtype=np.float32)
+    scores = np.array([0.9, 0.8, 0.7])
+    assert nms(boxes, scores, 0.5, np.array([0, 1, 1])).tolist() == [0, 1, 2]
+
+
+def test_matches_brute_force_with_negative_boxes_and_max_keep():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        xy = rng.uniform(-60, 100, (80, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (80, 2))], axis=1).astype(np.float32)
+        scores, classes = rng.uniform(size=80), rng.integers(0, 4, 80)
+        reference = brute_force_nms(boxes, scores, 0.45, classes)
+        assert nms(boxes, scores, 0.45, classes).tolist() == reference
+        assert nms(boxes, scores, 0.45, classes, max_keep=5).tolist() == reference[:5]
+
+
+def test_memory_is_linear_in_the_boxes():
+    """20000 boxes: an N x N IoU matrix would be 3.2 GB of float64; the greedy loop needs a few MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 400, (20_000, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (20_000, 2))], axis=1)
+    tracemalloc.start()
+    try:
+        kept = nms(boxes, rng.uniform(size=20_000), 0.45, max_keep=100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 100 and peak < 50 * 2**20

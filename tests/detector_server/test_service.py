@@ -64,9 +64,113 @@ def test_objects_come_back_in_original_pixels(servicer, coffee_png):
 
 @pytest.mark.parametrize("field, value, code", [("objectness_threshold", 1.5, grpc.StatusCode.INVALID_ARGUMENT),
                                                 ("objectness_threshold", -0.1, grpc.StatusCode.INVALID_ARGUMENT),
-                                                ("max_objects", 10_000, grpc.StatusCode.RESOURCE_EXHAUSTED)])
+                                                ("max_objects", 10_000, grpc.StatusCode.INVALID_ARGUMENT)])
 def test_bad_object_requests(servicer, coffee_png, field, value, code):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.1)
     setattr(request, field, value)
     _, got, details = unary(servicer, SERVICE, "Detect", request)
     assert got == code and field in details
+
+
+@pytest.mark.parametrize("model, code, says", [
+    ("m" * 2**20, grpc.StatusCode.INVALID_ARGUMENT, "limit of 128"),
+    ("yolo\0", grpc.StatusCode.INVALID_ARGUMENT, "u+0000"),
+    (" yolov3-tiny", grpc.StatusCode.INVALID_ARGUMENT, "whitespace"),
+    ("r" * 128, grpc.StatusCode.NOT_FOUND, "'yolov3-tiny'")])
+def test_model_names_are_checked_and_never_echoed_whole(servicer, coffee_png, model, code, says):
+    request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), model=model)
+    _, got, details = unary(servicer, SERVICE, "Detect", request)
+    assert got == code and says in details.lower() and len(details) < 512
+
+
+@pytest.mark.parametrize("field", ["min_confidence", "objectness_threshold"])
+def test_nan_thresholds_are_invalid(servicer, coffee_png, field):
+    request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), **{field: float("nan")})
+    _, code, details = unary(servicer, SERVICE, "Detect", request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and "(0, 1]" in details
+
+
+@pytest.fixture(scope="module")
+def detector_channel():
+    from common.config import load_config
+    from detector_server.config import DetectorConfig
+    from detector_server.server import create_server
+
+    server, port = create_server(load_config(DetectorConfig, "detector", environ={}, port=0, intra_op_threads=2))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+    server.stop(None)
+
+
+def brute_force_nms(boxes, scores, threshold, classes):
+    from detector_server.nms import iou_matrix
+
+    kept = []
+    for i in sorted(range(len(boxes)), key=lambda i: -scores[i]):
+        if all(classes[i] != classes[j] or iou_matrix(boxes[[i]], boxes[[j]])[0, 0] <= threshold for j in kept):
+            kept.append(i)
+    return kept
+
+
+def test_near_zero_confidence_over_loopback_is_fast_and_small(detector_channel, coffee_png):
+    """min_confidence 1e-30 passes every (anchor, class) pair: it once asked for a 472 GiB N x N matrix."""
+    import resource
+    import time
+
+    from mps.detector.v1 import detector_pb2_grpc
+
+    stub = detector_pb2_grpc.DetectorServiceStub(detector_channel)
+    image = common_pb2.Image(encoded=coffee_png)
+    stub.Detect(detector_pb2.DetectRequest(image=image), timeout=30)  # warm: session, arenas
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    response = stub.Detect(detector_pb2.DetectRequest(image=image, min_confidence=1e-30,
+                                                      objectness_threshold=1e-30, max_objects=200), timeout=30)
+    elapsed = time.monotonic() - started
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
+    assert elapsed < 2.0 and grown_mb < 200, (elapsed, grown_mb)
+    assert len(response.detections) == 100 and len(response.objects) == 200  # the model's and the asked caps
+
+
+def test_detections_equal_a_brute_force_nms(detector_model, coffee):
+    """At a normal threshold, the served answer is the reference NMS over every candidate, uncapped."""
+    import numpy as np
+
+    from detector_server.letterbox import letterbox, unletterbox_boxes
+
+    spec = detector_model.spec
+    for threshold in (0.05, 0.25):
+        tensor, scale, pad = letterbox(coffee, (spec.input_height, spec.input_width))
+        rows = detector_model.session.run(["detections"], {"images": tensor[None]})[0][0]
+        scores_all = rows[:, 5:] * rows[:, 4:5]
+        box_ids, class_ids = np.nonzero(scores_all >= threshold)
+        assert 0 < len(box_ids) < 2000  # below the cap: the cap changes nothing here
+        centre, size = rows[box_ids, :2], rows[box_ids, 2:4]
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
+        scores = scores_all[box_ids, class_ids]
+        kept = brute_force_nms(boxes, scores, spec.iou_threshold, class_ids)[:spec.max_detections]
+        expected = [(int(class_ids[i]), round(float(scores[i]), 5),
+                     tuple(np.round(unletterbox_boxes(boxes[[i]], scale, pad, coffee.shape[:2])[0], 2)))
+                    for i in kept]
+        got = [(d.class_id, round(d.confidence, 5), tuple(np.round(d.box, 2)))
+               for d in detector_model.detect(coffee, score_threshold=threshold).detections]
+        assert got == [e for e in expected if e[2][2] - e[2][0] >= 1 and e[2][3] - e[2][1] >= 1]
+        assert len(got) > 0
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 1), (1, 100_000)])
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_thin_images_are_ok(servicer, width, height, encoding):
+    """A 1-pixel-high strip letterboxes to one row of the network input: an answer, never a crash."""
+    import numpy as np
+
+    from common.images import encode_png
+
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = common_pb2.Image(encoded=encode_png(pixels)) if encoding == "png" else image_to_proto(pixels)
+    request = detector_pb2.DetectRequest(image=image, objectness_threshold=0.001, min_confidence=0.001)
+    response, code, details = unary(servicer, SERVICE, "Detect", request)
+    assert code == grpc.StatusCode.OK, details
+    assert (response.image_width, response.image_height) == (width, height)
+    for found in list(response.detections) + list(response.objects):
+        assert 0 <= found.box.x_min < found.box.x_max <= width and 0 <= found.box.y_min < found.box.y_max <= height

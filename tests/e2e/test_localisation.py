@@ -261,7 +261,7 @@ def test_a_bad_box_at_ingest_says_what_was_indexed(shop):
         client.index_products([Product("ok", "scratch", coffee, {}), Product("bad-box", "scratch", coffee, {},
                                                                              box=(500, 10, 400, 50))])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'bad-box'" in error.value.details() and "1 products before it were indexed" in error.value.details()
+    assert "'bad-box'" in error.value.details() and "1 image of 1 product was stored" in error.value.details()
 
 
 def test_the_pipeline_is_free_of_grpc():

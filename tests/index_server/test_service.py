@@ -60,7 +60,9 @@ def test_errors(stub):
     stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0], database="shoes")
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "tops" in error.value.details()
+    # Says how a database is created, and never which ones this shard holds.
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'shoes'" in error.value.details()
+    assert "first Add" in error.value.details() and "tops" not in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0, 0])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3-d" in error.value.details()
@@ -70,15 +72,18 @@ def test_errors(stub):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0], top_k=100_000)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k 100000 is above the limit of 1000: ask for at most 1000" in error.value.details()
 
 
-def test_bad_item_mid_stream_says_what_was_added(stub):
+def test_a_bad_item_mid_stream_stores_nothing_of_the_stream(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.Add(iter([add("a", [1, 0]), add("b", [0, 1]), add("c", [0, 0])]), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "item #2" in error.value.details() and "2 items before it were added" in error.value.details()
-    assert [i.item_id for i in search(stub, [1, 0])[1]] == ["a", "b"]
+    assert "item #2 ('c')" in error.value.details() and "nothing of this stream was added" in error.value.details()
+    # Nor was its database created (with the refused stream's dimension): a 3-d one can be now.
+    assert stub.Add(iter([add("d", [1, 0, 0])]), timeout=5).added == 1
+    assert [i.item_id for i in search(stub, [1, 0, 0])[1]] == ["d"]
 
 
 def bow_signature(words, counts=None, vocabulary=5000, codebook=11):
@@ -133,7 +138,7 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inverted, "MERGE_FLOOR", 2000)
     bundle = create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir=str(tmp_path),
-                                       snapshot_every=400, write_batch=16))
+                                       snapshot_every=400))
     channel = grpc.insecure_channel(f"127.0.0.1:{bundle.port}")
     stub = index_pb2_grpc.IndexServiceStub(channel)
     errors: list[BaseException] = []
@@ -205,7 +210,10 @@ def signature_of(value):
 def test_grouped_search_returns_each_product_once_by_its_best_image(stub, kind):
     rng = np.random.default_rng(11)
     adds, values, group_of = grouped_adds(rng, "shop", kind)
-    assert stub.Add(iter(adds), timeout=10).added == len(adds)
+    response = stub.Add(iter(adds), timeout=10)
+    # A solo item is sent once per image of its "group": one item, replaced by the later sends.
+    sent_twice = {a.item_id for a in adds if sum(b.item_id == a.item_id for b in adds) > 1}
+    assert (response.added, response.replaced) == (len(values), len(sent_twice))
     groups = {g or i for i, g in group_of.items()}
     queries = [values["shop-g3-1"]] + ([random_bags(rng, 1, 5000, codebook=11)[0] for _ in range(3)] if kind == "bow"
                                        else list(rng.normal(size=(3, 8)).astype(np.float32)))
@@ -275,7 +283,7 @@ def test_search_batch_errors(stub):
              ([good] * 5, 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch limit of 4"),
              ([good, dense_to_proto(np.ones(4, np.float32))], 5, grpc.StatusCode.INVALID_ARGUMENT, "signature #1: "),
              ([good, bow_signature([1])], 5, grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_BOW"),
-             ([good], 100_000, grpc.StatusCode.RESOURCE_EXHAUSTED, "top_k")]
+             ([good], 100_000, grpc.StatusCode.INVALID_ARGUMENT, "top_k 100000 is above the limit of 1000")]
     for signatures, top_k, code, fragment in cases:
         with pytest.raises(grpc.RpcError) as error:
             helpers.search_batch(stub, "tops", signatures, top_k=top_k)
@@ -291,4 +299,4 @@ def test_a_box_that_is_not_finite_is_refused(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.Add(iter([add("ok", [1, 0, 0]), request]), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "box" in error.value.details()
-    assert "1 items before it were added" in error.value.details()
+    assert "item #1 ('a')" in error.value.details() and "nothing of this stream was added" in error.value.details()

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from common.bow_codec import chi2, decode, encode
 from common.photos import load_photo
@@ -76,3 +77,18 @@ def test_training_command_builds_a_codebook(tmp_path):
     codebook = Codebook.load(tmp_path / "codebook.npz", tmp_path / "provenance.json")
     assert codebook.centres.shape == (20, 576) and provenance["fingerprint"] == codebook.fingerprint
     assert [s["photo"] for s in provenance["sources"]] == ["coffee", "chelsea"]
+
+
+def test_grid_points_cover_a_strip_thinner_than_half_a_step():
+    from signature_server.bow import grid_points
+
+    assert grid_points(1, 192, 24).tolist() == [[0, x] for x in range(12, 192, 24)]
+    assert grid_points(192, 3, 24).tolist() == [[y, 1] for y in range(12, 192, 24)]
+    assert grid_points(1, 1, 24).tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("shape", [(1, 100_000, 3), (100_000, 1, 3), (5, 1000, 3), (1000, 12, 3), (1, 1, 3)])
+def test_a_plain_thin_strip_gets_a_bag_of_words(bow_extractor, shape):
+    # No keypoint fires on a plain strip and it used to have no grid row either ("cannot reshape").
+    bag = decode(bow_extractor.compute([np.full(shape, 128, np.uint8)])[0])
+    assert bag.counts.sum() >= 1 and bag.vocabulary == bow_extractor.codebook.vocabulary

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from common.bow_codec import decode
+from common.images import encode_png
 from common.proto_convert import image_to_proto
 from mps.common.v1 import common_pb2
 from mps.signature.v1 import signature_pb2
@@ -34,7 +35,8 @@ def test_one_signature_per_image_in_order(servicer, coffee, coffee_png, deep_des
 
 def test_limits_and_bad_input(servicer, coffee):
     tiny = image_to_proto(coffee[:32, :32])
-    cases = [(request([tiny] * 5), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 4"),
+    cases = [(request([tiny] * 5), grpc.StatusCode.RESOURCE_EXHAUSTED,
+              "5 images are above the limit of 4 per call: split the call"),
              (request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
              (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "kind"),
              (request([tiny], 9), grpc.StatusCode.INVALID_ARGUMENT, "kind 9"),
@@ -48,6 +50,7 @@ def test_limits_and_bad_input(servicer, coffee):
 
 def test_list_kinds(servicer):
     response, _, _ = unary(servicer, SERVICE, "ListKinds", signature_pb2.ListKindsRequest())
+    assert response.max_images_per_call == 4  # the gateway splits its calls to this
     assert [(k.kind, k.dimension, k.metric) for k in response.kinds] == \
         [(common_pb2.SIGNATURE_KIND_DEEP, 1280, "cosine"), (common_pb2.SIGNATURE_KIND_BOW, 5000, "chi2")]
     # Where the colour-texture kernels run is reported.
@@ -126,7 +129,7 @@ def test_several_kinds_bad_input_and_the_limit_counts_images(stub, coffee):
               "SIGNATURE_KIND_UNSPECIFIED is not served"),
              (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT,
               "kind: signature kind SIGNATURE_KIND_UNSPECIFIED is not served"),
-             (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 4"),
+             (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 4 per call"),
              (kinds_request([], [deep, bow]), grpc.StatusCode.INVALID_ARGUMENT, "no images")]
     for message, expected_code, fragment in cases:
         _, code, details = call_code(stub.ComputeSignatures, message)
@@ -168,3 +171,43 @@ def test_locate_objects_bad_input_says_what_to_fix(stub, coffee, coffee_png):
     for message, expected_code, fragment in cases:
         _, code, details = call_code(stub.LocateObjects, message)
         assert code == expected_code and fragment in details, (code, details)
+
+
+def thin_images():
+    """Strips one pixel thick, raw and PNG, plain (no keypoint fires) and textured."""
+    rng = np.random.default_rng(3)
+    plain = np.full((1, 100_000, 3), 128, np.uint8)
+    textured = rng.integers(0, 256, (1, 100_000, 3), dtype=np.uint8)
+    strips = {"plain-wide": plain, "plain-tall": plain.reshape(100_000, 1, 3),
+              "textured-wide": textured, "textured-tall": textured.reshape(100_000, 1, 3)}
+    images = {f"raw-{name}": image_to_proto(strip) for name, strip in strips.items()}
+    images.update({f"png-{name}": common_pb2.Image(encoded=encode_png(strip)) for name, strip in strips.items()})
+    return images
+
+
+@pytest.mark.parametrize("name", sorted(thin_images()))
+def test_thin_images_get_a_signature_of_each_kind_and_locate_answers(stub, name):
+    # Every kind answers OK: the deep descriptor resizes to its input, and the bag of words describes
+    # a strip thinner than its grid on its middle row (it used to fail with "cannot reshape").
+    image = thin_images()[name]
+    response = stub.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
+        images=[image], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]), timeout=60)
+    deep, bow = response.signatures
+    assert len(deep.dense.values) == 1280 and np.isfinite(deep.dense.values).all()
+    bag = decode(bow.bow)
+    assert bag.vocabulary == 5000 and bag.counts.sum() >= 1
+    located = stub.LocateObjects(locate(image, 2, 10), timeout=60)
+    assert {(located.image_width, located.image_height)} <= {(100_000, 1), (1, 100_000)}
+    for found in [*located.salient, *located.segments]:
+        box = found.box
+        assert 0 <= box.x_min <= box.x_max <= located.image_width
+        assert 0 <= box.y_min <= box.y_max <= located.image_height
+
+
+def test_a_16_bit_png_is_signed_like_its_8_bit_truth(stub, coffee):
+    import cv2
+
+    wide = coffee.astype(np.uint16) * 257  # the same picture with 16 bits per channel
+    png16 = cv2.imencode(".png", cv2.cvtColor(wide, cv2.COLOR_RGB2BGR))[1].tobytes()
+    signed = stub.ComputeSignatures(request([common_pb2.Image(encoded=png16), image_to_proto(coffee)]), timeout=60)
+    np.testing.assert_allclose(signed.signatures[0].dense.values, signed.signatures[1].dense.values, atol=1e-5)

@@ -1,0 +1,57 @@
+"""What one item, one Add stream and one query may hold: the checks a shard and the router share.
+
+No gRPC here: the checks raise common.errors (InvalidArgument for a value outside its documented
+range, ResourceExhausted for volume) and the servicers map them to status codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from common.errors import InvalidArgument, ResourceExhausted, ServiceError
+
+
+@dataclass
+class ItemLimits:
+    """Bounds on what an Add may store (fields of both IndexConfig and RouterConfig, so flags)."""
+
+    # FAISS reads back no index of 2**20 dimensions or more (the shard would never start again).
+    max_dense_dimension: int = 4096
+    # The bag-of-words format holds at most 65535 words.
+    max_bow_vocabulary: int = 65535
+    # item_id and group_id, in UTF-8 bytes.
+    max_id_bytes: int = 1024
+    # Metadata per item: it is returned with every hit, so it bounds the size of answers.
+    max_metadata_keys: int = 64
+    max_metadata_key_bytes: int = 128
+    max_metadata_value_bytes: int = 4096
+    max_metadata_bytes: int = 16384
+    # A shard holds a whole Add stream until it ends (it commits all or nothing): this bounds that.
+    max_items_per_stream: int = 20_000
+
+
+def reworded(error: ServiceError, message: str) -> ServiceError:
+    """An error of the same kind as `error` (its nearest class taking just a message, e.g.
+    FailedPrecondition for BrokenDatabase) with another message (e.g. naming the item)."""
+    kind = next(c for c in type(error).__mro__ if issubclass(c, ServiceError) and "__init__" not in vars(c))
+    return kind(message)
+
+
+def limits_of(config: ItemLimits) -> ItemLimits:
+    """The limits of a configuration that includes them (IndexConfig, RouterConfig), on their own."""
+    return ItemLimits(**{f.name: getattr(config, f.name) for f in fields(ItemLimits)})
+
+
+def check_stream_length(count: int, limits: ItemLimits) -> None:
+    """Raises ResourceExhausted once a stream sends more than max_items_per_stream items."""
+    if count > limits.max_items_per_stream:
+        raise ResourceExhausted(f"send at most {limits.max_items_per_stream} items per Add stream; split the "
+                                "ingest into several streams (nothing of this one was added)")
+
+
+def check_top_k(requested: int, limit: int) -> int:
+    """The number of results to return (0 means 10); InvalidArgument above the limit."""
+    top_k = requested or 10
+    if top_k > limit:
+        raise InvalidArgument(f"top_k {top_k} is above the limit of {limit}: ask for at most {limit}")
+    return top_k

@@ -1,0 +1,79 @@
+"""The pipeline's signing in chunks, against a fake signature service with a limit (no gRPC)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from common.errors import ResourceExhausted
+from common.serving import Deadline
+from gateway.config import GatewayConfig
+from gateway.pipeline import Pipeline, Timings, split_calls
+
+
+class LimitedSigner:
+    """Signs at most `limit` images per call (as the signature server does) and says so or not."""
+
+    def __init__(self, limit: int, advertised: bool):
+        self.limit, self.advertised = limit, advertised
+        self.calls: list[int] = []
+        self.timeouts: list[float] = []
+        self.running = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def images_per_call(self, timeout_s: float) -> int:
+        return self.limit if self.advertised else 0
+
+    def sign(self, crops, kinds, timeout_s):
+        if len(crops) > self.limit:
+            raise ResourceExhausted(f"{len(crops)} images in one call; at most {self.limit}: split it")
+        with self.lock:
+            self.calls.append(len(crops))
+            self.timeouts.append(timeout_s)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return [[f"{int(c[0, 0, 0])}:{kind}" for kind in kinds] for c in crops]
+
+
+def crops(n: int) -> list[np.ndarray]:
+    return [np.full((8, 8, 3), i, np.uint8) for i in range(n)]
+
+
+def sign_with(signer: LimitedSigner, n: int, **config) -> list:
+    with ThreadPoolExecutor(8) as pool:
+        pipeline = Pipeline(GatewayConfig(**config), None, None, signer, None, pool)  # type: ignore[arg-type]
+        return pipeline._sign(crops(n), ["deep", "bow"], Deadline(10.0), Timings())
+
+
+def test_an_advertised_limit_splits_the_calls_evenly_and_in_parallel():
+    signer = LimitedSigner(limit=4, advertised=True)
+    out = sign_with(signer, 10, signature_call_images=64)  # the configured 64 would be refused
+    assert sorted(signer.calls) == [3, 3, 4]
+    assert signer.most_at_once > 1
+    assert out == [[f"{i}:deep", f"{i}:bow"] for i in range(10)]  # in order, every crop
+    assert all(0 < t <= 10.0 for t in signer.timeouts)  # the request's deadline, shared
+
+
+def test_without_an_advertised_limit_the_configured_one_is_used():
+    signer = LimitedSigner(limit=8, advertised=False)
+    sign_with(signer, 20, signature_call_images=8)
+    assert sorted(signer.calls) == [6, 7, 7]
+    with pytest.raises(ResourceExhausted):
+        sign_with(LimitedSigner(limit=8, advertised=False), 20, signature_call_images=32)
+
+
+@pytest.mark.parametrize("n, limit, max_bytes, sizes", [
+    (40, 32, 10**9, [20, 20]), (64, 64, 10**9, [64]), (1, 32, 10**9, [1]),
+    (6, 32, 3 * 192, [3, 3]),  # 8x8x3 bytes each: the byte bound splits too
+])
+def test_split_calls(n, limit, max_bytes, sizes):
+    chunks = split_calls(crops(n), limit, max_bytes)
+    assert [len(c) for c in chunks] == sizes
+    assert [int(c[0, 0, 0]) for chunk in chunks for c in chunk] == list(range(n))
