@@ -62,6 +62,7 @@ bench: setup
 	$(PY) bench/signature.py
 	$(PY) bench/index.py
 	$(PY) bench/scenes.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf mps models/yolov3-tiny/1 models/efficientnet-lite0/1 out build

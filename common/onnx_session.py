@@ -8,7 +8,9 @@ the created session reports it as its first provider.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -17,9 +19,33 @@ log = logging.getLogger(__name__)
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+class GatedSession:
+    """An InferenceSession that runs at most `concurrency` inferences at a time.
+
+    A server thread per request would otherwise run as many inferences at once as it has calls in
+    flight: on a CPU each already uses every core (intra-op threads), so more at once only
+    multiplies memory (each run's activations; ONNX Runtime's arena keeps the peak), measured by
+    bench/load.py at 32 clients as +2 GB of signature-server RSS. Everything else is the session's.
+    """
+
+    def __init__(self, session: ort.InferenceSession, concurrency: int = 1):
+        if concurrency < 1:
+            raise ValueError(f"inference concurrency {concurrency} must be >= 1")
+        self._session = session
+        self._gate = threading.BoundedSemaphore(concurrency)
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        with self._gate:
+            return self._session.run(output_names, feeds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
 def create_session(model_path: Path, preferred: tuple[str, ...] = PREFERENCE,
-                   intra_op_threads: int = 0) -> ort.InferenceSession:
-    """Opens `model_path` on the first provider of `preferred` that initialises."""
+                   intra_op_threads: int = 0, concurrency: int = 1) -> GatedSession:
+    """Opens `model_path` on the first provider of `preferred` that initialises; at most
+    `concurrency` of its inferences run at once."""
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist: run `make models`")
     options = ort.SessionOptions()
@@ -38,10 +64,10 @@ def create_session(model_path: Path, preferred: tuple[str, ...] = PREFERENCE,
             continue
         if session.get_providers()[0] == provider:
             log.info("%s runs on %s", Path(model_path).name, provider)
-            return session
+            return GatedSession(session, concurrency)
         errors.append(f"{provider}: session fell back to {session.get_providers()[0]}")
     raise RuntimeError(f"no execution provider could start for {model_path}: {errors}")
 
 
-def active_provider(session: ort.InferenceSession) -> str:
+def active_provider(session: ort.InferenceSession | GatedSession) -> str:
     return session.get_providers()[0]

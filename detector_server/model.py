@@ -70,9 +70,10 @@ class DetectionResult:
 class DetectorModel:
     """One loaded model; `detect` is thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, spec: ModelSpec, intra_op_threads: int = 0):
+    def __init__(self, spec: ModelSpec, intra_op_threads: int = 0, inference_concurrency: int = 1):
         self.spec = spec
-        self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads)
+        self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads,
+                                      concurrency=inference_concurrency)
         self.provider = active_provider(self.session)
 
     def detect(self, image: np.ndarray, score_threshold: float | None = None,

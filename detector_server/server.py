@@ -21,7 +21,7 @@ def load_models(config: DetectorConfig) -> dict[str, DetectorModel]:
     models = {}
     for name in config.models:
         spec = ModelSpec.load(Path(config.models_dir) / name)
-        models[spec.name] = DetectorModel(spec, config.intra_op_threads)
+        models[spec.name] = DetectorModel(spec, config.intra_op_threads, config.inference_concurrency)
         log.info("loaded %s v%s on %s", spec.name, spec.version, models[spec.name].provider)
     return models
 

@@ -43,10 +43,12 @@ def preprocess(image: np.ndarray, spec: DeepSpec, size: tuple[int, int] | None =
 class DeepDescriptor:
     """Batched descriptor extraction; thread-safe."""
 
-    def __init__(self, spec: DeepSpec, max_batch: int = 32, intra_op_threads: int = 0):
+    def __init__(self, spec: DeepSpec, max_batch: int = 32, intra_op_threads: int = 0,
+                 inference_concurrency: int = 1):
         self.spec = spec
         self.max_batch = max_batch
-        self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads)
+        self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads,
+                                      concurrency=inference_concurrency)
         self.provider = active_provider(self.session)
 
     def compute(self, images: list[np.ndarray]) -> np.ndarray:

@@ -24,7 +24,7 @@ SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
 
 def create_bundle(config: SignatureConfig) -> ServiceBundle:
     deep = DeepDescriptor(DeepSpec.load(Path(config.deep_model_dir)), config.max_batch,
-                          config.intra_op_threads)
+                          config.intra_op_threads, config.inference_concurrency)
     locator = ObjectLocator(deep, LocateSpec.load(Path(config.deep_model_dir)))
     bow_spec = BowSpec.load(Path(config.bow_model_dir))
     kernels = select_kernels(config.kernels)

@@ -26,3 +26,40 @@ def test_no_provider_that_starts_is_an_error(monkeypatch):
 def test_missing_model_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make models"):
         create_session(tmp_path / "absent.onnx")
+
+
+def test_a_gated_session_runs_at_most_its_concurrency_at_once():
+    import threading
+    import time
+
+    from common.onnx_session import GatedSession
+
+    class Recorder:
+        """Stands for an InferenceSession: records how many runs overlap."""
+
+        def __init__(self):
+            self.now = self.most = 0
+            self.lock = threading.Lock()
+
+        def run(self, outputs, feeds):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(0.02)
+            with self.lock:
+                self.now -= 1
+            return [feeds["x"]]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    for concurrency in (1, 2):
+        recorder = Recorder()
+        session = GatedSession(recorder, concurrency)
+        threads = [threading.Thread(target=session.run, args=(None, {"x": i})) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert recorder.most == concurrency
+        assert session.get_providers() == ["CPUExecutionProvider"]  # the rest is the session's
