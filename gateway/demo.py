@@ -24,7 +24,9 @@ OUT = REPO_ROOT / "out"
 
 
 def main() -> int:
-    suite = start_local_suite()
+    # The services' own logs in text, warnings and errors only: the demo's report is what to read.
+    quiet = ["--log-format", "text", "--access-log", "false", "--log-level", "WARNING"]
+    suite = start_local_suite({name: list(quiet) for name in ("detector", "signature", "index", "gateway")})
     addr = suite.addresses
     try:
         print(f"\nservices up: {addr}")
