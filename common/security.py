@@ -269,8 +269,9 @@ class ClientLimits:
     def _bucket(self, key: str, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) > 100_000:  # forget idle clients rather than grow without bound
-                self._buckets = {k: b for k, b in self._buckets.items() if b.tokens < b.burst}
+            if len(self._buckets) > 100_000:  # forget clients whose bucket has refilled: idle ones
+                self._buckets = {k: b for k, b in self._buckets.items()
+                                 if b.tokens + (now - b.updated) * b.rate < b.burst}
             bucket = self._buckets[key] = _Bucket(self.rate, self.burst, now)
         return bucket
 

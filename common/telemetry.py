@@ -107,9 +107,11 @@ def telemetry_layer(server: str, access: bool) -> Layer:
             finally:
                 in_flight.dec()
                 elapsed = time.monotonic() - started
-                code = call.context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)  # type: ignore[attr-defined]
-                if failed and code == grpc.StatusCode.OK:
-                    code = grpc.StatusCode.UNKNOWN
+                code = call.context.code()  # type: ignore[attr-defined]
+                if code is None or (failed and code == grpc.StatusCode.OK):
+                    # No status set: it finished, the client went away, or the method raised.
+                    code = grpc.StatusCode.OK if not failed else grpc.StatusCode.CANCELLED \
+                        if not call.context.is_active() else grpc.StatusCode.UNKNOWN
                 service, name = _split(call.method)
                 HANDLED.labels(server, service, name, code.name).inc()
                 HANDLING.labels(server, service, name).observe(elapsed)
