@@ -57,6 +57,11 @@ class BagOfWords:
         return out
 
 
+# One bag has one encoding: a number padded with empty continuation bytes (0x81 0x00 for 1) is
+# refused, so equal bags are equal bytes (signatures may be compared or hashed as bytes).
+_NOT_MINIMAL = "signature holds a number not in its shortest form: it is corrupt"
+
+
 def _varint(value: int, out: bytearray) -> None:
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -73,6 +78,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if byte == 0 and shift:
+                raise BowFormatError(_NOT_MINIMAL)
             return value, pos
         shift += 7
         if shift > 35:
@@ -89,12 +96,15 @@ def _read_varints(data: bytes, pos: int, count: int) -> tuple[np.ndarray, int]:
         raise BowFormatError("signature holds a number longer than 5 bytes: it is corrupt")
     if end == -3:
         raise BowFormatError("signature holds a count above 2**32: it is corrupt")
+    if end == -4:
+        raise BowFormatError(_NOT_MINIMAL)
     return values, end
 
 
 @numba.njit(cache=True, nogil=True)
 def _varints(data, pos, out):  # pragma: no cover
-    """Fills out from data[pos:]; the end position, or -1 truncated, -2 too long, -3 too large."""
+    """Fills out from data[pos:]; the end position, or -1 truncated, -2 too long, -3 too large,
+    -4 not in its shortest form."""
     for i in range(out.shape[0]):
         value = np.uint64(0)
         shift = 0
@@ -105,6 +115,8 @@ def _varints(data, pos, out):  # pragma: no cover
             pos += 1
             value |= np.uint64(byte & 0x7F) << np.uint64(shift)
             if byte < 0x80:
+                if byte == 0 and shift > 0:
+                    return -4
                 break
             shift += 7
             if shift >= 35:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from common.config import MODELS_DIR, load_config
 from common.images import encode_png
@@ -19,6 +21,13 @@ from common.photos import load_photo
 from index_server.config import IndexConfig
 from signature_server.config import SignatureConfig
 from signature_server.deep import DeepDescriptor, DeepSpec
+
+
+# Property tests draw the same examples on every run (a green CI stays green, a red one reproduces);
+# HYPOTHESIS_PROFILE=explore draws new ones each run, to look for more.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session")

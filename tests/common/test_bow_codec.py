@@ -62,3 +62,11 @@ def test_chi2_properties():
     # Scale-free: doubling every count changes nothing (histograms are L1-normalised).
     assert chi2(a, BagOfWords(a.words, a.counts * 2, 5000, 7)) == pytest.approx(0, abs=1e-9)
     assert similarity(0.0) == 1.0 and similarity(2.0) == 0.0
+
+
+def test_a_number_padded_with_empty_continuation_bytes_is_refused():
+    """0x81 0x00 also reads as 1: refusing it keeps one encoding per bag."""
+    data = encode(BagOfWords(np.array([3], np.int32), np.array([1], np.uint32), 16, 7))
+    assert data[-1] == 1
+    with pytest.raises(BowFormatError, match="shortest form"):
+        decode(data[:-1] + b"\x81\x00")
