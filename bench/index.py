@@ -37,14 +37,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bow_codec import BagOfWords, encode  # noqa: E402
-from common.local_suite import free_port, wait_serving  # noqa: E402
-from mps.common.v1 import common_pb2  # noqa: E402
-from mps.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
-from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402
-from index_server.inverted import BowIndex  # noqa: E402
-from kernels import select_kernels  # noqa: E402
-from signature_server.bow import BowExtractor, BowSpec, Codebook  # noqa: E402
+from common.bow_codec import BagOfWords, encode
+from common.local_suite import free_port, wait_serving
+from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
+from index_server.inverted import BowIndex
+from kernels import select_kernels
+from mps.common.v1 import common_pb2
+from mps.index.v1 import index_pb2, index_pb2_grpc
+from signature_server.bow import BowExtractor, BowSpec, Codebook
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_WORD_SHARES = (0.2, 0.1, 0.05)
@@ -60,7 +60,7 @@ def real_bags(extractor: BowExtractor, rng: np.random.Generator) -> list[BagOfWo
             side = rng.uniform(0.25, 1.0)
             ch, cw = int(h * side), int(w * side)
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            bags.append(extractor.bag(photo[y:y + ch, x:x + cw]))
+            bags.append(extractor.bag(photo[y : y + ch, x : x + cw]))
     return bags
 
 
@@ -103,8 +103,9 @@ def brute_force(matrix: sp.csr_matrix, query: np.ndarray, top_k: int) -> np.ndar
     return best[np.argsort(-overlap[best])]
 
 
-def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerprint: int, rng, top_k: int
-            ) -> dict[str, float]:
+def measure(
+    size: int, resampler: Resampler, queries: list[BagOfWords], fingerprint: int, rng, top_k: int
+) -> dict[str, float]:
     index = BowIndex(resampler.vocabulary, fingerprint)
     rows, cols, vals = [], [], []
     added, add_seconds = 0, 0.0
@@ -113,8 +114,11 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
             chunk = resampler.sample(min(20_000, size - added), rng)
             start = time.perf_counter()
             for i, (words, counts) in enumerate(chunk):
-                index.add(f"item-{added + i}", BagOfWords(words, counts.astype(np.uint32), resampler.vocabulary,
-                                                          fingerprint), {})
+                index.add(
+                    f"item-{added + i}",
+                    BagOfWords(words, counts.astype(np.uint32), resampler.vocabulary, fingerprint),
+                    {},
+                )
             add_seconds += time.perf_counter() - start
             for i, (words, counts) in enumerate(chunk):
                 rows.append(np.full(len(words), added + i, np.int32))
@@ -122,8 +126,9 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
                 vals.append(counts / counts.sum(dtype=np.float64))
             added += len(chunk)
             bar.update(len(chunk))
-    matrix = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                           shape=(size, resampler.vocabulary))
+    matrix = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(size, resampler.vocabulary)
+    )
     postings = matrix.nnz
     index.merge()  # the background merge of the append tail, as it settles after an ingest burst
 
@@ -137,10 +142,15 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
         brute_ms.append((time.perf_counter() - start) * 1000)
         truth.append({f"item-{r}" for r in best})
         agree += len({h.item_id for h in hits} & truth[-1])
-    figures = {"p50_ms": float(np.percentile(index_ms, 50)), "p99_ms": float(np.percentile(index_ms, 99)),
-               "brute_p50_ms": float(np.percentile(brute_ms, 50)),
-               "bytes_per_item": index.nbytes() / size, "postings_per_item": postings / size,
-               "ingest_per_s": size / add_seconds, "recall_at_10": agree / (top_k * len(queries))}
+    figures = {
+        "p50_ms": float(np.percentile(index_ms, 50)),
+        "p99_ms": float(np.percentile(index_ms, 99)),
+        "brute_p50_ms": float(np.percentile(brute_ms, 50)),
+        "bytes_per_item": index.nbytes() / size,
+        "postings_per_item": postings / size,
+        "ingest_per_s": size / add_seconds,
+        "recall_at_10": agree / (top_k * len(queries)),
+    }
     figures["speedup_vs_bruteforce"] = figures["brute_p50_ms"] / figures["p50_ms"]
 
     # The stop-word variant: skip query words held by more than a share of the items.
@@ -157,12 +167,12 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
     index.max_word_share = 1.0
 
     dense_bytes = size * resampler.vocabulary * 4
-    if dense_bytes <= 4 * 2 ** 30:
+    if dense_bytes <= 4 * 2**30:
         import faiss
 
         flat = faiss.IndexFlatIP(resampler.vocabulary)
         for start in range(0, size, 20_000):
-            block = matrix[start:start + 20_000].toarray().astype(np.float32)
+            block = matrix[start : start + 20_000].toarray().astype(np.float32)
             flat.add(np.sqrt(block))
         faiss_ms = []
         for q in queries:
@@ -174,13 +184,14 @@ def measure(size: int, resampler: Resampler, queries: list[BagOfWords], fingerpr
         figures["speedup_vs_faiss_flat"] = figures["faiss_flat_hellinger_p50_ms"] / figures["p50_ms"]
         del flat
     else:
-        print(f"FAISS flat on Hellinger vectors skipped at {size}: {dense_bytes / 2 ** 30:.0f} GiB of float32")
+        print(f"FAISS flat on Hellinger vectors skipped at {size}: {dense_bytes / 2**30:.0f} GiB of float32")
     return figures
 
 
 def start(args: list[str], port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "index_server", *args, "--port", str(port),
-                                "--log-level", "WARNING"], cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "index_server", *args, "--port", str(port), "--log-level", "WARNING"], cwd=ROOT
+    )
     wait_serving(f"127.0.0.1:{port}", process)
     return process
 
@@ -194,36 +205,71 @@ def rss_bytes(pid: int) -> int:
 
 def search_ids(stub, bag: BagOfWords, top_k: int) -> list[str]:
     signature = common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
-    return [i.item_id for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=signature,
-                                                                     top_k=top_k), timeout=30) for i in c.items]
+    return [
+        i.item_id
+        for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=signature, top_k=top_k), timeout=30)
+        for i in c.items
+    ]
 
 
-def measure_layout(layout: str, shards: int, items: list[tuple[np.ndarray, np.ndarray]], queries: list[BagOfWords],
-                   exact: list[list[str]], fingerprint: int, vocabulary: int, top_k: int) -> dict[str, float]:
+def measure_layout(
+    layout: str,
+    shards: int,
+    items: list[tuple[np.ndarray, np.ndarray]],
+    queries: list[BagOfWords],
+    exact: list[list[str]],
+    fingerprint: int,
+    vocabulary: int,
+    top_k: int,
+) -> dict[str, float]:
     """One layout over real processes: ingest through the router, search, then kill a shard."""
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as data:
         ports = [free_port() for _ in range(shards + 1)]
-        processes = [start(["--data-dir", f"{data}/shard{i}", "--word-shard-index", str(i if layout == "word" else 0),
-                            "--word-shard-count", str(shards if layout == "word" else 1)], ports[i])
-                     for i in range(shards)]
+        processes = [
+            start(
+                [
+                    "--data-dir",
+                    f"{data}/shard{i}",
+                    "--word-shard-index",
+                    str(i if layout == "word" else 0),
+                    "--word-shard-count",
+                    str(shards if layout == "word" else 1),
+                ],
+                ports[i],
+            )
+            for i in range(shards)
+        ]
         shard_list = json.dumps([[f"127.0.0.1:{p}"] for p in ports[:shards]])
         processes.append(start(["router", "--layout", layout, "--shards", shard_list], ports[-1]))
         try:
             base_rss = sum(rss_bytes(p.pid) for p in processes[:shards])
-            with grpc.insecure_channel(f"127.0.0.1:{ports[-1]}",
-                                       options=[("grpc.max_send_message_length", 1 << 28)]) as channel:
+            with grpc.insecure_channel(
+                f"127.0.0.1:{ports[-1]}", options=[("grpc.max_send_message_length", 1 << 28)]
+            ) as channel:
                 stub = index_pb2_grpc.IndexServiceStub(channel)
                 start_s = time.perf_counter()
                 for first in range(0, len(items), 5000):
-                    stub.Add(iter([index_pb2.AddRequest(
-                        item_id=f"item-{first + i}", database="bags", signature=common_pb2.Signature(
-                            kind=common_pb2.SIGNATURE_KIND_BOW,
-                            bow=encode(BagOfWords(w, c.astype(np.uint32), vocabulary, fingerprint))))
-                        for i, (w, c) in enumerate(items[first:first + 5000])]), timeout=600)
+                    stub.Add(
+                        iter(
+                            [
+                                index_pb2.AddRequest(
+                                    item_id=f"item-{first + i}",
+                                    database="bags",
+                                    signature=common_pb2.Signature(
+                                        kind=common_pb2.SIGNATURE_KIND_BOW,
+                                        bow=encode(BagOfWords(w, c.astype(np.uint32), vocabulary, fingerprint)),
+                                    ),
+                                )
+                                for i, (w, c) in enumerate(items[first : first + 5000])
+                            ]
+                        ),
+                        timeout=600,
+                    )
                 figures["ingest_per_s"] = len(items) / (time.perf_counter() - start_s)
-                figures["shard_rss_bytes_per_item"] = (sum(rss_bytes(p.pid) for p in processes[:shards])
-                                                       - base_rss) / len(items)
+                figures["shard_rss_bytes_per_item"] = (
+                    sum(rss_bytes(p.pid) for p in processes[:shards]) - base_rss
+                ) / len(items)
                 for query in queries[:5]:  # warm-up: channels, numba caches, merges settling
                     search_ids(stub, query, top_k)
                 latencies, agree = [], 0
@@ -271,10 +317,14 @@ def main() -> None:
     extractor = BowExtractor(spec, codebook, select_kernels("cpu"))
     bags = real_bags(extractor, rng)
     resampler = Resampler(bags, codebook.vocabulary)
-    print(f"{len(bags)} real bags: median {int(np.median([len(b.words) for b in bags]))} distinct words, "
-          f"{int(np.median(resampler.sizes))} keypoints")
-    queries = [BagOfWords(w, c.astype(np.uint32), codebook.vocabulary, codebook.fingerprint)
-               for w, c in resampler.sample(args.queries, rng)]
+    print(
+        f"{len(bags)} real bags: median {int(np.median([len(b.words) for b in bags]))} distinct words, "
+        f"{int(np.median(resampler.sizes))} keypoints"
+    )
+    queries = [
+        BagOfWords(w, c.astype(np.uint32), codebook.vocabulary, codebook.fingerprint)
+        for w, c in resampler.sample(args.queries, rng)
+    ]
     result: dict[str, float] = {}
     for size in args.sizes:
         figures = measure(size, resampler, queries, codebook.fingerprint, rng, args.top_k)
@@ -289,10 +339,20 @@ def main() -> None:
         exact = [[h.item_id for h in truth.search(q, args.top_k)] for q in queries]
         del truth
         for layout, shards in (("single", 1), ("item", args.shards), ("word", args.shards)):
-            figures = measure_layout("item" if layout == "single" else layout, shards, items, queries, exact,
-                                     codebook.fingerprint, resampler.vocabulary, args.top_k)
-            print(f"layout {layout} x{shards}, {args.layout_size} items over gRPC: "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+            figures = measure_layout(
+                "item" if layout == "single" else layout,
+                shards,
+                items,
+                queries,
+                exact,
+                codebook.fingerprint,
+                resampler.vocabulary,
+                args.top_k,
+            )
+            print(
+                f"layout {layout} x{shards}, {args.layout_size} items over gRPC: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in figures.items())
+            )
             result.update({f"{layout}_{k}": round(v, 3) for k, v in figures.items()})
     print(json.dumps(result))
 

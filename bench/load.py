@@ -52,8 +52,15 @@ class RssSampler(threading.Thread):
         return {name: list(values) for name, values in self.samples.items()}
 
 
-def run_phase(address: str, clients: int, seconds: float, mixed: bool, photos: list[bytes],
-              crops: list[bytes], serial: itertools.count) -> dict:
+def run_phase(
+    address: str,
+    clients: int,
+    seconds: float,
+    mixed: bool,
+    photos: list[bytes],
+    crops: list[bytes],
+    serial: itertools.count,
+) -> dict:
     latencies: dict[str, list[float]] = {"search": [], "ingest": []}
     errors: Counter[str] = Counter()
     lock = threading.Lock()
@@ -69,8 +76,9 @@ def run_phase(address: str, clients: int, seconds: float, mixed: bool, photos: l
                 try:
                     if ingest:
                         crop = crops[call % len(crops)]
-                        client.index_products([Product(f"load-{next(serial)}", "load", crop, {"n": str(call)},
-                                                       box=None)])
+                        client.index_products(
+                            [Product(f"load-{next(serial)}", "load", crop, {"n": str(call)}, box=None)]
+                        )
                     else:
                         client.search(photos[call % len(photos)], top_k=10)
                     kind = "ingest" if ingest else "search"
@@ -87,8 +95,11 @@ def run_phase(address: str, clients: int, seconds: float, mixed: bool, photos: l
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
-    result = {"calls_per_s": sum(len(v) for v in latencies.values()) / elapsed, "errors": sum(errors.values()),
-              "errors_by_code": dict(errors)}
+    result = {
+        "calls_per_s": sum(len(v) for v in latencies.values()) / elapsed,
+        "errors": sum(errors.values()),
+        "errors_by_code": dict(errors),
+    }
     for kind, values in latencies.items():
         if values:
             result[f"{kind}_p50_ms"] = float(np.percentile(values, 50))
@@ -105,16 +116,22 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     pictures = [load_photo(name) for name in SKIMAGE_PHOTOS]
     photos = [encode_jpeg(p) for p in pictures]
-    crops = [encode_jpeg(p[p.shape[0] // 4:3 * p.shape[0] // 4, p.shape[1] // 4:3 * p.shape[1] // 4])
-             for p in pictures]
+    crops = [
+        encode_jpeg(p[p.shape[0] // 4 : 3 * p.shape[0] // 4, p.shape[1] // 4 : 3 * p.shape[1] // 4]) for p in pictures
+    ]
     suite = start_local_suite({"index": ["--data-dir", ""]})
     sampler = RssSampler({name: process.pid for name, process in suite.processes.items()})
     serial = itertools.count()
     phases = {}
     try:
         with VisualSearchClient(suite.addresses["gateway"], timeout_s=600) as client:
-            client.index_products([Product(f"base-{i}", category, crop, {})
-                                   for i, crop in enumerate(crops) for category in ("load", "other")])
+            client.index_products(
+                [
+                    Product(f"base-{i}", category, crop, {})
+                    for i, crop in enumerate(crops)
+                    for category in ("load", "other")
+                ]
+            )
             for photo in photos[:2]:  # warm-up
                 client.search(photo)
         sampler.start()
@@ -122,10 +139,13 @@ def main() -> None:
             for clients in counts:
                 name = f"{'mixed' if mixed else 'search'}_{clients}"
                 before = {k: len(v) for k, v in sampler.window().items()}
-                phases[name] = run_phase(suite.addresses["gateway"], clients, args.seconds, mixed, photos, crops,
-                                         serial)
-                window = {k: v[before[k]:] for k, v in sampler.window().items()}
-                phases[name]["rss_mb"] = {k: {"start": v[0], "peak": max(v), "end": v[-1]} for k, v in window.items() if v}
+                phases[name] = run_phase(
+                    suite.addresses["gateway"], clients, args.seconds, mixed, photos, crops, serial
+                )
+                window = {k: v[before[k] :] for k, v in sampler.window().items()}
+                phases[name]["rss_mb"] = {
+                    k: {"start": v[0], "peak": max(v), "end": v[-1]} for k, v in window.items() if v
+                }
                 print(name, json.dumps(phases[name], default=lambda x: round(x, 1)), flush=True)
         samples = sampler.window()
     finally:
@@ -134,16 +154,18 @@ def main() -> None:
     # Flat: the RSS at the end of the last phase against the end of the first (after warm-up).
     first_end = {k: v["rss_mb"] for k, v in phases.items()}
     names = list(phases)
-    growth = {service: first_end[names[-1]][service]["end"] - first_end[names[0]][service]["end"]
-              for service in samples}
-    summary = {"errors": sum(p["errors"] for p in phases.values()),
-               **{f"{name}_calls_per_s": round(p["calls_per_s"], 2) for name, p in phases.items()},
-               **{f"{name}_search_p50_ms": round(p["search_p50_ms"], 1) for name, p in phases.items()},
-               **{f"{name}_search_p99_ms": round(p["search_p99_ms"], 1) for name, p in phases.items()},
-               **{f"{name}_ingest_p50_ms": round(p["ingest_p50_ms"], 1) for name, p in phases.items()
-                  if "ingest_p50_ms" in p},
-               **{f"{service}_peak_rss_mb": round(max(v), 1) for service, v in samples.items()},
-               **{f"{service}_rss_growth_mb": round(g, 1) for service, g in growth.items()}}
+    growth = {
+        service: first_end[names[-1]][service]["end"] - first_end[names[0]][service]["end"] for service in samples
+    }
+    summary = {
+        "errors": sum(p["errors"] for p in phases.values()),
+        **{f"{name}_calls_per_s": round(p["calls_per_s"], 2) for name, p in phases.items()},
+        **{f"{name}_search_p50_ms": round(p["search_p50_ms"], 1) for name, p in phases.items()},
+        **{f"{name}_search_p99_ms": round(p["search_p99_ms"], 1) for name, p in phases.items()},
+        **{f"{name}_ingest_p50_ms": round(p["ingest_p50_ms"], 1) for name, p in phases.items() if "ingest_p50_ms" in p},
+        **{f"{service}_peak_rss_mb": round(max(v), 1) for service, v in samples.items()},
+        **{f"{service}_rss_growth_mb": round(g, 1) for service, g in growth.items()},
+    }
     for key, value in summary.items():
         print(f"{key:>36}: {value}")
     print(json.dumps(summary))

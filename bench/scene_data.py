@@ -108,9 +108,10 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -119,7 +120,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.photos import load_photo  # noqa: E402
+from common.photos import load_photo
 
 VERSION = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +131,7 @@ Box = tuple[int, int, int, int]
 
 
 # --- sources: pinned Debian packages -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DebPackage:
@@ -146,13 +148,17 @@ class DebPackage:
 
 
 TUXPAINT = DebPackage(
-    "tuxpaint-stamps-default", "2022.06.04-1",
+    "tuxpaint-stamps-default",
+    "2022.06.04-1",
     "6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34",
-    (r"\./usr/share/tuxpaint/stamps/.*\.png", r"\./usr/share/doc/tuxpaint-stamps-default/copyright"))
+    (r"\./usr/share/tuxpaint/stamps/.*\.png", r"\./usr/share/doc/tuxpaint-stamps-default/copyright"),
+)
 OPENCV_DOC = DebPackage(
-    "opencv-doc", "4.6.0+dfsg-12",
+    "opencv-doc",
+    "4.6.0+dfsg-12",
     "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
-    (r"\./usr/share/doc/opencv-doc/examples/data/[^/]+\.(jpg|png)", r"\./usr/share/doc/opencv-doc/copyright"))
+    (r"\./usr/share/doc/opencv-doc/examples/data/[^/]+\.(jpg|png)", r"\./usr/share/doc/opencv-doc/copyright"),
+)
 PACKAGES = (TUXPAINT, OPENCV_DOC)
 
 
@@ -160,9 +166,9 @@ PACKAGES = (TUXPAINT, OPENCV_DOC)
 class Sources:
     """Where the extracted photos lie."""
 
-    stamps: Path            # .../usr/share/tuxpaint/stamps (category folders of RGBA PNGs)
+    stamps: Path  # .../usr/share/tuxpaint/stamps (category folders of RGBA PNGs)
     stamps_copyright: Path
-    opencv_data: Path       # .../usr/share/doc/opencv-doc/examples/data
+    opencv_data: Path  # .../usr/share/doc/opencv-doc/examples/data
     opencv_copyright: Path
 
 
@@ -181,7 +187,8 @@ def _need(tool: str) -> str:
             f"{tool} is not installed: the benchmark photos come from Debian packages fetched with "
             "`apt-get download` and unpacked with `dpkg-deb` (Debian/Ubuntu: packages apt and dpkg). "
             "Elsewhere, put " + ", ".join(p.filename for p in PACKAGES) + " into <cache>/debs by hand "
-            "(checksums in bench/scene_data.py).")
+            "(checksums in bench/scene_data.py)."
+        )
     return found
 
 
@@ -195,11 +202,14 @@ def _download(package: DebPackage, debs: Path) -> Path:
         if done.returncode != 0 or not deb.exists():
             raise RuntimeError(
                 f"`apt-get download {spec}` failed ({done.stderr.strip()[-400:]}). It needs Debian "
-                "bookworm's main archive in the apt sources and fresh lists (`apt-get update`).")
+                "bookworm's main archive in the apt sources and fresh lists (`apt-get update`)."
+            )
     found = _sha256(deb)
     if found != package.sha256:
-        raise RuntimeError(f"{deb}: sha256 {found}, expected {package.sha256}. The file is not the "
-                           f"pinned {package.name} {package.version}: delete it and run again.")
+        raise RuntimeError(
+            f"{deb}: sha256 {found}, expected {package.sha256}. The file is not the "
+            f"pinned {package.name} {package.version}: delete it and run again."
+        )
     return deb
 
 
@@ -230,81 +240,118 @@ def fetch_sources(cache: Path = DEFAULT_CACHE) -> Sources:
         _extract(package, deb, cache / "pkgs" / package.name)
     tux = cache / "pkgs" / TUXPAINT.name
     ocv = cache / "pkgs" / OPENCV_DOC.name
-    return Sources(stamps=tux / "usr/share/tuxpaint/stamps",
-                   stamps_copyright=tux / "usr/share/doc/tuxpaint-stamps-default/copyright",
-                   opencv_data=ocv / "usr/share/doc/opencv-doc/examples/data",
-                   opencv_copyright=ocv / "usr/share/doc/opencv-doc/copyright")
+    return Sources(
+        stamps=tux / "usr/share/tuxpaint/stamps",
+        stamps_copyright=tux / "usr/share/doc/tuxpaint-stamps-default/copyright",
+        opencv_data=ocv / "usr/share/doc/opencv-doc/examples/data",
+        opencv_copyright=ocv / "usr/share/doc/opencv-doc/copyright",
+    )
 
 
 # --- what is used, as data ---------------------------------------------------------------------------
 
-CATEGORIES = ("animals", "food", "hobbies", "household", "medical", "music", "plants", "seasonal",
-              "sports", "vehicles")
+CATEGORIES = ("animals", "food", "hobbies", "household", "medical", "music", "plants", "seasonal", "sports", "vehicles")
 
 # Stamp path prefix -> category (None: not a product); the longest matching prefix wins.
 CATEGORY_OF_PATH: dict[str, str | None] = {
-    "animals": "animals",                       # animal figurines and toys
-    "animals/mammals/bears/toys": "hobbies",    # a teddy bear
-    "clothes": None,                            # only drawings (hats, a button) pass the filter
+    "animals": "animals",  # animal figurines and toys
+    "animals/mammals/bears/toys": "hobbies",  # a teddy bear
+    "clothes": None,  # only drawings (hats, a button) pass the filter
     "food": "food",
-    "hobbies": "hobbies",                       # a camera, binoculars
+    "hobbies": "hobbies",  # a camera, binoculars
     "hobbies/music": "music",
-    "household": "household",                   # kettle, pitcher, bins, tools, lightbulb, toilet
+    "household": "household",  # kettle, pitcher, bins, tools, lightbulb, toilet
     "household/rubberduck.png": "hobbies",
     "medical": "medical",
     "military": None,
     "military/vehicles": "vehicles",
-    "naturalforces": None,                      # fire, smoke
+    "naturalforces": None,  # fire, smoke
     "people": None,
-    "people/toys": "hobbies",                   # a rag doll
+    "people/toys": "hobbies",  # a rag doll
     "plants": "plants",
     "plants/mushrooms": "food",
-    "seasonal": "seasonal",                     # Christmas food and decorations, Halloween props
-    "seasonal/easter": None,                    # cartoons only
+    "seasonal": "seasonal",  # Christmas food and decorations, Halloween props
+    "seasonal/easter": None,  # cartoons only
     "sports": "sports",
-    "town": "household",                        # post boxes and a mailbox
+    "town": "household",  # post boxes and a mailbox
     "town/monuments": None,
     "vehicles": "vehicles",
 }
 SKIP_PATH_WORDS = ("cartoon", "symbols", "alphabet", "roadsigns", "flags", "space", "_mirror")
 MIN_OPAQUE_PX = 2500
-MIN_COLOURS = 150        # distinct colours at 32 levels per channel among the opaque pixels
-MAX_FLAT_SHARE = 0.5     # share of horizontal opaque neighbours of identical colour (flat fills)
+MIN_COLOURS = 150  # distinct colours at 32 levels per channel among the opaque pixels
+MAX_FLAT_SHARE = 0.5  # share of horizontal opaque neighbours of identical colour (flat fills)
 # Drawings and paintings that pass the tests above, found by looking at every stamp that passed.
-CLIP_ART = frozenset({
-    "animals/fish/bluegroper.png", "animals/fish/butterflyfish.png", "animals/fish/dolphinfish.png",
-    "animals/fish/moonwrasse.png", "animals/fish/stripedfish.png", "animals/mammals/aquatic/whale.png",
-    "clothes/button.png", "clothes/hats/feathered_hat.png", "clothes/hats/propeller_hat.png",
-    "food/pizza.png", "people/body_parts/eye.png", "seasonal/christmas/Santa.png",
-    "seasonal/easter/bluebird.png", "seasonal/easter/bunny-egg.png", "seasonal/easter/bunny.png",
-    "seasonal/easter/butterfly.png", "seasonal/easter/chick-hatched.png",
-    "seasonal/easter/chick-in-egg.png", "seasonal/easter/chick.png", "seasonal/easter/daffodil.png",
-    "seasonal/halloween/jackolantern_mean.png", "seasonal/newyears/fireworks2.png",
-    "vehicles/ship/chineseJunk.png", "naturalforces/explosion.png", "naturalforces/fire.png",
-})
+CLIP_ART = frozenset(
+    {
+        "animals/fish/bluegroper.png",
+        "animals/fish/butterflyfish.png",
+        "animals/fish/dolphinfish.png",
+        "animals/fish/moonwrasse.png",
+        "animals/fish/stripedfish.png",
+        "animals/mammals/aquatic/whale.png",
+        "clothes/button.png",
+        "clothes/hats/feathered_hat.png",
+        "clothes/hats/propeller_hat.png",
+        "food/pizza.png",
+        "people/body_parts/eye.png",
+        "seasonal/christmas/Santa.png",
+        "seasonal/easter/bluebird.png",
+        "seasonal/easter/bunny-egg.png",
+        "seasonal/easter/bunny.png",
+        "seasonal/easter/butterfly.png",
+        "seasonal/easter/chick-hatched.png",
+        "seasonal/easter/chick-in-egg.png",
+        "seasonal/easter/chick.png",
+        "seasonal/easter/daffodil.png",
+        "seasonal/halloween/jackolantern_mean.png",
+        "seasonal/newyears/fireworks2.png",
+        "vehicles/ship/chineseJunk.png",
+        "naturalforces/explosion.png",
+        "naturalforces/fire.png",
+    }
+)
 
 # Photos as ("opencv", file in examples/data) or ("bundled", common.photos name). Scenes and the
 # "room" catalogue images never share a photo.
 PhotoRef = tuple[str, str]
 SCENE_BACKGROUNDS: tuple[PhotoRef, ...] = (
-    ("opencv", "home.jpg"), ("opencv", "building.jpg"), ("opencv", "leuvenA.jpg"),
-    ("opencv", "aero1.jpg"), ("opencv", "graf1.png"), ("opencv", "board.jpg"), ("opencv", "stuff.jpg"),
-    ("opencv", "messi5.jpg"), ("opencv", "ela_original.jpg"), ("opencv", "fruits.jpg"),
-    ("bundled", "china.jpg"), ("bundled", "rocket"),
+    ("opencv", "home.jpg"),
+    ("opencv", "building.jpg"),
+    ("opencv", "leuvenA.jpg"),
+    ("opencv", "aero1.jpg"),
+    ("opencv", "graf1.png"),
+    ("opencv", "board.jpg"),
+    ("opencv", "stuff.jpg"),
+    ("opencv", "messi5.jpg"),
+    ("opencv", "ela_original.jpg"),
+    ("opencv", "fruits.jpg"),
+    ("bundled", "china.jpg"),
+    ("bundled", "rocket"),
 )
 # leuvenB, aero3, graf3 and ela_modified are left out: the same street, city, wall and notebook as
 # leuvenA, aero1, graf1 and ela_original.
 ROOM_BACKGROUNDS: tuple[PhotoRef, ...] = (
-    ("opencv", "baboon.jpg"), ("opencv", "squirrel_cls.jpg"),
-    ("opencv", "butterfly.jpg"), ("opencv", "orange.jpg"), ("opencv", "apple.jpg"),
-    ("opencv", "chicky_512.png"), ("opencv", "licenseplate_motion.jpg"), ("opencv", "pca_test1.jpg"),
-    ("opencv", "sudoku.png"), ("opencv", "text_defocus.jpg"), ("bundled", "astronaut"),
-    ("bundled", "chelsea"), ("bundled", "flower.jpg"),
+    ("opencv", "baboon.jpg"),
+    ("opencv", "squirrel_cls.jpg"),
+    ("opencv", "butterfly.jpg"),
+    ("opencv", "orange.jpg"),
+    ("opencv", "apple.jpg"),
+    ("opencv", "chicky_512.png"),
+    ("opencv", "licenseplate_motion.jpg"),
+    ("opencv", "pca_test1.jpg"),
+    ("opencv", "sudoku.png"),
+    ("opencv", "text_defocus.jpg"),
+    ("bundled", "astronaut"),
+    ("bundled", "chelsea"),
+    ("bundled", "flower.jpg"),
 )
 # Distractor crops: the room photos and these (not the scene photos: a query's own background
 # in the catalogue would be an unrealistic pixel-exact match; not the context photos either).
 EXTRA_CROP_PHOTOS: tuple[PhotoRef, ...] = (
-    ("bundled", "immunohistochemistry"), ("bundled", "hubble_deep_field"), ("bundled", "retina"),
+    ("bundled", "immunohistochemistry"),
+    ("bundled", "hubble_deep_field"),
+    ("bundled", "retina"),
 )
 
 
@@ -315,10 +362,10 @@ class ContextObject:
     product_id: str
     category: str
     catalogue: PhotoRef
-    catalogue_box: Box | None    # the object in the catalogue photo, cut with a 4% margin (None: all)
-    query_box: Box               # the object in the query photo, measured by eye on zoomed views
-    mirror: bool = False         # mirror the catalogue crop (the same photo serves as the query)
-    fills_crop: bool = False     # the object goes beyond the crop: no box in the catalogue image
+    catalogue_box: Box | None  # the object in the catalogue photo, cut with a 4% margin (None: all)
+    query_box: Box  # the object in the query photo, measured by eye on zoomed views
+    mirror: bool = False  # mirror the catalogue crop (the same photo serves as the query)
+    fills_crop: bool = False  # the object goes beyond the crop: no box in the catalogue image
 
 
 @dataclass(frozen=True)
@@ -331,31 +378,83 @@ class ContextScene:
 CONTEXT = (
     # The cookie box, tilted; its upper right corner is under the rice box and the white bag hides
     # its lower left corner (SIFT homography corners (119,161) (285,175) (268,299) (90,273)).
-    ContextScene("context-cookie-box", ("opencv", "box_in_scene.png"), (
-        ContextObject("context:cookie-box", "food", ("opencv", "box.png"), None, (98, 161, 270, 298)),)),
+    ContextScene(
+        "context-cookie-box",
+        ("opencv", "box_in_scene.png"),
+        (ContextObject("context:cookie-box", "food", ("opencv", "box.png"), None, (98, 161, 270, 298)),),
+    ),
     # Stereo pair: mirror tip at y=15, tail light and front tyre at the sides, tyre bottom at 451.
-    ContextScene("context-motorcycle", ("bundled", "motorcycle_right"), (
-        ContextObject("context:motorcycle", "vehicles", ("bundled", "motorcycle_left"),
-                      (93, 15, 683, 451), (50, 15, 628, 451)),)),
+    ContextScene(
+        "context-motorcycle",
+        ("bundled", "motorcycle_right"),
+        (
+            ContextObject(
+                "context:motorcycle", "vehicles", ("bundled", "motorcycle_left"), (93, 15, 683, 451), (50, 15, 628, 451)
+            ),
+        ),
+    ),
     # The cup with its handle, without the saucer and the spoon.
-    ContextScene("context-coffee-cup", ("bundled", "coffee"), (
-        ContextObject("context:coffee-cup", "household", ("bundled", "coffee"),
-                      (174, 18, 407, 298), (174, 18, 407, 298), mirror=True),)),
+    ContextScene(
+        "context-coffee-cup",
+        ("bundled", "coffee"),
+        (
+            ContextObject(
+                "context:coffee-cup",
+                "household",
+                ("bundled", "coffee"),
+                (174, 18, 407, 298),
+                (174, 18, 407, 298),
+                mirror=True,
+            ),
+        ),
+    ),
     # The potted aloe: leaves reach the left, right and top edges; the pot ends at y~1085 and the
     # lowest leaf tip at y~1096. The catalogue keeps the pot and the rosette of aloeL.
-    ContextScene("context-aloe", ("opencv", "aloeR.jpg"), (
-        ContextObject("context:potted-aloe", "plants", ("opencv", "aloeL.jpg"), (330, 0, 1282, 1110),
-                      (0, 0, 1282, 1097), fills_crop=True),)),
+    ContextScene(
+        "context-aloe",
+        ("opencv", "aloeR.jpg"),
+        (
+            ContextObject(
+                "context:potted-aloe",
+                "plants",
+                ("opencv", "aloeL.jpg"),
+                (330, 0, 1282, 1110),
+                (0, 0, 1282, 1097),
+                fills_crop=True,
+            ),
+        ),
+    ),
     # The green rubber whale on the striped cloth (optical-flow pair: it barely moves).
-    ContextScene("context-rubber-whale", ("opencv", "rubberwhale2.png"), (
-        ContextObject("context:rubber-whale", "hobbies", ("opencv", "rubberwhale1.png"),
-                      (218, 90, 318, 185), (218, 89, 318, 184)),)),
+    ContextScene(
+        "context-rubber-whale",
+        ("opencv", "rubberwhale2.png"),
+        (
+            ContextObject(
+                "context:rubber-whale",
+                "hobbies",
+                ("opencv", "rubberwhale1.png"),
+                (218, 90, 318, 185),
+                (218, 89, 318, 184),
+            ),
+        ),
+    ),
     # Two books from another viewpoint; "Let Us C" is partly behind "Basic Electronics".
-    ContextScene("context-books", ("opencv", "right.jpg"), (
-        ContextObject("context:book-basic-electronics", "hobbies", ("opencv", "left.jpg"),
-                      (263, 107, 404, 328), (317, 109, 551, 422)),
-        ContextObject("context:book-let-us-c", "hobbies", ("opencv", "left.jpg"),
-                      (86, 134, 273, 381), (216, 111, 352, 325)))),
+    ContextScene(
+        "context-books",
+        ("opencv", "right.jpg"),
+        (
+            ContextObject(
+                "context:book-basic-electronics",
+                "hobbies",
+                ("opencv", "left.jpg"),
+                (263, 107, 404, 328),
+                (317, 109, 551, 422),
+            ),
+            ContextObject(
+                "context:book-let-us-c", "hobbies", ("opencv", "left.jpg"), (86, 134, 273, 381), (216, 111, 352, 325)
+            ),
+        ),
+    ),
 )
 
 # Random streams: each image has its own Generator([seed, stream, index]).
@@ -366,14 +465,14 @@ _STREAM_TARGETS, _STREAM_CATALOGUE, _STREAM_CROPS, _STREAM_SCENES, _STREAM_DECK,
 class BuildParameters:
     seed: int = 0
     scenes: int = 120
-    target_share: float = 0.45        # of each category's stamps
+    target_share: float = 0.45  # of each category's stamps
     min_targets: int = 3
     max_targets: int = 30
-    min_distractors: int = 120        # per category
-    min_crops: int = 30               # per category
+    min_distractors: int = 120  # per category
+    min_crops: int = 30  # per category
     scene_long_side: int = 1024
     objects_per_scene: tuple[int, int] = (2, 6)
-    object_size: tuple[float, float] = (0.12, 0.35)   # long side, share of the scene's long side
+    object_size: tuple[float, float] = (0.12, 0.35)  # long side, share of the scene's long side
     max_rotation_deg: float = 20.0
     min_visible: float = 0.75
     room_width: tuple[float, float] = (0.35, 0.60)
@@ -382,11 +481,14 @@ class BuildParameters:
 
     def as_json(self) -> dict[str, Any]:
         """The parameters and a digest of this file: any change to the recipe rebuilds the set."""
-        return {**json.loads(json.dumps(asdict(self))),
-                "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+        return {
+            **json.loads(json.dumps(asdict(self))),
+            "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        }
 
 
 # --- the typed view of manifest.json ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CatalogueImage:
@@ -469,19 +571,41 @@ def load(path: Path | str) -> Manifest:
     manifest_path = path / "manifest.json" if path.is_dir() else path
     raw = json.loads(manifest_path.read_text())
     return Manifest(
-        root=manifest_path.parent, version=raw["version"], parameters=raw["parameters"],
+        root=manifest_path.parent,
+        version=raw["version"],
+        parameters=raw["parameters"],
         categories=tuple(raw["categories"]),
-        products=tuple(Product(p["product_id"], p["category"], p["source"], tuple(
-            CatalogueImage(i["image_id"], i["path"], _box(i["box"]), i.get("style", ""))
-            for i in p["images"])) for p in raw["products"]),
-        distractors=tuple(Distractor(d["product_id"], d["category"], d["path"], _box(d["box"]),
-                                     d.get("style", "")) for d in raw["distractors"]),
-        scenes=tuple(Scene(s["scene_id"], s["path"], s["kind"], s["width"], s["height"], tuple(
-            SceneObject(o["product_id"], _required_box(o["box"])) for o in s["objects"]))
-            for s in raw["scenes"]))
+        products=tuple(
+            Product(
+                p["product_id"],
+                p["category"],
+                p["source"],
+                tuple(
+                    CatalogueImage(i["image_id"], i["path"], _box(i["box"]), i.get("style", "")) for i in p["images"]
+                ),
+            )
+            for p in raw["products"]
+        ),
+        distractors=tuple(
+            Distractor(d["product_id"], d["category"], d["path"], _box(d["box"]), d.get("style", ""))
+            for d in raw["distractors"]
+        ),
+        scenes=tuple(
+            Scene(
+                s["scene_id"],
+                s["path"],
+                s["kind"],
+                s["width"],
+                s["height"],
+                tuple(SceneObject(o["product_id"], _required_box(o["box"])) for o in s["objects"]),
+            )
+            for s in raw["scenes"]
+        ),
+    )
 
 
 # --- image helpers (pure numpy / OpenCV) -----------------------------------------------------------
+
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, index])
@@ -521,8 +645,9 @@ def rotate_premultiplied(sprite: np.ndarray, degrees: float) -> np.ndarray:
     new_w, new_h = math.ceil(h * sin + w * cos), math.ceil(h * cos + w * sin)
     matrix[0, 2] += new_w / 2 - w / 2
     matrix[1, 2] += new_h / 2 - h / 2
-    return cv2.warpAffine(sprite, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
+    return cv2.warpAffine(
+        sprite, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0)
+    )
 
 
 def trim(sprite: np.ndarray, threshold: float = 1 / 255) -> np.ndarray:
@@ -540,7 +665,7 @@ def composite(canvas: np.ndarray, sprite: np.ndarray, x: int, y: int) -> None:
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
     if x0 >= x1 or y0 >= y1:
         return
-    part = sprite[y0 - y:y1 - y, x0 - x:x1 - x]
+    part = sprite[y0 - y : y1 - y, x0 - x : x1 - x]
     region = canvas[y0:y1, x0:x1]
     region *= 1 - part[..., 3:4]
     region += part[..., :3]
@@ -586,11 +711,12 @@ def _save_jpeg(image: np.ndarray, path: Path) -> None:
 
 # --- stamps --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stamp:
-    path: str            # relative to the stamps folder, e.g. "animals/birds/crow.png"
+    path: str  # relative to the stamps folder, e.g. "animals/birds/crow.png"
     category: str
-    rgba: np.ndarray     # (H, W, 4) uint8, cropped to its non-transparent pixels
+    rgba: np.ndarray  # (H, W, 4) uint8, cropped to its non-transparent pixels
 
     @property
     def product_id(self) -> str:
@@ -634,7 +760,7 @@ def photo_stamps(stamps_dir: Path) -> list[Stamp]:
         box = _mask_box(rgba[..., 3] >= 8)
         if box is None or not is_photo(rgba):
             continue
-        rgba = np.ascontiguousarray(rgba[box[1]:box[3], box[0]:box[2]])
+        rgba = np.ascontiguousarray(rgba[box[1] : box[3], box[0] : box[2]])
         digest = hashlib.sha256(rgba.tobytes()).digest()
         if digest in seen:
             continue
@@ -648,8 +774,9 @@ def choose_targets(stamps: list[Stamp], params: BuildParameters) -> set[str]:
     targets: set[str] = set()
     for index, category in enumerate(CATEGORIES):
         members = [s for s in stamps if s.category == category]
-        count = min(len(members), params.max_targets,
-                    max(params.min_targets, round(params.target_share * len(members))))
+        count = min(
+            len(members), params.max_targets, max(params.min_targets, round(params.target_share * len(members)))
+        )
         order = _rng(params.seed, _STREAM_TARGETS, index).permutation(len(members))
         ranked = sorted(order, key=lambda i: max(members[i].rgba.shape[:2]) < 150)  # stable
         targets.update(members[i].path for i in ranked[:count])
@@ -657,6 +784,7 @@ def choose_targets(stamps: list[Stamp], params: BuildParameters) -> set[str]:
 
 
 # --- photos ----------------------------------------------------------------------------------------
+
 
 class Photos:
     """Real photos by reference, RGB uint8, loaded once."""
@@ -677,8 +805,9 @@ class Photos:
         return self._cache[ref]
 
 
-def in_room(rgba: np.ndarray, room: np.ndarray, params: BuildParameters,
-            rng: np.random.Generator) -> tuple[np.ndarray, Box]:
+def in_room(
+    rgba: np.ndarray, room: np.ndarray, params: BuildParameters, rng: np.random.Generator
+) -> tuple[np.ndarray, Box]:
     """The cut-out at 35-60% of the room photo's width (at most 90% of its height) -> photo, box."""
     H, W = room.shape[:2]
     h, w = rgba.shape[:2]
@@ -697,13 +826,20 @@ def random_crop(photo: np.ndarray, side: tuple[float, float], rng: np.random.Gen
     H, W = photo.shape[:2]
     h, w = round(H * rng.uniform(*side)), round(W * rng.uniform(*side))
     y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-    return np.ascontiguousarray(photo[y:y + h, x:x + w])
+    return np.ascontiguousarray(photo[y : y + h, x : x + w])
 
 
 # --- scenes ----------------------------------------------------------------------------------------
 
-def place(canvas_hw: tuple[int, int], masks: list[np.ndarray], min_visible: float, overflow: float,
-          rng: np.random.Generator, tries: int = 80) -> tuple[list[tuple[int, int] | None], np.ndarray]:
+
+def place(
+    canvas_hw: tuple[int, int],
+    masks: list[np.ndarray],
+    min_visible: float,
+    overflow: float,
+    rng: np.random.Generator,
+    tries: int = 80,
+) -> tuple[list[tuple[int, int] | None], np.ndarray]:
     """Positions for masks painted in order, each keeping >= min_visible of its area visible.
 
     `masks` (h, w) bool each; returns per mask its (x, y) or None (no place found), and the
@@ -721,7 +857,7 @@ def place(canvas_hw: tuple[int, int], masks: list[np.ndarray], min_visible: floa
             x = int(rng.integers(-int(overflow * w), W - w + int(overflow * w) + 1))
             y = int(rng.integers(-int(overflow * h), H - h + int(overflow * h) + 1))
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
-            part = mask[y0 - y:y1 - y, x0 - x:x1 - x]
+            part = mask[y0 - y : y1 - y, x0 - x : x1 - x]
             own = int(part.sum())
             if own < min_visible * area:
                 continue
@@ -743,8 +879,9 @@ def place(canvas_hw: tuple[int, int], masks: list[np.ndarray], min_visible: floa
     return positions, owner
 
 
-def pasted_scene(background: np.ndarray, stamps: list[Stamp], params: BuildParameters,
-                 rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, Box]]]:
+def pasted_scene(
+    background: np.ndarray, stamps: list[Stamp], params: BuildParameters, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[str, Box]]]:
     """One query photo: the background cropped, maybe mirrored, long side 1024, stamps pasted."""
     base = random_crop(background, (0.75, 1.0), rng)
     if rng.random() < 0.5:
@@ -795,6 +932,7 @@ def _deal(targets: list[Stamp], counts: list[int], rng: np.random.Generator) -> 
 
 # --- build -----------------------------------------------------------------------------------------
 
+
 def _crop_box(ref_shape: tuple[int, ...], box: Box, margin: float = 0.04) -> tuple[Box, Box]:
     """A crop around `box` with a margin, clipped -> (crop, box inside the crop)."""
     H, W = ref_shape[:2]
@@ -841,23 +979,46 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, scenes: int = 120, **overr
         _save_jpeg(on_white(stamp.rgba), work / white_path)
         _save_jpeg(room_image, work / room_path)
         if is_target:
-            products.append({
-                "product_id": stamp.product_id, "category": stamp.category,
-                "source": f"{TUXPAINT.name} {TUXPAINT.version}: {stamp.path}",
-                "images": [
-                    {"image_id": stamp.product_id + "#white", "path": white_path, "box": None, "style": "white"},
-                    {"image_id": stamp.product_id + "#room", "path": room_path, "box": list(room_box),
-                     "style": "room", "background": ROOM_BACKGROUNDS[room_index][1]}]})
+            products.append(
+                {
+                    "product_id": stamp.product_id,
+                    "category": stamp.category,
+                    "source": f"{TUXPAINT.name} {TUXPAINT.version}: {stamp.path}",
+                    "images": [
+                        {"image_id": stamp.product_id + "#white", "path": white_path, "box": None, "style": "white"},
+                        {
+                            "image_id": stamp.product_id + "#room",
+                            "path": room_path,
+                            "box": list(room_box),
+                            "style": "room",
+                            "background": ROOM_BACKGROUNDS[room_index][1],
+                        },
+                    ],
+                }
+            )
         else:
-            distractors.append({"product_id": stamp.product_id + "#white", "category": stamp.category,
-                                "path": white_path, "box": None, "style": "white"})
-            distractors.append({"product_id": stamp.product_id + "#room", "category": stamp.category,
-                                "path": room_path, "box": list(room_box), "style": "room"})
+            distractors.append(
+                {
+                    "product_id": stamp.product_id + "#white",
+                    "category": stamp.category,
+                    "path": white_path,
+                    "box": None,
+                    "style": "white",
+                }
+            )
+            distractors.append(
+                {
+                    "product_id": stamp.product_id + "#room",
+                    "category": stamp.category,
+                    "path": room_path,
+                    "box": list(room_box),
+                    "style": "room",
+                }
+            )
 
     # Crops, so that every category has at least min_distractors (and min_crops crops).
     held = {c: sum(d["category"] == c for d in distractors) for c in CATEGORIES}
-    slots = [c for c in CATEGORIES
-             for _ in range(max(params.min_crops, params.min_distractors - held[c]))]
+    slots = [c for c in CATEGORIES for _ in range(max(params.min_crops, params.min_distractors - held[c]))]
     slots = [slots[i] for i in _rng(seed, _STREAM_SLOTS, 0).permutation(len(slots))]
     crop_sources = ROOM_BACKGROUNDS + EXTRA_CROP_PHOTOS
     for index, category in enumerate(tqdm(slots, desc="crops", unit="crop", leave=False)):
@@ -867,8 +1028,15 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, scenes: int = 120, **overr
         name = re.sub(r"[^a-z0-9]+", "-", ref[1].lower())
         path = f"distractors/{category}/crop-{index:04d}-{name}.jpg"
         _save_jpeg(crop, work / path)
-        distractors.append({"product_id": f"crop:{index:04d}:{ref[1]}", "category": category,
-                            "path": path, "box": None, "style": "crop"})
+        distractors.append(
+            {
+                "product_id": f"crop:{index:04d}:{ref[1]}",
+                "category": category,
+                "path": path,
+                "box": None,
+                "style": "crop",
+            }
+        )
 
     scene_rows: list[dict[str, Any]] = []
     for context in CONTEXT:
@@ -887,23 +1055,40 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, scenes: int = 120, **overr
                     box = (image.shape[1] - box[2], box[1], image.shape[1] - box[0], box[3])
             path = f"catalogue/{obj.category}/{obj.product_id.replace(':', '-')}.jpg"
             _save_jpeg(np.ascontiguousarray(image), work / path)
-            products.append({
-                "product_id": obj.product_id, "category": obj.category,
-                "source": f"{obj.catalogue[0]}: {obj.catalogue[1]}" + (" (mirrored)" if obj.mirror else ""),
-                "images": [{"image_id": obj.product_id + "#context", "path": path,
-                            "box": None if box is None else list(box), "style": "context"}]})
+            products.append(
+                {
+                    "product_id": obj.product_id,
+                    "category": obj.category,
+                    "source": f"{obj.catalogue[0]}: {obj.catalogue[1]}" + (" (mirrored)" if obj.mirror else ""),
+                    "images": [
+                        {
+                            "image_id": obj.product_id + "#context",
+                            "path": path,
+                            "box": None if box is None else list(box),
+                            "style": "context",
+                        }
+                    ],
+                }
+            )
         path = f"scenes/{context.scene_id}.jpg"
         _save_jpeg(query, work / path)
-        scene_rows.append({"scene_id": context.scene_id, "path": path, "kind": "context",
-                           "width": int(query.shape[1]), "height": int(query.shape[0]),
-                           "background": context.query[1],
-                           "objects": [{"product_id": o.product_id, "box": list(o.query_box)}
-                                       for o in context.objects]})
+        scene_rows.append(
+            {
+                "scene_id": context.scene_id,
+                "path": path,
+                "kind": "context",
+                "width": int(query.shape[1]),
+                "height": int(query.shape[0]),
+                "background": context.query[1],
+                "objects": [{"product_id": o.product_id, "box": list(o.query_box)} for o in context.objects],
+            }
+        )
 
     targets = [s for s in stamps if s.path in target_paths]
     deck_rng = _rng(seed, _STREAM_DECK, 0)
-    counts = [int(c) for c in deck_rng.integers(params.objects_per_scene[0],
-                                                params.objects_per_scene[1] + 1, size=scenes)]
+    counts = [
+        int(c) for c in deck_rng.integers(params.objects_per_scene[0], params.objects_per_scene[1] + 1, size=scenes)
+    ]
     hands = _deal(targets, counts, deck_rng)
     background_order = deck_rng.permutation(max(scenes, 1)) % len(SCENE_BACKGROUNDS)
     for index in tqdm(range(scenes), desc="scenes", unit="scene", leave=False):
@@ -912,16 +1097,31 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, scenes: int = 120, **overr
         image, objects = pasted_scene(photos(ref), hands[index], params, rng)
         path = f"scenes/scene-{index:04d}.jpg"
         _save_jpeg(image, work / path)
-        scene_rows.append({"scene_id": f"scene-{index:04d}", "path": path, "kind": "pasted",
-                           "width": int(image.shape[1]), "height": int(image.shape[0]),
-                           "background": ref[1],
-                           "objects": [{"product_id": pid, "box": list(box)} for pid, box in objects]})
+        scene_rows.append(
+            {
+                "scene_id": f"scene-{index:04d}",
+                "path": path,
+                "kind": "pasted",
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "background": ref[1],
+                "objects": [{"product_id": pid, "box": list(box)} for pid, box in objects],
+            }
+        )
 
-    manifest = {"version": VERSION, "parameters": params.as_json(), "categories": list(CATEGORIES),
-                "licences": {TUXPAINT.name: "GPL-2 (see its /usr/share/doc/.../copyright)",
-                             OPENCV_DOC.name: "Apache-2.0 per Debian's copyright (Files: *)",
-                             "bundled": "scikit-image / scikit-learn sample images"},
-                "products": products, "distractors": distractors, "scenes": scene_rows}
+    manifest = {
+        "version": VERSION,
+        "parameters": params.as_json(),
+        "categories": list(CATEGORIES),
+        "licences": {
+            TUXPAINT.name: "GPL-2 (see its /usr/share/doc/.../copyright)",
+            OPENCV_DOC.name: "Apache-2.0 per Debian's copyright (Files: *)",
+            "bundled": "scikit-image / scikit-learn sample images",
+        },
+        "products": products,
+        "distractors": distractors,
+        "scenes": scene_rows,
+    }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work, out)
@@ -930,8 +1130,16 @@ def build(cache: Path = DEFAULT_CACHE, seed: int = 0, scenes: int = 120, **overr
 
 # --- a picture for the README ---------------------------------------------------------------------
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
 
 
 def render_example(manifest: Manifest, scene_id: str, out_png: Path | str) -> Path:
@@ -967,14 +1175,16 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         per_category[product.category]["catalogue_images"] += len(product.images)
     for distractor in manifest.distractors:
         per_category[distractor.category]["distractors"] += 1
-    return {"products": len(manifest.products),
-            "catalogue_images": sum(len(p.images) for p in manifest.products),
-            "distractors": len(manifest.distractors),
-            "scenes": len(manifest.scenes),
-            "context_scenes": sum(s.kind == "context" for s in manifest.scenes),
-            "objects": sum(len(s.objects) for s in manifest.scenes),
-            "categories": len(manifest.categories),
-            "per_category": per_category}
+    return {
+        "products": len(manifest.products),
+        "catalogue_images": sum(len(p.images) for p in manifest.products),
+        "distractors": len(manifest.distractors),
+        "scenes": len(manifest.scenes),
+        "context_scenes": sum(s.kind == "context" for s in manifest.scenes),
+        "objects": sum(len(s.objects) for s in manifest.scenes),
+        "categories": len(manifest.categories),
+        "per_category": per_category,
+    }
 
 
 def _iter_boxes(manifest: Manifest) -> Iterator[tuple[str, Box, int, int]]:
@@ -987,8 +1197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=120, help="pasted query scenes (default 120)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="downloads, unpacked packages and the data set (default data/bench)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="downloads, unpacked packages and the data set (default data/bench)",
+    )
     parser.add_argument("--example", type=Path, help="also draw the first pasted scene into this PNG")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -999,8 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.example:
         first = next(s.scene_id for s in manifest.scenes if s.kind == "pasted")
         render_example(manifest, first, args.example)
-    print(json.dumps({**summary(manifest), "build_s": round(time.perf_counter() - started, 1),
-                      "path": str(path)}))
+    print(json.dumps({**summary(manifest), "build_s": round(time.perf_counter() - started, 1), "path": str(path)}))
 
 
 if __name__ == "__main__":

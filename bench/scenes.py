@@ -97,8 +97,11 @@ def located_ranks(items, objects, min_iou: float = 0.5) -> tuple[list[int], list
     for o, obj in enumerate(objects):
         found = [r for r in (rank_of(items[j].matches, obj.product_id) for j in np.flatnonzero(on[o])) if r]
         ranks.append(min(found) if found else 0)
-    right = [bool(item.matches) and any(on[o, j] and item.matches[0].product_id == obj.product_id
-                                        for o, obj in enumerate(objects)) for j, item in enumerate(items)]
+    right = [
+        bool(item.matches)
+        and any(on[o, j] and item.matches[0].product_id == obj.product_id for o, obj in enumerate(objects))
+        for j, item in enumerate(items)
+    ]
     return ranks, list(on.any(axis=1)), right
 
 
@@ -109,34 +112,52 @@ def ingest(client: VisualSearchClient, data, root: Path) -> tuple[float, list[fl
     truth = {}
     for product in data.products:
         for image in product.images:
-            products.append(Product(product.product_id, product.category, (root / image.path).read_bytes(),
-                                    {"path": str(root / image.path)}, image.image_id))
+            products.append(
+                Product(
+                    product.product_id,
+                    product.category,
+                    (root / image.path).read_bytes(),
+                    {"path": str(root / image.path)},
+                    image.image_id,
+                )
+            )
             if image.style == "room":
                 truth[(product.product_id, image.image_id)] = np.array(image.box, np.float32)
     for distractor in data.distractors:
-        products.append(Product(distractor.product_id, distractor.category,
-                                (root / distractor.path).read_bytes(), {"path": str(root / distractor.path)}))
+        products.append(
+            Product(
+                distractor.product_id,
+                distractor.category,
+                (root / distractor.path).read_bytes(),
+                {"path": str(root / distractor.path)},
+            )
+        )
     start = time.perf_counter()
     response = client.index_products(products, timeout_s=7200)
     rate = len(products) / (time.perf_counter() - start)
-    ious = [float(iou_matrix(box_from_proto(i.box)[None], truth[(i.product_id, i.image_id)][None])[0, 0])
-            for i in response.images if (i.product_id, i.image_id) in truth]
+    ious = [
+        float(iou_matrix(box_from_proto(i.box)[None], truth[(i.product_id, i.image_id)][None])[0, 0])
+        for i in response.images
+        if (i.product_id, i.image_id) in truth
+    ]
     return rate, ious
 
 
-def run_kind(client: VisualSearchClient, detector, data, root: Path, kind: str, top_k: int,
-             paths=PATHS, scenes=None) -> Tally:
+def run_kind(
+    client: VisualSearchClient, detector, data, root: Path, kind: str, top_k: int, paths=PATHS, scenes=None
+) -> Tally:
     tally = Tally()
     category_of = {p.product_id: p.category for p in data.products}
     for scene in scenes or data.scenes:
         photo = (root / scene.path).read_bytes()
         objects = scene.objects
 
-        def timed(path, **kwargs):
+        def timed(path, photo=photo, **kwargs):
             # min_score 0: R@k measures retrieval; the default floor's trade-off is printed apart.
             start = time.perf_counter()
-            result = client.search(photo, top_k=top_k, signature_kind=KINDS[kind], timeout_s=120, min_score=0.0,
-                                   **kwargs)
+            result = client.search(
+                photo, top_k=top_k, signature_kind=KINDS[kind], timeout_s=120, min_score=0.0, **kwargs
+            )
             tally.ms[path].append((time.perf_counter() - start) * 1000)
             return result
 
@@ -145,12 +166,14 @@ def run_kind(client: VisualSearchClient, detector, data, root: Path, kind: str, 
             tally.ranks["true_box"] += [rank_of(i.matches, o.product_id) for i, o in zip(result.items, objects)]
             for item, obj in zip(result.items, objects):
                 if item.matches:
-                    (tally.box_right if item.matches[0].product_id == obj.product_id
-                     else tally.box_wrong).append(item.matches[0].score)
+                    (tally.box_right if item.matches[0].product_id == obj.product_id else tally.box_wrong).append(
+                        item.matches[0].score
+                    )
         if "true_box_no_category" in paths:
             result = timed("true_box_no_category", regions=[(tuple(o.box), "") for o in objects])
-            tally.ranks["true_box_no_category"] += [rank_of(i.matches, o.product_id)
-                                                    for i, o in zip(result.items, objects)]
+            tally.ranks["true_box_no_category"] += [
+                rank_of(i.matches, o.product_id) for i, o in zip(result.items, objects)
+            ]
         if "localised" in paths:
             result = timed("localised")
             items = list(result.items)
@@ -166,11 +189,19 @@ def run_kind(client: VisualSearchClient, detector, data, root: Path, kind: str, 
         if "detector_only" in paths:
             # Before: the detector's product classes, searched in their own category only.
             start = time.perf_counter()
-            found = detector.Detect(detector_pb2.DetectRequest(image=common_pb2.Image(encoded=photo),
-                                                               products_only=True), timeout=60)
+            found = detector.Detect(
+                detector_pb2.DetectRequest(image=common_pb2.Image(encoded=photo), products_only=True), timeout=60
+            )
             regions = [((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), d.category) for d in found.detections]
-            items = list(client.search(photo, top_k=top_k, signature_kind=KINDS[kind], regions=regions,
-                                       min_score=0.0, timeout_s=120).items) if regions else []
+            items = (
+                list(
+                    client.search(
+                        photo, top_k=top_k, signature_kind=KINDS[kind], regions=regions, min_score=0.0, timeout_s=120
+                    ).items
+                )
+                if regions
+                else []
+            )
             tally.ms["detector_only"].append((time.perf_counter() - start) * 1000)
             tally.ranks["detector_only"] += located_ranks(items, objects)[0]
     return tally
@@ -189,18 +220,27 @@ def main() -> None:
 
     root = build(REPO / "data" / "bench", seed=args.seed, scenes=args.scenes)
     data = load(root)
-    print(f"data set: {len(data.products)} products, {len(data.distractors)} distractors, "
-          f"{len(data.scenes)} scenes with {sum(len(s.objects) for s in data.scenes)} objects in {root}")
+    print(
+        f"data set: {len(data.products)} products, {len(data.distractors)} distractors, "
+        f"{len(data.scenes)} scenes with {sum(len(s.objects) for s in data.scenes)} objects in {root}"
+    )
     gateway_flags = args.gateway_flags.split()
-    suite = start_local_suite({"index": ["--data-dir", "", "--log-level", "WARNING"],
-                               "gateway": gateway_flags + ["--log-level", "WARNING"],
-                               "detector": ["--log-level", "WARNING"], "signature": ["--log-level", "WARNING"]})
+    suite = start_local_suite(
+        {
+            "index": ["--data-dir", "", "--log-level", "WARNING"],
+            "gateway": gateway_flags + ["--log-level", "WARNING"],
+            "detector": ["--log-level", "WARNING"],
+            "signature": ["--log-level", "WARNING"],
+        }
+    )
     import grpc
 
     figures: dict[str, float] = {}
     try:
-        with VisualSearchClient(suite.addresses["gateway"], timeout_s=120) as client, \
-                grpc.insecure_channel(suite.addresses["detector"]) as channel:
+        with (
+            VisualSearchClient(suite.addresses["gateway"], timeout_s=120) as client,
+            grpc.insecure_channel(suite.addresses["detector"]) as channel,
+        ):
             detector = detector_pb2_grpc.DetectorServiceStub(channel)
             rate, ingest_ious = ingest(client, data, root)
             figures["ingest_images_per_s"] = rate
@@ -223,26 +263,40 @@ def main() -> None:
                 figures[f"items_per_query_{kind}"] = float(np.mean(tally.items))
                 figures[f"item_precision_{kind}"] = tally.good_items / max(1, sum(tally.items))
                 without_item += sum(1 for n in tally.items if n == 0)
-                for name, scores in (("right", tally.right_scores), ("wrong", tally.wrong_scores),
-                                     ("true-box right", tally.box_right), ("true-box wrong", tally.box_wrong)):
+                for name, scores in (
+                    ("right", tally.right_scores),
+                    ("wrong", tally.wrong_scores),
+                    ("true-box right", tally.box_right),
+                    ("true-box wrong", tally.box_wrong),
+                ):
                     if scores:
-                        print(f"top-1 score of {name} items: p10 {np.percentile(scores, 10):.3f} "
-                              f"p50 {np.median(scores):.3f} p90 {np.percentile(scores, 90):.3f}")
+                        print(
+                            f"top-1 score of {name} items: p10 {np.percentile(scores, 10):.3f} "
+                            f"p50 {np.median(scores):.3f} p90 {np.percentile(scores, 90):.3f}"
+                        )
                 right, wrong = np.array(tally.box_right), np.array(tally.box_wrong)
-                print("min_score: right top-1 matches kept / wrong ones dropped (true box): " + ", ".join(
-                    f"{t:.2f}: {np.mean(right >= t):.2f} / {np.mean(wrong < t):.2f}"
-                    for t in np.quantile(np.concatenate([right, wrong]), [0.05, 0.1, 0.2, 0.3, 0.5])))
-                print(f"localisation recall (IoU >= 0.5): {figures[f'localisation_recall_iou50_{kind}']:.3f}; "
-                      f"items per query {figures[f'items_per_query_{kind}']:.2f}, of which right "
-                      f"{figures[f'item_precision_{kind}']:.2f}")
+                print(
+                    "min_score: right top-1 matches kept / wrong ones dropped (true box): "
+                    + ", ".join(
+                        f"{t:.2f}: {np.mean(right >= t):.2f} / {np.mean(wrong < t):.2f}"
+                        for t in np.quantile(np.concatenate([right, wrong]), [0.05, 0.1, 0.2, 0.3, 0.5])
+                    )
+                )
+                print(
+                    f"localisation recall (IoU >= 0.5): {figures[f'localisation_recall_iou50_{kind}']:.3f}; "
+                    f"items per query {figures[f'items_per_query_{kind}']:.2f}, of which right "
+                    f"{figures[f'item_precision_{kind}']:.2f}"
+                )
             figures["queries_without_item"] = without_item
             if args.picture:
                 scene = max(data.scenes[:20], key=lambda s: len(s.objects))
                 photo = (root / scene.path).read_bytes()
                 result = client.search(photo, top_k=3)
                 print(f"picture of {scene.scene_id}: {draw_result(decode_image(photo, 10**9), result, args.picture)}")
-            print(f"\ningest: {rate:.1f} images/s; in-a-room shots boxed with IoU >= 0.5: "
-                  f"{figures['ingest_box_iou50_share']:.2f} (median IoU {figures['ingest_box_iou_median']:.2f})")
+            print(
+                f"\ningest: {rate:.1f} images/s; in-a-room shots boxed with IoU >= 0.5: "
+                f"{figures['ingest_box_iou50_share']:.2f} (median IoU {figures['ingest_box_iou_median']:.2f})"
+            )
         if args.sweep:
             sweep(suite, data, root, args.top_k, gateway_flags, figures)
     finally:
@@ -255,13 +309,18 @@ def sweep(suite, data, root: Path, top_k: int, gateway_flags: list[str], figures
     print(f"\n== sweep (deep, localised) ==\n{'margin':>7} {'min score':>9} {'R@1':>6} {'items/q':>8} {'precision':>9}")
     for margin in (0.02, 0.05, 0.1):
         for floor in (0.6, 0.65):
-            suite.start("gateway", gateway_flags + ["--log-level", "WARNING", "--category-margin", str(margin),
-                                                    "--proposal-min-score", str(floor)])
+            suite.start(
+                "gateway",
+                gateway_flags
+                + ["--log-level", "WARNING", "--category-margin", str(margin), "--proposal-min-score", str(floor)],
+            )
             with VisualSearchClient(suite.addresses["gateway"], timeout_s=120) as client:
                 tally = run_kind(client, None, data, root, "deep", top_k, paths=("localised",))
             precision = tally.good_items / max(1, sum(tally.items))
-            print(f"{margin:>7.2f} {floor:>9.2f} {tally.recall('localised', 1):>6.3f} "
-                  f"{np.mean(tally.items):>8.2f} {precision:>9.2f}")
+            print(
+                f"{margin:>7.2f} {floor:>9.2f} {tally.recall('localised', 1):>6.3f} "
+                f"{np.mean(tally.items):>8.2f} {precision:>9.2f}"
+            )
             figures[f"sweep_r1_m{margin}_s{floor}"] = tally.recall("localised", 1)
             figures[f"sweep_precision_m{margin}_s{floor}"] = precision
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from common.images import encode_jpeg, encode_png
-from gateway.client import Product, VisualSearchClient
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
+from gateway.client import Product, VisualSearchClient
 from gateway.demo_catalogue import variants
 from tests.conftest import start_suite
 
@@ -49,11 +49,14 @@ def main() -> None:
                     stages[key].append(getattr(result.timings, key))
     finally:
         suite.stop()
-    figures = {"total_p50_ms": float(np.percentile(totals, 50)),
-               "total_p99_ms": float(np.percentile(totals, 99)),
-               "items_per_query": items / args.queries,
-               "catalogue_items": len(products), "ingest_images_per_s": ingest_rate,
-               **{f"{k.removesuffix('_ms')}_p50_ms": float(np.median(v)) for k, v in stages.items()}}
+    figures = {
+        "total_p50_ms": float(np.percentile(totals, 50)),
+        "total_p99_ms": float(np.percentile(totals, 99)),
+        "items_per_query": items / args.queries,
+        "catalogue_items": len(products),
+        "ingest_images_per_s": ingest_rate,
+        **{f"{k.removesuffix('_ms')}_p50_ms": float(np.median(v)) for k, v in stages.items()},
+    }
     for key, value in figures.items():
         print(f"{key:>22}: {value:.1f}")
     print(json.dumps({k: round(v, 2) for k, v in figures.items()}))

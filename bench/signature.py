@@ -23,13 +23,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.bow_codec import decode, encode  # noqa: E402
-from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo  # noqa: E402
-from index_server.inverted import BowIndex  # noqa: E402
-from kernels import select_kernels  # noqa: E402
-from signature_server.bow import BowExtractor, BowSpec, Codebook  # noqa: E402
-from signature_server.deep import DeepDescriptor, DeepSpec  # noqa: E402
-from signature_server.train_codebook import TRAINING_PHOTOS  # noqa: E402
+from common.bow_codec import decode, encode
+from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
+from index_server.inverted import BowIndex
+from kernels import select_kernels
+from signature_server.bow import BowExtractor, BowSpec, Codebook
+from signature_server.deep import DeepDescriptor, DeepSpec
+from signature_server.train_codebook import TRAINING_PHOTOS
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HELD_OUT = ("china.jpg", "flower.jpg", "hubble_deep_field", "retina")
@@ -37,8 +37,11 @@ HELD_OUT = ("china.jpg", "flower.jpg", "hubble_deep_field", "retina")
 
 def tiles(image: np.ndarray, grid: int = 3) -> list[np.ndarray]:
     height, width = image.shape[:2]
-    return [image[r * height // grid:(r + 1) * height // grid, c * width // grid:(c + 1) * width // grid]
-            for r in range(grid) for c in range(grid)]
+    return [
+        image[r * height // grid : (r + 1) * height // grid, c * width // grid : (c + 1) * width // grid]
+        for r in range(grid)
+        for c in range(grid)
+    ]
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
@@ -63,7 +66,9 @@ def occlude(image: np.ndarray) -> np.ndarray:
 
 
 CHANGES = {
-    "crop70": lambda im: im[int(im.shape[0] * .15):int(im.shape[0] * .85), int(im.shape[1] * .15):int(im.shape[1] * .85)],
+    "crop70": lambda im: im[
+        int(im.shape[0] * 0.15) : int(im.shape[0] * 0.85), int(im.shape[1] * 0.15) : int(im.shape[1] * 0.85)
+    ],
     "half_scale": lambda im: cv2.resize(im, (im.shape[1] // 2, im.shape[0] // 2), interpolation=cv2.INTER_AREA),
     "rotate90": lambda im: np.ascontiguousarray(np.rot90(im)),
     "rotate15": lambda im: rotate(im, 15),
@@ -93,8 +98,9 @@ def main() -> None:
     deep = DeepDescriptor(DeepSpec.load(MODELS / "efficientnet-lite0"))
 
     held = [t for name in HELD_OUT for t in tiles(load_photo(name))]
-    distractors = [t for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS if name not in HELD_OUT
-                   for t in tiles(load_photo(name))]
+    distractors = [
+        t for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS if name not in HELD_OUT for t in tiles(load_photo(name))
+    ]
     catalogue = held + distractors
     queries, truth, change_of = [], [], []
     for index, tile in enumerate(held):
@@ -103,8 +109,10 @@ def main() -> None:
             truth.append(index)
             change_of.append(change)
     truth_a = np.array(truth)
-    print(f"catalogue {len(catalogue)} tiles ({len(held)} of held-out photos), {len(queries)} queries; "
-          f"codebook trained on {', '.join(TRAINING_PHOTOS)}; kernels: {kernels.detail}")
+    print(
+        f"catalogue {len(catalogue)} tiles ({len(held)} of held-out photos), {len(queries)} queries; "
+        f"codebook trained on {', '.join(TRAINING_PHOTOS)}; kernels: {kernels.detail}"
+    )
 
     crop = cv2.resize(held[0], (256, 256), interpolation=cv2.INTER_AREA)
     figures: dict[str, float] = {}
@@ -131,8 +139,10 @@ def main() -> None:
 
     words = [len(b.words) for b in cat_bags + query_bags]
     keypoints = [int(b.counts.sum()) for b in cat_bags + query_bags]
-    print(f"signature bytes: median {int(np.median(sizes))}, max {max(sizes)}; distinct words per image: "
-          f"median {int(np.median(words))} of {bow.codebook.vocabulary}; keypoints median {int(np.median(keypoints))}")
+    print(
+        f"signature bytes: median {int(np.median(sizes))}, max {max(sizes)}; distinct words per image: "
+        f"median {int(np.median(words))} of {bow.codebook.vocabulary}; keypoints median {int(np.median(keypoints))}"
+    )
     print(f"{'change':<14}{'R@1 bow':>9}{'mAP bow':>9}{'R@1 deep':>10}{'mAP deep':>10}")
     bow_rank, deep_rank = ranks(bow_distances, truth_a), ranks(deep_distances, truth_a)
     change_a = np.array(change_of)
@@ -154,12 +164,21 @@ def main() -> None:
     figures.update(stop_words)
     (rb, mb), (rd, md) = quality(bow_rank), quality(deep_rank)
     print(f"{'all':<14}{rb:>9.2f}{mb:>9.2f}{rd:>10.2f}{md:>10.2f}")
-    print(f"time per 256x256 crop: colour-texture {figures[key]} ms ({kernels.name}), "
-          f"deep {figures['ms_per_crop_deep_onnx']} ms (ONNX Runtime)")
-    figures.update({"signature_bytes": int(np.median(sizes)), "signature_bytes_max": int(max(sizes)),
-                    "words_per_image": int(np.median(words)),
-                    "recall_at_1_bow": round(rb, 3), "map_bow": round(mb, 3),
-                    "recall_at_1_deep": round(rd, 3), "map_deep": round(md, 3)})
+    print(
+        f"time per 256x256 crop: colour-texture {figures[key]} ms ({kernels.name}), "
+        f"deep {figures['ms_per_crop_deep_onnx']} ms (ONNX Runtime)"
+    )
+    figures.update(
+        {
+            "signature_bytes": int(np.median(sizes)),
+            "signature_bytes_max": int(max(sizes)),
+            "words_per_image": int(np.median(words)),
+            "recall_at_1_bow": round(rb, 3),
+            "map_bow": round(mb, 3),
+            "recall_at_1_deep": round(rd, 3),
+            "map_deep": round(md, 3),
+        }
+    )
     print(json.dumps(figures))
 
 

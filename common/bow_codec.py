@@ -41,7 +41,7 @@ class BagOfWords:
     codebook: int
 
     @staticmethod
-    def from_words(assigned: np.ndarray, vocabulary: int, codebook: int) -> "BagOfWords":
+    def from_words(assigned: np.ndarray, vocabulary: int, codebook: int) -> BagOfWords:
         """(K,) int word per descriptor -> the bag."""
         words, counts = np.unique(np.asarray(assigned, np.int64), return_counts=True)
         return BagOfWords(words.astype(np.int32), counts.astype(np.uint32), vocabulary, codebook)
@@ -143,8 +143,7 @@ def encode(bag: BagOfWords) -> bytes:
 
 def decode(data: bytes) -> BagOfWords:
     if len(data) < _HEADER + 1:
-        raise BowFormatError(f"signature is {len(data)} bytes; a bag-of-words signature has at least "
-                             f"{_HEADER + 1}")
+        raise BowFormatError(f"signature is {len(data)} bytes; a bag-of-words signature has at least {_HEADER + 1}")
     if data[0] != FORMAT_VERSION:
         raise BowFormatError(f"signature format version {data[0]}; this build reads version {FORMAT_VERSION}")
     codebook = int.from_bytes(data[1:5], "little")
@@ -173,7 +172,7 @@ def decode(data: bytes) -> BagOfWords:
 
 def chi2(a: BagOfWords, b: BagOfWords) -> float:
     """Chi-squared distance in [0, 2] between the L1-normalised histograms of two bags."""
-    common, ia, ib = np.intersect1d(a.words, b.words, assume_unique=True, return_indices=True)
+    _common, ia, ib = np.intersect1d(a.words, b.words, assume_unique=True, return_indices=True)
     x, y = a.histogram()[ia].astype(np.float64), b.histogram()[ib].astype(np.float64)
     return float(max(0.0, 2.0 - np.sum(4 * x * y / (x + y))))
 

@@ -3,7 +3,8 @@ the request id on every call, prompt reconnection (common.serving.channel_option
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -23,8 +24,12 @@ class _Details(grpc.ClientCallDetails):
         self.compression = details.compression
 
 
-class OutgoingMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                       grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class OutgoingMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer <token>` (when there is one) and the current request id."""
 
     def __init__(self, token: str = "", request_id: Callable[[], str] = current_request_id):
@@ -54,6 +59,9 @@ def open_channel(target: str, config: ServerConfig, extra_options: Sequence[tupl
     """A channel to another service of the suite, as `config` (the calling service's) says."""
     options = channel_options(config.max_message_bytes) + list(extra_options)
     credentials = channel_credentials(config)
-    channel = grpc.secure_channel(target, credentials, options=options) if credentials is not None \
+    channel = (
+        grpc.secure_channel(target, credentials, options=options)
+        if credentials is not None
         else grpc.insecure_channel(target, options=options)
+    )
     return grpc.intercept_channel(channel, OutgoingMetadata(config.internal_token))

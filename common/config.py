@@ -11,8 +11,9 @@ import dataclasses
 import json
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
@@ -88,8 +89,13 @@ def _parse_value(raw: str, kind: Any) -> Any:
     return raw
 
 
-def load_config(cls: type[C], service: str, argv: Sequence[str] | None = None,
-                environ: typing.Mapping[str, str] | None = None, **overrides: Any) -> C:
+def load_config(
+    cls: type[C],
+    service: str,
+    argv: Sequence[str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> C:
     """Builds `cls` from defaults, then `MPS_<SERVICE>_<FIELD>` variables, then flags, then overrides."""
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
@@ -100,14 +106,17 @@ def load_config(cls: type[C], service: str, argv: Sequence[str] | None = None,
         if env_name in environ:
             values[field.name] = _parse_value(environ[env_name], hints[field.name])
     if argv is not None:
-        parser = argparse.ArgumentParser(prog=f"python -m {service}",
-                                         description=(cls.__doc__ or "").strip())
+        parser = argparse.ArgumentParser(prog=f"python -m {service}", description=(cls.__doc__ or "").strip())
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
             kind = hints[field.name]
             default = field.default if field.default is not dataclasses.MISSING else None
-            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
-                                type=lambda raw, k=kind: _parse_value(raw, k),
-                                help=f"default: {default!r}; env {prefix}{field.name.upper()}")
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=field.name,
+                default=None,
+                type=lambda raw, k=kind: _parse_value(raw, k),
+                help=f"default: {default!r}; env {prefix}{field.name.upper()}",
+            )
         parsed = parser.parse_args(list(argv))
         values.update({k: v for k, v in vars(parsed).items() if v is not None})
     values.update(overrides)

@@ -26,7 +26,7 @@ class Photo:
     """A decoded photo, possibly downscaled: what a pipeline works on."""
 
     rgb: np.ndarray  # (h, w, 3) uint8, at most the decoder's max_side on its longer side
-    width: int       # of the original, after EXIF orientation
+    width: int  # of the original, after EXIF orientation
     height: int
 
     @property
@@ -80,7 +80,8 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
             if width * height > max_pixels:
                 raise ImageError(
                     f"image is {width}x{height} = {width * height} pixels, above the limit of "
-                    f"{max_pixels}: downscale it before sending")
+                    f"{max_pixels}: downscale it before sending"
+                )
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation turns it
                 width, height = height, width
             longest = max(width, height)
@@ -94,10 +95,14 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
         raise
     except Exception as exc:  # Pillow raises many types for corrupt data
         # Pillow's text may quote the data or a path: bounded, never echoed whole.
-        why = "its bytes are in no image format this server reads" if isinstance(
-            exc, PILImage.UnidentifiedImageError) else f"{type(exc).__name__}: {quote(str(exc), 120)}"
-        raise ImageError(f"image cannot be decoded ({why}); "
-                         "send a complete JPEG, PNG, WebP, BMP, GIF or TIFF file") from exc
+        why = (
+            "its bytes are in no image format this server reads"
+            if isinstance(exc, PILImage.UnidentifiedImageError)
+            else f"{type(exc).__name__}: {quote(str(exc), 120)}"
+        )
+        raise ImageError(
+            f"image cannot be decoded ({why}); send a complete JPEG, PNG, WebP, BMP, GIF or TIFF file"
+        ) from exc
     return Photo(shrink(rgb, max_side), width, height)
 
 
@@ -138,15 +143,19 @@ def raw_photo(width: int, height: int, rgb: bytes, max_pixels: int, max_side: in
 def raw_to_array(width: int, height: int, rgb: bytes, max_pixels: int) -> np.ndarray:
     """Checks and reshapes raw RGB bytes to (H, W, 3) uint8."""
     if width == 0 or height == 0:
-        raise ImageError(f"raw image has zero size ({width}x{height}): set raw.width and raw.height "
-                         "to the image's size in pixels")
+        raise ImageError(
+            f"raw image has zero size ({width}x{height}): set raw.width and raw.height to the image's size in pixels"
+        )
     if width * height > max_pixels:
-        raise ImageError(f"raw image is {width}x{height}, above the limit of {max_pixels} pixels: "
-                         "downscale it before sending")
+        raise ImageError(
+            f"raw image is {width}x{height}, above the limit of {max_pixels} pixels: downscale it before sending"
+        )
     expected = width * height * 3
     if len(rgb) != expected:
-        raise ImageError(f"raw image of {width}x{height} needs {expected} RGB bytes, got {len(rgb)}: "
-                         "send width x height x 3 bytes, row by row, R G B per pixel")
+        raise ImageError(
+            f"raw image of {width}x{height} needs {expected} RGB bytes, got {len(rgb)}: "
+            "send width x height x 3 bytes, row by row, R G B per pixel"
+        )
     return np.frombuffer(rgb, dtype=np.uint8).reshape(height, width, 3)
 
 

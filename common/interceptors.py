@@ -4,9 +4,12 @@ A layer is a function of the call (`Call`) returning a context manager that is e
 servicer's method runs and left after it has finished: for a streamed answer, after the last
 message. Layers run in the thread that serves the call (grpc calls interceptors in its polling
 thread, where neither contextvars nor the caller's identity would reach the method), so a layer
-may set context variables, time the call, or refuse it with `context.abort`.
+may set context variables, time the call, or refuse it by raising a domain error.
 
-The interceptor also turns a request that is not a valid protobuf message into INVALID_ARGUMENT
+It is the one place where errors become statuses: a `common.errors.ServiceError` raised by a layer
+or by the method (or by the logic it calls), before or during a streamed answer, ends the call
+with its code, message and google.rpc details (common.status). Servicers never call
+`context.abort` themselves. A request that is not a valid protobuf message is INVALID_ARGUMENT
 (grpc's own answer is INTERNAL "Exception deserializing request!").
 """
 
@@ -14,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 import grpc
+
+from common.errors import InvalidArgument, ServiceError
+from common.status import abort_with
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Call:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-Layer = Callable[[Call], ContextManager[None]]
+Layer = Callable[[Call], contextlib.AbstractContextManager[None]]
 
 # Methods of grpc's own services: served, metered, but never authenticated or limited.
 INFRASTRUCTURE = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -57,16 +64,18 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def deserialize(raw: bytes) -> Any:
         try:
             return deserializer(raw)
-        except Exception as error:  # noqa: BLE001 - any parse failure is the caller's bytes
+        except Exception as error:
             return _Malformed(error)
+
     return deserialize
 
 
 def _refuse_malformed(method: str, context: grpc.ServicerContext, request: Any) -> None:
     if isinstance(request, _Malformed):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"the request is not a valid protobuf message for {method}: "
-                      f"{str(request.error)[:200]}; send a message generated from the .proto files")
+        raise InvalidArgument(
+            f"the request is not a valid protobuf message for {method}: "
+            f"{str(request.error)[:200]}; send a message generated from the .proto files"
+        )
 
 
 def _checked_stream(method: str, context: grpc.ServicerContext, requests: Iterator[Any]) -> Iterator[Any]:
@@ -79,8 +88,11 @@ class LayeredInterceptor(grpc.ServerInterceptor):
     def __init__(self, layers: Sequence[Layer]):
         self.layers = list(layers)
 
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         arrived = time.monotonic()
         handler = continuation(handler_call_details)
         if handler is None:
@@ -92,9 +104,12 @@ class LayeredInterceptor(grpc.ServerInterceptor):
         def around(context: grpc.ServicerContext) -> Iterator[None]:
             call = Call(method, context, arrived)
             with contextlib.ExitStack() as stack:
-                for layer in layers:
-                    stack.enter_context(layer(call))
-                yield
+                try:
+                    for layer in layers:
+                        stack.enter_context(layer(call))
+                    yield
+                except ServiceError as error:  # the one place a domain error becomes a status
+                    abort_with(context, error)
 
         deserialize = _tolerant(handler.request_deserializer)
         serialize = handler.response_serializer
@@ -105,6 +120,7 @@ class LayeredInterceptor(grpc.ServerInterceptor):
                 with around(context):
                     _refuse_malformed(method, context, request)
                     return unary_unary(request, context)
+
             return grpc.unary_unary_rpc_method_handler(run_unary_unary, deserialize, serialize)
         if handler.unary_stream:
             unary_stream = handler.unary_stream
@@ -113,6 +129,7 @@ class LayeredInterceptor(grpc.ServerInterceptor):
                 with around(context):
                     _refuse_malformed(method, context, request)
                     yield from unary_stream(request, context)
+
             return grpc.unary_stream_rpc_method_handler(run_unary_stream, deserialize, serialize)
         if handler.stream_unary:
             stream_unary = handler.stream_unary
@@ -120,12 +137,14 @@ class LayeredInterceptor(grpc.ServerInterceptor):
             def run_stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 with around(context):
                     return stream_unary(_checked_stream(method, context, requests), context)
+
             return grpc.stream_unary_rpc_method_handler(run_stream_unary, deserialize, serialize)
         stream_stream = handler.stream_stream
 
         def run_stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             with around(context):
                 yield from stream_stream(_checked_stream(method, context, requests), context)
+
         return grpc.stream_stream_rpc_method_handler(run_stream_stream, deserialize, serialize)
 
 

@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,8 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.config import REPO_ROOT
 
 SERVICES = ("detector", "signature", "index", "gateway")
-MODULES = {"detector": "detector_server", "signature": "signature_server", "index": "index_server",
-           "gateway": "gateway"}
+MODULES = {
+    "detector": "detector_server",
+    "signature": "signature_server",
+    "index": "index_server",
+    "gateway": "gateway",
+}
 
 
 def free_port() -> int:
@@ -27,20 +31,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 120.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+def wait_serving(
+    address: str,
+    process: subprocess.Popen,
+    timeout_s: float = 120.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Waits until the process at `address` reports SERVING; raises if it dies or takes too long.
     `credentials`: TLS (and a client certificate) for a server with TLS on."""
     deadline = time.monotonic() + timeout_s
-    with grpc.secure_channel(address, credentials) if credentials is not None \
-            else grpc.insecure_channel(address) as channel:
+    with (
+        grpc.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(address) as channel
+    ):
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the server for {address} exited with {process.returncode}; see its log above")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -63,8 +76,14 @@ class LocalSuite:
     def command(self, name: str) -> list[str]:
         args = [sys.executable, "-m", MODULES[name], "--port", self.addresses[name].rpartition(":")[2]]
         if name == "gateway":
-            args += ["--detector-address", self.addresses["detector"], "--signature-address",
-                     self.addresses["signature"], "--index-address", self.addresses["index"]]
+            args += [
+                "--detector-address",
+                self.addresses["detector"],
+                "--signature-address",
+                self.addresses["signature"],
+                "--index-address",
+                self.addresses["index"],
+            ]
         return args + self.extra.get(name, [])
 
     def start(self, name: str, extra: Sequence[str] | None = None) -> None:
@@ -97,13 +116,20 @@ class LocalSuite:
                 process.kill()
 
 
-def start_local_suite(extra: dict[str, list[str]] | None = None, environment: dict[str, str] | None = None,
-                      credentials: grpc.ChannelCredentials | None = None) -> LocalSuite:
+def start_local_suite(
+    extra: dict[str, list[str]] | None = None,
+    environment: dict[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> LocalSuite:
     """Starts the four services (the back ends in parallel, then the gateway); `extra` adds flags
     per service, e.g. {"index": ["--data-dir", ""]}; `environment` adds variables to every process
     (e.g. MPS_INDEX_INTERNAL_TOKEN); `credentials` are what a health check needs where TLS is on."""
-    suite = LocalSuite({name: f"127.0.0.1:{free_port()}" for name in SERVICES}, dict(extra or {}),
-                       credentials=credentials, environment=dict(environment or {}))
+    suite = LocalSuite(
+        {name: f"127.0.0.1:{free_port()}" for name in SERVICES},
+        dict(extra or {}),
+        credentials=credentials,
+        environment=dict(environment or {}),
+    )
     try:
         for name in SERVICES[:3]:
             suite.spawn(name)

@@ -17,14 +17,17 @@ ALLOWED_PUNCTUATION = "_-.:/@+"
 def check_name(kind: str, value: str) -> None:
     """Raises InvalidArgument, saying what to change, unless `value` is a valid `kind` name
     (e.g. kind="database" or "category")."""
-    rule = (f"a {kind} name is 1 to {MAX_NAME_BYTES} UTF-8 bytes of letters, digits, single inner spaces "
-            f"and {ALLOWED_PUNCTUATION}")
+    rule = (
+        f"a {kind} name is 1 to {MAX_NAME_BYTES} UTF-8 bytes of letters, digits, single inner spaces "
+        f"and {ALLOWED_PUNCTUATION}"
+    )
     if not value:
         raise InvalidArgument(f"{kind} is required: {rule}")
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > MAX_NAME_BYTES:
-        raise InvalidArgument(f"{kind} name {quote(value)} is {size} UTF-8 bytes, above the limit of "
-                              f"{MAX_NAME_BYTES}: {rule}")
+        raise InvalidArgument(
+            f"{kind} name {quote(value)} is {size} UTF-8 bytes, above the limit of {MAX_NAME_BYTES}: {rule}"
+        )
     if value != value.strip():
         raise InvalidArgument(f"{kind} name {quote(value)} starts or ends with whitespace: {rule}")
     for position, char in enumerate(value):

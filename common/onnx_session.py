@@ -42,8 +42,9 @@ class GatedSession:
         return getattr(self._session, name)
 
 
-def create_session(model_path: Path, preferred: tuple[str, ...] = PREFERENCE,
-                   intra_op_threads: int = 0, concurrency: int = 1) -> GatedSession:
+def create_session(
+    model_path: Path, preferred: tuple[str, ...] = PREFERENCE, intra_op_threads: int = 0, concurrency: int = 1
+) -> GatedSession:
     """Opens `model_path` on the first provider of `preferred` that initialises; at most
     `concurrency` of its inferences run at once."""
     if not Path(model_path).is_file():

@@ -8,8 +8,19 @@ from __future__ import annotations
 import numpy as np
 
 # Colour photos by name; ".jpg" names are scikit-learn's sample images.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
-                  "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel", "logo")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+    "logo",
+)
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
 
@@ -21,8 +32,11 @@ def load_photo(name: str) -> np.ndarray:
         return np.ascontiguousarray(load_sample_image(name))
     import skimage.data
 
-    image = skimage.data.stereo_motorcycle()[0 if name == "motorcycle_left" else 1] \
-        if name.startswith("motorcycle") else getattr(skimage.data, name)()
+    image = (
+        skimage.data.stereo_motorcycle()[0 if name == "motorcycle_left" else 1]
+        if name.startswith("motorcycle")
+        else getattr(skimage.data, name)()
+    )
     if image.shape[-1] == 4:  # RGBA (the logo): composite over white
         alpha = image[..., 3:4].astype(np.float32) / 255
         image = (image[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)

@@ -33,8 +33,7 @@ def image_to_proto(rgb: np.ndarray) -> common_pb2.Image:
 
 def box_to_proto(box: np.ndarray) -> common_pb2.Box:
     """(4,) float xyxy -> Box."""
-    return common_pb2.Box(x_min=float(box[0]), y_min=float(box[1]),
-                          x_max=float(box[2]), y_max=float(box[3]))
+    return common_pb2.Box(x_min=float(box[0]), y_min=float(box[1]), x_max=float(box[2]), y_max=float(box[3]))
 
 
 def box_from_proto(box: common_pb2.Box) -> np.ndarray:
@@ -44,5 +43,11 @@ def box_from_proto(box: common_pb2.Box) -> np.ndarray:
 
 def dense_to_proto(vector: np.ndarray) -> common_pb2.Signature:
     """(D,) float32 -> deep Signature."""
-    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP,
-                                dense=common_pb2.DenseVector(values=vector.astype(np.float32).tolist()))
+    return common_pb2.Signature(
+        kind=common_pb2.SIGNATURE_KIND_DEEP, dense=common_pb2.DenseVector(values=vector.astype(np.float32).tolist())
+    )
+
+
+def dense_from_proto(signature: common_pb2.Signature) -> np.ndarray:
+    """A deep Signature's vector as (D,) float32 (empty when it carries none)."""
+    return np.asarray(signature.dense.values, dtype=np.float32)

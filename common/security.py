@@ -29,9 +29,10 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import grpc
 
@@ -65,6 +66,7 @@ def method_policy(service: Any, default: Access = Access.READ, **access: Access)
 
 # --- TLS ----------------------------------------------------------------------------------------
 
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS (and mTLS with tls_client_ca) for the server's port; None for plaintext."""
     if bool(config.tls_cert) != bool(config.tls_key):
@@ -74,8 +76,11 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
             raise ValueError("tls_client_ca (mTLS) needs the server's own tls_cert and tls_key")
         return None
     client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key), _read(config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
@@ -89,10 +94,12 @@ def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(
         root_certificates=_read(config.tls_ca),
         private_key=_read(config.tls_client_key) if config.tls_client_key else None,
-        certificate_chain=_read(config.tls_client_cert) if config.tls_client_cert else None)
+        certificate_chain=_read(config.tls_client_cert) if config.tls_client_cert else None,
+    )
 
 
 # --- tokens -------------------------------------------------------------------------------------
+
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -109,7 +116,7 @@ def load_tokens(path: str) -> dict[str, Client]:
     try:
         entries = json.loads(_read(path))["tokens"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path}: expected JSON {{\"tokens\": [{{\"client\", \"sha256\", \"scopes\"}}, ...]}}") from None
+        raise ValueError(f'{path}: expected JSON {{"tokens": [{{"client", "sha256", "scopes"}}, ...]}}') from None
     tokens: dict[str, Client] = {}
     for i, entry in enumerate(entries):
         try:
@@ -147,15 +154,20 @@ def _verified_client_certificate(context: grpc.ServicerContext) -> bool:
 class Gatekeeper:
     """Decides who a caller is and whether it may call a method."""
 
-    def __init__(self, policy: Mapping[str, Access], internal_token: str = "",
-                 tokens: Mapping[str, Client] | None = None, mtls: bool = False):
+    def __init__(
+        self,
+        policy: Mapping[str, Access],
+        internal_token: str = "",
+        tokens: Mapping[str, Client] | None = None,
+        mtls: bool = False,
+    ):
         self.policy = dict(policy)
         self._internal = internal_token.encode()
         self._tokens = dict(tokens or {})
         self._mtls = mtls
 
     @classmethod
-    def from_config(cls, config: ServerConfig, policy: Mapping[str, Access]) -> "Gatekeeper":
+    def from_config(cls, config: ServerConfig, policy: Mapping[str, Access]) -> Gatekeeper:
         tokens = load_tokens(config.auth_tokens_file) if config.auth_tokens_file else None
         return cls(policy, config.internal_token, tokens, bool(config.tls_client_ca))
 
@@ -164,13 +176,15 @@ class Gatekeeper:
         def authenticate(call: Call) -> Iterator[None]:
             call.principal = self.admit(call.method, call.context)
             yield
+
         return authenticate
 
     def admit(self, method: str, context: grpc.ServicerContext) -> str:
         """The caller's name ("internal", a client's, or its address); aborts when not allowed."""
         token = _bearer(context)
-        internal = (self._internal and token is not None and hmac.compare_digest(token.encode(), self._internal)) \
-            or (self._mtls and _verified_client_certificate(context))
+        internal = (self._internal and token is not None and hmac.compare_digest(token.encode(), self._internal)) or (
+            self._mtls and _verified_client_certificate(context)
+        )
         if internal:
             return INTERNAL
         client = self._tokens.get(token_digest(token)) if token else None
@@ -181,29 +195,37 @@ class Gatekeeper:
             if not self._internal and not self._mtls:
                 return peer_host(context)  # an open deployment (loopback, tests)
             if token is None and not self._mtls:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              f"{method} is internal to the suite: call it with the internal token "
-                              "(authorization: Bearer <internal_token>)")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{method} is internal to the suite: only its services (the internal token "
-                          "or a client certificate of the suite's CA) may call it")
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{method} is internal to the suite: call it with the internal token "
+                    "(authorization: Bearer <internal_token>)",
+                )
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is internal to the suite: only its services (the internal token "
+                "or a client certificate of the suite's CA) may call it",
+            )
         if not self._tokens:
             return client.name if client else peer_host(context)
         if token is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{method} needs a token with the {needed.value!r} scope: send metadata "
-                          "authorization: Bearer <token>")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} needs a token with the {needed.value!r} scope: send metadata authorization: Bearer <token>",
+            )
         if client is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "the token is not known here: check it, or ask for a new one")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the token is not known here: check it, or ask for a new one"
+            )
         if needed.value not in client.scopes:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{method} needs the {needed.value!r} scope; the token of {client.name!r} "
-                          f"has {sorted(client.scopes)}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs the {needed.value!r} scope; the token of {client.name!r} has {sorted(client.scopes)}",
+            )
         return client.name
 
 
 # --- limits -------------------------------------------------------------------------------------
+
 
 class _Bucket:
     def __init__(self, rate: float, burst: int, now: float):
@@ -249,6 +271,7 @@ class ClientLimits:
                     self._in_flight[key] -= 1
                     if not self._in_flight[key]:
                         del self._in_flight[key]
+
         return limit
 
     def _acquire(self, key: str, context: grpc.ServicerContext) -> None:
@@ -270,13 +293,15 @@ class ClientLimits:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) > 100_000:  # forget clients whose bucket has refilled: idle ones
-                self._buckets = {k: b for k, b in self._buckets.items()
-                                 if b.tokens + (now - b.updated) * b.rate < b.burst}
+                self._buckets = {
+                    k: b for k, b in self._buckets.items() if b.tokens + (now - b.updated) * b.rate < b.burst
+                }
             bucket = self._buckets[key] = _Bucket(self.rate, self.burst, now)
         return bucket
 
 
 # --- new tokens ---------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.security")

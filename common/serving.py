@@ -8,9 +8,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,20 +26,25 @@ from common.telemetry import setup_logging, start_metrics_server, telemetry_laye
 log = logging.getLogger(__name__)
 
 
-def channel_options(max_message_bytes: int, max_reconnect_backoff_ms: int = 1000,
-                    initial_reconnect_backoff_ms: int = 100,
-                    min_connect_timeout_ms: int = 20_000) -> list[tuple[str, int]]:
+def channel_options(
+    max_message_bytes: int,
+    max_reconnect_backoff_ms: int = 1000,
+    initial_reconnect_backoff_ms: int = 100,
+    min_connect_timeout_ms: int = 20_000,
+) -> list[tuple[str, int]]:
     """Message limits, and prompt reconnection: gRPC's default backoff (1 s growing by 1.6x up to
     120 s) keeps a channel failing for many seconds after its server is back (17 s was measured
     at the gateway); capped at `max_reconnect_backoff_ms`, a restarted server is reached within
     about that long. gRPC core reads grpc.min_reconnect_backoff_ms as the time a connection
     attempt (TCP, TLS and HTTP/2 handshakes) may take: it stays at gRPC's default of 20 s, since
     a short one would never connect over a slow link. Servers ignore these options."""
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.initial_reconnect_backoff_ms", initial_reconnect_backoff_ms),
-            ("grpc.min_reconnect_backoff_ms", min_connect_timeout_ms),
-            ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms)]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", initial_reconnect_backoff_ms),
+        ("grpc.min_reconnect_backoff_ms", min_connect_timeout_ms),
+        ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+    ]
 
 
 @dataclass
@@ -52,9 +58,14 @@ class ServiceBundle:
     on_stop: Callable[[], None] | None = None
 
 
-def start_bundle(config: ServerConfig, register: Callable[[grpc.Server], None],
-                 service_names: Iterable[str], on_stop: Callable[[], None] | None = None,
-                 policy: Mapping[str, Access] | None = None, name: str | None = None) -> ServiceBundle:
+def start_bundle(
+    config: ServerConfig,
+    register: Callable[[grpc.Server], None],
+    service_names: Iterable[str],
+    on_stop: Callable[[], None] | None = None,
+    policy: Mapping[str, Access] | None = None,
+    name: str | None = None,
+) -> ServiceBundle:
     """Creates and starts a server with health and reflection, bound to config.host:config.port.
 
     Every call goes through the telemetry layer (request id, metrics, access log), then the
@@ -67,9 +78,11 @@ def start_bundle(config: ServerConfig, register: Callable[[grpc.Server], None],
     limits = ClientLimits(config.rate_limit_per_s, config.rate_burst, config.max_concurrent_per_client)
     if limits.enabled:
         layers.append(limits.layer())
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                         interceptors=[LayeredInterceptor(layers)],
-                         options=channel_options(config.max_message_bytes))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers),
+        interceptors=[LayeredInterceptor(layers)],
+        options=channel_options(config.max_message_bytes),
+    )
     register(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -77,8 +90,9 @@ def start_bundle(config: ServerConfig, register: Callable[[grpc.Server], None],
         reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     credentials = server_credentials(config)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials is not None \
-        else server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    )
     if port == 0:
         raise RuntimeError(f"cannot bind {address}")
     stop_metrics = start_metrics_server(config.host, config.metrics_port)
@@ -91,11 +105,11 @@ def start_bundle(config: ServerConfig, register: Callable[[grpc.Server], None],
             on_stop()
         if stop_metrics is not None:
             stop_metrics()
+
     return ServiceBundle(server, port, health_servicer, stop)
 
 
-def serve_forever(name: str, config: ServerConfig,
-                  create_bundle: Callable[[Any], ServiceBundle]) -> None:
+def serve_forever(name: str, config: ServerConfig, create_bundle: Callable[[Any], ServiceBundle]) -> None:
     """Starts the service and blocks until SIGTERM/SIGINT; then stops taking calls, lets
     in-flight ones finish (up to config.shutdown_grace_s) and runs the bundle's on_stop."""
     setup_logging(name, config.log_level, config.log_format)
@@ -133,7 +147,7 @@ class Deadline:
         self._end = time.monotonic() + seconds
 
     @classmethod
-    def of(cls, context: grpc.ServicerContext, default_s: float) -> "Deadline":
+    def of(cls, context: grpc.ServicerContext, default_s: float) -> Deadline:
         """The caller's deadline, or `default_s` from now when the caller set none."""
         remaining = context.time_remaining()
         return cls(default_s if remaining is None or remaining > 1e8 else remaining)

@@ -12,8 +12,14 @@ call terminates within them, a completed stream is still waiting for its answer.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
+
+from common.errors import Cancelled
+
+T = TypeVar("T")
 
 
 class StreamEnd:
@@ -31,3 +37,17 @@ class StreamEnd:
         for a cancel that grpc reports after the end of the stream (returns as soon as one is)."""
         self._terminated.wait(settle_s)
         return self._context.is_active()
+
+
+def client_stream(requests: Iterator[T], context: grpc.ServicerContext, settle_s: float) -> Iterator[T]:
+    """The client's request stream, for a method that acts only once the stream is whole (an Add
+    commits at its end): yields each message, and raises Cancelled, instead of ending, when the
+    client cancelled the stream or its deadline passed; ends normally only when the client ended
+    the stream and still waits for the answer (see StreamEnd for the `settle_s` wait)."""
+    end = StreamEnd(context)
+    try:
+        yield from requests
+    except grpc.RpcError:
+        raise Cancelled("the client cancelled the stream or its deadline passed: nothing of it was stored") from None
+    if not end.completed(settle_s):
+        raise Cancelled("the client cancelled the stream or its deadline passed: nothing of it was stored")

@@ -22,8 +22,9 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -39,17 +40,29 @@ REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = contextvars.ContextVar("request_id", default="")
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
-_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-HANDLED = Counter("grpc_server_handled_total", "RPCs completed, by status code",
-                  ["server", "grpc_service", "grpc_method", "grpc_code"])
-HANDLING = Histogram("grpc_server_handling_seconds", "Time from the start of a method to its last message",
-                     ["server", "grpc_service", "grpc_method"], buckets=_LATENCY_BUCKETS)
-QUEUED = Histogram("grpc_server_queue_seconds", "Time a call waited for a worker thread",
-                   ["server"], buckets=_LATENCY_BUCKETS)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed, by status code",
+    ["server", "grpc_service", "grpc_method", "grpc_code"],
+)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of a method to its last message",
+    ["server", "grpc_service", "grpc_method"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUED = Histogram(
+    "grpc_server_queue_seconds", "Time a call waited for a worker thread", ["server"], buckets=_LATENCY_BUCKETS
+)
 IN_FLIGHT = Gauge("grpc_server_in_flight", "Calls being served", ["server"])
-BATCH_SIZE = Histogram("mps_batch_size", "Items per batch (images per call, queries per search, items per write)",
-                       ["server", "what"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+BATCH_SIZE = Histogram(
+    "mps_batch_size",
+    "Items per batch (images per call, queries per search, items per write)",
+    ["server", "what"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 
 
 def current_request_id() -> str:
@@ -110,23 +123,42 @@ def telemetry_layer(server: str, access: bool) -> Layer:
                 code = call.context.code()  # type: ignore[attr-defined]
                 if code is None or (failed and code == grpc.StatusCode.OK):
                     # No status set: it finished, the client went away, or the method raised.
-                    code = grpc.StatusCode.OK if not failed else grpc.StatusCode.CANCELLED \
-                        if not call.context.is_active() else grpc.StatusCode.UNKNOWN
+                    code = (
+                        grpc.StatusCode.OK
+                        if not failed
+                        else grpc.StatusCode.CANCELLED
+                        if not call.context.is_active()
+                        else grpc.StatusCode.UNKNOWN
+                    )
                 service, name = _split(call.method)
                 HANDLED.labels(server, service, name, code.name).inc()
                 HANDLING.labels(server, service, name).observe(elapsed)
                 if access:
-                    level = logging.WARNING if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \
-                        else logging.INFO
-                    access_log.log(level, "%s %s %.1f ms", call.method, code.name, elapsed * 1000,
-                                   extra={"fields": {"method": call.method, "code": code.name,
-                                                     "ms": round(elapsed * 1000, 2),
-                                                     "queue_ms": round((started - call.arrived) * 1000, 2),
-                                                     "client": call.principal or call.context.peer()}})
+                    level = (
+                        logging.WARNING if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) else logging.INFO
+                    )
+                    access_log.log(
+                        level,
+                        "%s %s %.1f ms",
+                        call.method,
+                        code.name,
+                        elapsed * 1000,
+                        extra={
+                            "fields": {
+                                "method": call.method,
+                                "code": code.name,
+                                "ms": round(elapsed * 1000, 2),
+                                "queue_ms": round((started - call.arrived) * 1000, 2),
+                                "client": call.principal or call.context.peer(),
+                            }
+                        },
+                    )
+
     return layer
 
 
 # --- metrics the services feed ----------------------------------------------------------------
+
 
 class _GaugeSources(Collector):
     """Gauges computed at scrape time from live objects (e.g. the items of each index database)."""
@@ -135,8 +167,14 @@ class _GaugeSources(Collector):
         self._sources: dict[str, tuple[str, str, list[str], Callable[[], Iterable[tuple[list[str], float]]]]] = {}
         self._lock = threading.Lock()
 
-    def add(self, key: str, name: str, documentation: str, labels: list[str],
-            read: Callable[[], Iterable[tuple[list[str], float]]]) -> None:
+    def add(
+        self,
+        key: str,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        read: Callable[[], Iterable[tuple[list[str], float]]],
+    ) -> None:
         with self._lock:
             self._sources[key] = (name, documentation, labels, read)
 
@@ -197,8 +235,11 @@ class _Formatter(logging.Formatter):
         if self.as_json:
             entry: dict[str, Any] = {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname, "service": self.service, "logger": record.name,
-                "message": record.getMessage()}
+                "level": record.levelname,
+                "service": self.service,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
             if request_id:
                 entry["request_id"] = request_id
             entry.update(fields)

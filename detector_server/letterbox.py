@@ -24,12 +24,13 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, flo
     pad_x, pad_y = (target_w - new_w) / 2, (target_h - new_h) / 2
     left, top = int(pad_x), int(pad_y)
     canvas = np.full((target_h, target_w, 3), PAD_VALUE, dtype=np.float32)
-    canvas[top:top + new_h, left:left + new_w] = resized.astype(np.float32) / 255.0
+    canvas[top : top + new_h, left : left + new_w] = resized.astype(np.float32) / 255.0
     return canvas.transpose(2, 0, 1), scale, (float(left), float(top))
 
 
-def unletterbox_boxes(boxes: np.ndarray, scale: float, pad: tuple[float, float],
-                      image_size: tuple[int, int]) -> np.ndarray:
+def unletterbox_boxes(
+    boxes: np.ndarray, scale: float, pad: tuple[float, float], image_size: tuple[int, int]
+) -> np.ndarray:
     """(N, 4) float32 xyxy network pixels -> (N, 4) float32 xyxy original pixels, clipped.
 
     `image_size` is (h, w) of the original image.

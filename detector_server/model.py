@@ -33,7 +33,7 @@ class ModelSpec:
     max_objects: int
 
     @staticmethod
-    def load(model_dir: Path) -> "ModelSpec":
+    def load(model_dir: Path) -> ModelSpec:
         config = json.loads((model_dir / "config.json").read_text())
         classes_path = model_dir / config["classes_file"]
         if not classes_path.is_file():
@@ -42,11 +42,20 @@ class ModelSpec:
         unknown = set(config["categories"]) - set(class_names)
         if unknown:
             raise ValueError(f"{model_dir}/config.json maps classes the model lacks: {sorted(unknown)}")
-        return ModelSpec(config["name"], str(config["version"]), model_dir / config["file"],
-                         class_names, int(config["input_height"]), int(config["input_width"]),
-                         float(config["score_threshold"]), float(config["iou_threshold"]),
-                         int(config["max_detections"]), dict(config["categories"]),
-                         float(config["objects_iou_threshold"]), int(config["max_objects"]))
+        return ModelSpec(
+            config["name"],
+            str(config["version"]),
+            model_dir / config["file"],
+            class_names,
+            int(config["input_height"]),
+            int(config["input_width"]),
+            float(config["score_threshold"]),
+            float(config["iou_threshold"]),
+            int(config["max_detections"]),
+            dict(config["categories"]),
+            float(config["objects_iou_threshold"]),
+            int(config["max_objects"]),
+        )
 
 
 @dataclass
@@ -72,21 +81,26 @@ class DetectorModel:
 
     def __init__(self, spec: ModelSpec, intra_op_threads: int = 0, inference_concurrency: int = 1):
         self.spec = spec
-        self.session = create_session(spec.model_path, intra_op_threads=intra_op_threads,
-                                      concurrency=inference_concurrency)
+        self.session = create_session(
+            spec.model_path, intra_op_threads=intra_op_threads, concurrency=inference_concurrency
+        )
         self.provider = active_provider(self.session)
 
-    def detect(self, image: np.ndarray, score_threshold: float | None = None,
-               products_only: bool = False, objectness_threshold: float = 0.0,
-               max_objects: int = 0) -> DetectionResult:
+    def detect(
+        self,
+        image: np.ndarray,
+        score_threshold: float | None = None,
+        products_only: bool = False,
+        objectness_threshold: float = 0.0,
+        max_objects: int = 0,
+    ) -> DetectionResult:
         """(H, W, 3) uint8 RGB -> DetectionResult; objects only when objectness_threshold > 0."""
         spec = self.spec
         tensor, scale, pad = letterbox(image, (spec.input_height, spec.input_width))
         start = time.perf_counter()
         rows = self.session.run(["detections"], {"images": tensor[None]})[0][0]
         inference_ms = (time.perf_counter() - start) * 1000
-        found = postprocess(rows, score_threshold or spec.score_threshold, spec.iou_threshold,
-                            spec.max_detections)
+        found = postprocess(rows, score_threshold or spec.score_threshold, spec.iou_threshold, spec.max_detections)
         boxes = unletterbox_boxes(found.boxes, scale, pad, image.shape[:2])
         detections = []
         for box, score, class_id in zip(boxes, found.scores, found.class_ids):
@@ -99,11 +113,14 @@ class DetectorModel:
             detections.append(Detection(int(class_id), name, category, float(score), box))
         boxed = []
         if objectness_threshold > 0:
-            agnostic = objects(rows, objectness_threshold, spec.objects_iou_threshold,
-                               max_objects or spec.max_objects)
-            boxed = [(box, float(score)) for box, score in
-                     zip(unletterbox_boxes(agnostic.boxes, scale, pad, image.shape[:2]), agnostic.objectness)
-                     if not _degenerate(box)]
+            agnostic = objects(rows, objectness_threshold, spec.objects_iou_threshold, max_objects or spec.max_objects)
+            boxed = [
+                (box, float(score))
+                for box, score in zip(
+                    unletterbox_boxes(agnostic.boxes, scale, pad, image.shape[:2]), agnostic.objectness
+                )
+                if not _degenerate(box)
+            ]
         return DetectionResult(detections, boxed, inference_ms)
 
 

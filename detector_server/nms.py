@@ -19,8 +19,13 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
-        classes: np.ndarray | None = None, max_keep: int | None = None) -> np.ndarray:
+def nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float,
+    classes: np.ndarray | None = None,
+    max_keep: int | None = None,
+) -> np.ndarray:
     """Greedy NMS -> (K,) int64 indices kept, best score first.
 
     `boxes` (N, 4) xyxy, `scores` (N,). With `classes` (N,), only boxes of the same class

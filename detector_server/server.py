@@ -32,8 +32,12 @@ SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
 def create_bundle(config: DetectorConfig) -> ServiceBundle:
     models = load_models(config)
     service = DetectorService(models, next(iter(models)), config.max_pixels, config.max_objects)
-    return start_bundle(config, lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(service, s),
-                        [SERVICE.full_name], policy=method_policy(SERVICE))
+    return start_bundle(
+        config,
+        lambda s: detector_pb2_grpc.add_DetectorServiceServicer_to_server(service, s),
+        [SERVICE.full_name],
+        policy=method_policy(SERVICE),
+    )
 
 
 def create_server(config: DetectorConfig) -> tuple[grpc.Server, int]:

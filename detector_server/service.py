@@ -27,41 +27,69 @@ class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
         self.max_pixels = max_pixels
         self.max_objects = max_objects
 
-    def Detect(self, request: detector_pb2.DetectRequest, context: grpc.ServicerContext
-               ) -> detector_pb2.DetectResponse:
+    def Detect(self, request: detector_pb2.DetectRequest, context: grpc.ServicerContext) -> detector_pb2.DetectResponse:
         with abort_on(context):
             name, model = self._model(request.model)
             _check_fraction("min_confidence", request.min_confidence, "0 keeps the model's threshold")
-            _check_fraction("objectness_threshold", request.objectness_threshold,
-                            "0 asks for no class-agnostic objects")
+            _check_fraction(
+                "objectness_threshold", request.objectness_threshold, "0 asks for no class-agnostic objects"
+            )
             if request.max_objects > self.max_objects:
-                raise InvalidArgument(f"max_objects {request.max_objects} is above this server's limit of "
-                                      f"{self.max_objects}: ask for at most {self.max_objects}, or 0 for the "
-                                      "model's default")
+                raise InvalidArgument(
+                    f"max_objects {request.max_objects} is above this server's limit of "
+                    f"{self.max_objects}: ask for at most {self.max_objects}, or 0 for the "
+                    "model's default"
+                )
             try:
                 image = image_from_proto(request.image, self.max_pixels)
             except ImageError as exc:
                 # common.images says what to fix; a decoder's own text inside it is cut short all the same.
                 raise InvalidArgument(_bounded(str(exc))) from exc
-        result = model.detect(image, request.min_confidence or None, request.products_only,
-                              request.objectness_threshold, request.max_objects)
+        result = model.detect(
+            image,
+            request.min_confidence or None,
+            request.products_only,
+            request.objectness_threshold,
+            request.max_objects,
+        )
         return detector_pb2.DetectResponse(
-            detections=[detector_pb2.Detection(category=d.category, class_name=d.class_name,
-                                               class_id=d.class_id, confidence=d.confidence,
-                                               box=box_to_proto(d.box)) for d in result.detections],
-            objects=[detector_pb2.ObjectProposal(box=box_to_proto(box), objectness=score)
-                     for box, score in result.objects],
-            model=name, image_width=image.shape[1], image_height=image.shape[0],
-            inference_ms=result.inference_ms)
+            detections=[
+                detector_pb2.Detection(
+                    category=d.category,
+                    class_name=d.class_name,
+                    class_id=d.class_id,
+                    confidence=d.confidence,
+                    box=box_to_proto(d.box),
+                )
+                for d in result.detections
+            ],
+            objects=[
+                detector_pb2.ObjectProposal(box=box_to_proto(box), objectness=score) for box, score in result.objects
+            ],
+            model=name,
+            image_width=image.shape[1],
+            image_height=image.shape[0],
+            inference_ms=result.inference_ms,
+        )
 
-    def ListModels(self, request: detector_pb2.ListModelsRequest, context: grpc.ServicerContext
-                   ) -> detector_pb2.ListModelsResponse:
-        return detector_pb2.ListModelsResponse(models=[
-            detector_pb2.ModelInfo(name=name, version=m.spec.version, execution_provider=m.provider,
-                                   input_width=m.spec.input_width, input_height=m.spec.input_height,
-                                   class_names=list(m.spec.class_names), categories=m.spec.categories,
-                                   is_default=name == self.default)
-            for name, m in self.models.items()])
+    def ListModels(
+        self, request: detector_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> detector_pb2.ListModelsResponse:
+        return detector_pb2.ListModelsResponse(
+            models=[
+                detector_pb2.ModelInfo(
+                    name=name,
+                    version=m.spec.version,
+                    execution_provider=m.provider,
+                    input_width=m.spec.input_width,
+                    input_height=m.spec.input_height,
+                    class_names=list(m.spec.class_names),
+                    categories=m.spec.categories,
+                    is_default=name == self.default,
+                )
+                for name, m in self.models.items()
+            ]
+        )
 
     def _model(self, name: str) -> tuple[str, DetectorModel]:
         """The model a request names (empty: the default); InvalidArgument or NotFound otherwise."""
@@ -73,8 +101,10 @@ class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
             loaded = sorted(self.models)
             listed = ", ".join(quote(n) for n in loaded[:MAX_LISTED_MODELS])
             more = f" and {len(loaded) - MAX_LISTED_MODELS} more" if len(loaded) > MAX_LISTED_MODELS else ""
-            raise NotFound(f"model {quote(name)} is not loaded: use one of {listed}{more} "
-                           "(ListModels lists them), or leave model empty for the default")
+            raise NotFound(
+                f"model {quote(name)} is not loaded: use one of {listed}{more} "
+                "(ListModels lists them), or leave model empty for the default"
+            )
         return name, model
 
 

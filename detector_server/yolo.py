@@ -40,9 +40,15 @@ def _top(scores: np.ndarray, limit: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def _nms_best(rows: np.ndarray, candidates: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int,
-              max_candidates: int, classes: np.ndarray | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _nms_best(
+    rows: np.ndarray,
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float,
+    limit: int,
+    max_candidates: int,
+    classes: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B, >=4) rows, (K,) row index and score of each candidate -> the kept (boxes, scores,
     indices into the candidates), best first. The one path of detections and objects.
 
@@ -56,21 +62,24 @@ def _nms_best(rows: np.ndarray, candidates: np.ndarray, scores: np.ndarray, iou_
     return boxes[keep], scores[best][keep].astype(np.float32), best[keep]
 
 
-def postprocess(rows: np.ndarray, score_threshold: float, iou_threshold: float,
-                max_detections: int, max_candidates: int = 2000) -> Detections:
+def postprocess(
+    rows: np.ndarray, score_threshold: float, iou_threshold: float, max_detections: int, max_candidates: int = 2000
+) -> Detections:
     """(B, 5 + C) decoded rows (cx, cy, w, h, objectness, class probs) -> Detections.
 
     A box may carry several classes above the threshold (Darknet's behaviour); NMS is per class.
     """
     scores_all = rows[:, 5:] * rows[:, 4:5]
     box_ids, class_ids = np.nonzero(scores_all >= score_threshold)
-    boxes, scores, kept = _nms_best(rows, box_ids, scores_all[box_ids, class_ids], iou_threshold,
-                                    max_detections, max_candidates, class_ids)
+    boxes, scores, kept = _nms_best(
+        rows, box_ids, scores_all[box_ids, class_ids], iou_threshold, max_detections, max_candidates, class_ids
+    )
     return Detections(boxes, scores, class_ids[kept].astype(np.int64))
 
 
-def objects(rows: np.ndarray, objectness_threshold: float, iou_threshold: float, max_objects: int,
-            max_candidates: int = 2000) -> Objects:
+def objects(
+    rows: np.ndarray, objectness_threshold: float, iou_threshold: float, max_objects: int, max_candidates: int = 2000
+) -> Objects:
     """(B, 5 + C) decoded rows -> class-agnostic Objects.
 
     Every anchor's objectness (the head's "something is here", before the class split) is a score

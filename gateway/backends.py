@@ -6,18 +6,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Iterator, NoReturn, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 import grpc
 import numpy as np
 
-from common.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable,
-                           Internal)
-from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
 from common.channels import open_channel
 from common.config import ServerConfig
-from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, CategoryFailure, Degraded,
-                           DetectorOutput, LocatorOutput, Signature)
+from common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
+from gateway.ports import (
+    BatchAnswer,
+    CatalogueEntry,
+    CatalogueMatch,
+    CategoryFailure,
+    Degraded,
+    DetectorOutput,
+    LocatorOutput,
+    Signature,
+)
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -55,19 +63,24 @@ class GrpcDetector:
     def __init__(self, channel: grpc.Channel):
         self.stub = detector_pb2_grpc.DetectorServiceStub(channel)
 
-    def detect(self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float,
-               max_objects: int, timeout_s: float) -> DetectorOutput:
-        request = detector_pb2.DetectRequest(image=image_to_proto(rgb), min_confidence=min_confidence,
-                                             objectness_threshold=objectness_threshold,
-                                             max_objects=max_objects if objectness_threshold > 0 else 0)
+    def detect(
+        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
+    ) -> DetectorOutput:
+        request = detector_pb2.DetectRequest(
+            image=image_to_proto(rgb),
+            min_confidence=min_confidence,
+            objectness_threshold=objectness_threshold,
+            max_objects=max_objects if objectness_threshold > 0 else 0,
+        )
         try:
             response = self.stub.Detect(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             raise_from("detector", exc)
-        return DetectorOutput([(box_from_proto(d.box), d.class_name, d.category, d.confidence)
-                               for d in response.detections],
-                              [(box_from_proto(o.box), o.objectness) for o in response.objects],
-                              response.inference_ms)
+        return DetectorOutput(
+            [(box_from_proto(d.box), d.class_name, d.category, d.confidence) for d in response.detections],
+            [(box_from_proto(o.box), o.objectness) for o in response.objects],
+            response.inference_ms,
+        )
 
 
 class GrpcLocator:
@@ -75,15 +88,18 @@ class GrpcLocator:
         self.stub = signature_pb2_grpc.SignatureServiceStub(channel)
 
     def locate(self, rgb: np.ndarray, max_salient: int, max_segments: int, timeout_s: float) -> LocatorOutput:
-        request = signature_pb2.LocateObjectsRequest(image=image_to_proto(rgb), max_salient=max_salient,
-                                                     max_segments=max_segments)
+        request = signature_pb2.LocateObjectsRequest(
+            image=image_to_proto(rgb), max_salient=max_salient, max_segments=max_segments
+        )
         try:
             response = self.stub.LocateObjects(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             raise_from("salient-object locator", exc)
-        return LocatorOutput([(box_from_proto(o.box), o.score) for o in response.salient],
-                             [(box_from_proto(o.box), o.score) for o in response.segments],
-                             response.compute_ms)
+        return LocatorOutput(
+            [(box_from_proto(o.box), o.score) for o in response.salient],
+            [(box_from_proto(o.box), o.score) for o in response.segments],
+            response.compute_ms,
+        )
 
 
 class GrpcSigner:
@@ -99,8 +115,9 @@ class GrpcSigner:
         if limit is not None:
             return limit
         try:
-            response = self.stub.ListKinds(signature_pb2.ListKindsRequest(),
-                                           timeout=min(timeout_s, self.LIMIT_TIMEOUT_S))
+            response = self.stub.ListKinds(
+                signature_pb2.ListKindsRequest(), timeout=min(timeout_s, self.LIMIT_TIMEOUT_S)
+            )
         except grpc.RpcError:
             return 0  # asked again next time; the configured limit meanwhile
         # An older signature service does not advertise it (the field is absent or 0).
@@ -108,8 +125,9 @@ class GrpcSigner:
         return self._limit
 
     def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
-        request = signature_pb2.ComputeSignaturesRequest(images=[image_to_proto(c) for c in crops],
-                                                         kinds=[KIND_VALUES[k] for k in kinds])
+        request = signature_pb2.ComputeSignaturesRequest(
+            images=[image_to_proto(c) for c in crops], kinds=[KIND_VALUES[k] for k in kinds]
+        )
         try:
             response = self.stub.ComputeSignatures(request, timeout=timeout_s)
         except grpc.RpcError as exc:
@@ -118,11 +136,14 @@ class GrpcSigner:
             raise_from("signature", exc)
         per = len(kinds)
         if len(response.signatures) != len(crops) * per:
-            raise Internal(f"signature service returned {len(response.signatures)} signatures for "
-                           f"{len(crops)} images" + (f" and {per} kinds" if per > 1 else "")
-                           + ": check that its version matches the gateway's")
+            raise Internal(
+                f"signature service returned {len(response.signatures)} signatures for "
+                f"{len(crops)} images"
+                + (f" and {per} kinds" if per > 1 else "")
+                + ": check that its version matches the gateway's"
+            )
         signatures = list(response.signatures)
-        return [signatures[i * per:(i + 1) * per] for i in range(len(crops))]
+        return [signatures[i * per : (i + 1) * per] for i in range(len(crops))]
 
 
 class _IndexBackend:
@@ -133,7 +154,7 @@ class _IndexBackend:
         self.channel = channel
         self.stub = index_pb2_grpc.IndexServiceStub(channel)
         self.state: grpc.ChannelConnectivity | None = None
-        self.listed: dict[str, set[str]] = {}      # kind -> categories, at the last listing that answered
+        self.listed: dict[str, set[str]] = {}  # kind -> categories, at the last listing that answered
         self.failure: tuple[str, str] | None = None  # (status code name, details) of the last listing
         self.fetched = -np.inf
         channel.subscribe(self._track, try_to_connect=False)
@@ -160,10 +181,18 @@ class GrpcIndex:
     # Listing the catalogue's databases must not hold a search up for long.
     LIST_TIMEOUT_S = 1.0
 
-    def __init__(self, channels: dict[str, grpc.Channel], default_address: str, routes: dict[str, str],
-                 refresh_s: float, ready_wait_s: float = 0.3):
-        self._backends = {address: _IndexBackend(address, channels[address])
-                          for address in dict.fromkeys([default_address, *routes.values()])}
+    def __init__(
+        self,
+        channels: dict[str, grpc.Channel],
+        default_address: str,
+        routes: dict[str, str],
+        refresh_s: float,
+        ready_wait_s: float = 0.3,
+    ):
+        self._backends = {
+            address: _IndexBackend(address, channels[address])
+            for address in dict.fromkeys([default_address, *routes.values()])
+        }
         self._default = self._backends[default_address]
         self._routes = {category: self._backends[address] for category, address in routes.items()}
         self._refresh_s = refresh_s
@@ -179,8 +208,13 @@ class GrpcIndex:
     def categories(self, kind: str) -> set[str]:
         with self._lock:
             self._refresh()
-            return {category for backend in self._backends.values() if backend.failure is None
-                    for category in backend.listed.get(kind, ()) if self._backend(category) is backend}
+            return {
+                category
+                for backend in self._backends.values()
+                if backend.failure is None
+                for category in backend.listed.get(kind, ())
+                if self._backend(category) is backend
+            }
 
     def unreachable(self) -> list[CategoryFailure]:
         """Categories of backends whose last listing failed: those the backend held when it last
@@ -194,8 +228,9 @@ class GrpcIndex:
                 held = {c for kinds in backend.listed.values() for c in kinds if self._backend(c) is backend}
                 held |= {c for c, routed in self._routes.items() if routed is backend}
                 reason = f"the index at {backend.address} did not answer ({code}): {details}"
-                failures += [CategoryFailure(c, code, reason, backend.address) for c in sorted(held)] or \
-                    [CategoryFailure("", code, reason + "; the categories it holds are unknown", backend.address)]
+                failures += [CategoryFailure(c, code, reason, backend.address) for c in sorted(held)] or [
+                    CategoryFailure("", code, reason + "; the categories it holds are unknown", backend.address)
+                ]
         return failures
 
     def invalidate(self) -> None:
@@ -208,8 +243,12 @@ class GrpcIndex:
         after refresh_s; one that failed after refresh_s too (a silent backend costs a listing's
         timeout), or as soon as its channel is connected again (a restarted backend is used at once)."""
         now = time.monotonic()
-        due = [b for b in self._backends.values() if now - b.fetched > self._refresh_s
-               or (b.failure is not None and b.state is grpc.ChannelConnectivity.READY)]
+        due = [
+            b
+            for b in self._backends.values()
+            if now - b.fetched > self._refresh_s
+            or (b.failure is not None and b.state is grpc.ChannelConnectivity.READY)
+        ]
         calls = [(b, b.stub.Stats.future(index_pb2.StatsRequest(), timeout=self.LIST_TIMEOUT_S)) for b in due]
         for backend, call in calls:
             backend.fetched = time.monotonic()
@@ -231,10 +270,12 @@ class GrpcIndex:
             with self._lock:
                 backend.fetched = -np.inf
 
-    def search_batch(self, category: str, kind: str, signatures: Sequence[Signature], top_k: int,
-                     timeout_s: float) -> BatchAnswer:
-        request = index_pb2.SearchBatchRequest(database=database_name(category, kind), signatures=signatures,
-                                               top_k=top_k, one_per_group=True)
+    def search_batch(
+        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+    ) -> BatchAnswer:
+        request = index_pb2.SearchBatchRequest(
+            database=database_name(category, kind), signatures=signatures, top_k=top_k, one_per_group=True
+        )
         backend = self._backend(category)
         end = time.monotonic() + timeout_s
         backend.wait_ready(min(self._ready_wait_s, timeout_s / 4))
@@ -245,16 +286,19 @@ class GrpcIndex:
             raise_from(f"index at {backend.address} ({category!r})", exc)
         degraded = None
         if response.degraded:
-            degraded = Degraded(response.degraded_reason,
-                                [(r.first, r.end) for r in response.missing_word_ranges],
-                                list(response.missing_shards))
+            degraded = Degraded(
+                response.degraded_reason,
+                [(r.first, r.end) for r in response.missing_word_ranges],
+                list(response.missing_shards),
+            )
         return BatchAnswer([[_match(item) for item in hits.items] for hits in response.results], degraded)
 
-    def writer(self, timeout_s: float) -> "GrpcCatalogueWriter":
+    def writer(self, timeout_s: float) -> GrpcCatalogueWriter:
         return GrpcCatalogueWriter(self, time.monotonic() + timeout_s)
 
-    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] | None,
-                        timeout_s: float) -> tuple[int, list[str]]:
+    def delete_products(
+        self, product_ids: Sequence[str], categories: Sequence[str] | None, timeout_s: float
+    ) -> tuple[int, list[str]]:
         self.invalidate()
         held = {kind: self.categories(kind) for kind in KIND_VALUES}
         down = self.unreachable()
@@ -264,9 +308,11 @@ class GrpcIndex:
         blocking = [f for f in down if f.category in wanted or categories is None]
         if blocking:
             names = sorted({f.category for f in blocking if f.category})
-            raise Unavailable(f"nothing was deleted: {blocking[0].reason}"
-                              + (f" (categories {names[:8]})" if names else "")
-                              + "; retry when it is back, or name only categories held elsewhere")
+            raise Unavailable(
+                f"nothing was deleted: {blocking[0].reason}"
+                + (f" (categories {names[:8]})" if names else "")
+                + "; retry when it is back, or name only categories held elsewhere"
+            )
         deleted_images = 0
         found: set[str] = set()
         for category in sorted(wanted):
@@ -276,14 +322,15 @@ class GrpcIndex:
                     continue
                 backend = self._backend(category)
                 try:
-                    response = backend.stub.Delete(index_pb2.DeleteRequest(
-                        database=database_name(category, kind), group_ids=list(product_ids)), timeout=timeout_s)
+                    response = backend.stub.Delete(
+                        index_pb2.DeleteRequest(database=database_name(category, kind), group_ids=list(product_ids)),
+                        timeout=timeout_s,
+                    )
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.NOT_FOUND:
                         continue
                     self._failed(backend, exc)
-                    raise_from(f"index at {backend.address} ({category!r}, after {deleted_images} images "
-                               "deleted)", exc)
+                    raise_from(f"index at {backend.address} ({category!r}, after {deleted_images} images deleted)", exc)
                 # Every kind holds the same images: count them once.
                 per_kind = max(per_kind, response.deleted)
                 missing = set(response.groups_not_found)
@@ -332,7 +379,7 @@ class _AddStream:
         except grpc.RpcError as exc:
             try:
                 raise_from(f"index at {self.backend.address}", exc)
-            except Exception as error:  # noqa: BLE001 - handed back, as domain errors
+            except Exception as error:
                 return error
         except grpc.FutureCancelledError:
             return Unavailable(f"the Add stream to the index at {self.backend.address} was cancelled")
@@ -357,18 +404,25 @@ class GrpcCatalogueWriter:
         by_backend: dict[str, list[index_pb2.AddRequest]] = {}
         for entry in entries:
             backend = self._index._backend(entry.category)
-            by_backend.setdefault(backend.address, []).append(index_pb2.AddRequest(
-                item_id=item_id_of(entry.product_id, entry.image_id),
-                database=database_name(entry.category, entry.kind), signature=entry.signature,
-                metadata=entry.metadata, group_id=entry.product_id, box=box_to_proto(entry.box)))
+            by_backend.setdefault(backend.address, []).append(
+                index_pb2.AddRequest(
+                    item_id=item_id_of(entry.product_id, entry.image_id),
+                    database=database_name(entry.category, entry.kind),
+                    signature=entry.signature,
+                    metadata=entry.metadata,
+                    group_id=entry.product_id,
+                    box=box_to_proto(entry.box),
+                )
+            )
         for address in by_backend:  # nothing is sent when one of the streams has already failed
             if address in self._streams:
                 self._streams[address].check()
         for address, requests in by_backend.items():
             stream = self._streams.get(address)
             if stream is None:
-                stream = self._streams[address] = _AddStream(self._index._backends[address],
-                                                             max(self._end - time.monotonic(), 0.001))
+                stream = self._streams[address] = _AddStream(
+                    self._index._backends[address], max(self._end - time.monotonic(), 0.001)
+                )
             stream.categories.update(e.category for e in entries if self._index.backend_of(e.category) == address)
             stream.send(requests)
 
@@ -394,17 +448,29 @@ class GrpcCatalogueWriter:
 def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
     group = item.group_id
     prefix = group + "/"
-    image_id = item.item_id[len(prefix):] if group and item.item_id.startswith(prefix) else ""
-    return CatalogueMatch(group or item.item_id, image_id, item.score, dict(item.metadata),
-                          box_from_proto(item.box) if item.HasField("box") else None)
+    image_id = item.item_id[len(prefix) :] if group and item.item_id.startswith(prefix) else ""
+    return CatalogueMatch(
+        group or item.item_id,
+        image_id,
+        item.score,
+        dict(item.metadata),
+        box_from_proto(item.box) if item.HasField("box") else None,
+    )
 
 
 class Backends:
     """Every channel the gateway opens, and the ports over them."""
 
-    def __init__(self, detector_address: str, signature_address: str, index_address: str,
-                 index_routes: dict[str, str], security: ServerConfig, catalogue_refresh_s: float = 5.0,
-                 index_ready_wait_s: float = 0.3):
+    def __init__(
+        self,
+        detector_address: str,
+        signature_address: str,
+        index_address: str,
+        index_routes: dict[str, str],
+        security: ServerConfig,
+        catalogue_refresh_s: float = 5.0,
+        index_ready_wait_s: float = 0.3,
+    ):
         """`security`: the gateway's config, for TLS and the internal credential (common.channels)."""
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -418,8 +484,7 @@ class Backends:
         self.signer = GrpcSigner(channel(signature_address))
         for address in [index_address, *index_routes.values()]:
             channel(address)
-        self.index = GrpcIndex(self._channels, index_address, index_routes, catalogue_refresh_s,
-                               index_ready_wait_s)
+        self.index = GrpcIndex(self._channels, index_address, index_routes, catalogue_refresh_s, index_ready_wait_s)
 
     def close(self) -> None:
         for channel in self._channels.values():

@@ -1,15 +1,15 @@
 """Typed Python client for the gateway: a thin, hinted wrapper over the generated stubs.
 
-    with VisualSearchClient("127.0.0.1:50050") as client:
-        result = client.search(Path("photo.jpg").read_bytes(), top_k=5)
-        for item in result.items:
-            print(item.category, item.confidence, [m.product_id for m in item.matches])
+with VisualSearchClient("127.0.0.1:50050") as client:
+    result = client.search(Path("photo.jpg").read_bytes(), top_k=5)
+    for item in result.items:
+        print(item.category, item.confidence, [m.product_id for m in item.matches])
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -18,7 +18,6 @@ from common.channels import OutgoingMetadata
 from common.serving import channel_options
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-
 
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels
 
@@ -52,20 +51,29 @@ def to_box(box: Box) -> common_pb2.Box:
 
 
 class VisualSearchClient:
-    def __init__(self, address: str, timeout_s: float = 30.0,
-                 max_message_bytes: int = 32 * 1024 * 1024, token: str = "", tls_ca: bytes | None = None,
-                 request_id: str = ""):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = 32 * 1024 * 1024,
+        token: str = "",
+        tls_ca: bytes | None = None,
+        request_id: str = "",
+    ):
         """`token`: the gateway's client token (sent as `authorization: Bearer`); `tls_ca`: the PEM
         of the CA that signed the gateway's certificate (None = plaintext); `request_id`: sent as
         `x-request-id` on every call (the gateway makes one otherwise and logs it everywhere)."""
         options = channel_options(max_message_bytes)
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options) \
-            if tls_ca is not None else grpc.insecure_channel(address, options=options)
+        channel = (
+            grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
+            if tls_ca is not None
+            else grpc.insecure_channel(address, options=options)
+        )
         self._channel = grpc.intercept_channel(channel, OutgoingMetadata(token, lambda: request_id))
         self._stub = gateway_pb2_grpc.VisualSearchServiceStub(self._channel)
         self.timeout_s = timeout_s
 
-    def __enter__(self) -> "VisualSearchClient":
+    def __enter__(self) -> VisualSearchClient:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -77,12 +85,19 @@ class VisualSearchClient:
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
-    def search(self, image: bytes | np.ndarray, top_k: int = 10, min_confidence: float = 0.0,
-               regions: Sequence[tuple[Box, str]] = (),
-               signature_kind: int = common_pb2.SIGNATURE_KIND_UNSPECIFIED,
-               categories: Sequence[str] = (), min_score: float | None = None,
-               sources: Sequence[int] = (), max_items: int = 0,
-               timeout_s: float | None = None) -> gateway_pb2.MultiProductSearchResponse:
+    def search(
+        self,
+        image: bytes | np.ndarray,
+        top_k: int = 10,
+        min_confidence: float = 0.0,
+        regions: Sequence[tuple[Box, str]] = (),
+        signature_kind: int = common_pb2.SIGNATURE_KIND_UNSPECIFIED,
+        categories: Sequence[str] = (),
+        min_score: float | None = None,
+        sources: Sequence[int] = (),
+        max_items: int = 0,
+        timeout_s: float | None = None,
+    ) -> gateway_pb2.MultiProductSearchResponse:
         """Every product in `image` (encoded bytes or RGB pixels) with its top_k catalogue products.
 
         `regions`: optional (box, category) pairs searched instead of localising (category "" =
@@ -90,29 +105,45 @@ class VisualSearchClient:
         matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources.
         """
         request = gateway_pb2.MultiProductSearchRequest(
-            image=to_image(image), top_k=top_k, min_confidence=min_confidence, signature_kind=signature_kind,
+            image=to_image(image),
+            top_k=top_k,
+            min_confidence=min_confidence,
+            signature_kind=signature_kind,
             regions=[gateway_pb2.Region(box=to_box(b), category=category) for b, category in regions],
-            categories=list(categories), sources=list(sources), max_items=max_items)
+            categories=list(categories),
+            sources=list(sources),
+            max_items=max_items,
+        )
         if min_score is not None:
             request.min_score = min_score
         return self._stub.MultiProductSearch(request, timeout=timeout_s or self.timeout_s)
 
-    def index_products(self, products: Iterable[Product], timeout_s: float | None = None
-                       ) -> gateway_pb2.IndexProductsResponse:
+    def index_products(
+        self, products: Iterable[Product], timeout_s: float | None = None
+    ) -> gateway_pb2.IndexProductsResponse:
         """Streams catalogue images in; returns how many were indexed per category and, per image,
         the region that was signed."""
+
         def requests():
             for p in products:
-                request = gateway_pb2.IndexProductsRequest(product_id=p.product_id, category=p.category,
-                                                           image=to_image(p.image), metadata=dict(p.metadata),
-                                                           image_id=p.image_id)
+                request = gateway_pb2.IndexProductsRequest(
+                    product_id=p.product_id,
+                    category=p.category,
+                    image=to_image(p.image),
+                    metadata=dict(p.metadata),
+                    image_id=p.image_id,
+                )
                 if p.box is not None:
                     request.box.CopyFrom(to_box(p.box))
                 yield request
+
         return self._stub.IndexProducts(requests(), timeout=timeout_s or self.timeout_s)
 
-    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] = (),
-                        timeout_s: float | None = None) -> gateway_pb2.DeleteProductsResponse:
+    def delete_products(
+        self, product_ids: Sequence[str], categories: Sequence[str] = (), timeout_s: float | None = None
+    ) -> gateway_pb2.DeleteProductsResponse:
         """Deletes every image of the products (in these categories; all when empty)."""
-        return self._stub.DeleteProducts(gateway_pb2.DeleteProductsRequest(
-            product_ids=list(product_ids), categories=list(categories)), timeout=timeout_s or self.timeout_s)
+        return self._stub.DeleteProducts(
+            gateway_pb2.DeleteProductsRequest(product_ids=list(product_ids), categories=list(categories)),
+            timeout=timeout_s or self.timeout_s,
+        )

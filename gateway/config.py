@@ -10,12 +10,14 @@ from common.config import ServerConfig
 def _default_exclusive_groups() -> list[list[str]]:
     # Classes (or catalogue categories) that cannot be the same object: the seed's dress/top/skirt,
     # in COCO terms.
-    return [["cup", "bowl", "vase", "wine glass", "bottle"],
-            ["chair", "sofa", "bed", "bench", "diningtable"],
-            ["tvmonitor", "laptop", "microwave", "oven"],
-            ["backpack", "handbag", "suitcase"],
-            ["bicycle", "motorbike"],
-            ["car", "truck", "bus"]]
+    return [
+        ["cup", "bowl", "vase", "wine glass", "bottle"],
+        ["chair", "sofa", "bed", "bench", "diningtable"],
+        ["tvmonitor", "laptop", "microwave", "oven"],
+        ["backpack", "handbag", "suitcase"],
+        ["bicycle", "motorbike"],
+        ["car", "truck", "bus"],
+    ]
 
 
 @dataclass

@@ -21,8 +21,11 @@ def crop(image: np.ndarray, box: np.ndarray, max_side: int) -> np.ndarray:
     longest = max(out.shape[:2])
     if longest > max_side:
         scale = max_side / longest
-        out = cv2.resize(out, (max(1, round(out.shape[1] * scale)), max(1, round(out.shape[0] * scale))),
-                         interpolation=cv2.INTER_AREA)
+        out = cv2.resize(
+            out,
+            (max(1, round(out.shape[1] * scale)), max(1, round(out.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
     return np.ascontiguousarray(out)
 
 
@@ -42,8 +45,9 @@ def plain_background(image: np.ndarray, ring: float = 0.04, tolerance: int = 24,
     `share` of the pixels of its border ring (`ring` of the shorter side) lie within `tolerance` of
     the ring's median colour (seed 003: catalogue images differ from street photos)."""
     height, width = image.shape[:2]
-    t = max(1, int(round(min(height, width) * ring)))
-    border = np.concatenate([image[:t].reshape(-1, 3), image[-t:].reshape(-1, 3),
-                             image[:, :t].reshape(-1, 3), image[:, -t:].reshape(-1, 3)]).astype(np.int16)
+    t = max(1, round(min(height, width) * ring))
+    border = np.concatenate(
+        [image[:t].reshape(-1, 3), image[-t:].reshape(-1, 3), image[:, :t].reshape(-1, 3), image[:, -t:].reshape(-1, 3)]
+    ).astype(np.int16)
     median = np.median(border, axis=0)
     return float(np.mean(np.abs(border - median).max(axis=1) <= tolerance)) >= share

@@ -36,10 +36,13 @@ def main() -> int:
             detector = detector_pb2_grpc.DetectorServiceStub(channel)
 
             def detect(image):
-                response = detector.Detect(detector_pb2.DetectRequest(
-                    image=image_to_proto(image), min_confidence=0.1, products_only=True), timeout=30)
-                return [Detected(d.category, d.class_name, d.confidence, box_from_proto(d.box))
-                        for d in response.detections]
+                response = detector.Detect(
+                    detector_pb2.DetectRequest(image=image_to_proto(image), min_confidence=0.1, products_only=True),
+                    timeout=30,
+                )
+                return [
+                    Detected(d.category, d.class_name, d.confidence, box_from_proto(d.box)) for d in response.detections
+                ]
 
             counts = build(catalogue, detect, GatewayConfig().exclusive_groups)
         print(f"demo catalogue: {sum(counts.values())} images in {counts} under {catalogue}")
@@ -53,11 +56,9 @@ def main() -> int:
             for category in sorted(counts):
                 ingest(client, catalogue / category, category)
             for name, photo in queries.items():
-                for kind, label in ((common_pb2.SIGNATURE_KIND_DEEP, "deep"),
-                                    (common_pb2.SIGNATURE_KIND_BOW, "bow")):
+                for kind, label in ((common_pb2.SIGNATURE_KIND_DEEP, "deep"), (common_pb2.SIGNATURE_KIND_BOW, "bow")):
                     result = client.search(encode_png(photo), top_k=3, min_confidence=0.1, signature_kind=kind)
-                    print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}), "
-                          f"{label} signatures ==")
+                    print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}), {label} signatures ==")
                     print(format_table(result))
                     print(f"picture: {draw_result(photo, result, OUT / f'demo_{name}_{label}.png')}")
         return 0

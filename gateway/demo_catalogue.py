@@ -18,11 +18,21 @@ from common.photos import load_photo
 from gateway.exclusive import resolve_exclusive
 
 # Catalogue sources. motorcycle_right is held out: it is a query, another view of motorcycle_left.
-CATALOGUE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
-                    "hubble_deep_field", "retina", "china.jpg", "flower.jpg")
+CATALOGUE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "china.jpg",
+    "flower.jpg",
+)
 QUERY_PHOTOS = ("coffee", "motorcycle_right")
 ROCKET_BOX = (292, 120, 352, 420)  # the rocket on its pad, in the 640x427 "rocket" photo
-CUP_BOX = (150, 23, 429, 310)      # the cup and saucer in the 600x400 "coffee" photo
+CUP_BOX = (150, 23, 429, 310)  # the cup and saucer in the 600x400 "coffee" photo
 
 
 def cut(name: str, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -35,7 +45,7 @@ def paste(background: np.ndarray, thing: np.ndarray, x: int, y: int, width: int)
     """Pastes `thing` resized to `width` with its top-left at (x, y) -> (new image, (4,) float32 box)."""
     height = round(thing.shape[0] * width / thing.shape[1])
     out = background.copy()
-    out[y:y + height, x:x + width] = cv2.resize(thing, (width, height), interpolation=cv2.INTER_AREA)
+    out[y : y + height, x : x + width] = cv2.resize(thing, (width, height), interpolation=cv2.INTER_AREA)
     return out, np.array([x, y, x + width, y + height], np.float32)
 
 
@@ -52,9 +62,13 @@ def tiles(name: str, grid: int = 2) -> list[np.ndarray]:
     """The grid x grid tiles of a bundled photo."""
     image = load_photo(name)
     height, width = image.shape[:2]
-    return [np.ascontiguousarray(image[r * height // grid:(r + 1) * height // grid,
-                                       c * width // grid:(c + 1) * width // grid])
-            for r in range(grid) for c in range(grid)]
+    return [
+        np.ascontiguousarray(
+            image[r * height // grid : (r + 1) * height // grid, c * width // grid : (c + 1) * width // grid]
+        )
+        for r in range(grid)
+        for c in range(grid)
+    ]
 
 
 def variants(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -64,9 +78,12 @@ def variants(image: np.ndarray) -> dict[str, np.ndarray]:
     lab[..., 1] += 6  # a warmer colourway
     lab[..., 2] += 10
     small = cv2.resize(image, (max(1, width // 2), max(1, height // 2)), interpolation=cv2.INTER_AREA)
-    return {"shot": image, "mirror": np.ascontiguousarray(image[:, ::-1]),
-            "warm": cv2.cvtColor(lab.clip(0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB),
-            "small": small}
+    return {
+        "shot": image,
+        "mirror": np.ascontiguousarray(image[:, ::-1]),
+        "warm": cv2.cvtColor(lab.clip(0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB),
+        "small": small,
+    }
 
 
 def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -75,7 +92,7 @@ def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> lis
     for _ in range(count):
         w, h = int(width * rng.uniform(0.3, 0.7)), int(height * rng.uniform(0.3, 0.7))
         x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-        out.append(image[y:y + h, x:x + w])
+        out.append(image[y : y + h, x : x + w])
     return out
 
 
@@ -87,8 +104,9 @@ class Detected:
     box: np.ndarray  # (4,) xyxy
 
 
-def build(folder: Path, detect, groups: list[list[str]], distractors_per_photo: int = 3,
-          seed: int = 0) -> dict[str, int]:
+def build(
+    folder: Path, detect, groups: list[list[str]], distractors_per_photo: int = 3, seed: int = 0
+) -> dict[str, int]:
     """Writes `folder/<category>/<product id>.jpg`; returns items per category.
 
     `detect(image) -> list[Detected]` finds the products of a photo (the real detector service).
@@ -107,11 +125,16 @@ def build(folder: Path, detect, groups: list[list[str]], distractors_per_photo: 
         found = detect(photo)
         if not found:
             continue
-        keep = resolve_exclusive(np.stack([d.box for d in found]), np.array([d.confidence for d in found]),
-                                 [d.class_name for d in found], groups, 0.5)
+        keep = resolve_exclusive(
+            np.stack([d.box for d in found]),
+            np.array([d.confidence for d in found]),
+            [d.class_name for d in found],
+            groups,
+            0.5,
+        )
         for n, index in enumerate(keep):
             d = found[index]
-            x0, y0, x1, y1 = (int(round(v)) for v in d.box)
+            x0, y0, x1, y1 = (round(v) for v in d.box)
             for variant, image in variants(photo[y0:y1, x0:x1]).items():
                 write(d.category, f"{name}-{d.class_name.replace(' ', '_')}{n}-{variant}", image)
     # Products the detector has no class for, each with two images (a sub-folder is one product):

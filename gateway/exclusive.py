@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from detector_server.nms import iou_matrix
 
 
-def resolve_exclusive(boxes: np.ndarray, confidences: np.ndarray, labels: Sequence[str],
-                      groups: Sequence[Sequence[str]], iou_threshold: float) -> np.ndarray:
+def resolve_exclusive(
+    boxes: np.ndarray,
+    confidences: np.ndarray,
+    labels: Sequence[str],
+    groups: Sequence[Sequence[str]],
+    iou_threshold: float,
+) -> np.ndarray:
     """Indices of the items to keep, most confident first.
 
     `boxes` (N, 4) float xyxy, `confidences` (N,), `labels` (N,) each item's class name or
@@ -31,8 +36,7 @@ def resolve_exclusive(boxes: np.ndarray, confidences: np.ndarray, labels: Sequen
     kept: list[int] = []
     for i in order:
         groups_i = group_of.get(labels[i], set())
-        if any(groups_i & group_of.get(labels[j], set()) and ious[i, j] >= iou_threshold
-               for j in kept):
+        if any(groups_i & group_of.get(labels[j], set()) and ious[i, j] >= iou_threshold for j in kept):
             continue
         kept.append(int(i))
     return np.array(kept, dtype=np.int64)

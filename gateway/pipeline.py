@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from common.errors import (Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable,
-                           quote)
+from common.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, quote
 from common.images import ImageError, Photo, decode_photo, raw_photo, shrink
 from common.limits import check_id, check_metadata
 from common.names import check_name
@@ -37,8 +37,19 @@ from detector_server.nms import iou_matrix
 from gateway.config import GatewayConfig
 from gateway.crops import crop, plain_background, valid_box
 from gateway.exclusive import resolve_exclusive
-from gateway.ports import (BatchAnswer, CatalogueEntry, CatalogueMatch, CatalogueWriter, CategoryFailure, Degraded,
-                           Detector, Index, Locator, Signature, Signer)
+from gateway.ports import (
+    BatchAnswer,
+    CatalogueEntry,
+    CatalogueMatch,
+    CatalogueWriter,
+    CategoryFailure,
+    Degraded,
+    Detector,
+    Index,
+    Locator,
+    Signature,
+    Signer,
+)
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
 
 KINDS = ("deep", "bow")
@@ -130,8 +141,8 @@ class _Candidate:
     """A proposal while it is being judged."""
 
     proposal: Proposal
-    categories: list[str]          # where it is searched
-    fixed: bool                    # its category is given (detector class, region), not decided
+    categories: list[str]  # where it is searched
+    fixed: bool  # its category is given (detector class, region), not decided
     # category -> its answer, a warning (no catalogue there), or why it could not be searched
     answers: dict[str, BatchAnswer | str | CategoryFailure] = field(default_factory=dict)
     # Categories it would have been compared over but whose index did not answer the listing.
@@ -139,8 +150,8 @@ class _Candidate:
     category: str = ""
     margin: float = 0.0
     ambiguous: str = ""
-    best: float = -np.inf          # its best match's score over the categories searched
-    product: str = ""              # and that match's product
+    best: float = -np.inf  # its best match's score over the categories searched
+    product: str = ""  # and that match's product
 
 
 def _ms(start: float) -> float:
@@ -154,7 +165,7 @@ def split_calls(crops: list[np.ndarray], limit: int, max_bytes: int) -> list[lis
     calls = -(-len(crops) // max(limit, 1))
     bounds = [len(crops) * i // calls for i in range(calls + 1)]
     chunks: list[list[np.ndarray]] = []
-    for first, end in zip(bounds, bounds[1:]):
+    for first, end in itertools.pairwise(bounds):
         chunk: list[np.ndarray] = []
         size = 0
         for image in crops[first:end]:
@@ -177,8 +188,10 @@ def _unsearchable(failed: list[CategoryFailure]) -> str:
     for backend, failures in list(by_backend.items())[:3]:
         names = [quote(f.category) for f in failures if f.category]
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        parts.append(f"the index at {backend} ({failures[0].code}{'; categories ' + listed if names else ''}): "
-                     f"{failures[0].reason[:300]}")
+        parts.append(
+            f"the index at {backend} ({failures[0].code}{'; categories ' + listed if names else ''}): "
+            f"{failures[0].reason[:300]}"
+        )
     return "no catalogue category could be searched: " + "; ".join(parts) + "; retry when the index is back"
 
 
@@ -186,8 +199,10 @@ def _stored(images: Iterable[IndexedImage]) -> str:
     """'3 images of 2 products were stored' (exact: what the index holds from this call)."""
     images = list(images)
     products = len({i.product_id for i in images})
-    return (f"{len(images)} image{'s' if len(images) != 1 else ''} of {products} "
-            f"product{'s' if products != 1 else ''} {'were' if len(images) != 1 else 'was'} stored")
+    return (
+        f"{len(images)} image{'s' if len(images) != 1 else ''} of {products} "
+        f"product{'s' if products != 1 else ''} {'were' if len(images) != 1 else 'was'} stored"
+    )
 
 
 def image_id_of(data: bytes) -> str:
@@ -196,8 +211,15 @@ def image_id_of(data: bytes) -> str:
 
 
 class Pipeline:
-    def __init__(self, config: GatewayConfig, detector: Detector, locator: Locator, signer: Signer,
-                 index: Index, pool: ThreadPoolExecutor):
+    def __init__(
+        self,
+        config: GatewayConfig,
+        detector: Detector,
+        locator: Locator,
+        signer: Signer,
+        index: Index,
+        pool: ThreadPoolExecutor,
+    ):
         for name in [config.default_signature_kind, config.selection_kind, *config.index_kinds]:
             if name not in KINDS:
                 raise ValueError(f"signature kind {name!r} in the gateway config is not one of {KINDS}")
@@ -227,8 +249,9 @@ class Pipeline:
 
     # -- search --------------------------------------------------------------------------------------
 
-    def search(self, photo: Photo, options: SearchOptions, deadline: Deadline,
-               timings: Timings | None = None) -> SearchOutcome:
+    def search(
+        self, photo: Photo, options: SearchOptions, deadline: Deadline, timings: Timings | None = None
+    ) -> SearchOutcome:
         timings = timings or Timings()
         config = self.config
         width, height = photo.rgb.shape[1], photo.rgb.shape[0]
@@ -238,8 +261,9 @@ class Pipeline:
                 clipped = photo.to_shrunk(clip_box(box, photo.width, photo.height))
                 proposals.append(Proposal(clipped.astype(np.float32), Source.USER_REGION, 1.0, "", category))
         else:
-            proposals = self._localise(photo.rgb, options.sources or self.default_sources,
-                                       options.min_confidence, deadline, timings)
+            proposals = self._localise(
+                photo.rgb, options.sources or self.default_sources, options.min_confidence, deadline, timings
+            )
             proposals.append(Proposal(np.array([0, 0, width, height], np.float32), Source.WHOLE_IMAGE, 1.0))
         # Regions that all name their category leave nothing to select: sign them once, as asked.
         named = bool(options.regions) and all(category for _, category in options.regions)
@@ -250,25 +274,36 @@ class Pipeline:
         same_kind = options.kind == selection
         signatures = self._sign(crops, [selection], deadline, timings)
         answered: set[str] = set()
-        self._search(candidates, [s[0] for s in signatures], selection,
-                     options.top_k if same_kind else 1, deadline, timings, answered)
+        self._search(
+            candidates,
+            [s[0] for s in signatures],
+            selection,
+            options.top_k if same_kind else 1,
+            deadline,
+            timings,
+            answered,
+        )
         for candidate in candidates:
             self._decide(candidate)
         chosen = self._select(candidates, options)
 
         if not same_kind and chosen:
             final = [self._replan(c, options.kind) for c in chosen]
-            signatures = self._sign([crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in chosen],
-                                    [options.kind], deadline, timings)
-            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings,
-                         answered)
+            signatures = self._sign(
+                [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in chosen],
+                [options.kind],
+                deadline,
+                timings,
+            )
+            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings, answered)
             chosen = final
         failed = self._failures(candidates + chosen)
         if failed and not answered:
             raise Unavailable(_unsearchable(failed))
         items = [self._item(c, options, photo) for c in chosen]
-        return SearchOutcome(items, photo.width, photo.height, len(proposals) - (0 if options.regions else 1),
-                             timings, failed)
+        return SearchOutcome(
+            items, photo.width, photo.height, len(proposals) - (0 if options.regions else 1), timings, failed
+        )
 
     @staticmethod
     def _failures(candidates: list[_Candidate]) -> list[CategoryFailure]:
@@ -281,8 +316,9 @@ class Pipeline:
             failed.update((c, a) for c, a in candidate.answers.items() if isinstance(a, CategoryFailure))
         return [failed[c] for c in sorted(failed)]
 
-    def _localise(self, rgb: np.ndarray, sources: frozenset[Source], min_confidence: float,
-                  deadline: Deadline, timings: Timings) -> list[Proposal]:
+    def _localise(
+        self, rgb: np.ndarray, sources: frozenset[Source], min_confidence: float, deadline: Deadline, timings: Timings
+    ) -> list[Proposal]:
         """Proposals of every source asked for, in pixels of `rgb`, merged and capped."""
         config = self.config
         calls: dict[str, Future] = {}
@@ -292,8 +328,12 @@ class Pipeline:
 
             def detect():
                 start = time.perf_counter()
-                return self.detector.detect(small, min_confidence, objectness, config.max_objects,
-                                            deadline.remaining()), small, _ms(start)
+                return (
+                    self.detector.detect(small, min_confidence, objectness, config.max_objects, deadline.remaining()),
+                    small,
+                    _ms(start),
+                )
+
             calls["detect"] = self.pool.submit(detect)
         if sources & {Source.SALIENT, Source.SEGMENT}:
             small_l = shrink(rgb, config.locate_side)
@@ -303,6 +343,7 @@ class Pipeline:
             def locate():
                 start = time.perf_counter()
                 return self.locator.locate(small_l, salient, segments, deadline.remaining()), small_l, _ms(start)
+
             calls["locate"] = self.pool.submit(locate)
         proposals: list[Proposal] = []
         height, width = rgb.shape[:2]
@@ -311,18 +352,26 @@ class Pipeline:
             timings.detect_ms = ms
             factor = width / small.shape[1]
             if Source.DETECTOR in sources:
-                proposals += [Proposal(clip_box(box * factor, width, height), Source.DETECTOR, confidence, name,
-                                       category) for box, name, category, confidence in found.detections if category]
-            proposals += [Proposal(clip_box(box * factor, width, height), Source.OBJECTNESS, score)
-                          for box, score in found.objects]
+                proposals += [
+                    Proposal(clip_box(box * factor, width, height), Source.DETECTOR, confidence, name, category)
+                    for box, name, category, confidence in found.detections
+                    if category
+                ]
+            proposals += [
+                Proposal(clip_box(box * factor, width, height), Source.OBJECTNESS, score)
+                for box, score in found.objects
+            ]
         if "locate" in calls:
             located, small_l, ms = calls["locate"].result()
             timings.locate_ms = ms
             factor = width / small_l.shape[1]
-            proposals += [Proposal(clip_box(box * factor, width, height), Source.SALIENT, score)
-                          for box, score in located.salient]
-            proposals += [Proposal(clip_box(box * factor, width, height), Source.SEGMENT, score)
-                          for box, score in located.segments]
+            proposals += [
+                Proposal(clip_box(box * factor, width, height), Source.SALIENT, score) for box, score in located.salient
+            ]
+            proposals += [
+                Proposal(clip_box(box * factor, width, height), Source.SEGMENT, score)
+                for box, score in located.segments
+            ]
         proposals = [p for p in proposals if p.box[2] - p.box[0] >= 2 and p.box[3] - p.box[1] >= 2]
         return merge_proposals(proposals, config.proposal_iou, config.max_proposals)
 
@@ -340,15 +389,17 @@ class Pipeline:
         allowed = sorted(available & wanted) if restrict else sorted(reachable)
         # In scope: what the request names (a named category that is nowhere known may be on a
         # backend whose categories are unknown), else every category.
-        unsearched = [f for f in down
-                      if (f.category and f.category not in allowed and (not restrict or f.category in wanted))
-                      or (not f.category and (not restrict or wanted - available))]
+        unsearched = [
+            f
+            for f in down
+            if (f.category and f.category not in allowed and (not restrict or f.category in wanted))
+            or (not f.category and (not restrict or wanted - available))
+        ]
         candidates = []
         for proposal in proposals:
             own = proposal.category
-            if own and proposal.source is Source.USER_REGION:
-                candidates.append(_Candidate(proposal, [own], True))
-            elif own and own in available and (not restrict or own in restrict):
+            user_drawn = own and proposal.source is Source.USER_REGION
+            if user_drawn or (own and own in available and (not restrict or own in restrict)):
                 candidates.append(_Candidate(proposal, [own], True))
             else:
                 candidates.append(_Candidate(proposal, list(allowed), False, unsearched=list(unsearched)))
@@ -357,17 +408,20 @@ class Pipeline:
     def _replan(self, chosen: _Candidate, kind: str) -> _Candidate:
         """The chosen item, to be searched with another kind: in its category, or (ambiguous) in
         the categories it was compared over."""
-        categories = [chosen.category] if chosen.category else [c for c in chosen.categories
-                                                                 if c in self.index.categories(kind)]
+        categories = (
+            [chosen.category] if chosen.category else [c for c in chosen.categories if c in self.index.categories(kind)]
+        )
         again = _Candidate(chosen.proposal, categories, True, unsearched=chosen.unsearched)
         again.category, again.margin, again.ambiguous = chosen.category, chosen.margin, chosen.ambiguous
         # Why the choice of category may be wrong stays with the item.
-        again.answers.update((c, a) for c, a in chosen.answers.items()
-                             if isinstance(a, CategoryFailure) and c not in categories)
+        again.answers.update(
+            (c, a) for c, a in chosen.answers.items() if isinstance(a, CategoryFailure) and c not in categories
+        )
         return again
 
-    def _sign(self, crops: list[np.ndarray], kinds: list[str], deadline: Deadline,
-              timings: Timings) -> list[list[Signature]]:
+    def _sign(
+        self, crops: list[np.ndarray], kinds: list[str], deadline: Deadline, timings: Timings
+    ) -> list[list[Signature]]:
         """Signatures [crop][kind], in calls of at most the signature service's limit (as its
         ListKinds advertises it, else signature_call_images), in parallel, all within the request's
         deadline."""
@@ -376,8 +430,10 @@ class Pipeline:
         start = time.perf_counter()
         limit = self.signer.images_per_call(deadline.remaining()) or self.config.signature_call_images
         chunks = split_calls(crops, limit, self.config.signature_call_bytes)
-        futures = [self.pool.submit(lambda chunk: self.signer.sign(chunk, kinds, deadline.remaining()), chunk)
-                   for chunk in chunks]
+        futures = [
+            self.pool.submit(lambda chunk: self.signer.sign(chunk, kinds, deadline.remaining()), chunk)
+            for chunk in chunks
+        ]
         try:
             out = [signatures for future in futures for signatures in future.result()]
         except BaseException:
@@ -387,8 +443,16 @@ class Pipeline:
         timings.sign_ms += _ms(start)
         return out
 
-    def _search(self, candidates: list[_Candidate], signatures: list[Signature], kind: str, top_k: int,
-                deadline: Deadline, timings: Timings, answered: set[str]) -> None:
+    def _search(
+        self,
+        candidates: list[_Candidate],
+        signatures: list[Signature],
+        kind: str,
+        top_k: int,
+        deadline: Deadline,
+        timings: Timings,
+        answered: set[str],
+    ) -> None:
         """One SearchBatch per category holding every candidate searched there, all in parallel;
         the categories whose index answered (a missing database is an answer) join `answered`."""
         start = time.perf_counter()
@@ -420,8 +484,9 @@ class Pipeline:
 
     def _decide(self, candidate: _Candidate) -> None:
         """Its category (given, or the one whose best match is clearly best) and best score."""
-        firsts = {c: a.results[0][0] for c, a in candidate.answers.items()
-                  if isinstance(a, BatchAnswer) and a.results[0]}
+        firsts = {
+            c: a.results[0][0] for c, a in candidate.answers.items() if isinstance(a, BatchAnswer) and a.results[0]
+        }
         bests = {c: match.score for c, match in firsts.items()}
         if firsts:
             top = max(firsts.values(), key=lambda m: m.score)
@@ -440,8 +505,10 @@ class Pipeline:
         if candidate.margin >= self.config.category_margin:
             candidate.category = first
         else:
-            candidate.ambiguous = (f"no category is clearly best: {first!r} ({s1:.3f}) and {second!r} "
-                                   f"({s2:.3f}) are within {self.config.category_margin}")
+            candidate.ambiguous = (
+                f"no category is clearly best: {first!r} ({s1:.3f}) and {second!r} "
+                f"({s2:.3f}) are within {self.config.category_margin}"
+            )
 
     def _select(self, candidates: list[_Candidate], options: SearchOptions) -> list[_Candidate]:
         """The candidates that are items: regions and detector classes always; class-agnostic ones
@@ -451,12 +518,24 @@ class Pipeline:
         regions = [c for c in candidates if c.proposal.source is Source.USER_REGION]
         if regions:
             return regions
-        pool = [c for c in candidates if c.proposal.source is Source.DETECTOR
-                or (c.proposal.source in LOCALISING and c.category and not c.ambiguous
-                    and c.best >= config.proposal_min_score)]
+        pool = [
+            c
+            for c in candidates
+            if c.proposal.source is Source.DETECTOR
+            or (
+                c.proposal.source in LOCALISING
+                and c.category
+                and not c.ambiguous
+                and c.best >= config.proposal_min_score
+            )
+        ]
         # Detector classes first (they carry a class), then the best matches.
-        pool.sort(key=lambda c: (c.proposal.source is not Source.DETECTOR, -(
-            c.proposal.confidence if c.proposal.source is Source.DETECTOR else c.best)))
+        pool.sort(
+            key=lambda c: (
+                c.proposal.source is not Source.DETECTOR,
+                -(c.proposal.confidence if c.proposal.source is Source.DETECTOR else c.best),
+            )
+        )
         kept: list[_Candidate] = []
         for candidate in pool:
             if not any(self._same_item(candidate, other) for other in kept):
@@ -466,10 +545,15 @@ class Pipeline:
         if kept:
             labels = [c.proposal.class_name or c.category for c in kept]
             order_score = np.array([len(kept) - i for i in range(len(kept))], np.float64)
-            keep = resolve_exclusive(np.stack([c.proposal.box for c in kept]), order_score, labels,
-                                     config.exclusive_groups, config.exclusive_iou)
+            keep = resolve_exclusive(
+                np.stack([c.proposal.box for c in kept]),
+                order_score,
+                labels,
+                config.exclusive_groups,
+                config.exclusive_iou,
+            )
             kept = [kept[i] for i in sorted(keep)]
-        kept = kept[:options.max_items or config.max_items]
+        kept = kept[: options.max_items or config.max_items]
         if not kept:
             kept = [c for c in candidates if c.proposal.source is Source.WHOLE_IMAGE]
         return kept
@@ -481,8 +565,13 @@ class Pipeline:
         mean of its neighbours is closer to the object."""
         if item.proposal.source is Source.DETECTOR:
             return item
-        voters = [c for c in candidates if c.proposal.source in LOCALISING and c.product == item.product
-                  and overlap_of_smaller(c.proposal.box, item.proposal.box) >= self.config.same_product_overlap]
+        voters = [
+            c
+            for c in candidates
+            if c.proposal.source in LOCALISING
+            and c.product == item.product
+            and overlap_of_smaller(c.proposal.box, item.proposal.box) >= self.config.same_product_overlap
+        ]
         if len(voters) < 2:
             return item
         weights = np.exp(self.config.box_vote_sharpness * (np.array([c.best for c in voters]) - item.best))
@@ -499,38 +588,56 @@ class Pipeline:
         iou = float(iou_matrix(a.box[None].astype(np.float64), b.box[None].astype(np.float64))[0, 0])
         if candidate.category and candidate.category == other.category and iou >= self.config.item_iou:
             return True
-        return bool(candidate.product and candidate.product == other.product
-                    and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap)
+        return bool(
+            candidate.product
+            and candidate.product == other.product
+            and overlap_of_smaller(a.box, b.box) >= self.config.same_product_overlap
+        )
 
     def _item(self, candidate: _Candidate, options: SearchOptions, photo: Photo) -> FoundItem:
         proposal = candidate.proposal
-        item = FoundItem(photo.to_original(proposal.box).astype(np.float32), proposal.source, proposal.confidence, proposal.class_name,
-                         candidate.category, category_margin=candidate.margin)
+        item = FoundItem(
+            photo.to_original(proposal.box).astype(np.float32),
+            proposal.source,
+            proposal.confidence,
+            proposal.class_name,
+            candidate.category,
+            category_margin=candidate.margin,
+        )
         if proposal.source is Source.USER_REGION and proposal.category:
             item.category = proposal.category
         warnings = [a for a in candidate.answers.values() if isinstance(a, str)]
         failures = [a for a in candidate.answers.values() if isinstance(a, CategoryFailure)] + candidate.unsearched
-        answers = [a for c, a in candidate.answers.items() if isinstance(a, BatchAnswer)
-                   and (not candidate.category or c == candidate.category)]
+        answers = [
+            a
+            for c, a in candidate.answers.items()
+            if isinstance(a, BatchAnswer) and (not candidate.category or c == candidate.category)
+        ]
         if candidate.ambiguous:
             warnings.insert(0, candidate.ambiguous)
         matches = sorted((m for a in answers for m in a.results[0]), key=lambda m: (-m.score, m.product_id))
         floor = self._min_score(item.category, options)
-        item.matches = [m for m in matches if m.score >= floor][:options.top_k]
+        item.matches = [m for m in matches if m.score >= floor][: options.top_k]
         if matches and not item.matches:
-            warnings.append(f"no catalogue product scores {floor:.3f} or more (min_score): the best is "
-                            f"{matches[0].product_id!r} at {matches[0].score:.3f}")
+            warnings.append(
+                f"no catalogue product scores {floor:.3f} or more (min_score): the best is "
+                f"{matches[0].product_id!r} at {matches[0].score:.3f}"
+            )
         degraded = [a.degraded for a in answers if a.degraded is not None]
         if degraded:
             item.degraded = degraded[0]
-            warnings.append(f"part of the {item.category or 'catalogue'!r} index did not answer "
-                            f"({degraded[0].reason}); matches are exact over the rest")
+            warnings.append(
+                f"part of the {item.category or 'catalogue'!r} index did not answer "
+                f"({degraded[0].reason}); matches are exact over the rest"
+            )
         if failures:
             # Its category could not be searched, or (class-agnostic) its category was chosen
             # without some: see the response's failed_categories.
             names = sorted({quote(f.category) if f.category else f"the categories at {f.backend}" for f in failures})
-            reason = (f"{', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''} "
-                      f"could not be searched ({failures[0].code})")
+            reason = (
+                f"{', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''} "
+                f"could not be searched ({failures[0].code})"
+            )
             if item.degraded is None:
                 item.degraded = Degraded(reason)
             warnings.append(reason + ": matches are over the rest only")
@@ -543,7 +650,8 @@ class Pipeline:
         if options.min_score is not None:
             return options.min_score
         return self.config.category_min_score.get(category, {}).get(
-            options.kind, self.config.min_score.get(options.kind, 0.0))
+            options.kind, self.config.min_score.get(options.kind, 0.0)
+        )
 
     # -- ingestion -----------------------------------------------------------------------------------
 
@@ -560,20 +668,23 @@ class Pipeline:
         rgb = photo.rgb
         height, width = rgb.shape[:2]
         small, small_l = shrink(rgb, config.detector_side), shrink(rgb, config.locate_side)
-        detected = self.pool.submit(self.detector.detect, small, 0.0, config.ingest_min_objectness, 5,
-                                    deadline.remaining())
+        detected = self.pool.submit(
+            self.detector.detect, small, 0.0, config.ingest_min_objectness, 5, deadline.remaining()
+        )
         located = self.pool.submit(self.locator.locate, small_l, 1, 0, deadline.remaining())
         found = detected.result()
-        ours = [(confidence, box) for box, _, box_category, confidence in found.detections
-                if box_category == category]
+        ours = [(confidence, box) for box, _, box_category, confidence in found.detections if box_category == category]
         if ours:
             box = max(ours, key=lambda pair: pair[0])[1] * (width / small.shape[1])
             return clip_box(box, width, height), Source.DETECTOR
+
         def big(boxes: list[np.ndarray]) -> list[np.ndarray]:
             # A catalogue image is about its product: a small box is a detail (a label, a light).
             return [b for b in boxes if (b[2] - b[0]) * (b[3] - b[1]) >= config.ingest_min_area * width * height]
 
-        salient = big([clip_box(box * (width / small_l.shape[1]), width, height) for box, _ in located.result().salient])
+        salient = big(
+            [clip_box(box * (width / small_l.shape[1]), width, height) for box, _ in located.result().salient]
+        )
         if salient and plain_background(rgb):
             return salient[0], Source.SALIENT
         objects = big([clip_box(box * (width / small.shape[1]), width, height) for box, _ in found.objects])
@@ -622,8 +733,10 @@ class Pipeline:
             for position, image in enumerate(images):
                 try:
                     if position >= config.max_images_per_stream:
-                        raise ResourceExhausted(f"send at most {config.max_images_per_stream} images per "
-                                                "IndexProducts stream: split the ingest into several streams")
+                        raise ResourceExhausted(
+                            f"send at most {config.max_images_per_stream} images per "
+                            "IndexProducts stream: split the ingest into several streams"
+                        )
                     self.check_image(image)
                     photo = self.decode(image.encoded, image.raw)
                     if image.box is not None:
@@ -635,8 +748,7 @@ class Pipeline:
                     where = f"product #{position} ({quote(image.product_id)}): "
                     raise
                 if not image.image_id:
-                    image.image_id = image_id_of(image.encoded if image.encoded is not None
-                                                 else image.raw[2])  # type: ignore[index]
+                    image.image_id = image_id_of(image.encoded if image.encoded is not None else image.raw[2])  # type: ignore[index]
                 batch.append((image, photo))
                 if len(batch) >= config.ingest_batch:
                     flush()
@@ -648,8 +760,12 @@ class Pipeline:
             failed = writer.commit()
             kept = stored(failed)
             lost = f", none of categories {sorted(failed)[:5]} (their index failed too)" if failed else ""
-            raise IngestError(f"{where}{exc}; {_stored(kept)} (those before it in the stream{lost}): fix it and "
-                              "re-send from there (a re-sent image replaces itself)", exc.status, kept) from None
+            raise IngestError(
+                f"{where}{exc}; {_stored(kept)} (those before it in the stream{lost}): fix it and "
+                "re-send from there (a re-sent image replaces itself)",
+                exc.status,
+                kept,
+            ) from None
         except BaseException:
             writer.cancel()
             raise
@@ -658,12 +774,16 @@ class Pipeline:
             kept = stored(failed)
             error = next(iter(failed.values()))
             status = getattr(error, "status", "UNAVAILABLE")
-            raise IngestError(f"{error}; {_stored(kept)}: none of categories {sorted(failed)[:5]}, whose index "
-                              "failed: re-send those", status, kept)
+            raise IngestError(
+                f"{error}; {_stored(kept)}: none of categories {sorted(failed)[:5]}, whose index failed: re-send those",
+                status,
+                kept,
+            )
         return list(sent.values())
 
-    def _ingest_batch(self, batch: list[tuple[CatalogueImage, Photo]], writer: CatalogueWriter,
-                      deadline: Deadline) -> list[IndexedImage]:
+    def _ingest_batch(
+        self, batch: list[tuple[CatalogueImage, Photo]], writer: CatalogueWriter, deadline: Deadline
+    ) -> list[IndexedImage]:
         """Localises and signs a batch and sends it to the index -> what was sent."""
         config = self.config
 
@@ -681,31 +801,42 @@ class Pipeline:
         for (image, photo), (box, source), signed in zip(batch, placed, signatures):
             original = photo.to_original(box).astype(np.float32)
             report.append(IndexedImage(image.product_id, image.image_id, image.category, original, source))
-            entries += [CatalogueEntry(image.product_id, image.image_id, image.category, kind, signature,
-                                       original, image.metadata) for kind, signature in zip(kinds, signed)]
+            entries += [
+                CatalogueEntry(
+                    image.product_id, image.image_id, image.category, kind, signature, original, image.metadata
+                )
+                for kind, signature in zip(kinds, signed)
+            ]
         writer.add(entries)
         return report
 
-    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str],
-                        deadline: Deadline) -> tuple[int, list[str]]:
+    def delete_products(
+        self, product_ids: Sequence[str], categories: Sequence[str], deadline: Deadline
+    ) -> tuple[int, list[str]]:
         config = self.config
         if not product_ids:
             raise InvalidArgument("product_ids is empty: name the products to delete")
         if len(product_ids) > config.max_delete_ids:
-            raise ResourceExhausted(f"{len(product_ids)} product_ids in one call, above the limit of "
-                                    f"{config.max_delete_ids}: delete at most {config.max_delete_ids} per call")
+            raise ResourceExhausted(
+                f"{len(product_ids)} product_ids in one call, above the limit of "
+                f"{config.max_delete_ids}: delete at most {config.max_delete_ids} per call"
+            )
         for i, product_id in enumerate(product_ids):
             if not product_id:
                 raise InvalidArgument(f"product_ids[{i}] is empty: every id must name a product")
             size = len(product_id.encode("utf-8", "surrogatepass"))
             if size > config.max_id_bytes:
-                raise InvalidArgument(f"product_ids[{i}] is {size} UTF-8 bytes, above the limit of "
-                                      f"{config.max_id_bytes}: no product id is longer")
+                raise InvalidArgument(
+                    f"product_ids[{i}] is {size} UTF-8 bytes, above the limit of "
+                    f"{config.max_id_bytes}: no product id is longer"
+                )
         if len(categories) > config.max_categories:
-            raise ResourceExhausted(f"{len(categories)} categories in one call, above the limit of "
-                                    f"{config.max_categories}: name at most {config.max_categories}")
+            raise ResourceExhausted(
+                f"{len(categories)} categories in one call, above the limit of "
+                f"{config.max_categories}: name at most {config.max_categories}"
+            )
         for category in categories:
             check_name("category", category)
-        return self.index.delete_products(list(dict.fromkeys(product_ids)), list(categories) or None,
-                                          deadline.remaining())
-
+        return self.index.delete_products(
+            list(dict.fromkeys(product_ids)), list(categories) or None, deadline.remaining()
+        )

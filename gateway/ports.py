@@ -6,8 +6,9 @@ method takes the seconds it may spend and raises common.errors on failure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -68,9 +69,9 @@ class CategoryFailure:
     categories are unknown because it has not answered a listing)."""
 
     category: str
-    code: str      # the grpc.StatusCode name, e.g. "UNAVAILABLE"
+    code: str  # the grpc.StatusCode name, e.g. "UNAVAILABLE"
     reason: str
-    backend: str   # the index address holding the category
+    backend: str  # the index address holding the category
 
 
 @dataclass
@@ -87,8 +88,9 @@ class CatalogueEntry:
 
 
 class Detector(Protocol):
-    def detect(self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float,
-               max_objects: int, timeout_s: float) -> DetectorOutput: ...
+    def detect(
+        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
+    ) -> DetectorOutput: ...
 
 
 class Locator(Protocol):
@@ -139,8 +141,9 @@ class Index(Protocol):
         """The address of the index backend holding the category."""
         ...
 
-    def search_batch(self, category: str, kind: str, signatures: Sequence[Signature], top_k: int,
-                     timeout_s: float) -> BatchAnswer:
+    def search_batch(
+        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+    ) -> BatchAnswer:
         """Each query's top_k products (one per product, its best image) in one category's
         database; raises common.errors.NotFound when that database does not exist."""
         ...
@@ -149,7 +152,8 @@ class Index(Protocol):
         """A writer for one ingestion; every stream it opens ends within `timeout_s`."""
         ...
 
-    def delete_products(self, product_ids: Sequence[str], categories: Sequence[str] | None,
-                        timeout_s: float) -> tuple[int, list[str]]:
+    def delete_products(
+        self, product_ids: Sequence[str], categories: Sequence[str] | None, timeout_s: float
+    ) -> tuple[int, list[str]]:
         """Deletes every image of the products in every kind -> (images deleted, ids not found)."""
         ...

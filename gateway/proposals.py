@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
 from detector_server.nms import iou_matrix
 
 
-class Source(str, enum.Enum):
+class Source(enum.StrEnum):
     """Where a candidate region came from (mps.gateway.v1.ItemSource)."""
 
-    DETECTOR = "detector"        # a detector class that is a product
-    OBJECTNESS = "objectness"    # the detector's class-agnostic objectness
-    SALIENT = "salient"          # SCDA on the deep descriptor's feature map
-    SEGMENT = "segment"          # selective search, ranked by activation contrast
+    DETECTOR = "detector"  # a detector class that is a product
+    OBJECTNESS = "objectness"  # the detector's class-agnostic objectness
+    SALIENT = "salient"  # SCDA on the deep descriptor's feature map
+    SEGMENT = "segment"  # selective search, ranked by activation contrast
     WHOLE_IMAGE = "whole_image"  # the fallback when nothing else qualifies
     USER_REGION = "user_region"  # given by the caller
 
 
 # Which source's box stays when two sources box the same thing: the one that knows more.
-PRIORITY = {Source.USER_REGION: 0, Source.DETECTOR: 1, Source.OBJECTNESS: 2, Source.SALIENT: 3,
-            Source.SEGMENT: 4, Source.WHOLE_IMAGE: 5}
+PRIORITY = {
+    Source.USER_REGION: 0,
+    Source.DETECTOR: 1,
+    Source.OBJECTNESS: 2,
+    Source.SALIENT: 3,
+    Source.SEGMENT: 4,
+    Source.WHOLE_IMAGE: 5,
+}
 LOCALISING = (Source.DETECTOR, Source.OBJECTNESS, Source.SALIENT, Source.SEGMENT)
 
 
@@ -65,10 +71,14 @@ def merge_proposals(proposals: Iterable[Proposal], iou_threshold: float, limit: 
         if len(kept) >= limit:
             break
         if kept:
-            overlaps = iou_matrix(proposal.box[None].astype(np.float64),
-                                  np.stack([k.box for k in kept]).astype(np.float64))[0]
-            duplicate = [k for k, o in zip(kept, overlaps) if o >= iou_threshold
-                         and not (k.source == proposal.source == Source.DETECTOR)]
+            overlaps = iou_matrix(
+                proposal.box[None].astype(np.float64), np.stack([k.box for k in kept]).astype(np.float64)
+            )[0]
+            duplicate = [
+                k
+                for k, o in zip(kept, overlaps)
+                if o >= iou_threshold and not (k.source == proposal.source == Source.DETECTOR)
+            ]
             if duplicate:
                 continue
         kept.append(proposal)
@@ -77,8 +87,15 @@ def merge_proposals(proposals: Iterable[Proposal], iou_threshold: float, limit: 
 
 def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
     """(4,) xyxy -> (4,) float32 clipped to a width x height image."""
-    return np.array([min(max(box[0], 0), width), min(max(box[1], 0), height),
-                     min(max(box[2], 0), width), min(max(box[3], 0), height)], dtype=np.float32)
+    return np.array(
+        [
+            min(max(box[0], 0), width),
+            min(max(box[1], 0), height),
+            min(max(box[2], 0), width),
+            min(max(box[3], 0), height),
+        ],
+        dtype=np.float32,
+    )
 
 
 def overlap_of_smaller(a: np.ndarray, b: np.ndarray) -> float:

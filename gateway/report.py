@@ -10,8 +10,16 @@ from PIL import Image, ImageDraw, ImageFont
 from mps.gateway.v1 import gateway_pb2
 
 THUMB = 96
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
 
 
 def source_name(item: gateway_pb2.Item) -> str:
@@ -29,17 +37,22 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
         box = f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f}"
         found = ", ".join(f"{m.product_id} ({m.score:.3f})" for m in item.matches[:matches_shown])
         note = f"  [{item.warning}]" if item.warning and found else ""
-        lines.append(f"{n:>2}  {item.category or '?':<12} {source_name(item):<12} "
-                     f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}{note}")
+        lines.append(
+            f"{n:>2}  {item.category or '?':<12} {source_name(item):<12} "
+            f"{item.confidence:>5.2f}  {box:<22} {found or item.warning}{note}"
+        )
     if not result.items:
         lines.append("    (no product found)")
     for failure in result.failed_categories:
-        lines.append(f"not searched: {failure.category or '(unknown categories)'} at {failure.backend} "
-                     f"({failure.code})")
+        lines.append(
+            f"not searched: {failure.category or '(unknown categories)'} at {failure.backend} ({failure.code})"
+        )
     t = result.timings
-    lines.append(f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | locate {t.locate_ms:.0f} ms"
-                 f" | sign {t.sign_ms:.0f} ms | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms"
-                 f" ({result.proposals} candidate regions)")
+    lines.append(
+        f"time: decode {t.decode_ms:.0f} ms | detect {t.detect_ms:.0f} ms | locate {t.locate_ms:.0f} ms"
+        f" | sign {t.sign_ms:.0f} ms | search {t.search_ms:.0f} ms | total {t.total_ms:.0f} ms"
+        f" ({result.proposals} candidate regions)"
+    )
     return "\n".join(lines)
 
 
@@ -52,8 +65,9 @@ def _thumbnail(path: str) -> Image.Image | None:
     return image
 
 
-def draw_result(photo: np.ndarray, result: gateway_pb2.MultiProductSearchResponse, out: Path,
-                matches_shown: int = 3) -> Path:
+def draw_result(
+    photo: np.ndarray, result: gateway_pb2.MultiProductSearchResponse, out: Path, matches_shown: int = 3
+) -> Path:
     """Writes the photo with numbered boxes and, on the right, each item's top match thumbnails
     (read from the `path` metadata of the matches)."""
     base = Image.fromarray(photo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -24,10 +24,14 @@ from gateway.proposals import Source
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-SOURCES = {Source.DETECTOR: gateway_pb2.ITEM_SOURCE_DETECTOR, Source.OBJECTNESS: gateway_pb2.ITEM_SOURCE_OBJECTNESS,
-           Source.SALIENT: gateway_pb2.ITEM_SOURCE_SALIENT, Source.SEGMENT: gateway_pb2.ITEM_SOURCE_SEGMENT,
-           Source.WHOLE_IMAGE: gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE,
-           Source.USER_REGION: gateway_pb2.ITEM_SOURCE_USER_REGION}
+SOURCES = {
+    Source.DETECTOR: gateway_pb2.ITEM_SOURCE_DETECTOR,
+    Source.OBJECTNESS: gateway_pb2.ITEM_SOURCE_OBJECTNESS,
+    Source.SALIENT: gateway_pb2.ITEM_SOURCE_SALIENT,
+    Source.SEGMENT: gateway_pb2.ITEM_SOURCE_SEGMENT,
+    Source.WHOLE_IMAGE: gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE,
+    Source.USER_REGION: gateway_pb2.ITEM_SOURCE_USER_REGION,
+}
 SOURCE_OF = {value: source for source, value in SOURCES.items()}
 REQUESTABLE = (Source.DETECTOR, Source.OBJECTNESS, Source.SALIENT, Source.SEGMENT)
 
@@ -43,8 +47,9 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         # Downstream calls of all concurrent requests (detector, locator, signature chunks, one
         # search per category) run here.
         self.pool = ContextThreadPoolExecutor(max_workers=8 * config.max_workers, thread_name_prefix="gateway")
-        self.pipeline = Pipeline(config, backends.detector, backends.locator, backends.signer, backends.index,
-                                 self.pool)
+        self.pipeline = Pipeline(
+            config, backends.detector, backends.locator, backends.signer, backends.index, self.pool
+        )
         self.default_kind = KIND_VALUES[config.default_signature_kind]
         self.index_kinds = [KIND_VALUES[name] for name in config.index_kinds]
 
@@ -54,16 +59,18 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
 
     # --- MultiProductSearch -------------------------------------------------------------------
 
-    def MultiProductSearch(self, request: gateway_pb2.MultiProductSearchRequest,
-                           context: grpc.ServicerContext) -> gateway_pb2.MultiProductSearchResponse:
+    def MultiProductSearch(
+        self, request: gateway_pb2.MultiProductSearchRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.MultiProductSearchResponse:
         start = time.perf_counter()
         deadline = Deadline.of(context, self.config.default_timeout_s)
         with abort_on(context):
             options = self._options(request)
             raw = request.image.raw
-            photo = self.pipeline.decode(request.image.encoded if request.image.WhichOneof("source") == "encoded"
-                                         else None,
-                                         (raw.width, raw.height, raw.rgb) if request.image.HasField("raw") else None)
+            photo = self.pipeline.decode(
+                request.image.encoded if request.image.WhichOneof("source") == "encoded" else None,
+                (raw.width, raw.height, raw.rgb) if request.image.HasField("raw") else None,
+            )
             timings = Timings(decode_ms=_ms(start))
             options.regions = self._regions(request.regions, photo.width, photo.height)
             outcome = self.pipeline.search(photo, options, deadline, timings)
@@ -71,28 +78,46 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         BATCH_SIZE.labels("gateway", "items_per_photo").observe(len(outcome.items))
         t = outcome.timings
         return gateway_pb2.MultiProductSearchResponse(
-            items=[_item(i) for i in outcome.items], image_width=outcome.width, image_height=outcome.height,
+            items=[_item(i) for i in outcome.items],
+            image_width=outcome.width,
+            image_height=outcome.height,
             proposals=outcome.proposals,
-            timings=gateway_pb2.StageTimings(decode_ms=t.decode_ms, detect_ms=t.detect_ms, locate_ms=t.locate_ms,
-                                             sign_ms=t.sign_ms, search_ms=t.search_ms, total_ms=_ms(start)),
-            failed_categories=[gateway_pb2.CategoryFailure(category=f.category, code=f.code, reason=f.reason,
-                                                           backend=f.backend) for f in outcome.failed])
+            timings=gateway_pb2.StageTimings(
+                decode_ms=t.decode_ms,
+                detect_ms=t.detect_ms,
+                locate_ms=t.locate_ms,
+                sign_ms=t.sign_ms,
+                search_ms=t.search_ms,
+                total_ms=_ms(start),
+            ),
+            failed_categories=[
+                gateway_pb2.CategoryFailure(category=f.category, code=f.code, reason=f.reason, backend=f.backend)
+                for f in outcome.failed
+            ],
+        )
 
     def _options(self, request: gateway_pb2.MultiProductSearchRequest) -> SearchOptions:
         config = self.config
         top_k = request.top_k or 10
         if top_k > config.max_top_k:
-            raise InvalidArgument(f"top_k {top_k} is above the limit of {config.max_top_k}: ask for at most "
-                                  f"{config.max_top_k}")
+            raise InvalidArgument(
+                f"top_k {top_k} is above the limit of {config.max_top_k}: ask for at most {config.max_top_k}"
+            )
         if not 0.0 <= request.min_confidence <= 1.0:
-            raise InvalidArgument(f"min_confidence {request.min_confidence} is outside (0, 1]: set a threshold in "
-                                  "(0, 1], or 0 to keep the model's")
+            raise InvalidArgument(
+                f"min_confidence {request.min_confidence} is outside (0, 1]: set a threshold in "
+                "(0, 1], or 0 to keep the model's"
+            )
         if len(request.regions) > config.max_regions:
-            raise ResourceExhausted(f"{len(request.regions)} regions; at most {config.max_regions} per query: "
-                                    "split them over several queries")
+            raise ResourceExhausted(
+                f"{len(request.regions)} regions; at most {config.max_regions} per query: "
+                "split them over several queries"
+            )
         if len(request.categories) > config.max_categories:
-            raise ResourceExhausted(f"{len(request.categories)} categories; at most {config.max_categories} per "
-                                    "query: name fewer, or none to search every category")
+            raise ResourceExhausted(
+                f"{len(request.categories)} categories; at most {config.max_categories} per "
+                "query: name fewer, or none to search every category"
+            )
         for i, category in enumerate(request.categories):
             try:
                 check_name("category", category)
@@ -100,8 +125,10 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                 raise InvalidArgument(f"categories[{i}]: {exc}") from None
         kind = request.signature_kind or self.default_kind
         if kind not in self.index_kinds:
-            raise InvalidArgument(f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
-                                  f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}")
+            raise InvalidArgument(
+                f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
+                f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}"
+            )
         if request.HasField("min_score") and not np.isfinite(request.min_score):
             raise InvalidArgument("min_score must be a finite number (leave it unset for the gateway's default)")
         sources = set()
@@ -109,16 +136,27 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             source = SOURCE_OF.get(value)
             if source not in REQUESTABLE:
                 name = gateway_pb2.ItemSource.Name(value) if value in gateway_pb2.ItemSource.values() else value
-                raise InvalidArgument(f"sources: {name} cannot be asked for; choose among "
-                                      f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}")
+                raise InvalidArgument(
+                    f"sources: {name} cannot be asked for; choose among "
+                    f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}"
+                )
             sources.add(source)
         if request.max_items > config.max_proposals:
-            raise InvalidArgument(f"max_items {request.max_items} is above the limit of {config.max_proposals} "
-                                  f"(the candidate regions a photo is searched with): ask for at most "
-                                  f"{config.max_proposals}, or 0 for the gateway's default")
-        return SearchOptions(KIND_NAMES[kind], top_k, request.min_confidence, (), list(request.categories),
-                             request.min_score if request.HasField("min_score") else None,
-                             frozenset(sources) or None, request.max_items)
+            raise InvalidArgument(
+                f"max_items {request.max_items} is above the limit of {config.max_proposals} "
+                f"(the candidate regions a photo is searched with): ask for at most "
+                f"{config.max_proposals}, or 0 for the gateway's default"
+            )
+        return SearchOptions(
+            KIND_NAMES[kind],
+            top_k,
+            request.min_confidence,
+            (),
+            list(request.categories),
+            request.min_score if request.HasField("min_score") else None,
+            frozenset(sources) or None,
+            request.max_items,
+        )
 
     @staticmethod
     def _regions(regions, width: int, height: int) -> list[tuple[np.ndarray, str]]:
@@ -138,8 +176,9 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
 
     # --- IndexProducts ------------------------------------------------------------------------
 
-    def IndexProducts(self, request_iterator: Iterator[gateway_pb2.IndexProductsRequest],
-                      context: grpc.ServicerContext) -> gateway_pb2.IndexProductsResponse:
+    def IndexProducts(
+        self, request_iterator: Iterator[gateway_pb2.IndexProductsRequest], context: grpc.ServicerContext
+    ) -> gateway_pb2.IndexProductsResponse:
         deadline = Deadline.of(context, self.config.default_timeout_s)
         end = StreamEnd(context)
 
@@ -149,10 +188,14 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             try:
                 for r in request_iterator:
                     yield CatalogueImage(
-                        r.product_id, r.category, r.image_id,
+                        r.product_id,
+                        r.category,
+                        r.image_id,
                         r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
                         (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
-                        box_from_proto(r.box) if r.HasField("box") else None, dict(r.metadata))
+                        box_from_proto(r.box) if r.HasField("box") else None,
+                        dict(r.metadata),
+                    )
             except grpc.RpcError:
                 raise Cancelled("the client cancelled the stream or its deadline passed") from None
             if not end.completed(self.config.cancel_settle_s):
@@ -166,39 +209,59 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         per_category = Counter(image.category for image in indexed)
         limit = self.config.ingest_report_limit
         return gateway_pb2.IndexProductsResponse(
-            indexed=len(indexed), per_category=dict(per_category), images_truncated=len(indexed) > limit,
+            indexed=len(indexed),
+            per_category=dict(per_category),
+            images_truncated=len(indexed) > limit,
             products=len({image.product_id for image in indexed}),
-            images=[gateway_pb2.IndexedImage(product_id=i.product_id, image_id=i.image_id, category=i.category,
-                                             box=box_to_proto(i.box), source=SOURCES[i.source])
-                    for i in indexed[:limit]])
+            images=[
+                gateway_pb2.IndexedImage(
+                    product_id=i.product_id,
+                    image_id=i.image_id,
+                    category=i.category,
+                    box=box_to_proto(i.box),
+                    source=SOURCES[i.source],
+                )
+                for i in indexed[:limit]
+            ],
+        )
 
     # --- DeleteProducts -----------------------------------------------------------------------
 
-    def DeleteProducts(self, request: gateway_pb2.DeleteProductsRequest,
-                       context: grpc.ServicerContext) -> gateway_pb2.DeleteProductsResponse:
+    def DeleteProducts(
+        self, request: gateway_pb2.DeleteProductsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.DeleteProductsResponse:
         deadline = Deadline.of(context, self.config.default_timeout_s)
         with abort_on(context):
-            deleted, not_found = self.pipeline.delete_products(list(request.product_ids), list(request.categories),
-                                                               deadline)
+            deleted, not_found = self.pipeline.delete_products(
+                list(request.product_ids), list(request.categories), deadline
+            )
         return gateway_pb2.DeleteProductsResponse(images_deleted=deleted, not_found=not_found)
 
 
 def _match(match: CatalogueMatch) -> gateway_pb2.Match:
-    out = gateway_pb2.Match(product_id=match.product_id, score=match.score, metadata=match.metadata,
-                            image_id=match.image_id)
+    out = gateway_pb2.Match(
+        product_id=match.product_id, score=match.score, metadata=match.metadata, image_id=match.image_id
+    )
     if match.box is not None:
         out.box.CopyFrom(box_to_proto(match.box))
     return out
 
 
 def _item(item: FoundItem) -> gateway_pb2.Item:
-    out = gateway_pb2.Item(category=item.category, class_name=item.class_name, confidence=item.confidence,
-                           box=box_to_proto(item.box), matches=[_match(m) for m in item.matches],
-                           warning=item.warning, source=SOURCES[item.source],
-                           category_margin=item.category_margin)
+    out = gateway_pb2.Item(
+        category=item.category,
+        class_name=item.class_name,
+        confidence=item.confidence,
+        box=box_to_proto(item.box),
+        matches=[_match(m) for m in item.matches],
+        warning=item.warning,
+        source=SOURCES[item.source],
+        category_margin=item.category_margin,
+    )
     if item.degraded is not None:
         out.degraded = True
-        out.missing_word_ranges.extend(common_pb2.WordRange(first=a, end=b)
-                                       for a, b in item.degraded.missing_word_ranges)
+        out.missing_word_ranges.extend(
+            common_pb2.WordRange(first=a, end=b) for a, b in item.degraded.missing_word_ranges
+        )
         out.missing_shards.extend(item.degraded.missing_shards)
     return out

@@ -14,8 +14,9 @@ import logging
 import queue
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,9 +24,11 @@ from common.bow_codec import BagOfWords, BowFormatError, decode
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
 from common.limits import check_id, check_metadata
 from common.names import check_name
+from common.proto_convert import dense_from_proto
 from index_server.convert import box_of
 from index_server.dense import DenseDatabase, unit_vector
-from index_server.inverted import BowIndex, SignatureError
+from index_server.domain import SignatureError
+from index_server.inverted import BowIndex
 from index_server.limits import ItemLimits, check_stream_length, reworded
 from index_server.store import ShardStore
 from mps.common.v1 import common_pb2
@@ -33,8 +36,8 @@ from mps.index.v1 import index_pb2
 
 log = logging.getLogger(__name__)
 
-Database = Union[DenseDatabase, BowIndex]
-Value = Union[np.ndarray, BagOfWords]
+Database = DenseDatabase | BowIndex
+Value = np.ndarray | BagOfWords
 
 # Log record tags; the payload is the request message itself.
 _ADD, _DELETE = b"A", b"D"
@@ -47,8 +50,10 @@ _REASON_CHARS = 400
 
 class UnknownDatabase(NotFound):
     def __init__(self, name: str):
-        super().__init__(f"database {quote(name)} does not exist on this shard; a database is created by "
-                         "the first Add of an item to it")
+        super().__init__(
+            f"database {quote(name)} does not exist on this shard; a database is created by "
+            "the first Add of an item to it"
+        )
         self.name = name
 
 
@@ -56,9 +61,11 @@ class BrokenDatabase(FailedPrecondition):
     """A call on a database that could not be loaded at start-up."""
 
     def __init__(self, name: str, reason: str):
-        super().__init__(f"database {quote(name)} could not be loaded at start-up: {reason}; its stored data "
-                         "is kept as it was (nothing is lost): repair the cause and restart the shard, or "
-                         "restore the database from a fellow replica or a backup")
+        super().__init__(
+            f"database {quote(name)} could not be loaded at start-up: {reason}; its stored data "
+            "is kept as it was (nothing is lost): repair the cause and restart the shard, or "
+            "restore the database from a fellow replica or a backup"
+        )
 
 
 def _pack_records(records: list[bytes]) -> bytes:
@@ -69,7 +76,7 @@ def _unpack_records(blob: bytes) -> list[bytes]:
     records, position = [], 0
     while position < len(blob):
         (size,) = struct.unpack_from("<I", blob, position)
-        records.append(bytes(blob[position + 4:position + 4 + size]))
+        records.append(bytes(blob[position + 4 : position + 4 + size]))
         position += 4 + size
     return records
 
@@ -152,8 +159,10 @@ class DatabaseSettings:
     max_word_share: float = 1.0
 
     def word_range(self, vocabulary: int) -> tuple[int, int]:
-        return (vocabulary * self.word_shard_index // self.word_shard_count,
-                vocabulary * (self.word_shard_index + 1) // self.word_shard_count)
+        return (
+            vocabulary * self.word_shard_index // self.word_shard_count,
+            vocabulary * (self.word_shard_index + 1) // self.word_shard_count,
+        )
 
 
 def signature_value(signature: common_pb2.Signature) -> Value:
@@ -162,7 +171,7 @@ def signature_value(signature: common_pb2.Signature) -> Value:
     if signature.kind == common_pb2.SIGNATURE_KIND_DEEP:
         if signature.WhichOneof("value") != "dense" or not signature.dense.values:
             raise SignatureError("signature is empty: a deep signature carries dense.values")
-        return np.asarray(signature.dense.values, dtype=np.float32)
+        return dense_from_proto(signature)
     if signature.kind == common_pb2.SIGNATURE_KIND_BOW:
         if signature.WhichOneof("value") != "bow" or not signature.bow:
             raise SignatureError("signature is empty: a bag-of-words signature carries bow bytes")
@@ -175,8 +184,9 @@ def signature_value(signature: common_pb2.Signature) -> Value:
     raise SignatureError(f"signature kind {signature.kind} is unknown")
 
 
-def item_value(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(),
-               check_database_name: bool = True) -> Value:
+def item_value(
+    request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(), check_database_name: bool = True
+) -> Value:
     """An Add's signature value, once the item is known to be well formed whatever the databases
     hold (its names, ids, metadata, signature and box, within `limits`); raises InvalidArgument
     saying what to fix otherwise. The router checks with it too, before forwarding.
@@ -190,13 +200,17 @@ def item_value(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(),
         value = signature_value(request.signature)
         if isinstance(value, BagOfWords):
             if value.vocabulary > limits.max_bow_vocabulary:
-                raise SignatureError(f"signature uses a {value.vocabulary}-word vocabulary, above the limit of "
-                                     f"{limits.max_bow_vocabulary} words (max_bow_vocabulary)")
+                raise SignatureError(
+                    f"signature uses a {value.vocabulary}-word vocabulary, above the limit of "
+                    f"{limits.max_bow_vocabulary} words (max_bow_vocabulary)"
+                )
         else:
             if value.size > limits.max_dense_dimension:
-                raise SignatureError(f"signature has {value.size} values, above the limit of "
-                                     f"{limits.max_dense_dimension} dimensions (max_dense_dimension): "
-                                     "reduce the descriptor's dimension")
+                raise SignatureError(
+                    f"signature has {value.size} values, above the limit of "
+                    f"{limits.max_dense_dimension} dimensions (max_dense_dimension): "
+                    "reduce the descriptor's dimension"
+                )
             unit_vector(value)  # finite and not all zeros
         box = box_of(request)
         if box is not None and not np.all(np.isfinite(box)):
@@ -227,8 +241,13 @@ def _reason(exc: BaseException) -> str:
 
 def _apply_add(database: Database, request: index_pb2.AddRequest, value: Value) -> bool:
     """One logged Add, in memory (live or replayed); True when it replaced an item."""
-    return database.add(request.item_id, value, dict(request.metadata), request.group_id,  # type: ignore[arg-type]
-                        box_of(request))
+    return database.add(
+        request.item_id,
+        value,
+        dict(request.metadata),
+        request.group_id,  # type: ignore[arg-type]
+        box_of(request),
+    )
 
 
 def _apply_delete(database: Database, item_ids: list[str], group_ids: list[str]) -> int:
@@ -241,7 +260,7 @@ class AddStream:
     """The items of one Add stream, each checked as it arrives, committed together by
     Catalogue.commit (all or nothing), so a stream that fails or is cancelled stores nothing."""
 
-    def __init__(self, catalogue: "Catalogue"):
+    def __init__(self, catalogue: Catalogue):
         self.catalogue = catalogue
         self.items: list[tuple[index_pb2.AddRequest, Value]] = []
         # Databases this stream would create, by the shape of their first item here.
@@ -254,14 +273,20 @@ class AddStream:
         try:
             value = self.catalogue.check_add(request, self.shapes)
         except ServiceError as exc:
-            raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream "
-                            "was added") from None
+            raise reworded(
+                exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added"
+            ) from None
         self.items.append((request, value))
 
 
 class Catalogue:
-    def __init__(self, settings: DatabaseSettings = DatabaseSettings(), store: ShardStore | None = None,
-                 snapshot_every: int = 100_000, limits: ItemLimits = ItemLimits()):
+    def __init__(
+        self,
+        settings: DatabaseSettings = DatabaseSettings(),
+        store: ShardStore | None = None,
+        snapshot_every: int = 100_000,
+        limits: ItemLimits = ItemLimits(),
+    ):
         self.settings = settings
         self.store = store
         self.snapshot_every = snapshot_every
@@ -269,7 +294,7 @@ class Catalogue:
         self._databases: dict[str, tuple[int, Database]] = {}
         # Databases set aside at start-up, by name (see Unloadable).
         self._broken: dict[str, Unloadable] = {}
-        self._write = threading.Lock()       # log order == apply order
+        self._write = threading.Lock()  # log order == apply order
         self._snapshotting = threading.Lock()
         self._since_snapshot = 0
         self._snapshot_thread: threading.Thread | None = None
@@ -332,8 +357,10 @@ class Catalogue:
         if name in self._databases:
             held_kind, database = self._databases[name]
             if held_kind != kind:
-                raise InvalidArgument(f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
-                                      f"signatures, not {common_pb2.SignatureKind.Name(kind)}")
+                raise InvalidArgument(
+                    f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
+                    f"signatures, not {common_pb2.SignatureKind.Name(kind)}"
+                )
             try:
                 database.check(value)  # type: ignore[arg-type]
             except SignatureError as exc:
@@ -342,9 +369,11 @@ class Catalogue:
         shape = _shape(kind, value)
         first = shapes.setdefault(name, shape)
         if first != shape:
-            raise InvalidArgument(f"database {quote(name)} is new, and this stream's first item for it has "
-                                  f"{_describe(first)}, this one {_describe(shape)}: every item of a database "
-                                  "has the same kind and shape")
+            raise InvalidArgument(
+                f"database {quote(name)} is new, and this stream's first item for it has "
+                f"{_describe(first)}, this one {_describe(shape)}: every item of a database "
+                "has the same kind and shape"
+            )
 
     def commit(self, stream: AddStream) -> tuple[int, int]:
         """Stores a stream's items in one durable log transaction, then in memory; returns
@@ -357,8 +386,9 @@ class Catalogue:
                 try:
                     self._fit(request, value, shapes)
                 except ServiceError as exc:
-                    raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this "
-                                    "stream was added") from None
+                    raise reworded(
+                        exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added"
+                    ) from None
             if stream.items:
                 self._log([_ADD + r.SerializeToString() for r, _ in stream.items])
             stored: set[tuple[str, str]] = set()
@@ -367,7 +397,8 @@ class Catalogue:
                 key = (request.database, request.item_id)
                 # Catching up (replication): logged now, applied once the copy is installed.
                 if self._deferred is None and _apply_add(
-                        self._get_or_create(request.database, request.signature.kind, value), request, value):
+                    self._get_or_create(request.database, request.signature.kind, value), request, value
+                ):
                     replaced.add(key)
                 stored.add(key)
             self._since_snapshot += len(stream.items)
@@ -383,37 +414,56 @@ class Catalogue:
             if self._deferred is not None:
                 # Catching up: what is held here is stale, so the whole request is logged, and
                 # applied (what of it is there) once the copy is installed.
-                self._log([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=item_ids,
-                                                             group_ids=group_ids).SerializeToString()])
+                self._log(
+                    [
+                        _DELETE
+                        + index_pb2.DeleteRequest(
+                            database=name, item_ids=item_ids, group_ids=group_ids
+                        ).SerializeToString()
+                    ]
+                )
                 return Deleted(0, list(item_ids), list(group_ids))
             _, database = self.get(name)
             present = [i for i in dict.fromkeys(item_ids) if i in database]
             groups = [g for g in dict.fromkeys(group_ids) if database.group_size(g) > 0]
             if present or groups:
                 # Only what is there is logged: a replay then does exactly what was acknowledged.
-                self._log([_DELETE + index_pb2.DeleteRequest(database=name, item_ids=present,
-                                                             group_ids=groups).SerializeToString()])
+                self._log(
+                    [
+                        _DELETE
+                        + index_pb2.DeleteRequest(database=name, item_ids=present, group_ids=groups).SerializeToString()
+                    ]
+                )
             deleted = _apply_delete(database, present, groups)
             self._since_snapshot += deleted
         self._maybe_snapshot()
         present_set, groups_set = set(present), set(groups)
-        return Deleted(deleted, [i for i in dict.fromkeys(item_ids) if i not in present_set],
-                       [g for g in dict.fromkeys(group_ids) if g not in groups_set])
+        return Deleted(
+            deleted,
+            [i for i in dict.fromkeys(item_ids) if i not in present_set],
+            [g for g in dict.fromkeys(group_ids) if g not in groups_set],
+        )
 
     def _get_or_create(self, name: str, kind: int, value: Value) -> Database:
         """The database `name`, created for this signature's kind and shape by its first item."""
         if name not in self._databases:
             database: Database
             if isinstance(value, BagOfWords):
-                database = BowIndex(value.vocabulary, value.codebook, self.settings.word_range(value.vocabulary),
-                                    max_word_share=self.settings.max_word_share)
+                database = BowIndex(
+                    value.vocabulary,
+                    value.codebook,
+                    self.settings.word_range(value.vocabulary),
+                    max_word_share=self.settings.max_word_share,
+                )
             else:
                 database = DenseDatabase(value.size, self.settings.dense_factory, self.settings.dense_train_size)
             self._databases[name] = (kind, database)
         held_kind, database = self._databases[name]
         if held_kind != kind:
-            raise SignatureError(f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
-                                 f"signatures, not {common_pb2.SignatureKind.Name(kind)}")
+            raise SignatureError(
+                f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
+                f"signatures, not {common_pb2.SignatureKind.Name(kind)}"
+            )
         return database
 
     # -- durability -------------------------------------------------------------------------------
@@ -436,7 +486,7 @@ class Catalogue:
                 continue
             try:
                 self._apply_record(request)
-            except Exception as exc:  # noqa: BLE001 - one database's damage must not stop the shard
+            except Exception as exc:
                 failed[name] = f"replaying logged operation #{number}: {_reason(exc)}"
                 self._databases.pop(name, None)
         for name, reason in failed.items():
@@ -444,13 +494,18 @@ class Catalogue:
             pending = [r for _, r in store.replay(seq) if _parse_record(r).database == name]
             self._set_aside(name, reason, snapshot.get(name, {}), pending)
         self._since_snapshot = replayed
-        log.info("recovered %d databases from the snapshot at #%d and %d logged operations",
-                 len(self._databases), seq, replayed)
+        log.info(
+            "recovered %d databases from the snapshot at #%d and %d logged operations",
+            len(self._databases),
+            seq,
+            replayed,
+        )
 
     def _set_aside(self, name: str, reason: str, blobs: dict[str, bytes], pending: list[bytes]) -> None:
         self._broken[name] = Unloadable(reason, dict(blobs), pending)
-        log.error("database %s could not be loaded and is not served (its stored data is kept): %s",
-                  quote(name), reason)
+        log.error(
+            "database %s could not be loaded and is not served (its stored data is kept): %s", quote(name), reason
+        )
 
     def _apply_record(self, request: index_pb2.AddRequest | index_pb2.DeleteRequest) -> None:
         """One logged operation, in memory, through the same apply functions as live writes."""
@@ -470,8 +525,11 @@ class Catalogue:
             try:
                 if "kind" in blobs or not pending:  # else it was created by its pending operations
                     kind = int(blobs.pop("kind"))
-                    database: Database = BowIndex.from_state(blobs) if kind == common_pb2.SIGNATURE_KIND_BOW \
+                    database: Database = (
+                        BowIndex.from_state(blobs)
+                        if kind == common_pb2.SIGNATURE_KIND_BOW
                         else DenseDatabase.from_state(blobs)
+                    )
                     if isinstance(database, BowIndex):
                         database.max_word_share = self.settings.max_word_share  # configuration, not data
                     self._databases[name] = (kind, database)
@@ -479,7 +537,7 @@ class Catalogue:
                 for request in map(_parse_record, pending):
                     reason = "replaying an operation logged before it was set aside"
                     self._apply_record(request)
-            except Exception as exc:  # noqa: BLE001 - one database's damage must not stop the shard
+            except Exception as exc:
                 self._databases.pop(name, None)
                 self._set_aside(name, f"{reason}: {_reason(exc)}", stored, [])
 
@@ -531,8 +589,10 @@ class Catalogue:
         with self._write:
             if self._deferred is not None:
                 raise RuntimeError("this replica is catching up itself: it cannot be copied")
-            states = {name: {**database.state(), "kind": str(kind).encode()}
-                      for name, (kind, database) in self._databases.items()}
+            states = {
+                name: {**database.state(), "kind": str(kind).encode()}
+                for name, (kind, database) in self._databases.items()
+            }
             # Set aside here: copied as stored (the copy then sets them aside too), never dropped.
             states.update((name, broken.carried()) for name, broken in self._broken.items())
             tail: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
@@ -568,8 +628,12 @@ class Catalogue:
             self._deferred = None
 
     def _maybe_snapshot(self) -> None:
-        if (self.store is not None and self._since_snapshot >= self.snapshot_every
-                and self._deferred is None and not self._snapshotting.locked()):
+        if (
+            self.store is not None
+            and self._since_snapshot >= self.snapshot_every
+            and self._deferred is None
+            and not self._snapshotting.locked()
+        ):
             self._snapshot_thread = threading.Thread(target=self.snapshot, name="snapshot", daemon=True)
             self._snapshot_thread.start()
 
@@ -585,8 +649,10 @@ class Catalogue:
                 for _, database in self._databases.values():
                     if isinstance(database, BowIndex) and database.dead_rows() > len(database) // 4:
                         database.compact()
-                states = {name: {**database.state(), "kind": str(kind).encode()}
-                          for name, (kind, database) in self._databases.items()}
+                states = {
+                    name: {**database.state(), "kind": str(kind).encode()}
+                    for name, (kind, database) in self._databases.items()
+                }
                 # Set aside at start-up: written back as stored, never dropped.
                 states.update((name, broken.carried()) for name, broken in self._broken.items())
                 self._since_snapshot = 0
@@ -604,4 +670,3 @@ class Catalogue:
         with self._write, self._snapshotting:
             self.store.close()
             self.store = None
-

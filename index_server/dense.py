@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
 
-from index_server.groups import GroupTable, box_or_none, box_row, group_name, grown, reported_group
-from index_server.inverted import Hit, SignatureError
+from index_server.domain import Hit, SignatureError, group_name
+from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.state import pack_strings, unpack_strings
 
 
@@ -55,8 +55,8 @@ class DenseDatabase:
         self._label_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
         self._metadata: dict[int, dict[str, str]] = {}
-        self._group = np.zeros(1024, np.int32)                  # group number per label
-        self._boxes = np.full((1024, 4), np.nan, np.float32)    # xyxy per label, NaN = no box
+        self._group = np.zeros(1024, np.int32)  # group number per label
+        self._boxes = np.full((1024, 4), np.nan, np.float32)  # xyxy per label, NaN = no box
         self._groups = GroupTable()
         self._next_label = 0
         self._lock = threading.Lock()
@@ -75,12 +75,17 @@ class DenseDatabase:
     def check(self, vector: np.ndarray) -> np.ndarray:
         """The unit vector of a valid (D,) signature; raises SignatureError otherwise."""
         if vector.shape != (self.dimension,):
-            raise SignatureError(f"signature has {vector.size} values; this database holds "
-                                 f"{self.dimension}-d vectors")
+            raise SignatureError(f"signature has {vector.size} values; this database holds {self.dimension}-d vectors")
         return unit_vector(vector)
 
-    def add(self, item_id: str, vector: np.ndarray, metadata: dict[str, str], group_id: str = "",
-            box: np.ndarray | None = None) -> bool:
+    def add(
+        self,
+        item_id: str,
+        vector: np.ndarray,
+        metadata: dict[str, str],
+        group_id: str = "",
+        box: np.ndarray | None = None,
+    ) -> bool:
         """Adds or replaces an item of a group ("" = its own), with an optional (4,) float32 xyxy box;
         returns True when it replaced one. Visible to the next search."""
         unit = self.check(vector)
@@ -114,8 +119,11 @@ class DenseDatabase:
             numbers = numbers[self._groups.sizes[numbers] > 0]
             if len(numbers) == 0:
                 return 0
-            labels = [label for label in np.flatnonzero(np.isin(self._group[:self._next_label], numbers)).tolist()
-                      if label in self._id_of]
+            labels = [
+                label
+                for label in np.flatnonzero(np.isin(self._group[: self._next_label], numbers)).tolist()
+                if label in self._id_of
+            ]
             # One remove_ids for the whole group: each call scans the index.
             self._index.remove_ids(np.array(labels, np.int64))
             for label in labels:
@@ -145,8 +153,7 @@ class DenseDatabase:
         one_per_group: top_k counts groups, each by its best item."""
         return self.search_batch(query[None, :], top_k, one_per_group)[0]
 
-    def search_batch(self, queries: Sequence[np.ndarray], top_k: int, one_per_group: bool = False
-                     ) -> list[list[Hit]]:
+    def search_batch(self, queries: Sequence[np.ndarray], top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
         """B (D,) float32 queries (or a (B, D) array) -> per query what search() returns, from one FAISS search of the
         whole batch (one matrix product) rather than B."""
         if len(queries) == 0:
@@ -164,7 +171,7 @@ class DenseDatabase:
                 return [[] for _ in queries]
             if not one_per_group:
                 scores, labels = self._index.search(units, k)
-                return [self._ranked(s, l) for s, l in zip(scores, labels)]
+                return [self._ranked(s, row) for s, row in zip(scores, labels)]
             return self._search_groups_locked(units, top_k, count)
 
     def _search_groups_locked(self, units: np.ndarray, top_k: int, count: int) -> list[list[Hit]]:
@@ -178,8 +185,11 @@ class DenseDatabase:
             short = []
             for query, query_scores, query_labels in zip(pending.tolist(), scores, labels):
                 # (-score, id, label) sorts best first with ties by id; Hits only for the winners.
-                ranked = sorted((-float(s), self._id_of[int(label)], int(label))
-                                for s, label in zip(query_scores, query_labels) if label >= 0)
+                ranked = sorted(
+                    (-float(s), self._id_of[int(label)], int(label))
+                    for s, label in zip(query_scores, query_labels)
+                    if label >= 0
+                )
                 winners: dict[int, tuple[float, str, int]] = {}
                 for entry in ranked:
                     winners.setdefault(int(self._group[entry[2]]), entry)
@@ -188,8 +198,11 @@ class DenseDatabase:
                 grouped = [self._hit(label, -negative) for negative, _, label in winners.values()]
                 # Complete when every item not returned scores below the k-th group's best (an
                 # equal one might win on id), or when nothing more can come back.
-                complete = depth >= count or len(ranked) < depth or (
-                    len(grouped) == top_k and grouped[-1].score > -ranked[-1][0])
+                complete = (
+                    depth >= count
+                    or len(ranked) < depth
+                    or (len(grouped) == top_k and grouped[-1].score > -ranked[-1][0])
+                )
                 if complete:
                     results[query] = grouped
                 else:
@@ -204,9 +217,13 @@ class DenseDatabase:
 
     def _hit(self, label: int, score: float) -> Hit:
         item_id = self._id_of[label]
-        return Hit(item_id, score, dict(self._metadata[label]),
-                   reported_group(item_id, self._groups.names[self._group[label]]),
-                   box_or_none(self._boxes[label]))
+        return Hit(
+            item_id,
+            score,
+            dict(self._metadata[label]),
+            reported_group(item_id, self._groups.names[self._group[label]]),
+            box_or_none(self._boxes[label]),
+        )
 
     # -- snapshot ---------------------------------------------------------------------------------
 
@@ -214,18 +231,27 @@ class DenseDatabase:
         """Everything needed to rebuild this database, as named byte strings (see from_state)."""
         with self._lock:
             labels = np.array(sorted(self._id_of), np.int64)
-            return {"index": faiss.serialize_index(self._index).tobytes(),
-                    "config": json.dumps({"dimension": self.dimension, "factory": self.factory,
-                                          "train_size": self.train_size, "trained": self._trained,
-                                          "next_label": self._next_label}).encode(),
-                    "labels": labels.tobytes(),
-                    "ids": pack_strings([self._id_of[label] for label in labels.tolist()]),
-                    "metadata": json.dumps([self._metadata[label] for label in labels.tolist()]).encode(),
-                    "groups": self._group[labels].tobytes(), "group_names": self._groups.state(),
-                    "boxes": self._boxes[labels].tobytes()}
+            return {
+                "index": faiss.serialize_index(self._index).tobytes(),
+                "config": json.dumps(
+                    {
+                        "dimension": self.dimension,
+                        "factory": self.factory,
+                        "train_size": self.train_size,
+                        "trained": self._trained,
+                        "next_label": self._next_label,
+                    }
+                ).encode(),
+                "labels": labels.tobytes(),
+                "ids": pack_strings([self._id_of[label] for label in labels.tolist()]),
+                "metadata": json.dumps([self._metadata[label] for label in labels.tolist()]).encode(),
+                "groups": self._group[labels].tobytes(),
+                "group_names": self._groups.state(),
+                "boxes": self._boxes[labels].tobytes(),
+            }
 
     @classmethod
-    def from_state(cls, state: dict[str, bytes]) -> "DenseDatabase":
+    def from_state(cls, state: dict[str, bytes]) -> DenseDatabase:
         config = json.loads(state["config"])
         database = cls(config["dimension"], config["factory"], config["train_size"])
         database._index = faiss.deserialize_index(np.frombuffer(state["index"], np.uint8).copy())

@@ -8,22 +8,10 @@ grouped search or a delete by group never needs a special case. Boxes are kept b
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
+from index_server.domain import item_key
 from index_server.state import pack_strings, unpack_strings
-
-
-def item_key(item_id: str) -> int:
-    """The 64-bit key that names an item in partial scores (word-range shards merge by it); a group
-    is named by the same key of its name."""
-    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
-
-
-def group_name(item_id: str, group_id: str) -> str:
-    """The group an item belongs to: its group_id, else the group of its own named by its id."""
-    return group_id or item_id
 
 
 def reported_group(item_id: str, name: str) -> str:
@@ -56,8 +44,8 @@ class GroupTable:
     def __init__(self) -> None:
         self.names: list[str] = []
         self._number: dict[str, int] = {}
-        self.sizes = np.zeros(1024, np.int32)     # live items per group number
-        self.keys = np.zeros(1024, np.uint64)     # item_key(name) per group number
+        self.sizes = np.zeros(1024, np.int32)  # live items per group number
+        self.keys = np.zeros(1024, np.uint64)  # item_key(name) per group number
 
     def __len__(self) -> int:
         return len(self.names)
@@ -84,8 +72,7 @@ class GroupTable:
         return np.array([n for n in (self._number.get(name, -1) for name in names) if n >= 0], np.int32)
 
     @classmethod
-    def of_rows(cls, names: list[str], row_groups: np.ndarray, live: np.ndarray
-                ) -> tuple["GroupTable", np.ndarray]:
+    def of_rows(cls, names: list[str], row_groups: np.ndarray, live: np.ndarray) -> tuple[GroupTable, np.ndarray]:
         """A table of the groups that live rows use, numbered densely, and every row's group number
         in it ((N,) int32; -1 for dead rows whose group is gone): for snapshots and compaction, so
         groups whose items are all deleted are forgotten."""
@@ -93,7 +80,7 @@ class GroupTable:
         used, inverse = np.unique(row_groups[live], return_inverse=True)
         for number in used.tolist():
             table.number(names[number])
-        table.sizes[:len(used)] = np.bincount(inverse, minlength=len(used))
+        table.sizes[: len(used)] = np.bincount(inverse, minlength=len(used))
         renumber = np.full(len(names) + 1, -1, np.int32)  # + 1: row_groups may be empty
         renumber[used] = np.arange(len(used), dtype=np.int32)
         out = renumber[row_groups]

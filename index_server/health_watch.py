@@ -8,7 +8,7 @@ router.read_options); this watch only makes that view visible as `mps_router_rep
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,16 +19,21 @@ SERVICE = "mps.index.v1.IndexService"
 
 
 class ReplicaWatch:
-    def __init__(self, shards: list[list[str]], open_channel: Callable[[str], grpc.Channel],
-                 every_s: float = 2.0):
-        self._channels = {(shard, address): open_channel(address)
-                          for shard, addresses in enumerate(shards) for address in addresses}
+    def __init__(self, shards: list[list[str]], open_channel: Callable[[str], grpc.Channel], every_s: float = 2.0):
+        self._channels = {
+            (shard, address): open_channel(address) for shard, addresses in enumerate(shards) for address in addresses
+        }
         self._up = {key: 0.0 for key in self._channels}
         self._every_s = every_s
         self._stop = threading.Event()
         self._key = f"router-replicas-{id(self)}"
-        GAUGE_SOURCES.add(self._key, "mps_router_replica_up", "1 when the replica reports SERVING to the router",
-                          ["shard", "replica"], self.samples)
+        GAUGE_SOURCES.add(
+            self._key,
+            "mps_router_replica_up",
+            "1 when the replica reports SERVING to the router",
+            ["shard", "replica"],
+            self.samples,
+        )
         self._thread = threading.Thread(target=self._run, name="replica-watch", daemon=True)
         self._thread.start()
 
@@ -38,8 +43,11 @@ class ReplicaWatch:
     def poll(self) -> None:
         for key, channel in self._channels.items():
             try:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE), timeout=1).status
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                    .status
+                )
                 self._up[key] = float(status == health_pb2.HealthCheckResponse.SERVING)
             except grpc.RpcError:
                 self._up[key] = 0.0

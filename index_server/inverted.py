@@ -27,11 +27,9 @@ import numba
 import numpy as np
 
 from common.bow_codec import BagOfWords
-from index_server.groups import (GroupTable, box_or_none, box_row, group_name, grown, item_key,
-                                 reported_group)
+from index_server.domain import Hit, SignatureError, group_name, item_key
+from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.state import array_from, pack_strings, unpack_strings
-
-__all__ = ["BowIndex", "Hit", "SignatureError", "first_per_group", "item_key"]
 
 BLOCK = 64
 # The tail is merged into the base once it holds this share of the base's postings (plus a floor
@@ -40,58 +38,16 @@ MERGE_FRACTION = 0.05
 MERGE_FLOOR = 1 << 20
 
 
-class SignatureError(ValueError):
-    """A signature does not fit the database; the message says why."""
-
-
-@dataclass(eq=False)
-class Hit:
-    """One found item. group_id is "" when the item is its own group; box is (4,) float32 xyxy or
-    None when it was added without one."""
-
-    item_id: str
-    score: float
-    metadata: dict[str, str]
-    group_id: str = ""
-    box: np.ndarray | None = None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Hit):
-            return NotImplemented
-        same_box = (self.box is None and other.box is None) or (
-            self.box is not None and other.box is not None and np.array_equal(self.box, other.box))
-        return same_box and (self.item_id, self.score, self.metadata, self.group_id) == \
-            (other.item_id, other.score, other.metadata, other.group_id)
-
-    @property
-    def group(self) -> str:
-        """The group this item counts in for one_per_group (its own id when it has none)."""
-        return group_name(self.item_id, self.group_id)
-
-
-def first_per_group(ranked: list[Hit], top_k: int) -> list[Hit]:
-    """The first (best) hit of each group of a best-first list, in order, at most top_k of them."""
-    seen: set[str] = set()
-    out = []
-    for hit in ranked:
-        if hit.group not in seen:
-            seen.add(hit.group)
-            out.append(hit)
-            if len(out) == top_k:
-                break
-    return out
-
-
 @dataclass(frozen=True)
 class Segment:
     """Immutable CSR postings: word w's rows are rows[offsets[w]:offsets[w+1]], increasing."""
 
-    offsets: np.ndarray   # (V+1,) int64
-    rows: np.ndarray      # (P,) int32
-    counts: np.ndarray    # (P,) uint16
+    offsets: np.ndarray  # (V+1,) int64
+    rows: np.ndarray  # (P,) int32
+    counts: np.ndarray  # (P,) uint16
 
     @staticmethod
-    def empty(vocabulary: int) -> "Segment":
+    def empty(vocabulary: int) -> Segment:
         return Segment(np.zeros(vocabulary + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint16))
 
     def __len__(self) -> int:
@@ -102,22 +58,27 @@ class Segment:
 class Postings:
     """The append pool: block b holds rows[b*BLOCK:(b+1)*BLOCK], counts likewise; next[b] chains."""
 
-    rows: np.ndarray      # (blocks * BLOCK,) int32
-    counts: np.ndarray    # (blocks * BLOCK,) uint16
-    next: np.ndarray      # (blocks,) int32, -1 ends a chain
-    head: np.ndarray      # (V,) int32 first block of each word, -1 if none
-    tail: np.ndarray      # (V,) int32 last block of each word
-    fill: np.ndarray      # (V,) int32 postings in the tail block
-    df: np.ndarray        # (V,) int32 postings per word
-    used: int = 0         # blocks in use
+    rows: np.ndarray  # (blocks * BLOCK,) int32
+    counts: np.ndarray  # (blocks * BLOCK,) uint16
+    next: np.ndarray  # (blocks,) int32, -1 ends a chain
+    head: np.ndarray  # (V,) int32 first block of each word, -1 if none
+    tail: np.ndarray  # (V,) int32 last block of each word
+    fill: np.ndarray  # (V,) int32 postings in the tail block
+    df: np.ndarray  # (V,) int32 postings per word
+    used: int = 0  # blocks in use
     postings: int = 0
 
     @staticmethod
-    def empty(vocabulary: int, blocks: int = 64) -> "Postings":
-        return Postings(np.zeros(blocks * BLOCK, np.int32), np.zeros(blocks * BLOCK, np.uint16),
-                        np.full(blocks, -1, np.int32), np.full(vocabulary, -1, np.int32),
-                        np.full(vocabulary, -1, np.int32), np.zeros(vocabulary, np.int32),
-                        np.zeros(vocabulary, np.int32))
+    def empty(vocabulary: int, blocks: int = 64) -> Postings:
+        return Postings(
+            np.zeros(blocks * BLOCK, np.int32),
+            np.zeros(blocks * BLOCK, np.uint16),
+            np.full(blocks, -1, np.int32),
+            np.full(vocabulary, -1, np.int32),
+            np.full(vocabulary, -1, np.int32),
+            np.zeros(vocabulary, np.int32),
+            np.zeros(vocabulary, np.int32),
+        )
 
     def reserve(self, new_blocks: int) -> None:
         needed = self.used + new_blocks
@@ -135,8 +96,14 @@ class Postings:
 class BowIndex:
     """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
 
-    def __init__(self, vocabulary: int, codebook: int, word_range: tuple[int, int] | None = None,
-                 background_merge: bool = True, max_word_share: float = 1.0):
+    def __init__(
+        self,
+        vocabulary: int,
+        codebook: int,
+        word_range: tuple[int, int] | None = None,
+        background_merge: bool = True,
+        max_word_share: float = 1.0,
+    ):
         self.vocabulary = vocabulary
         # The stop-word variant: query words found in more than this share of the items are
         # skipped (faster, no longer exact); 1.0 = exact chi-squared.
@@ -145,29 +112,32 @@ class BowIndex:
         self.word_range = word_range or (0, vocabulary)
         self.background_merge = background_merge
         self._base = Segment.empty(vocabulary)
-        self._frozen: Postings | None = None      # a tail being merged, still searched
+        self._frozen: Postings | None = None  # a tail being merged, still searched
         self._tail = Postings.empty(vocabulary)
         self._inv_total = np.zeros(1024, np.float32)
         self._live = np.zeros(1024, np.bool_)
         self._keys = np.zeros(1024, np.uint64)
-        self._group = np.zeros(1024, np.int32)                  # group number per row
-        self._boxes = np.full((1024, 4), np.nan, np.float32)    # xyxy per row, NaN = no box
+        self._group = np.zeros(1024, np.int32)  # group number per row
+        self._boxes = np.full((1024, 4), np.nan, np.float32)  # xyxy per row, NaN = no box
         self._groups = GroupTable()
         self._ids: list[str] = []
         self._metadata: list[dict[str, str] | None] = []
         self._row_of: dict[str, int] = {}
         self._lock = threading.RLock()
-        self._merge_lock = threading.Lock()        # one merge or compaction at a time
+        self._merge_lock = threading.Lock()  # one merge or compaction at a time
 
     # -- checks -----------------------------------------------------------------------------------
 
     def check(self, bag: BagOfWords) -> None:
         if bag.vocabulary != self.vocabulary:
-            raise SignatureError(f"signature uses a {bag.vocabulary}-word vocabulary; this database holds "
-                                 f"{self.vocabulary}-word bags")
+            raise SignatureError(
+                f"signature uses a {bag.vocabulary}-word vocabulary; this database holds {self.vocabulary}-word bags"
+            )
         if bag.codebook != self.codebook:
-            raise SignatureError(f"signature was made with codebook {bag.codebook:08x}; this database holds "
-                                 f"codebook {self.codebook:08x} signatures (re-sign with the same codebook)")
+            raise SignatureError(
+                f"signature was made with codebook {bag.codebook:08x}; this database holds "
+                f"codebook {self.codebook:08x} signatures (re-sign with the same codebook)"
+            )
         if int(bag.counts.max(initial=0)) > np.iinfo(np.uint16).max:
             raise SignatureError("a word count above 65535 does not fit a posting")
 
@@ -188,8 +158,9 @@ class BowIndex:
 
     # -- updates ----------------------------------------------------------------------------------
 
-    def add(self, item_id: str, bag: BagOfWords, metadata: dict[str, str], group_id: str = "",
-            box: np.ndarray | None = None) -> bool:
+    def add(
+        self, item_id: str, bag: BagOfWords, metadata: dict[str, str], group_id: str = "", box: np.ndarray | None = None
+    ) -> bool:
         """Adds or replaces an item of a group ("" = its own), with an optional (4,) float32 xyxy box;
         returns True when it replaced one. Visible to the next search."""
         self.check(bag)
@@ -208,8 +179,19 @@ class BowIndex:
                 self._boxes = grown(self._boxes, row + 1, np.nan)
             tail = self._tail
             tail.reserve(len(words))
-            tail.used = _append(words, counts, row, tail.rows, tail.counts, tail.next, tail.head,
-                                tail.tail, tail.fill, tail.df, tail.used)
+            tail.used = _append(
+                words,
+                counts,
+                row,
+                tail.rows,
+                tail.counts,
+                tail.next,
+                tail.head,
+                tail.tail,
+                tail.fill,
+                tail.df,
+                tail.used,
+            )
             tail.postings += len(words)
             self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
             self._keys[row] = item_key(item_id)
@@ -264,7 +246,7 @@ class BowIndex:
                     return
                 self._frozen, self._tail = self._tail, Postings.empty(self.vocabulary)
                 base, frozen = self._base, self._frozen
-                keep = np.where(self._live[:len(self._ids)], np.arange(len(self._ids), dtype=np.int32), -1)
+                keep = np.where(self._live[: len(self._ids)], np.arange(len(self._ids), dtype=np.int32), -1)
             merged = _merged(base, frozen, keep)
             with self._lock:
                 self._base, self._frozen = merged, None
@@ -309,8 +291,20 @@ class BowIndex:
             acc = np.zeros(count, np.float32)
             _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
             for pool in (frozen, tail) if frozen is not None else (tail,):
-                _accumulate_pool(words, query, lo, hi, pool.rows, pool.counts, pool.next, pool.head,
-                                 pool.tail, pool.fill, inv_total, acc)
+                _accumulate_pool(
+                    words,
+                    query,
+                    lo,
+                    hi,
+                    pool.rows,
+                    pool.counts,
+                    pool.next,
+                    pool.head,
+                    pool.tail,
+                    pool.fill,
+                    inv_total,
+                    acc,
+                )
         return acc, count
 
     def document_frequency(self) -> np.ndarray:
@@ -338,8 +332,7 @@ class BowIndex:
         assert groups is not None
         return keys, sums, groups
 
-    def _partial_by_key(self, bag: BagOfWords, with_groups: bool
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _partial_by_key(self, bag: BagOfWords, with_groups: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with self._lock:
             acc, count = self._overlap(bag)
             rows = np.flatnonzero((acc > 0) & self._live[:count])
@@ -358,8 +351,7 @@ class BowIndex:
             best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
             return [self._hit(r, float(acc[r]) / 2.0) for r in best]
 
-    def search_batch(self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False
-                     ) -> list[list[Hit]]:
+    def search_batch(self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
         """search() of each bag (each query walks its own posting lists; nothing to share)."""
         for bag in bags:
             self.check(bag)
@@ -369,7 +361,7 @@ class BowIndex:
         """(n,) int64 rows: the best row of each group scoring at least the top_k-th best group's
         best (ties kept, so ids can break them). One compiled pass over the rows, one over the
         groups: O(rows + groups). Caller holds the lock."""
-        group = self._group[:len(acc)]
+        group = self._group[: len(acc)]
         best, row, tied = _group_best(acc, live, group, len(self._groups))
         chosen = _top_candidates(best, row >= 0, top_k)
         ties = chosen[tied[chosen]]
@@ -386,8 +378,13 @@ class BowIndex:
 
     def _hit(self, row: int, score: float) -> Hit:
         item_id = self._ids[row]
-        return Hit(item_id, score, dict(self._metadata[row] or {}),
-                   reported_group(item_id, self._groups.names[self._group[row]]), box_or_none(self._boxes[row]))
+        return Hit(
+            item_id,
+            score,
+            dict(self._metadata[row] or {}),
+            reported_group(item_id, self._groups.names[self._group[row]]),
+            box_or_none(self._boxes[row]),
+        )
 
     def lookup(self, keys: np.ndarray) -> dict[int, Hit]:
         """Live items by key, for the keys this index holds: key -> Hit (score 0: nothing is scored)."""
@@ -399,8 +396,9 @@ class BowIndex:
     def nbytes(self) -> int:
         """Bytes of the postings and per-row arrays (ids, metadata and group names not counted)."""
         pools = self._tail.nbytes() + (self._frozen.nbytes() if self._frozen is not None else 0)
-        return (self._base.rows.nbytes + self._base.counts.nbytes + self._base.offsets.nbytes + pools
-                + len(self._ids) * 33)
+        return (
+            self._base.rows.nbytes + self._base.counts.nbytes + self._base.offsets.nbytes + pools + len(self._ids) * 33
+        )
 
     # -- snapshot ---------------------------------------------------------------------------------
 
@@ -409,32 +407,52 @@ class BowIndex:
         self.merge()
         with self._merge_lock, self._lock:
             base, count = self._base, len(self._ids)
-            tail = Postings(self._tail.rows[:self._tail.used * BLOCK].copy(),
-                            self._tail.counts[:self._tail.used * BLOCK].copy(),
-                            self._tail.next[:self._tail.used].copy(), self._tail.head.copy(),
-                            self._tail.tail.copy(), self._tail.fill.copy(), self._tail.df.copy(),
-                            self._tail.used, self._tail.postings)
+            tail = Postings(
+                self._tail.rows[: self._tail.used * BLOCK].copy(),
+                self._tail.counts[: self._tail.used * BLOCK].copy(),
+                self._tail.next[: self._tail.used].copy(),
+                self._tail.head.copy(),
+                self._tail.tail.copy(),
+                self._tail.fill.copy(),
+                self._tail.df.copy(),
+                self._tail.used,
+                self._tail.postings,
+            )
             ids, metadata = list(self._ids), list(self._metadata)
-            inv_total, live, keys = (self._inv_total[:count].copy(), self._live[:count].copy(),
-                                     self._keys[:count].copy())
+            inv_total, live, keys = (
+                self._inv_total[:count].copy(),
+                self._live[:count].copy(),
+                self._keys[:count].copy(),
+            )
             groups, boxes, group_names = self._group[:count].copy(), self._boxes[:count].copy(), self._groups.state()
         if tail.postings:  # adds raced the merge: fold them in here, off the lock
             base = _merged(base, tail, np.arange(count, dtype=np.int32))
-        return {"config": json.dumps({"vocabulary": self.vocabulary, "codebook": self.codebook,
-                                      "word_range": list(self.word_range)}).encode(),
-                "offsets": base.offsets.tobytes(), "rows": base.rows.tobytes(),
-                "counts": base.counts.tobytes(), "inv_total": inv_total.tobytes(),
-                "live": live.tobytes(), "keys": keys.tobytes(), "ids": pack_strings(ids),
-                "metadata": json.dumps(metadata).encode(), "groups": groups.tobytes(),
-                "group_names": group_names, "boxes": boxes.tobytes()}
+        return {
+            "config": json.dumps(
+                {"vocabulary": self.vocabulary, "codebook": self.codebook, "word_range": list(self.word_range)}
+            ).encode(),
+            "offsets": base.offsets.tobytes(),
+            "rows": base.rows.tobytes(),
+            "counts": base.counts.tobytes(),
+            "inv_total": inv_total.tobytes(),
+            "live": live.tobytes(),
+            "keys": keys.tobytes(),
+            "ids": pack_strings(ids),
+            "metadata": json.dumps(metadata).encode(),
+            "groups": groups.tobytes(),
+            "group_names": group_names,
+            "boxes": boxes.tobytes(),
+        }
 
     @classmethod
-    def from_state(cls, state: dict[str, bytes]) -> "BowIndex":
+    def from_state(cls, state: dict[str, bytes]) -> BowIndex:
         config = json.loads(state["config"])
         index = cls(config["vocabulary"], config["codebook"], tuple(config["word_range"]))
-        index._base = Segment(np.frombuffer(state["offsets"], np.int64),
-                              np.frombuffer(state["rows"], np.int32),
-                              np.frombuffer(state["counts"], np.uint16))
+        index._base = Segment(
+            np.frombuffer(state["offsets"], np.int64),
+            np.frombuffer(state["rows"], np.int32),
+            np.frombuffer(state["counts"], np.uint16),
+        )
         index._ids = unpack_strings(state["ids"])
         count = len(index._ids)
         spare = max(1024, count)
@@ -462,8 +480,18 @@ def _merged(base: Segment, pool: Postings, renumber: np.ndarray) -> Segment:
     sizes = np.zeros(vocabulary, np.int64)
     offsets = np.zeros(vocabulary + 1, np.int64)
     pool_arrays = (pool.rows, pool.counts, pool.next, pool.head, pool.tail, pool.fill)
-    _merge_walk(base.offsets, base.rows, base.counts, *pool_arrays, renumber, offsets,
-                np.empty(0, np.int32), np.empty(0, np.uint16), sizes, False)
+    _merge_walk(
+        base.offsets,
+        base.rows,
+        base.counts,
+        *pool_arrays,
+        renumber,
+        offsets,
+        np.empty(0, np.int32),
+        np.empty(0, np.uint16),
+        sizes,
+        False,
+    )
     np.cumsum(sizes, out=offsets[1:])
     rows = np.empty(offsets[-1], np.int32)
     counts = np.empty(offsets[-1], np.uint16)
@@ -526,7 +554,7 @@ def _accumulate_pool(words, weights, lo, hi, rows, counts, nxt, head, tail, fill
 @numba.njit(cache=True, nogil=True)
 def _top_candidates(acc, live, k):  # pragma: no cover
     """Live rows with acc > 0 whose acc is at least the k-th largest (ties kept): the caller sorts."""
-    heap = np.empty(k, np.float32)   # min-heap of the k largest so far
+    heap = np.empty(k, np.float32)  # min-heap of the k largest so far
     size = 0
     for r in range(acc.shape[0]):
         a = acc[r]
@@ -585,8 +613,23 @@ def _group_best(acc, live, group, groups):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_walk(offsets, rows, counts, prows, pcounts, nxt, head, tail, fill, renumber, out_offsets,
-                out_rows, out_counts, sizes, write):  # pragma: no cover
+def _merge_walk(
+    offsets,
+    rows,
+    counts,
+    prows,
+    pcounts,
+    nxt,
+    head,
+    tail,
+    fill,
+    renumber,
+    out_offsets,
+    out_rows,
+    out_counts,
+    sizes,
+    write,
+):  # pragma: no cover
     """Per word, base then pool postings of kept rows: counted into sizes, or (write) copied out."""
     for w in range(sizes.shape[0]):
         o = out_offsets[w] if write else 0

@@ -45,8 +45,10 @@ def limits_of(config: ItemLimits) -> ItemLimits:
 def check_stream_length(count: int, limits: ItemLimits) -> None:
     """Raises ResourceExhausted once a stream sends more than max_items_per_stream items."""
     if count > limits.max_items_per_stream:
-        raise ResourceExhausted(f"send at most {limits.max_items_per_stream} items per Add stream; split the "
-                                "ingest into several streams (nothing of this one was added)")
+        raise ResourceExhausted(
+            f"send at most {limits.max_items_per_stream} items per Add stream; split the "
+            "ingest into several streams (nothing of this one was added)"
+        )
 
 
 def check_top_k(requested: int, limit: int) -> int:

@@ -5,18 +5,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from index_server.inverted import Hit, first_per_group, item_key
+from index_server.domain import Hit, first_per_group, item_key
 
 
 def shard_of(item_id: str, shards: int, group_id: str = "") -> int:
     """The item-range shard that holds an item: a stable hash of its group (all images of a product
     on one shard), or of its id when it has none (where items without groups always were)."""
     return item_key(group_id or item_id) % shards
-
-
-def word_range_of(shard: int, shards: int, vocabulary: int) -> tuple[int, int]:
-    """Words [first, end) held by word-range shard `shard` of `shards` (as each shard computes it)."""
-    return vocabulary * shard // shards, vocabulary * (shard + 1) // shards
 
 
 def merge_top_k(lists: list[list[Hit]], top_k: int, one_per_group: bool = False) -> list[Hit]:
@@ -28,8 +23,9 @@ def merge_top_k(lists: list[list[Hit]], top_k: int, one_per_group: bool = False)
     return first_per_group(ranked, top_k) if one_per_group else ranked[:top_k]
 
 
-def sum_partials(keys: list[np.ndarray], sums: list[np.ndarray], groups: list[np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, ...]:
+def sum_partials(
+    keys: list[np.ndarray], sums: list[np.ndarray], groups: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, ...]:
     """Per distinct key, the sum of its partial scores over all shards: ((n,) uint64, (n,) float32),
     and with `groups` (each key's group key, aligned with `keys`) the (n,) uint64 group of each.
     An open-addressing hash table in one pass: linear time where sorting would be n log n."""

@@ -42,8 +42,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -51,6 +52,7 @@ from index_server.catalogue import Catalogue, logged_operation, record_of
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class ReplicaStatus:
@@ -63,8 +65,10 @@ class ReplicaStatus:
         """Why reads are refused now, or None when this replica serves them."""
         if not self.catching_up:
             return None
-        return (f"this replica is catching up from {self.source or 'its peers'} and does not serve reads "
-                "yet: ask another replica of the shard")
+        return (
+            f"this replica is catching up from {self.source or 'its peers'} and does not serve reads "
+            "yet: ask another replica of the shard"
+        )
 
 
 class WriteTracker:
@@ -99,29 +103,39 @@ class WriteTracker:
             return all(ticket > mark for ticket in self._active)
 
 
-def tracked_write(method: Callable[[Any, Any, grpc.ServicerContext], Any]
-                  ) -> Callable[[Any, Any, grpc.ServicerContext], Any]:
+def tracked_write(
+    method: Callable[[Any, Any, grpc.ServicerContext], Any],
+) -> Callable[[Any, Any, grpc.ServicerContext], Any]:
     """Wraps a shard servicer's write RPC (the servicer has `catalogue`, `writes`, `replica`): it
     counts as in flight for replication streams, and while this replica catches up it is answered
     UNAVAILABLE once logged (applied after the copy; not yet visible to searches)."""
+
     @functools.wraps(method)
     def write(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         with self.writes.track():
             response = method(self, request, context)
         if self.catalogue.deferring:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"this replica is catching up from {self.replica.source or 'its peers'}: the write "
-                          "is logged and applied once caught up, but not yet visible to searches")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this replica is catching up from {self.replica.source or 'its peers'}: the write "
+                "is logged and applied once caught up, but not yet visible to searches",
+            )
         return response
+
     return write
 
 
 # -- the source's side ----------------------------------------------------------------------------
 
 
-def replication_stream(catalogue: Catalogue, writes: WriteTracker, min_tail_s: float, chunk_bytes: int,
-                       settle_timeout_s: float, active: Callable[[], bool] = lambda: True
-                       ) -> Iterator[index_pb2.ReplicateResponse]:
+def replication_stream(
+    catalogue: Catalogue,
+    writes: WriteTracker,
+    min_tail_s: float,
+    chunk_bytes: int,
+    settle_timeout_s: float,
+    active: Callable[[], bool] = lambda: True,
+) -> Iterator[index_pb2.ReplicateResponse]:
     """A consistent copy of `catalogue` for a fellow replica: its state now, in chunks of at most
     `chunk_bytes`, then what is logged after, until the writes in flight now have finished (at most
     `settle_timeout_s`) and `min_tail_s` has passed; then done. Stops early when not `active()`."""
@@ -135,8 +149,9 @@ def replication_stream(catalogue: Catalogue, writes: WriteTracker, min_tail_s: f
             for blob in sorted(blobs):
                 data = blobs.pop(blob)
                 for start in range(0, max(len(data), 1), chunk_bytes):
-                    yield index_pb2.ReplicateResponse(state=index_pb2.StateChunk(
-                        database=name, blob=blob, data=data[start:start + chunk_bytes]))
+                    yield index_pb2.ReplicateResponse(
+                        state=index_pb2.StateChunk(database=name, blob=blob, data=data[start : start + chunk_bytes])
+                    )
         copied = time.monotonic()
         while active():
             for message in _operations(_drain(tail, wait_s=0.05), chunk_bytes):
@@ -185,29 +200,37 @@ class IncompleteCopy(Exception):
     """A replication stream ended before its done message."""
 
 
-def receive_copy(responses: Iterator[index_pb2.ReplicateResponse]
-                 ) -> tuple[dict[str, dict[str, bytes]], list[bytes]]:
+def receive_copy(responses: Iterator[index_pb2.ReplicateResponse]) -> tuple[dict[str, dict[str, bytes]], list[bytes]]:
     """(states, records after them) from a replication stream; IncompleteCopy when it is cut short."""
     states: dict[str, dict[str, bytearray]] = {}
     records: list[bytes] = []
     for response in responses:
         part = response.WhichOneof("part")
         if part == "state":
-            states.setdefault(response.state.database, {}).setdefault(response.state.blob, bytearray()) \
-                .extend(response.state.data)
+            states.setdefault(response.state.database, {}).setdefault(response.state.blob, bytearray()).extend(
+                response.state.data
+            )
         elif part == "operations":
             records.extend(record_of(operation) for operation in response.operations.operations)
         elif part == "done":
             if response.done.databases != len(states):
                 raise IncompleteCopy(f"{len(states)} databases arrived; the source sent {response.done.databases}")
-            return {name: {blob: bytes(data) for blob, data in blobs.items()} for name, blobs in states.items()}, \
-                records
+            return {
+                name: {blob: bytes(data) for blob, data in blobs.items()} for name, blobs in states.items()
+            }, records
     raise IncompleteCopy("the stream ended before its done message")
 
 
-def catch_up(catalogue: Catalogue, status: ReplicaStatus, peers: list[str],
-             stub_for: Callable[[str], index_pb2_grpc.IndexServiceStub], request: index_pb2.ReplicateRequest,
-             timeout_s: float, replicate_timeout_s: float, retry_s: float = 0.5) -> str | None:
+def catch_up(
+    catalogue: Catalogue,
+    status: ReplicaStatus,
+    peers: list[str],
+    stub_for: Callable[[str], index_pb2_grpc.IndexServiceStub],
+    request: index_pb2.ReplicateRequest,
+    timeout_s: float,
+    replicate_timeout_s: float,
+    retry_s: float = 0.5,
+) -> str | None:
     """Installs a copy from the first peer that gives one (trying them in turn for up to
     `timeout_s`) and returns that peer; None when none could (then the writes deferred meanwhile
     are applied to what this replica has). Ends the catalogue's deferral either way."""
@@ -225,11 +248,16 @@ def catch_up(catalogue: Catalogue, status: ReplicaStatus, peers: list[str],
                     refused += 1  # catching up itself, or not a replica of this shard
                 log.warning("no copy from %s: %s %s", peer, error.code().name, error.details())
                 continue
-            except Exception:  # noqa: BLE001 - a bad copy from one peer: try the next
+            except Exception:
                 log.exception("the copy from %s could not be installed", peer)
                 continue
-            log.info("caught up from %s: %d databases and %d later operations in %.1f s", peer, len(states),
-                     len(records), time.monotonic() - started)
+            log.info(
+                "caught up from %s: %d databases and %d later operations in %.1f s",
+                peer,
+                len(states),
+                len(records),
+                time.monotonic() - started,
+            )
             return peer
         if refused == len(peers) or time.monotonic() + retry_s >= deadline:
             break
@@ -239,11 +267,19 @@ def catch_up(catalogue: Catalogue, status: ReplicaStatus, peers: list[str],
     return None
 
 
-def start_catch_up(catalogue: Catalogue, status: ReplicaStatus, peers: list[str],
-                   stub_for: Callable[[str], index_pb2_grpc.IndexServiceStub], request: index_pb2.ReplicateRequest,
-                   timeout_s: float, replicate_timeout_s: float, on_done: Callable[[], None]) -> threading.Thread:
+def start_catch_up(
+    catalogue: Catalogue,
+    status: ReplicaStatus,
+    peers: list[str],
+    stub_for: Callable[[str], index_pb2_grpc.IndexServiceStub],
+    request: index_pb2.ReplicateRequest,
+    timeout_s: float,
+    replicate_timeout_s: float,
+    on_done: Callable[[], None],
+) -> threading.Thread:
     """Catches up in the background (the server takes writes meanwhile); then lets reads in and
     calls `on_done` (which marks the replica healthy)."""
+
     def run() -> None:
         try:
             catch_up(catalogue, status, peers, stub_for, request, timeout_s, replicate_timeout_s)
@@ -252,6 +288,7 @@ def start_catch_up(catalogue: Catalogue, status: ReplicaStatus, peers: list[str]
                 catalogue.end_deferral()
             status.catching_up = False
             on_done()
+
     thread = threading.Thread(target=run, name="catch-up", daemon=True)
     thread.start()
     return thread

@@ -18,6 +18,7 @@ Partial failure is never an error for a Search: the answer is flagged `degraded`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
@@ -25,8 +26,9 @@ import json
 import logging
 import queue
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -35,23 +37,26 @@ from common.bow_codec import BagOfWords
 from common.channels import open_channel
 from common.errors import ServiceError, quote
 from common.serving import abort_on, timeout_from
+from common.streams import StreamEnd
 from common.telemetry import ContextThreadPoolExecutor
 from index_server.catalogue import Value, item_value, signature_value
 from index_server.config import RouterConfig
 from index_server.convert import hit_of, scored_item
-from index_server.inverted import Hit, SignatureError
+from index_server.domain import Hit, SignatureError, word_range_of
 from index_server.limits import check_stream_length, check_top_k, limits_of, reworded
-from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
+from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
 from mps.common.v1 import common_pb2
-from common.streams import StreamEnd
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A shard's answer that is the caller's fault, not the shard's: passed on, never a degradation.
-_CALLER_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  grpc.StatusCode.FAILED_PRECONDITION)
+_CALLER_ERRORS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 def read_target(addresses: list[str]) -> str:
@@ -64,8 +69,10 @@ def read_target(addresses: list[str]) -> str:
         try:
             hosts.append(ipaddress.ip_address(host.strip("[]")))
         except ValueError:
-            raise ValueError(f"replica address {address!r}: several replicas must be given as IP:port "
-                             "(or as one dns:///name:port resolving to all of them)") from None
+            raise ValueError(
+                f"replica address {address!r}: several replicas must be given as IP:port "
+                "(or as one dns:///name:port resolving to all of them)"
+            ) from None
         if not port.isdigit():
             raise ValueError(f"replica address {address!r} has no port")
     scheme = "ipv4" if all(h.version == 4 for h in hosts) else "ipv6"
@@ -78,12 +85,23 @@ def read_options(replicas: int) -> list[tuple[str, object]]:
     reads; with several replicas, a read refused UNAVAILABLE (a replica just killed, or not yet
     seen as catching up) is tried again on another."""
     service = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
-    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}],
-                                 "healthCheckConfig": {"serviceName": service}}
+    config: dict[str, object] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": service},
+    }
     if replicas > 1:
-        config["methodConfig"] = [{"name": [{"service": service}], "retryPolicy": {
-            "maxAttempts": min(replicas + 1, 5), "initialBackoff": "0.01s", "maxBackoff": "0.1s",
-            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+        config["methodConfig"] = [
+            {
+                "name": [{"service": service}],
+                "retryPolicy": {
+                    "maxAttempts": min(replicas + 1, 5),
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
     return [("grpc.service_config", json.dumps(config))]
 
 
@@ -91,7 +109,7 @@ def read_options(replicas: int) -> list[tuple[str, object]]:
 class Shard:
     number: int
     addresses: list[str]
-    read: index_pb2_grpc.IndexServiceStub            # round_robin over the healthy replicas
+    read: index_pb2_grpc.IndexServiceStub  # round_robin over the healthy replicas
     replicas: list[index_pb2_grpc.IndexServiceStub]  # one per replica, for writes
 
 
@@ -140,10 +158,8 @@ class _Downstream:
                 self._queue.put_nowait(None)
                 return
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
-                except queue.Empty:
-                    pass
 
     def outcome(self) -> Outcome:
         try:
@@ -156,7 +172,7 @@ class _ForwardedAdd:
     """The forwarded streams of one Add, by ("own", shard) or, for word-layout bag-of-words
     items, ("all", shard): each a list of one _Downstream per replica, opened by its first item."""
 
-    def __init__(self, router: "Router", timeout: float):
+    def __init__(self, router: Router, timeout: float):
         self.router = router
         self.timeout = timeout
         self.groups: dict[tuple[str, int], list[_Downstream]] = {}
@@ -203,9 +219,15 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             self._channels.append(channel)
             return index_pb2_grpc.IndexServiceStub(channel)
 
-        self.shards = [Shard(i, list(addresses), stub(read_target(addresses), read_options(len(addresses))),
-                             [stub(a, []) for a in addresses])
-                       for i, addresses in enumerate(config.shards)]
+        self.shards = [
+            Shard(
+                i,
+                list(addresses),
+                stub(read_target(addresses), read_options(len(addresses))),
+                [stub(a, []) for a in addresses],
+            )
+            for i, addresses in enumerate(config.shards)
+        ]
         replicas = sum(len(s.addresses) for s in self.shards)
         # Context-copying: calls made for a request carry its request id.
         self._pool = ContextThreadPoolExecutor(max_workers=max(4, 4 * replicas), thread_name_prefix="router")
@@ -231,8 +253,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
 
     # -- writes -----------------------------------------------------------------------------------
 
-    def Add(self, request_iterator: Iterator[index_pb2.AddRequest], context: grpc.ServicerContext
-            ) -> index_pb2.AddResponse:
+    def Add(
+        self, request_iterator: Iterator[index_pb2.AddRequest], context: grpc.ServicerContext
+    ) -> index_pb2.AddResponse:
         """Forwards the stream as it arrives, each item checked as a shard checks it: one stream
         per shard replica for the items the shard holds, and in the word layout one more to every
         shard for the bag-of-words items. A shard commits a stream when it ends (all or nothing),
@@ -248,8 +271,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                         try:
                             item_value(request, self.limits)
                         except ServiceError as exc:
-                            raise reworded(exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of "
-                                            "this stream was added") from None
+                            raise reworded(
+                                exc,
+                                f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added",
+                            ) from None
                         forward.send(request)
                         self._check_forwarding(context, forward)
                 except grpc.RpcError:
@@ -258,17 +283,30 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     return index_pb2.AddResponse()  # cancelled: the shards' streams are cancelled below
             results = forward.finish()
             stored = any(o.error is None for _, outcomes in results for o in outcomes)
-            partial = ("; the other shards stored their items of this stream: fix it and re-send the whole "
-                       "stream (an Add of an existing id replaces it)") if stored else ""
+            partial = (
+                (
+                    "; the other shards stored their items of this stream: fix it and re-send the whole "
+                    "stream (an Add of an existing id replaces it)"
+                )
+                if stored
+                else ""
+            )
             for _, outcomes in results:
                 for outcome in outcomes:
                     if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
-                        context.abort(outcome.error.code(), f"shard {outcome.shard.number} "
-                                      f"({', '.join(outcome.shard.addresses)}): {outcome.error.details()}{partial}")
+                        context.abort(
+                            outcome.error.code(),
+                            f"shard {outcome.shard.number} "
+                            f"({', '.join(outcome.shard.addresses)}): {outcome.error.details()}{partial}",
+                        )
             acknowledged = self._acknowledged(
-                context, [outcomes for _, outcomes in results],
+                context,
+                [outcomes for _, outcomes in results],
                 "the shards that answered stored their items of this stream: re-send the whole stream (an Add "
-                "of an existing id replaces it)" if stored else "nothing of this stream was added: re-send it")
+                "of an existing id replaces it)"
+                if stored
+                else "nothing of this stream was added: re-send it",
+            )
             added = replaced = 0
             for (key, _), outcome in zip(results, acknowledged):
                 # Word layout: every shard holds every bag-of-words item; count them on shard 0.
@@ -279,7 +317,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         finally:
             forward.cancel()  # whatever is still open: a refusal, a cancel, an error
 
-    def _check_forwarding(self, context: grpc.ServicerContext, forward: "_ForwardedAdd") -> None:
+    def _check_forwarding(self, context: grpc.ServicerContext, forward: _ForwardedAdd) -> None:
         """Aborts (the caller's finally cancels every stream) once a shard refused an item, or too
         few of a shard's replicas are left to acknowledge: a forwarded stream that is over before
         it was ended has failed."""
@@ -293,8 +331,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             if len(group) - len(failed) < max(1, min(self.config.min_write_replicas, len(group))):
                 self._abort_write(context, failed[0], "nothing of this stream was added: re-send it")
 
-    def _acknowledged(self, context: grpc.ServicerContext, writes: list[list[Outcome]], tail: str
-                      ) -> list[Outcome]:
+    def _acknowledged(self, context: grpc.ServicerContext, writes: list[list[Outcome]], tail: str) -> list[Outcome]:
         """Per write to one shard (its outcomes on each of the shard's replicas), the answer of an
         acknowledging replica (NOT_FOUND acknowledges a Delete: the database is not there).
         A refusal that is the caller's fault aborts with its code; fewer acknowledgments than
@@ -311,9 +348,15 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             if not acked or len(acked) < min(self.config.min_write_replicas, len(outcomes)):
                 self._abort_write(context, missed[0], tail)
             for outcome in missed:
-                log.warning("a replica of shard %d (%s) missed a write, acknowledged by %d of %d replicas: %s %s",
-                            outcome.shard.number, ", ".join(outcome.shard.addresses), len(acked), len(outcomes),
-                            outcome.error.code().name, outcome.error.details())  # type: ignore[union-attr]
+                log.warning(
+                    "a replica of shard %d (%s) missed a write, acknowledged by %d of %d replicas: %s %s",
+                    outcome.shard.number,
+                    ", ".join(outcome.shard.addresses),
+                    len(acked),
+                    len(outcomes),
+                    outcome.error.code().name,
+                    outcome.error.details(),
+                )  # type: ignore[union-attr]
             chosen.append(min(acked, key=lambda o: o.error is not None))  # an answer over a NOT_FOUND
         return chosen
 
@@ -323,23 +366,27 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         where = f"shard {outcome.shard.number} ({', '.join(outcome.shard.addresses)})"
         if error.code() in _CALLER_ERRORS:
             context.abort(error.code(), f"{where}: {error.details()}")
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"{where} failed ({error.code().name}): "
-                                                   f"{error.details()}; {tail}")
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{where} failed ({error.code().name}): {error.details()}; {tail}")
         raise AssertionError("context.abort returns only by raising")
 
-    def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext
-               ) -> index_pb2.DeleteResponse:
+    def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext) -> index_pb2.DeleteResponse:
         if not request.database:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
         timeout = timeout_from(context, self.config.default_timeout_s)
         # Group deletes go everywhere too: a group lives on one item-range shard, but on every
         # word-range shard, and the router does not know which items a group has.
-        calls = [(shard, lambda stub=stub: stub.Delete(request, timeout=timeout))
-                 for shard in self.shards for stub in shard.replicas]
+        calls = [
+            (shard, lambda stub=stub: stub.Delete(request, timeout=timeout))
+            for shard in self.shards
+            for stub in shard.replicas
+        ]
         outcomes = self._fan_out(calls)
         starts = list(itertools.accumulate((len(shard.replicas) for shard in self.shards), initial=0))
-        acknowledged = self._acknowledged(context, [outcomes[start:end] for start, end in zip(starts, starts[1:])],
-                                          "deletes are idempotent: re-send this one")
+        acknowledged = self._acknowledged(
+            context,
+            [outcomes[start:end] for start, end in itertools.pairwise(starts)],
+            "deletes are idempotent: re-send this one",
+        )
         found_ids: set[str] = set()
         found_groups: set[str] = set()
         per_shard: dict[int, int] = {}  # items deleted, from one replica of each shard
@@ -352,20 +399,27 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             found_ids.update(i for i in request.item_ids if i not in missing)
             found_groups.update(g for g in request.group_ids if g not in missing_groups)
         if not per_shard:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"database {quote(request.database)} does not exist on any "
-                          "shard; a database is created by the first Add of an item to it")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"database {quote(request.database)} does not exist on any "
+                "shard; a database is created by the first Add of an item to it",
+            )
         if not request.group_ids:
             deleted = len(found_ids)  # by id alone the router knows exactly which ones went
         elif self.config.layout == "word" and self._kind(request.database, timeout) in (
-                common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_UNSPECIFIED):
+            common_pb2.SIGNATURE_KIND_BOW,
+            common_pb2.SIGNATURE_KIND_UNSPECIFIED,
+        ):
             # Every shard held (and deleted) the same bag-of-words items; a kind no shard could
             # tell counts the same way, so the count never exceeds what went.
             deleted = max(per_shard.values())
         else:
             deleted = sum(per_shard.values())  # each item on one shard (its group's)
         return index_pb2.DeleteResponse(
-            deleted=deleted, not_found=[i for i in dict.fromkeys(request.item_ids) if i not in found_ids],
-            groups_not_found=[g for g in dict.fromkeys(request.group_ids) if g not in found_groups])
+            deleted=deleted,
+            not_found=[i for i in dict.fromkeys(request.item_ids) if i not in found_ids],
+            groups_not_found=[g for g in dict.fromkeys(request.group_ids) if g not in found_groups],
+        )
 
     def _kind(self, database: str, timeout: float) -> int:
         """The signature kind of a database, from the first shard that can say."""
@@ -392,15 +446,23 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc))
         raise AssertionError("context.abort returns only by raising")
 
-    def _flag(self, response: index_pb2.SearchResponse | index_pb2.SearchBatchResponse, missing: list[Outcome],
-              database: str, kind: int, vocabulary: int) -> None:
+    def _flag(
+        self,
+        response: index_pb2.SearchResponse | index_pb2.SearchBatchResponse,
+        missing: list[Outcome],
+        database: str,
+        kind: int,
+        vocabulary: int,
+    ) -> None:
         """Sets the degraded flags (the same fields in both responses) for the shards missing."""
         if not missing:
             return
         response.degraded = True
         response.degraded_reason = "; ".join(
             f"shard {o.shard.number} ({', '.join(o.shard.addresses)}): {o.error.code().name} "  # type: ignore[union-attr]
-            f"{o.error.details()}" for o in missing)  # type: ignore[union-attr]
+            f"{o.error.details()}"
+            for o in missing
+        )  # type: ignore[union-attr]
         if self._word_layout(kind):
             for o in missing:
                 lo, hi = word_range_of(o.shard.number, len(self.shards), vocabulary)
@@ -409,8 +471,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             response.missing_shards.extend(o.shard.number for o in missing)
         log.warning("degraded search in %s: %s", database, response.degraded_reason)
 
-    def Search(self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
-               ) -> Iterator[index_pb2.SearchResponse]:
+    def Search(
+        self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
+    ) -> Iterator[index_pb2.SearchResponse]:
         top_k = self._top_k(request.top_k, context)
         if not request.database:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
@@ -418,58 +481,74 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         if self._word_layout(request.signature.kind):
             assert isinstance(value, BagOfWords)
-            hits, missing = self._search_words(request.database, request.signature, value, top_k,
-                                               request.one_per_group, timeout, context)
+            hits, missing = self._search_words(
+                request.database, request.signature, value, top_k, request.one_per_group, timeout, context
+            )
         else:
-            results, missing = self._search_items(request.database, [request.signature], top_k,
-                                                  request.one_per_group, timeout, context)
+            results, missing = self._search_items(
+                request.database, [request.signature], top_k, request.one_per_group, timeout, context
+            )
             hits = results[0]
         first = index_pb2.SearchResponse()
         self._flag(first, missing, request.database, request.signature.kind, getattr(value, "vocabulary", 0))
-        chunks = [hits[i:i + self.config.chunk_size] for i in range(0, len(hits), self.config.chunk_size)] or [[]]
+        chunks = [hits[i : i + self.config.chunk_size] for i in range(0, len(hits), self.config.chunk_size)] or [[]]
         for number, chunk in enumerate(chunks):
             response = first if number == 0 else index_pb2.SearchResponse()
             response.items.extend(scored_item(h) for h in chunk)
             yield response
 
-    def SearchBatch(self, request: index_pb2.SearchBatchRequest, context: grpc.ServicerContext
-                    ) -> index_pb2.SearchBatchResponse:
+    def SearchBatch(
+        self, request: index_pb2.SearchBatchRequest, context: grpc.ServicerContext
+    ) -> index_pb2.SearchBatchResponse:
         top_k = self._top_k(request.top_k, context)
         if not request.database:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
         if not request.signatures:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "signatures is empty: send at least one query")
         if len(request.signatures) > self.config.max_batch:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.signatures)} queries are above the router's batch limit of "
-                          f"{self.config.max_batch}: split the batch")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(request.signatures)} queries are above the router's batch limit of "
+                f"{self.config.max_batch}: split the batch",
+            )
         several = len(request.signatures) > 1
-        values = [self._value(s, context, f"signature #{i}: " if several else "")
-                  for i, s in enumerate(request.signatures)]
+        values = [
+            self._value(s, context, f"signature #{i}: " if several else "") for i, s in enumerate(request.signatures)
+        ]
         kinds = {s.kind for s in request.signatures}
         if len(kinds) > 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "the signatures of a batch are of several kinds: every query must be of the database's kind")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the signatures of a batch are of several kinds: every query must be of the database's kind",
+            )
         kind = request.signatures[0].kind
         response = index_pb2.SearchBatchResponse()
         if self._word_layout(kind):
             # Per query (partial scores are per query); each gets what is left of the caller's time.
-            deadline = time.monotonic() + timeout_from(context, self.config.default_timeout_s,
-                                                       self.config.reply_reserve_s)
+            deadline = time.monotonic() + timeout_from(
+                context, self.config.default_timeout_s, self.config.reply_reserve_s
+            )
             missed: dict[int, Outcome] = {}
             for signature, bag in zip(request.signatures, values):
                 assert isinstance(bag, BagOfWords)
-                hits, missing = self._search_words(request.database, signature, bag, top_k, request.one_per_group,
-                                                   max(deadline - time.monotonic(), 0.001), context)
+                hits, missing = self._search_words(
+                    request.database,
+                    signature,
+                    bag,
+                    top_k,
+                    request.one_per_group,
+                    max(deadline - time.monotonic(), 0.001),
+                    context,
+                )
                 response.results.add().items.extend(scored_item(h) for h in hits)
                 missed.update((o.shard.number, o) for o in missing)
-            self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind,
-                       values[0].vocabulary)  # type: ignore[union-attr]
+            self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind, values[0].vocabulary)  # type: ignore[union-attr]
             self._check_size(response, context)
             return response
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
-        results, missing = self._search_items(request.database, list(request.signatures), top_k,
-                                              request.one_per_group, timeout, context)
+        results, missing = self._search_items(
+            request.database, list(request.signatures), top_k, request.one_per_group, timeout, context
+        )
         for hits in results:
             response.results.add().items.extend(scored_item(h) for h in hits)
         self._flag(response, missing, request.database, kind, 0)
@@ -479,12 +558,15 @@ class Router(index_pb2_grpc.IndexServiceServicer):
     def _check_size(self, response: index_pb2.SearchBatchResponse, context: grpc.ServicerContext) -> None:
         size = response.ByteSize()
         if size > self.config.max_message_bytes:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the answer is {size} bytes, above the message limit of {self.config.max_message_bytes}: "
-                          "send fewer queries per batch or ask for a smaller top_k")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the answer is {size} bytes, above the message limit of {self.config.max_message_bytes}: "
+                "send fewer queries per batch or ask for a smaller top_k",
+            )
 
-    def _answered(self, outcomes: list[Outcome], request_database: str, context: grpc.ServicerContext
-                  ) -> tuple[list[Outcome], list[Outcome]]:
+    def _answered(
+        self, outcomes: list[Outcome], request_database: str, context: grpc.ServicerContext
+    ) -> tuple[list[Outcome], list[Outcome]]:
         """Splits outcomes into answers and missing shards; the caller's own errors abort, and a
         database that no answering shard has is NOT_FOUND."""
         answered, missing, absent = [], [], 0
@@ -498,35 +580,71 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             else:
                 missing.append(outcome)
         if not answered and not missing:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"database {quote(request_database)} does not exist on any "
-                          "shard; a database is created by the first Add of an item to it")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"database {quote(request_database)} does not exist on any "
+                "shard; a database is created by the first Add of an item to it",
+            )
         if not answered and absent == 0:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "no shard answered: " + "; ".join(
-                f"shard {o.shard.number}: {o.error.code().name} {o.error.details()}" for o in missing))  # type: ignore[union-attr]
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "no shard answered: "
+                + "; ".join(f"shard {o.shard.number}: {o.error.code().name} {o.error.details()}" for o in missing),
+            )  # type: ignore[union-attr]
         return answered, missing
 
-    def _search_items(self, database: str, signatures: list[common_pb2.Signature], top_k: int,
-                      one_per_group: bool, timeout: float, context: grpc.ServicerContext
-                      ) -> tuple[list[list[Hit]], list[Outcome]]:
+    def _search_items(
+        self,
+        database: str,
+        signatures: list[common_pb2.Signature],
+        top_k: int,
+        one_per_group: bool,
+        timeout: float,
+        context: grpc.ServicerContext,
+    ) -> tuple[list[list[Hit]], list[Outcome]]:
         """Per query, the merged top k of every shard's top k (with one_per_group: top k groups);
         one Search (one query) or one SearchBatch (several) per shard."""
+
         def search(shard: Shard) -> list[list[Hit]]:
             if len(signatures) == 1:
-                return [[hit_of(i) for chunk in shard.read.Search(index_pb2.SearchRequest(
-                    database=database, signature=signatures[0], top_k=top_k, one_per_group=one_per_group),
-                    timeout=timeout) for i in chunk.items]]
-            response = shard.read.SearchBatch(index_pb2.SearchBatchRequest(
-                database=database, signatures=signatures, top_k=top_k, one_per_group=one_per_group), timeout=timeout)
+                return [
+                    [
+                        hit_of(i)
+                        for chunk in shard.read.Search(
+                            index_pb2.SearchRequest(
+                                database=database, signature=signatures[0], top_k=top_k, one_per_group=one_per_group
+                            ),
+                            timeout=timeout,
+                        )
+                        for i in chunk.items
+                    ]
+                ]
+            response = shard.read.SearchBatch(
+                index_pb2.SearchBatchRequest(
+                    database=database, signatures=signatures, top_k=top_k, one_per_group=one_per_group
+                ),
+                timeout=timeout,
+            )
             return [[hit_of(i) for i in hits.items] for hits in response.results]
 
-        answered, missing = self._answered(self._fan_out([(s, lambda s=s: search(s)) for s in self.shards]),
-                                           database, context)
-        return [merge_top_k([o.value[query] for o in answered], top_k, one_per_group)  # type: ignore[index]
-                for query in range(len(signatures))], missing
+        answered, missing = self._answered(
+            self._fan_out([(s, lambda s=s: search(s)) for s in self.shards]), database, context
+        )
+        return [
+            merge_top_k([o.value[query] for o in answered], top_k, one_per_group)  # type: ignore[index]
+            for query in range(len(signatures))
+        ], missing
 
-    def _search_words(self, database: str, signature: common_pb2.Signature, bag: BagOfWords, top_k: int,
-                      one_per_group: bool, timeout: float, context: grpc.ServicerContext
-                      ) -> tuple[list[Hit], list[Outcome]]:
+    def _search_words(
+        self,
+        database: str,
+        signature: common_pb2.Signature,
+        bag: BagOfWords,
+        top_k: int,
+        one_per_group: bool,
+        timeout: float,
+        context: grpc.ServicerContext,
+    ) -> tuple[list[Hit], list[Outcome]]:
         partial = index_pb2.PartialScoresRequest(database=database, signature=signature, with_groups=one_per_group)
 
         def scores(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -535,42 +653,49 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 if number == 0:
                     expected = word_range_of(shard.number, len(self.shards), bag.vocabulary)
                     if (chunk.word_range.first, chunk.word_range.end) != expected:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"shard {shard.number} holds words [{chunk.word_range.first}, "
-                                      f"{chunk.word_range.end}) but the router expects {list(expected)}: "
-                                      "list the shards in word_shard_index order, with word_shard_count "
-                                      f"{len(self.shards)}")
+                        context.abort(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"shard {shard.number} holds words [{chunk.word_range.first}, "
+                            f"{chunk.word_range.end}) but the router expects {list(expected)}: "
+                            "list the shards in word_shard_index order, with word_shard_count "
+                            f"{len(self.shards)}",
+                        )
                 keys.append(np.frombuffer(chunk.keys, "<u8"))
                 sums.append(np.frombuffer(chunk.sums, "<f4"))
                 groups.append(np.frombuffer(chunk.groups, "<u8"))
                 if one_per_group and len(groups[-1]) != len(keys[-1]):
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                  f"shard {shard.number} sent no group keys: it predates one_per_group "
-                                  "searches; upgrade it")
+                    context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"shard {shard.number} sent no group keys: it predates one_per_group searches; upgrade it",
+                    )
             return np.concatenate(keys), np.concatenate(sums), np.concatenate(groups)
 
         # Only the shards holding some of the query's words have anything to add (with a large
         # vocabulary and few words per query, that is the word layout's saving).
         ranges = [word_range_of(s.number, len(self.shards), bag.vocabulary) for s in self.shards]
         needed = [s for s, (lo, hi) in zip(self.shards, ranges) if np.any((bag.words >= lo) & (bag.words < hi))]
-        answered, missing = self._answered(self._fan_out([(s, lambda s=s: scores(s)) for s in needed]),
-                                           database, context)
+        answered, missing = self._answered(
+            self._fan_out([(s, lambda s=s: scores(s)) for s in needed]), database, context
+        )
         values: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [o.value for o in answered]  # type: ignore[misc]
         if one_per_group:
-            keys, totals, groups = sum_partials([v[0] for v in values], [v[1] for v in values],
-                                                [v[2] for v in values])
+            keys, totals, groups = sum_partials([v[0] for v in values], [v[1] for v in values], [v[2] for v in values])
             # Each group's best item(s) first, then the top k groups: the lookup names only those.
             best = best_of_groups(totals, groups, top_k)
         else:
             keys, totals = sum_partials([v[0] for v in values], [v[1] for v in values])
             best = top_with_ties(totals, top_k)
         found = self._lookup(database, keys[best], answered, timeout, context)
-        hits = [dataclasses.replace(found[int(k)], score=float(t) / 2.0)
-                for k, t in zip(keys[best], totals[best]) if int(k) in found]
+        hits = [
+            dataclasses.replace(found[int(k)], score=float(t) / 2.0)
+            for k, t in zip(keys[best], totals[best])
+            if int(k) in found
+        ]
         return merge_top_k([hits], top_k, one_per_group), missing
 
-    def _lookup(self, database: str, keys: np.ndarray, answered: list[Outcome], timeout: float,
-                context: grpc.ServicerContext) -> dict[int, Hit]:
+    def _lookup(
+        self, database: str, keys: np.ndarray, answered: list[Outcome], timeout: float, context: grpc.ServicerContext
+    ) -> dict[int, Hit]:
         """Ids, metadata, groups and boxes of the winning keys (as Hits scoring 0), from the first
         answering shard that gives them (every word-range shard holds every item)."""
         if len(keys) == 0:
@@ -586,39 +711,48 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE, "no shard could name the results: " + "; ".join(errors))
         raise AssertionError("context.abort returns only by raising")
 
-    def PartialScores(self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
-                      ) -> Iterator[index_pb2.PartialScoresResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "PartialScores is a shard's RPC: a router's Search already merges them")
+    def PartialScores(
+        self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
+    ) -> Iterator[index_pb2.PartialScoresResponse]:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "PartialScores is a shard's RPC: a router's Search already merges them"
+        )
 
-    def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext
-               ) -> index_pb2.LookupResponse:
+    def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext) -> index_pb2.LookupResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Lookup is a shard's RPC: a router's Search already names items")
 
-    def Replicate(self, request: index_pb2.ReplicateRequest, context: grpc.ServicerContext
-                  ) -> Iterator[index_pb2.ReplicateResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "Replicate is a shard replica's RPC: give a replica's --peers the other replicas' addresses")
+    def Replicate(
+        self, request: index_pb2.ReplicateRequest, context: grpc.ServicerContext
+    ) -> Iterator[index_pb2.ReplicateResponse]:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Replicate is a shard replica's RPC: give a replica's --peers the other replicas' addresses",
+        )
 
-    def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
-              ) -> index_pb2.StatsResponse:
+    def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext) -> index_pb2.StatsResponse:
         timeout = timeout_from(context, self.config.default_timeout_s)
         outcomes = self._fan_out([(s, lambda s=s: s.read.Stats(request, timeout=timeout)) for s in self.shards])
         merged: dict[str, index_pb2.DatabaseStats] = {}
         for outcome in outcomes:
             if outcome.error is not None:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"shard {outcome.shard.number} "
-                              f"({', '.join(outcome.shard.addresses)}): {outcome.error.details()}")
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"shard {outcome.shard.number} ({', '.join(outcome.shard.addresses)}): {outcome.error.details()}",
+                )
             for database in outcome.value.databases:  # type: ignore[attr-defined]
-                held = merged.setdefault(database.name, index_pb2.DatabaseStats(
-                    name=database.name, kind=database.kind, dimension=database.dimension))
+                held = merged.setdefault(
+                    database.name,
+                    index_pb2.DatabaseStats(name=database.name, kind=database.kind, dimension=database.dimension),
+                )
                 # Word layout: every shard holds every bag-of-words item.
-                held.items = max(held.items, database.items) if self._word_layout(database.kind) \
-                    else held.items + database.items
+                held.items = (
+                    max(held.items, database.items) if self._word_layout(database.kind) else held.items + database.items
+                )
                 # A shard that could not load it reports no kind or dimension, and why.
                 held.kind = held.kind or database.kind
                 held.dimension = max(held.dimension, database.dimension)
                 if database.broken_reason:
-                    held.broken_reason = "; ".join(filter(None, [
-                        held.broken_reason, f"shard {outcome.shard.number}: {database.broken_reason}"]))
+                    held.broken_reason = "; ".join(
+                        filter(None, [held.broken_reason, f"shard {outcome.shard.number}: {database.broken_reason}"])
+                    )
         return index_pb2.StatsResponse(databases=[merged[name] for name in sorted(merged)])

@@ -36,12 +36,18 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
         path = Path(config.data_dir)
         store = ShardStore(path if path.is_absolute() else REPO_ROOT / path, config.store_map_bytes)
     if not 0 <= config.word_shard_index < config.word_shard_count:
-        raise ValueError(f"word_shard_index {config.word_shard_index} is not in [0, word_shard_count "
-                         f"{config.word_shard_count})")
+        raise ValueError(
+            f"word_shard_index {config.word_shard_index} is not in [0, word_shard_count {config.word_shard_count})"
+        )
     if not 0.0 < config.max_word_share <= 1.0:
         raise ValueError(f"max_word_share {config.max_word_share} is not in (0, 1]")
-    settings = DatabaseSettings(config.word_shard_index, config.word_shard_count, config.dense_factory,
-                                config.dense_train_size, config.max_word_share)
+    settings = DatabaseSettings(
+        config.word_shard_index,
+        config.word_shard_count,
+        config.dense_factory,
+        config.dense_train_size,
+        config.max_word_share,
+    )
     return Catalogue(settings, store, config.snapshot_every, limits_of(config))
 
 
@@ -52,27 +58,46 @@ def create_bundle(config: IndexConfig) -> ServiceBundle:
     replica = ReplicaStatus(catching_up=bool(peers), source=peers[0] if peers else "")
     if peers:
         catalogue.begin_deferral()
-    service = IndexService(catalogue, config.chunk_size, config.max_top_k,
-                           config.partial_chunk, config.max_batch, replica=replica,
-                           replicate_chunk_bytes=config.replicate_chunk_bytes,
-                           replicate_settle_s=config.replicate_settle_s,
-                           max_message_bytes=config.max_message_bytes, cancel_settle_s=config.cancel_settle_s)
+    service = IndexService(
+        catalogue,
+        config.chunk_size,
+        config.max_top_k,
+        config.partial_chunk,
+        config.max_batch,
+        replica=replica,
+        replicate_chunk_bytes=config.replicate_chunk_bytes,
+        replicate_settle_s=config.replicate_settle_s,
+        max_message_bytes=config.max_message_bytes,
+        cancel_settle_s=config.cancel_settle_s,
+    )
     source = f"index-items-{id(catalogue)}"
-    GAUGE_SOURCES.add(source, "mps_index_items", "Items held per database", ["database"],
-                      lambda: [([d.name], d.items) for d in catalogue.stats()])
+    GAUGE_SOURCES.add(
+        source,
+        "mps_index_items",
+        "Items held per database",
+        ["database"],
+        lambda: [([d.name], d.items) for d in catalogue.stats()],
+    )
 
     def stop() -> None:
         GAUGE_SOURCES.remove(source)
         catalogue.close()
-    bundle = start_bundle(config, lambda s: index_pb2_grpc.add_IndexServiceServicer_to_server(service, s),
-                          SERVICE_NAMES, on_stop=stop, policy=POLICY)
+
+    bundle = start_bundle(
+        config,
+        lambda s: index_pb2_grpc.add_IndexServiceServicer_to_server(service, s),
+        SERVICE_NAMES,
+        on_stop=stop,
+        policy=POLICY,
+    )
     if peers:
         _catch_up_in_background(config, bundle, catalogue, replica, peers)
     return bundle
 
 
-def _catch_up_in_background(config: IndexConfig, bundle: ServiceBundle, catalogue: Catalogue,
-                            replica: ReplicaStatus, peers: list[str]) -> None:
+def _catch_up_in_background(
+    config: IndexConfig, bundle: ServiceBundle, catalogue: Catalogue, replica: ReplicaStatus, peers: list[str]
+) -> None:
     """Health NOT_SERVING (routers read the other replicas; the service refuses reads anyway)
     until this replica has copied a peer (index_server.replication), then SERVING."""
     for name in SERVICE_NAMES + [""]:
@@ -90,12 +115,15 @@ def _catch_up_in_background(config: IndexConfig, bundle: ServiceBundle, catalogu
         for name in SERVICE_NAMES + [""]:  # ignored once shutting down
             bundle.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    request = index_pb2.ReplicateRequest(word_shard_index=config.word_shard_index,
-                                         word_shard_count=config.word_shard_count,
-                                         replica=f"{config.host}:{bundle.port}",
-                                         min_tail_ms=int(config.catch_up_tail_s * 1000))
-    start_catch_up(catalogue, replica, peers, stub_for, request, config.catch_up_timeout_s,
-                   config.replicate_timeout_s, done)
+    request = index_pb2.ReplicateRequest(
+        word_shard_index=config.word_shard_index,
+        word_shard_count=config.word_shard_count,
+        replica=f"{config.host}:{bundle.port}",
+        min_tail_ms=int(config.catch_up_tail_s * 1000),
+    )
+    start_catch_up(
+        catalogue, replica, peers, stub_for, request, config.catch_up_timeout_s, config.replicate_timeout_s, done
+    )
 
 
 def create_server(config: IndexConfig) -> tuple[grpc.Server, int]:
@@ -114,8 +142,15 @@ def create_router_bundle(config: RouterConfig) -> ServiceBundle:
     def stop() -> None:
         watch.close()
         router.close()
-    return start_bundle(config, lambda s: index_pb2_grpc.add_IndexServiceServicer_to_server(router, s),
-                        SERVICE_NAMES, on_stop=stop, policy=POLICY, name="router")
+
+    return start_bundle(
+        config,
+        lambda s: index_pb2_grpc.add_IndexServiceServicer_to_server(router, s),
+        SERVICE_NAMES,
+        on_stop=stop,
+        policy=POLICY,
+        name="router",
+    )
 
 
 def serve_router(config: RouterConfig) -> None:

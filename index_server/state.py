@@ -15,14 +15,14 @@ def pack_strings(strings: list[str]) -> bytes:
 
 def unpack_strings(blob: bytes) -> list[str]:
     count = int(np.frombuffer(blob[:8], np.int64)[0])
-    offsets = np.frombuffer(blob[8:8 + 8 * (count + 1)], np.int64)
-    data = blob[8 + 8 * (count + 1):]
-    return [data[offsets[i]:offsets[i + 1]].decode() for i in range(count)]
+    offsets = np.frombuffer(blob[8 : 8 + 8 * (count + 1)], np.int64)
+    data = blob[8 + 8 * (count + 1) :]
+    return [data[offsets[i] : offsets[i + 1]].decode() for i in range(count)]
 
 
 def array_from(blob: bytes, dtype: type, spare: int = 0) -> np.ndarray:
     """A writable copy of a little-endian array, with `spare` zeroed elements after it."""
     values = np.frombuffer(blob, dtype)
     out = np.zeros(len(values) + spare, dtype)
-    out[:len(values)] = values
+    out[: len(values)] = values
     return out

@@ -19,8 +19,8 @@ from __future__ import annotations
 import fcntl
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import lmdb
 
@@ -37,7 +37,7 @@ class ShardStore:
     def __init__(self, path: Path, map_size: int):
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock_file = open(path / "LOCK", "a+")
+        self._lock_file = open(path / "LOCK", "a+")  # noqa: SIM115 - held (and locked) while the store is open
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

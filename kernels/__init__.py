@@ -16,7 +16,7 @@ from kernels import spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Kernels", "select_kernels", "spec", "KernelUnavailable"]
+__all__ = ["KernelUnavailable", "Kernels", "select_kernels", "spec"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -32,17 +32,18 @@ class Kernels(Protocol):
     def filter_basis(self, image: np.ndarray) -> np.ndarray: ...
     def steer(self, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def saliency(self, amplitudes: list[np.ndarray]) -> np.ndarray: ...
-    def select_keypoints(self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
-                         ) -> tuple[np.ndarray, np.ndarray]: ...
-    def patch_histograms(self, labs: list[np.ndarray], responses: list[np.ndarray],
-                         keypoints: np.ndarray) -> np.ndarray: ...
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray
-                     ) -> np.ndarray: ...
+    def select_keypoints(
+        self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def patch_histograms(
+        self, labs: list[np.ndarray], responses: list[np.ndarray], keypoints: np.ndarray
+    ) -> np.ndarray: ...
+    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray: ...
     def chi2_distances(self, queries: np.ndarray, items: np.ndarray) -> np.ndarray: ...
 
 
 def select_kernels(name: str = "auto") -> Kernels:
-    """"auto" | "cuda" | "cpu" -> a started backend."""
+    """ "auto" | "cuda" | "cpu" -> a started backend."""
     from kernels.cpu import CpuKernels
 
     if name == "cpu":

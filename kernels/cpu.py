@@ -20,11 +20,17 @@ class CpuKernels:
     def rgb_to_lab(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 sRGB -> (H, W, 3) float32 CIE Lab (D65), each channel scaled to [0, 1]."""
         c = rgb.astype(np.float32) * np.float32(1 / 255)
-        linear = np.where(c <= np.float32(0.04045), c * np.float32(1 / 12.92),
-                          ((c + np.float32(0.055)) * np.float32(1 / 1.055)) ** np.float32(2.4))
+        linear = np.where(
+            c <= np.float32(0.04045),
+            c * np.float32(1 / 12.92),
+            ((c + np.float32(0.055)) * np.float32(1 / 1.055)) ** np.float32(2.4),
+        )
         xyz = linear @ spec.RGB_TO_XYZ_OVER_WHITE.T
-        f = np.where(xyz > np.float32(spec.LAB_EPSILON), np.cbrt(xyz),
-                     xyz * np.float32(spec.LAB_KAPPA / 116) + np.float32(16 / 116))
+        f = np.where(
+            xyz > np.float32(spec.LAB_EPSILON),
+            np.cbrt(xyz),
+            xyz * np.float32(spec.LAB_KAPPA / 116) + np.float32(16 / 116),
+        )
         out = np.empty_like(f)
         out[..., 0] = np.float32(116 / 100) * f[..., 1] - np.float32(16 / 100)
         out[..., 1] = (np.float32(500) * (f[..., 0] - f[..., 1]) + np.float32(128)) * np.float32(1 / 255)
@@ -33,15 +39,17 @@ class CpuKernels:
 
     def pyr_down(self, image: np.ndarray) -> np.ndarray:
         """(H, W, C) float32 -> ((H+1)//2, (W+1)//2, C): 5-tap binomial blur, reflect-101, every 2nd pixel."""
-        blurred = cv2.sepFilter2D(image, -1, spec.PYRAMID_TAPS, spec.PYRAMID_TAPS,
-                                  borderType=cv2.BORDER_REFLECT_101)
+        blurred = cv2.sepFilter2D(image, -1, spec.PYRAMID_TAPS, spec.PYRAMID_TAPS, borderType=cv2.BORDER_REFLECT_101)
         return np.ascontiguousarray(blurred[::2, ::2])
 
     def filter_basis(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) float32 -> (7, H, W, 3): the separable G2/H2 steerable basis responses, reflect-101."""
-        return np.stack([cv2.sepFilter2D(image, -1, spec.TAPS[tx], spec.TAPS[ty],
-                                         borderType=cv2.BORDER_REFLECT_101)
-                         for tx, ty in spec.BASIS])
+        return np.stack(
+            [
+                cv2.sepFilter2D(image, -1, spec.TAPS[tx], spec.TAPS[ty], borderType=cv2.BORDER_REFLECT_101)
+                for tx, ty in spec.BASIS
+            ]
+        )
 
     def steer(self, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(7, H, W, 3) basis -> responses (H, W, 3, 8) float32 [even, odd] x 4 orientations, and the
@@ -68,8 +76,9 @@ class CpuKernels:
             total += per_level[(ys >> level)[:, None], (xs >> level)[None, :]]
         return total
 
-    def select_keypoints(self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def select_keypoints(
+        self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(H, W) saliency -> (K, 2) int32 (y, x), (K,) float32 saliency: local maxima over a
         (2r+1)^2 window (ties kept) above threshold, most salient first, ties by raster order."""
         window = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
@@ -79,8 +88,9 @@ class CpuKernels:
         order = np.lexsort((ys * saliency.shape[1] + xs, -values))[:max_count]
         return np.stack([ys[order], xs[order]], axis=1).astype(np.int32), values[order]
 
-    def patch_histograms(self, labs: list[np.ndarray], responses: list[np.ndarray],
-                         keypoints: np.ndarray) -> np.ndarray:
+    def patch_histograms(
+        self, labs: list[np.ndarray], responses: list[np.ndarray], keypoints: np.ndarray
+    ) -> np.ndarray:
         """Levels of (Hs, Ws, 3) Lab and (Hs, Ws, 3, 8) responses, (K, 2) level-0 keypoints ->
         (K, 576) float32 texture-weighted colour histograms, not normalised.
 
@@ -96,8 +106,7 @@ class CpuKernels:
             _patch_histograms_level(lab, resp, ys >> level, xs >> level, level, out)
         return out.reshape(len(keypoints), -1)
 
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray
-                     ) -> np.ndarray:
+    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray:
         """(K, D) float32, (V, D) float32 centres, (V,) their squared norms -> (K,) int32 nearest
         centre by Euclidean distance (ties to the lowest index)."""
         if len(descriptors) == 0:

@@ -21,9 +21,15 @@ MODULES = ("colour", "filters", "orientation", "keypoints", "histograms", "assig
 
 def defines() -> list[str]:
     """-D flags carrying kernels/spec.py's constants to every kernel."""
-    values = {"CHANNELS": spec.CHANNELS, "BINS": spec.BINS, "RESPONSES": spec.RESPONSES,
-              "ORIENTATIONS": spec.ORIENTATIONS, "BASIS_COUNT": len(spec.BASIS), "PATCH": spec.PATCH,
-              "DIMENSION": spec.DIMENSION}
+    values = {
+        "CHANNELS": spec.CHANNELS,
+        "BINS": spec.BINS,
+        "RESPONSES": spec.RESPONSES,
+        "ORIENTATIONS": spec.ORIENTATIONS,
+        "BASIS_COUNT": len(spec.BASIS),
+        "PATCH": spec.PATCH,
+        "DIMENSION": spec.DIMENSION,
+    }
     return [f"-D{name}={value}" for name, value in values.items()]
 
 
@@ -51,8 +57,7 @@ class _PyCuda:
             raise KernelUnavailable(f"CUDA does not start: {exc}") from exc
         self.driver = driver
         try:
-            self.modules = {m: SourceModule(module_source(m), options=defines(), no_extern_c=True)
-                            for m in MODULES}
+            self.modules = {m: SourceModule(module_source(m), options=defines(), no_extern_c=True) for m in MODULES}
         finally:
             self.context.pop()
         major, minor = device.compute_capability()
@@ -98,8 +103,7 @@ class _CuPy:
         try:
             if cupy.cuda.runtime.getDeviceCount() == 0:
                 raise KernelUnavailable("CuPy sees no CUDA device")
-            self.modules = {m: cupy.RawModule(code=module_source(m), options=tuple(defines()))
-                            for m in MODULES}
+            self.modules = {m: cupy.RawModule(code=module_source(m), options=tuple(defines())) for m in MODULES}
             properties = cupy.cuda.runtime.getDeviceProperties(0)
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise KernelUnavailable(f"CUDA does not start: {exc}") from exc
@@ -176,9 +180,19 @@ class CudaKernels:
         def body(g):  # type: ignore[no-untyped-def]
             src, dst = g.upload(rgb.astype(np.uint8)), g.zeros((height, width, 3), np.float32)
             grid, block = _grid1(height * width)
-            g.launch(g.function("colour", "rgb_to_lab"), grid, block, src, dst, np.int32(height * width),
-                     self._xyz, np.float32(spec.LAB_EPSILON), np.float32(spec.LAB_KAPPA))
+            g.launch(
+                g.function("colour", "rgb_to_lab"),
+                grid,
+                block,
+                src,
+                dst,
+                np.int32(height * width),
+                self._xyz,
+                np.float32(spec.LAB_EPSILON),
+                np.float32(spec.LAB_KAPPA),
+            )
             return g.download(dst, (height, width, 3), np.float32)
+
         return self._run(body)
 
     def _separable(self, g, src, height: int, width: int, channels: int, taps_x, taps_y, count: int):  # type: ignore[no-untyped-def]
@@ -194,13 +208,30 @@ class CudaKernels:
         half = ((height + 1) // 2, (width + 1) // 2, channels)
 
         def body(g):  # type: ignore[no-untyped-def]
-            blurred = self._separable(g, g.upload(image.astype(np.float32)), height, width, channels,
-                                      self._pyramid, self._pyramid, len(spec.PYRAMID_TAPS))
+            blurred = self._separable(
+                g,
+                g.upload(image.astype(np.float32)),
+                height,
+                width,
+                channels,
+                self._pyramid,
+                self._pyramid,
+                len(spec.PYRAMID_TAPS),
+            )
             out = g.zeros(half, np.float32)
             grid, block = _grid2(half[1], half[0])
-            g.launch(g.function("filters", "decimate2"), grid, block, blurred, out,
-                     np.int32(height), np.int32(width), np.int32(channels))
+            g.launch(
+                g.function("filters", "decimate2"),
+                grid,
+                block,
+                blurred,
+                out,
+                np.int32(height),
+                np.int32(width),
+                np.int32(channels),
+            )
             return g.download(out, half, np.float32)
+
         return self._run(body)
 
     def filter_basis(self, image: np.ndarray) -> np.ndarray:
@@ -208,8 +239,17 @@ class CudaKernels:
 
         def body(g):  # type: ignore[no-untyped-def]
             src = g.upload(image.astype(np.float32))
-            return np.stack([g.download(self._separable(g, src, height, width, channels, tx, ty, spec.TAP_COUNT),
-                                        (height, width, channels), np.float32) for tx, ty in self._basis])
+            return np.stack(
+                [
+                    g.download(
+                        self._separable(g, src, height, width, channels, tx, ty, spec.TAP_COUNT),
+                        (height, width, channels),
+                        np.float32,
+                    )
+                    for tx, ty in self._basis
+                ]
+            )
+
         return self._run(body)
 
     def steer(self, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,10 +260,21 @@ class CudaKernels:
             responses = g.zeros((height, width, channels, spec.RESPONSES), np.float32)
             amplitude = g.zeros((spec.ORIENTATIONS, height, width), np.float32)
             grid, block = _grid1(pixels)
-            g.launch(g.function("orientation", "steer"), grid, block, g.upload(basis.astype(np.float32)),
-                     responses, amplitude, np.int32(pixels), self._steering)
-            return (g.download(responses, (height, width, channels, spec.RESPONSES), np.float32),
-                    g.download(amplitude, (spec.ORIENTATIONS, height, width), np.float32))
+            g.launch(
+                g.function("orientation", "steer"),
+                grid,
+                block,
+                g.upload(basis.astype(np.float32)),
+                responses,
+                amplitude,
+                np.int32(pixels),
+                self._steering,
+            )
+            return (
+                g.download(responses, (height, width, channels, spec.RESPONSES), np.float32),
+                g.download(amplitude, (spec.ORIENTATIONS, height, width), np.float32),
+            )
+
         return self._run(body)
 
     def saliency(self, amplitudes: list[np.ndarray]) -> np.ndarray:
@@ -233,34 +284,57 @@ class CudaKernels:
             total = g.zeros((height, width), np.float32)
             grid, block = _grid2(width, height)
             for level, amp in enumerate(amplitudes):
-                g.launch(g.function("orientation", "saliency_add"), grid, block,
-                         g.upload(amp.astype(np.float32)), total, np.int32(height), np.int32(width),
-                         np.int32(amp.shape[1]), np.int32(amp.shape[2]), np.int32(level),
-                         np.float32(spec.SALIENCY_DELTA))
+                g.launch(
+                    g.function("orientation", "saliency_add"),
+                    grid,
+                    block,
+                    g.upload(amp.astype(np.float32)),
+                    total,
+                    np.int32(height),
+                    np.int32(width),
+                    np.int32(amp.shape[1]),
+                    np.int32(amp.shape[2]),
+                    np.int32(level),
+                    np.float32(spec.SALIENCY_DELTA),
+                )
             return g.download(total, (height, width), np.float32)
+
         return self._run(body)
 
-    def select_keypoints(self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+    def select_keypoints(
+        self, saliency: np.ndarray, radius: int, threshold: float, max_count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         height, width = saliency.shape
         capacity = height * width
 
         def body(g):  # type: ignore[no-untyped-def]
             found, count = g.zeros((capacity,), np.int32), g.zeros((1,), np.int32)
             grid, block = _grid2(width, height)
-            g.launch(g.function("keypoints", "local_maxima"), grid, block,
-                     g.upload(saliency.astype(np.float32)), np.int32(height), np.int32(width),
-                     np.int32(radius), np.float32(threshold), found, count, np.int32(capacity))
+            g.launch(
+                g.function("keypoints", "local_maxima"),
+                grid,
+                block,
+                g.upload(saliency.astype(np.float32)),
+                np.int32(height),
+                np.int32(width),
+                np.int32(radius),
+                np.float32(threshold),
+                found,
+                count,
+                np.int32(capacity),
+            )
             n = int(g.download(count, (1,), np.int32)[0])
-            return g.download(found, (capacity,), np.int32)[:min(n, capacity)]
+            return g.download(found, (capacity,), np.int32)[: min(n, capacity)]
+
         index = np.sort(self._run(body))
         values = saliency.reshape(-1)[index]
         order = np.lexsort((index, -values))[:max_count]
         index = index[order]
         return np.stack([index // width, index % width], axis=1).astype(np.int32), values[order]
 
-    def patch_histograms(self, labs: list[np.ndarray], responses: list[np.ndarray],
-                         keypoints: np.ndarray) -> np.ndarray:
+    def patch_histograms(
+        self, labs: list[np.ndarray], responses: list[np.ndarray], keypoints: np.ndarray
+    ) -> np.ndarray:
         count, levels = len(keypoints), len(labs)
         shape = (count, spec.CHANNELS, spec.BINS, levels, spec.RESPONSES)
         if count == 0:
@@ -271,25 +345,44 @@ class CudaKernels:
             for level, (lab, resp) in enumerate(zip(labs, responses)):
                 ys = g.upload((keypoints[:, 0] >> level).astype(np.int32))
                 xs = g.upload((keypoints[:, 1] >> level).astype(np.int32))
-                g.launch(g.function("histograms", "patch_histograms"), (count, 1), (256, 1, 1),
-                         g.upload(lab.astype(np.float32)), g.upload(resp.astype(np.float32)),
-                         np.int32(lab.shape[0]), np.int32(lab.shape[1]), ys, xs, np.int32(level),
-                         np.int32(levels), np.float32(spec.EPS), out)
+                g.launch(
+                    g.function("histograms", "patch_histograms"),
+                    (count, 1),
+                    (256, 1, 1),
+                    g.upload(lab.astype(np.float32)),
+                    g.upload(resp.astype(np.float32)),
+                    np.int32(lab.shape[0]),
+                    np.int32(lab.shape[1]),
+                    ys,
+                    xs,
+                    np.int32(level),
+                    np.int32(levels),
+                    np.float32(spec.EPS),
+                    out,
+                )
             return g.download(out, shape, np.float32)
+
         return self._run(body).reshape(count, -1)
 
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray
-                     ) -> np.ndarray:
+    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray:
         count = len(descriptors)
         if count == 0:
             return np.zeros(0, np.int32)
 
         def body(g):  # type: ignore[no-untyped-def]
             words = g.zeros((count,), np.int32)
-            g.launch(g.function("assign", "assign_words"), (count, 1), (256, 1, 1),
-                     g.upload(descriptors.astype(np.float32)), self._centres(g, codebook),
-                     g.upload(codebook_norms.astype(np.float32)), np.int32(len(codebook)), words)
+            g.launch(
+                g.function("assign", "assign_words"),
+                (count, 1),
+                (256, 1, 1),
+                g.upload(descriptors.astype(np.float32)),
+                self._centres(g, codebook),
+                g.upload(codebook_norms.astype(np.float32)),
+                np.int32(len(codebook)),
+                words,
+            )
             return g.download(words, (count,), np.int32)
+
         return self._run(body)
 
     def _centres(self, g, codebook: np.ndarray):  # type: ignore[no-untyped-def]
@@ -305,8 +398,16 @@ class CudaKernels:
         def body(g):  # type: ignore[no-untyped-def]
             out = g.zeros((nq, ni), np.float32)
             if nq and ni:
-                g.launch(g.function("chi2", "chi2_distances"), (ni, nq), (256, 1, 1),
-                         g.upload(queries.astype(np.float32)), g.upload(items.astype(np.float32)),
-                         np.int32(ni), np.int32(queries.shape[1]), out)
+                g.launch(
+                    g.function("chi2", "chi2_distances"),
+                    (ni, nq),
+                    (256, 1, 1),
+                    g.upload(queries.astype(np.float32)),
+                    g.upload(items.astype(np.float32)),
+                    np.int32(ni),
+                    np.int32(queries.shape[1]),
+                    out,
+                )
             return g.download(out, (nq, ni), np.float32)
+
         return self._run(body)

@@ -40,12 +40,21 @@ class BowSpec:
     provenance_path: Path
 
     @staticmethod
-    def load(model_dir: Path) -> "BowSpec":
+    def load(model_dir: Path) -> BowSpec:
         c = json.loads((model_dir / "config.json").read_text())
-        return BowSpec(c["name"], int(c["version"]), int(c["working_size"]), int(c["max_keypoints"]),
-                       int(c["nms_radius"]), float(c["relative_threshold"]),
-                       float(c["absolute_threshold"]), int(c["min_keypoints"]), int(c["grid_step"]),
-                       model_dir / c["codebook"], model_dir / c["provenance"])
+        return BowSpec(
+            c["name"],
+            int(c["version"]),
+            int(c["working_size"]),
+            int(c["max_keypoints"]),
+            int(c["nms_radius"]),
+            float(c["relative_threshold"]),
+            float(c["absolute_threshold"]),
+            int(c["min_keypoints"]),
+            int(c["grid_step"]),
+            model_dir / c["codebook"],
+            model_dir / c["provenance"],
+        )
 
 
 class Codebook:
@@ -55,7 +64,7 @@ class Codebook:
         if centres.ndim != 2 or centres.shape[1] != spec.DIMENSION:
             raise ValueError(f"codebook has shape {centres.shape}; expected (V, {spec.DIMENSION})")
         self.centres = np.ascontiguousarray(centres, dtype=np.float32)
-        self.norms = (self.centres ** 2).sum(axis=1)
+        self.norms = (self.centres**2).sum(axis=1)
         self.provenance = provenance or {}
         # Signatures carry this so a signature of another codebook is refused, not silently compared.
         self.fingerprint = int.from_bytes(hashlib.sha256(self.centres.tobytes()).digest()[:4], "little")
@@ -72,7 +81,7 @@ class Codebook:
         np.savez_compressed(path, centres_u8=self.quantise(self.centres))
 
     @staticmethod
-    def load(path: Path, provenance_path: Path | None = None) -> "Codebook":
+    def load(path: Path, provenance_path: Path | None = None) -> Codebook:
         with np.load(path) as archive:
             centres = archive["centres_u8"].astype(np.float32) / np.float32(255)
         provenance = json.loads(provenance_path.read_text()) if provenance_path and provenance_path.exists() else {}

@@ -24,16 +24,22 @@ from torch import nn
 INPUT_SIZE = 224
 GEM_P = 3.0
 # (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages.
-STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 BN_EPS = 1e-3
 
 
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'same' padding for a fixed input size (static, export-friendly)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, image_size: int,
-                 groups: int = 1):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, image_size: int, groups: int = 1):
         super().__init__(cin, cout, kernel, stride, bias=False, groups=groups)
         out = math.ceil(image_size / stride)
         pad = max((out - 1) * stride + kernel - image_size, 0)
@@ -113,12 +119,21 @@ def export(weights: Path, out: Path) -> None:
     dummy = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"],
-                      output_names=["embedding", "logits", "features"],
-                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                    "embedding": {0: "batch"}, "logits": {0: "batch"},
-                                    "features": {0: "batch", 2: "rows", 3: "columns"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(tmp),
+        input_names=["images"],
+        output_names=["embedding", "logits", "features"],
+        dynamic_axes={
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "embedding": {0: "batch"},
+            "logits": {0: "batch"},
+            "features": {0: "batch", 2: "rows", 3: "columns"},
+        },
+        opset_version=17,
+        dynamo=False,
+    )
     tmp.replace(out)
 
 

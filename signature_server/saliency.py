@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detector_server.nms import nms
 from common.images import shrink
+from detector_server.nms import nms
 from signature_server.deep import DeepDescriptor
 
 # A located object: (4,) float32 xyxy box in pixels of the original image, and its score in (0, 1].
@@ -38,11 +38,18 @@ class LocateSpec:
     min_side: float
 
     @staticmethod
-    def load(model_dir: Path) -> "LocateSpec":
+    def load(model_dir: Path) -> LocateSpec:
         c = json.loads((model_dir / "config.json").read_text())["locate"]
-        return LocateSpec(int(c["input_multiple"]), int(c["feature_long_side"]), int(c["salient_upsample"]),
-                          int(c["segment_long_side"]), float(c["contrast_scale"]), float(c["ring_growth"]),
-                          float(c["nms_iou"]), float(c["min_side"]))
+        return LocateSpec(
+            int(c["input_multiple"]),
+            int(c["feature_long_side"]),
+            int(c["salient_upsample"]),
+            int(c["segment_long_side"]),
+            float(c["contrast_scale"]),
+            float(c["ring_growth"]),
+            float(c["nms_iou"]),
+            float(c["min_side"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def feature_input_size(height: int, width: int, long_side: int, multiple: int) -
     scale = long_side / max(height, width)
 
     def snap(side: float) -> int:
-        return max(multiple, int(round(side / multiple)) * multiple)
+        return max(multiple, round(side / multiple) * multiple)
 
     return snap(height * scale), snap(width * scale)
 
@@ -68,8 +75,9 @@ def activation_map(features: np.ndarray) -> np.ndarray:
     return features.sum(axis=0, dtype=np.float32)
 
 
-def salient_objects(activation: np.ndarray, image_size: tuple[int, int], max_objects: int,
-                    upsample: int = 4) -> list[Located]:
+def salient_objects(
+    activation: np.ndarray, image_size: tuple[int, int], max_objects: int, upsample: int = 4
+) -> list[Located]:
     """(h, w) float32 map A -> up to `max_objects` (box, score), largest first.
 
     SCDA (Wei et al. 2017): A's cells above mean(A) are the object; each 8-connected component is
@@ -116,8 +124,9 @@ def selective_search(image: np.ndarray, long_side: int) -> np.ndarray:
     return boxes * np.array([width / small.shape[1], height / small.shape[0]] * 2, dtype=np.float32)
 
 
-def activation_contrast(activation: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int],
-                        scale: float, growth: float) -> np.ndarray:
+def activation_contrast(
+    activation: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], scale: float, growth: float
+) -> np.ndarray:
     """(h, w) map A, (N, 4) xyxy image-pixel boxes -> (N,) float32 mean of A inside each box minus
     its mean in the surrounding ring (the box grown by `growth` of its size per side, clipped).
 
@@ -148,8 +157,7 @@ def activation_contrast(activation: np.ndarray, boxes: np.ndarray, image_size: t
     return contrast.astype(np.float32)
 
 
-def segment_proposals(image: np.ndarray, activation: np.ndarray, max_segments: int,
-                      spec: LocateSpec) -> list[Located]:
+def segment_proposals(image: np.ndarray, activation: np.ndarray, max_segments: int, spec: LocateSpec) -> list[Located]:
     """(H, W, 3) uint8 RGB, (h, w) map A of it -> up to `max_segments` (box, score), best first.
 
     Selective search segments of the photo, ranked by activation contrast (how much more the
@@ -186,4 +194,5 @@ class ObjectLocator:
         activation = activation_map(self.descriptor.features(image, size))
         return Localisation(
             salient_objects(activation, (width, height), max_salient, self.spec.salient_upsample),
-            segment_proposals(image, activation, max_segments, self.spec))
+            segment_proposals(image, activation, max_segments, self.spec),
+        )

@@ -23,8 +23,16 @@ def _kind_name(kind: int) -> str:
 
 
 class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
-    def __init__(self, deep: DeepDescriptor, bow: BowExtractor, locator: ObjectLocator, max_images: int,
-                 max_pixels: int, max_salient: int, max_segments: int):
+    def __init__(
+        self,
+        deep: DeepDescriptor,
+        bow: BowExtractor,
+        locator: ObjectLocator,
+        max_images: int,
+        max_pixels: int,
+        max_salient: int,
+        max_segments: int,
+    ):
         self.deep = deep
         self.bow = bow
         self.max_images = max_images
@@ -33,33 +41,39 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         self.max_salient = max_salient
         self.max_segments = max_segments
 
-    def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest,
-                     context: grpc.ServicerContext) -> list[int]:
+    def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest, context: grpc.ServicerContext) -> list[int]:
         """The kinds asked for: `kinds`, or the one `kind`; each served, none twice."""
         field = "kinds" if request.kinds else "kind"
         kinds = list(request.kinds) or [request.kind]
         for j, kind in enumerate(kinds):
             where = f"kinds[{j}]" if request.kinds else "kind"
             if kind not in SERVED_KINDS:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: signature kind {_kind_name(kind)} is not served; set "
-                              f"SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW in {field} (ListKinds lists what is served)")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{where}: signature kind {_kind_name(kind)} is not served; set "
+                    f"SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW in {field} (ListKinds lists what is served)",
+                )
             if kind in kinds[:j]:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{where}: {_kind_name(kind)} is listed twice; list each kind once")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{where}: {_kind_name(kind)} is listed twice; list each kind once",
+                )
         return kinds
 
-    def ComputeSignatures(self, request: signature_pb2.ComputeSignaturesRequest,
-                          context: grpc.ServicerContext) -> signature_pb2.ComputeSignaturesResponse:
+    def ComputeSignatures(
+        self, request: signature_pb2.ComputeSignaturesRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.ComputeSignaturesResponse:
         kinds = self._check_kinds(request, context)
         if not request.images:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"no images given: send 1 to {self.max_images} images in images")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"no images given: send 1 to {self.max_images} images in images"
+            )
         # The limit is on images (what is decoded and held), whatever the number of kinds.
         if len(request.images) > self.max_images:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{len(request.images)} images are above the limit of {self.max_images} per call: "
-                          "split the call")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(request.images)} images are above the limit of {self.max_images} per call: split the call",
+            )
         images = []
         for i, image in enumerate(request.images):
             try:
@@ -71,27 +85,32 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         per_kind = [self._sign(kind, images) for kind in kinds]
         signatures = [signed[i] for i in range(len(images)) for signed in per_kind]
         return signature_pb2.ComputeSignaturesResponse(
-            signatures=signatures, compute_ms=(time.perf_counter() - start) * 1000)
+            signatures=signatures, compute_ms=(time.perf_counter() - start) * 1000
+        )
 
     def _sign(self, kind: int, images: list[np.ndarray]) -> list[common_pb2.Signature]:
         if kind == common_pb2.SIGNATURE_KIND_BOW:
             return [common_pb2.Signature(kind=kind, bow=b) for b in self.bow.compute(images)]
         return [dense_to_proto(v) for v in self.deep.compute(images)]
 
-    def LocateObjects(self, request: signature_pb2.LocateObjectsRequest,
-                      context: grpc.ServicerContext) -> signature_pb2.LocateObjectsResponse:
+    def LocateObjects(
+        self, request: signature_pb2.LocateObjectsRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.LocateObjectsResponse:
         if request.max_salient == 0 and request.max_segments == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "max_salient and max_segments are both 0: ask for at least one salient object "
-                          "or one segment")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "max_salient and max_segments are both 0: ask for at least one salient object or one segment",
+            )
         if request.max_salient > self.max_salient:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"max_salient is {request.max_salient}; this server gives at most "
-                          f"{self.max_salient}: ask for fewer")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"max_salient is {request.max_salient}; this server gives at most {self.max_salient}: ask for fewer",
+            )
         if request.max_segments > self.max_segments:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"max_segments is {request.max_segments}; this server gives at most "
-                          f"{self.max_segments}: ask for fewer")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"max_segments is {request.max_segments}; this server gives at most {self.max_segments}: ask for fewer",
+            )
         try:
             # Nothing finer than the feature map's size is looked at: a large photo is decoded small.
             photo = photo_from_proto(request.image, self.max_pixels, self.locator.spec.feature_long_side)
@@ -102,21 +121,38 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         return signature_pb2.LocateObjectsResponse(
             salient=_located_to_proto(found.salient, photo),
             segments=_located_to_proto(found.segments, photo),
-            image_width=photo.width, image_height=photo.height, compute_ms=(time.perf_counter() - start) * 1000)
+            image_width=photo.width,
+            image_height=photo.height,
+            compute_ms=(time.perf_counter() - start) * 1000,
+        )
 
-    def ListKinds(self, request: signature_pb2.ListKindsRequest, context: grpc.ServicerContext
-                  ) -> signature_pb2.ListKindsResponse:
+    def ListKinds(
+        self, request: signature_pb2.ListKindsRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.ListKindsResponse:
         bow = self.bow
-        return signature_pb2.ListKindsResponse(max_images_per_call=self.max_images, kinds=[
-            signature_pb2.KindInfo(kind=common_pb2.SIGNATURE_KIND_DEEP, dimension=self.deep.spec.dimension,
-                                   model=self.deep.spec.name, backend=self.deep.provider, metric="cosine"),
-            signature_pb2.KindInfo(kind=common_pb2.SIGNATURE_KIND_BOW, dimension=bow.codebook.vocabulary,
-                                   model=f"{bow.spec.name} v{bow.spec.version} "
-                                         f"(codebook {bow.codebook.fingerprint:08x})",
-                                   backend=bow.kernels.detail, metric="chi2")])
+        return signature_pb2.ListKindsResponse(
+            max_images_per_call=self.max_images,
+            kinds=[
+                signature_pb2.KindInfo(
+                    kind=common_pb2.SIGNATURE_KIND_DEEP,
+                    dimension=self.deep.spec.dimension,
+                    model=self.deep.spec.name,
+                    backend=self.deep.provider,
+                    metric="cosine",
+                ),
+                signature_pb2.KindInfo(
+                    kind=common_pb2.SIGNATURE_KIND_BOW,
+                    dimension=bow.codebook.vocabulary,
+                    model=f"{bow.spec.name} v{bow.spec.version} (codebook {bow.codebook.fingerprint:08x})",
+                    backend=bow.kernels.detail,
+                    metric="chi2",
+                ),
+            ],
+        )
 
 
 def _located_to_proto(located: list[Located], photo: Photo) -> list[signature_pb2.LocatedObject]:
     """Boxes found on the photo's decoded copy, in pixels of the image as sent."""
-    return [signature_pb2.LocatedObject(box=box_to_proto(photo.to_original(box)), score=score)
-            for box, score in located]
+    return [
+        signature_pb2.LocatedObject(box=box_to_proto(photo.to_original(box)), score=score) for box, score in located
+    ]

@@ -16,7 +16,7 @@ import json
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
@@ -29,8 +29,17 @@ from signature_server.bow import BowExtractor, BowSpec, Codebook
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "colour-texture-bow"
 # bench/signature.py searches tiles of china.jpg, flower.jpg, hubble_deep_field and retina: not here.
-TRAINING_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right",
-                   "immunohistochemistry", "colorwheel", "logo")
+TRAINING_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "motorcycle_right",
+    "immunohistochemistry",
+    "colorwheel",
+    "logo",
+)
 
 
 def sample_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -41,7 +50,7 @@ def sample_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> lis
         h, w = max(16, int(height * side * rng.uniform(0.7, 1.3))), max(16, int(width * side))
         h, w = min(h, height), min(w, width)
         y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-        crop = image[y:y + h, x:x + w]
+        crop = image[y : y + h, x : x + w]
         crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
     return crops
 
@@ -66,14 +75,20 @@ def main(argv: list[str] | None = None) -> None:
         photo = load_photo(name)
         sources.append({"photo": name, "sha256": hashlib.sha256(photo.tobytes()).hexdigest()})
         crops += [(name, crop) for crop in sample_crops(photo, args.crops_per_photo, rng)]
-    for name, crop in tqdm(crops, desc="describing", unit="crop"):
+    for _, crop in tqdm(crops, desc="describing", unit="crop"):
         descriptors.append(extractor.describe(crop).descriptors)
     data = np.ascontiguousarray(np.concatenate(descriptors), np.float32)
     print(f"{len(data)} descriptors from {len(crops)} crops of {len(args.photos)} photos", file=sys.stderr)
 
     started = time.time()
-    kmeans = faiss.Kmeans(spec.DIMENSION, args.centres, niter=args.iterations, seed=args.seed,
-                          verbose=True, max_points_per_centroid=100_000)
+    kmeans = faiss.Kmeans(
+        spec.DIMENSION,
+        args.centres,
+        niter=args.iterations,
+        seed=args.seed,
+        verbose=True,
+        max_points_per_centroid=100_000,
+    )
     kmeans.train(data)
     codebook = Codebook(Codebook.quantise(kmeans.centroids).astype(np.float32) / np.float32(255))
 
@@ -82,14 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     codebook.save(path)
     provenance = {
         "artefact": f"{bow_spec.name} codebook, version {bow_spec.version}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m signature_server.train_codebook " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "centres": args.centres, "dimension": spec.DIMENSION, "storage": "uint8, value = stored / 255",
+        "centres": args.centres,
+        "dimension": spec.DIMENSION,
+        "storage": "uint8, value = stored / 255",
         "algorithm": f"faiss.Kmeans (faiss {faiss.__version__}), {args.iterations} iterations, seed {args.seed}",
-        "objective": float(kmeans.obj[-1]), "training_seconds": round(time.time() - started, 1),
-        "descriptors": int(len(data)), "crops": len(crops), "crops_per_photo": args.crops_per_photo,
-        "sources": sources, "kernels": kernels.name, "python": platform.python_version(),
-        "numpy": np.__version__, "fingerprint": codebook.fingerprint,
+        "objective": float(kmeans.obj[-1]),
+        "training_seconds": round(time.time() - started, 1),
+        "descriptors": len(data),
+        "crops": len(crops),
+        "crops_per_photo": args.crops_per_photo,
+        "sources": sources,
+        "kernels": kernels.name,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "fingerprint": codebook.fingerprint,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "config": json.loads((MODEL_DIR / "config.json").read_text()),
     }

@@ -29,14 +29,17 @@ def test_round_trip_is_lossless_and_small():
     assert decode(encode(big)).counts.tolist() == [70000, 1]
 
 
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda d: d[:5], "at least"),
-    (lambda d: bytes([2]) + d[1:], "version 2"),
-    (lambda d: d[:-1], "truncated"),
-    (lambda d: d + b"\x01", "after its last count"),
-    (lambda d: d[:7] + bytes([5]) + d[8:], "says 5 words"),
-    (lambda d: d[:5] + (0).to_bytes(2, "little") + d[7:], "0 words"),
-])
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda d: d[:5], "at least"),
+        (lambda d: bytes([2]) + d[1:], "version 2"),
+        (lambda d: d[:-1], "truncated"),
+        (lambda d: d + b"\x01", "after its last count"),
+        (lambda d: d[:7] + bytes([5]) + d[8:], "says 5 words"),
+        (lambda d: d[:5] + (0).to_bytes(2, "little") + d[7:], "0 words"),
+    ],
+)
 def test_corrupt_signatures_are_refused_with_a_reason(mutate, fragment):
     data = encode(bag([3, 10, 4000], [2, 1, 5]))
     with pytest.raises(BowFormatError, match=fragment):

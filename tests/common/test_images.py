@@ -78,9 +78,11 @@ def test_16_bit_pngs_scale_to_8_bits_not_white():
     rgb16 = rng.integers(0, 65536, (30, 40, 3), dtype=np.uint16)
     grey16 = rng.integers(0, 65536, (30, 40), dtype=np.uint16)
     rgba16 = np.concatenate([rgb16, rng.integers(0, 65536, (30, 40, 1), dtype=np.uint16)], axis=2)
-    for name, array16, expected in [("rgb", rgb16, truth8(rgb16)),
-                                    ("grey", grey16, np.repeat(truth8(grey16)[:, :, None], 3, axis=2)),
-                                    ("rgba", rgba16, truth8(rgb16))]:
+    for name, array16, expected in [
+        ("rgb", rgb16, truth8(rgb16)),
+        ("grey", grey16, np.repeat(truth8(grey16)[:, :, None], 3, axis=2)),
+        ("rgba", rgba16, truth8(rgb16)),
+    ]:
         decoded = decode_image(png16(array16), 10**6)
         assert decoded.shape == (30, 40, 3) and decoded.dtype == np.uint8, name
         assert np.abs(decoded - expected).max() <= 1, name
@@ -95,11 +97,16 @@ def grey_alpha_png16(grey16: np.ndarray, alpha16: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     height, width = grey16.shape
     pixels = np.stack([grey16, alpha16], axis=2).astype(">u2").reshape(height, -1).view(np.uint8)
     rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_16_bit_grey_with_alpha_and_exif_orientation():

@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from common.channels import OutgoingMetadata
 from common.config import load_config
 from common.proto_convert import dense_to_proto
-from common.security import load_tokens, main as security_main, token_digest
+from common.security import load_tokens, token_digest
+from common.security import main as security_main
 from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -28,8 +29,9 @@ READER, WRITER = "reader-token", "writer-token"
 
 def tokens_file(tmp_path, *entries):
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tokens": [{"client": c, "sha256": token_digest(t), "scopes": s}
-                                           for c, t, s in entries]}))
+    path.write_text(
+        json.dumps({"tokens": [{"client": c, "sha256": token_digest(t), "scopes": s} for c, t, s in entries]})
+    )
     return str(path)
 
 
@@ -42,6 +44,7 @@ def start(tmp_path):
         server, port = create_server(config)
         servers.append(server)
         return f"127.0.0.1:{port}"
+
     yield start_index
     for server in servers:
         server.stop(None)
@@ -53,9 +56,11 @@ def stub(address, token="", credentials=None):
 
 
 def add(index, item_id="a", **kwargs):
-    return index.Add(iter([index_pb2.AddRequest(item_id=item_id, database="d",
-                                                signature=dense_to_proto(np.ones(4, np.float32)))]),
-                     timeout=10, **kwargs)
+    return index.Add(
+        iter([index_pb2.AddRequest(item_id=item_id, database="d", signature=dense_to_proto(np.ones(4, np.float32)))]),
+        timeout=10,
+        **kwargs,
+    )
 
 
 def code_of(call):
@@ -74,18 +79,24 @@ def test_index_writes_need_the_internal_token_and_reads_stay_open(start):
 
 
 def test_client_tokens_have_scopes_and_health_stays_open(start, tmp_path):
-    address = start(auth_tokens_file=tokens_file(tmp_path, ("shop", READER, ["read"]), ("ops", WRITER, ["read", "write"])),
-                    internal_token=INTERNAL)
+    address = start(
+        auth_tokens_file=tokens_file(tmp_path, ("shop", READER, ["read"]), ("ops", WRITER, ["read", "write"])),
+        internal_token=INTERNAL,
+    )
     code, details = code_of(lambda: stub(address).Stats(index_pb2.StatsRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: bearer" in details.lower()
-    assert code_of(lambda: stub(address, "nope").Stats(index_pb2.StatsRequest(), timeout=5))[0] == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(lambda: stub(address, "nope").Stats(index_pb2.StatsRequest(), timeout=5))[0]
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     stub(address, READER).Stats(index_pb2.StatsRequest(), timeout=5)
     # A client token never opens an internal RPC, whatever its scopes.
     assert code_of(lambda: add(stub(address, WRITER)))[0] == grpc.StatusCode.PERMISSION_DENIED
     with grpc.insecure_channel(address) as channel:
-        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 def test_a_bad_tokens_file_says_what_is_wrong(tmp_path):
@@ -128,6 +139,7 @@ def test_concurrency_limit_counts_calls_in_flight_per_client(start):
         yield index_pb2.AddRequest(item_id="a", database="d", signature=dense_to_proto(np.ones(4, np.float32)))
         started.set()
         release.wait(10)
+
     future = index.Add.future(slow(), timeout=20)
     assert started.wait(5)
     time.sleep(0.2)
@@ -142,7 +154,8 @@ def test_reflection_can_be_turned_off(start):
     address = start(reflection=False)
     with grpc.insecure_channel(address) as channel:
         responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         with pytest.raises(grpc.RpcError) as error:
             list(responses)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -166,13 +179,26 @@ def test_tls_refuses_plaintext_and_mtls_refuses_a_client_without_a_certificate(s
     stub(tls, credentials=grpc.ssl_channel_credentials(root)).Stats(index_pb2.StatsRequest(), timeout=5)
     assert code_of(lambda: stub(tls).Stats(index_pb2.StatsRequest(), timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
     stranger = Authority(tmp_path, "other-ca")
-    assert code_of(lambda: stub(tls, credentials=grpc.ssl_channel_credentials(stranger.pem.cert.read_bytes()))
-                   .Stats(index_pb2.StatsRequest(), timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+    assert (
+        code_of(
+            lambda: stub(tls, credentials=grpc.ssl_channel_credentials(stranger.pem.cert.read_bytes())).Stats(
+                index_pb2.StatsRequest(), timeout=3
+            )
+        )[0]
+        == grpc.StatusCode.UNAVAILABLE
+    )
 
-    mtls = start(tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=str(ca.pem.cert),
-                 internal_token=INTERNAL)
-    assert code_of(lambda: stub(mtls, credentials=grpc.ssl_channel_credentials(root))
-                   .Stats(index_pb2.StatsRequest(), timeout=3))[0] == grpc.StatusCode.UNAVAILABLE
+    mtls = start(
+        tls_cert=str(server.cert), tls_key=str(server.key), tls_client_ca=str(ca.pem.cert), internal_token=INTERNAL
+    )
+    assert (
+        code_of(
+            lambda: stub(mtls, credentials=grpc.ssl_channel_credentials(root)).Stats(
+                index_pb2.StatsRequest(), timeout=3
+            )
+        )[0]
+        == grpc.StatusCode.UNAVAILABLE
+    )
     with_certificate = grpc.ssl_channel_credentials(root, client.key.read_bytes(), client.cert.read_bytes())
     # A certificate of the suite's CA is the internal credential: writes are allowed without a token.
     assert add(stub(mtls, credentials=with_certificate)).added == 1

@@ -27,21 +27,30 @@ def test_the_request_id_reaches_every_service_and_comes_back(suite, coffee_png, 
     with VisualSearchClient(suite.addresses["gateway"], request_id="trace-me-42") as client:
         call = client._stub.MultiProductSearch.with_call  # the trailing metadata too
         from mps.gateway.v1 import gateway_pb2
-        _, rpc = call(gateway_pb2.MultiProductSearchRequest(
-            image=common_pb2.Image(encoded=coffee_png), top_k=1), timeout=60)
+
+        _, rpc = call(
+            gateway_pb2.MultiProductSearchRequest(image=common_pb2.Image(encoded=coffee_png), top_k=1), timeout=60
+        )
     assert dict(rpc.trailing_metadata())["x-request-id"] == "trace-me-42"
-    methods = {r.fields["method"] for r in caplog.records
-               if r.name == "mps.access" and getattr(r, "request_id", "") == "trace-me-42"}
+    methods = {
+        r.fields["method"]
+        for r in caplog.records
+        if r.name == "mps.access" and getattr(r, "request_id", "") == "trace-me-42"
+    }
     services = {method.split("/")[1] for method in methods}
-    assert {"mps.gateway.v1.VisualSearchService", "mps.detector.v1.DetectorService",
-            "mps.signature.v1.SignatureService"} <= services, methods
+    assert {
+        "mps.gateway.v1.VisualSearchService",
+        "mps.detector.v1.DetectorService",
+        "mps.signature.v1.SignatureService",
+    } <= services, methods
 
 
 def test_a_call_without_a_request_id_gets_a_fresh_one(suite):
     with grpc.insecure_channel(suite.addresses["index"]) as channel:
         _, first = index_pb2_grpc.IndexServiceStub(channel).Stats.with_call(index_pb2.StatsRequest(), timeout=5)
         _, second = index_pb2_grpc.IndexServiceStub(channel).Stats.with_call(
-            index_pb2.StatsRequest(), timeout=5, metadata=[("x-request-id", "bad id with spaces")])
+            index_pb2.StatsRequest(), timeout=5, metadata=[("x-request-id", "bad id with spaces")]
+        )
     ids = [dict(rpc.trailing_metadata())["x-request-id"] for rpc in (first, second)]
     assert all(len(i) == 32 for i in ids) and ids[0] != ids[1]  # an unsafe id is replaced
 
@@ -81,22 +90,34 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_port_serves_rpc_counts_latency_and_index_items():
     port = free_port()
-    server, grpc_port = create_server(load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
-                                                  metrics_port=port))
+    server, grpc_port = create_server(
+        load_config(IndexConfig, "index", environ={}, port=0, data_dir="", metrics_port=port)
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             index = index_pb2_grpc.IndexServiceStub(channel)
             before = scrape(port)
-            index.Add(iter([index_pb2.AddRequest(item_id=f"i{i}", database="shoes", signature=dense_to_proto(
-                np.ones(4, np.float32))) for i in range(3)]), timeout=10)
+            index.Add(
+                iter(
+                    [
+                        index_pb2.AddRequest(
+                            item_id=f"i{i}", database="shoes", signature=dense_to_proto(np.ones(4, np.float32))
+                        )
+                        for i in range(3)
+                    ]
+                ),
+                timeout=10,
+            )
             index.Stats(index_pb2.StatsRequest(), timeout=5)
             with pytest.raises(grpc.RpcError):
                 list(index.Search(index_pb2.SearchRequest(database="missing"), timeout=5))
             text = scrape(port)
         labels = {"server": "index", "grpc_service": "mps.index.v1.IndexService"}
         ok = sample(text, "grpc_server_handled_total", grpc_method="Stats", grpc_code="OK", **labels)
-        assert ok >= 1 and (("Stats" not in before) or ok > sample(
-            before, "grpc_server_handled_total", grpc_method="Stats", grpc_code="OK", **labels) - 1)
+        assert ok >= 1 and (
+            ("Stats" not in before)
+            or ok > sample(before, "grpc_server_handled_total", grpc_method="Stats", grpc_code="OK", **labels) - 1
+        )
         assert sample(text, "grpc_server_handled_total", grpc_method="Search", **labels) >= 1
         assert sample(text, "grpc_server_handling_seconds_count", grpc_method="Stats", **labels) >= 1
         assert "process_resident_memory_bytes" in text
@@ -112,8 +133,11 @@ def test_the_router_exports_each_replicas_health():
     shard, shard_port = create_server(load_config(IndexConfig, "index", environ={}, port=0, data_dir=""))
     dead = f"127.0.0.1:{free_port()}"
     metrics = free_port()
-    router = create_router_bundle(load_config(RouterConfig, "router", environ={}, port=0, metrics_port=metrics,
-                                              shards=[[f"127.0.0.1:{shard_port}", dead]]))
+    router = create_router_bundle(
+        load_config(
+            RouterConfig, "router", environ={}, port=0, metrics_port=metrics, shards=[[f"127.0.0.1:{shard_port}", dead]]
+        )
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -20,8 +20,7 @@ def reference_and_export(coffee):
     tensor, _, _ = letterbox(coffee, (416, 416))
     net.setInput(tensor[None])
     reference = np.concatenate(net.forward(net.getUnconnectedOutLayersNames()))
-    session = ort.InferenceSession(str(MODELS_DIR / "yolov3-tiny/1/model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(MODELS_DIR / "yolov3-tiny/1/model.onnx"), providers=["CPUExecutionProvider"])
     batch = np.stack([tensor, tensor[:, ::-1].copy(), tensor])  # dynamic batch of 3
     ours = session.run(["detections"], {"images": batch})[0]
     return reference, ours

@@ -7,8 +7,7 @@ def brute_force_nms(boxes, scores, threshold, classes):
     order = sorted(range(len(boxes)), key=lambda i: -scores[i])
     kept = []
     for i in order:
-        if all(classes[i] != classes[j] or iou_matrix(boxes[[i]], boxes[[j]])[0, 0] <= threshold
-               for j in kept):
+        if all(classes[i] != classes[j] or iou_matrix(boxes[[i]], boxes[[j]])[0, 0] <= threshold for j in kept):
             kept.append(i)
     return kept
 

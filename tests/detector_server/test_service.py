@@ -44,15 +44,16 @@ def test_out_of_range_threshold_is_invalid(servicer, coffee_png):
 
 
 def test_list_models_reports_the_real_provider(servicer):
-    response, code, _ = unary(servicer, SERVICE, "ListModels", detector_pb2.ListModelsRequest())
+    response, _code, _ = unary(servicer, SERVICE, "ListModels", detector_pb2.ListModelsRequest())
     model = response.models[0]
     assert model.is_default and model.execution_provider == "CPUExecutionProvider"
     assert len(model.class_names) == 80 and model.categories["cup"] == "tableware"
 
 
 def test_objects_come_back_in_original_pixels(servicer, coffee_png):
-    request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.01,
-                                         max_objects=5)
+    request = detector_pb2.DetectRequest(
+        image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.01, max_objects=5
+    )
     response, code, _ = unary(servicer, SERVICE, "Detect", request)
     assert code == grpc.StatusCode.OK and 0 < len(response.objects) <= 5
     best = response.objects[0]
@@ -62,9 +63,14 @@ def test_objects_come_back_in_original_pixels(servicer, coffee_png):
     assert not plain.objects
 
 
-@pytest.mark.parametrize("field, value, code", [("objectness_threshold", 1.5, grpc.StatusCode.INVALID_ARGUMENT),
-                                                ("objectness_threshold", -0.1, grpc.StatusCode.INVALID_ARGUMENT),
-                                                ("max_objects", 10_000, grpc.StatusCode.INVALID_ARGUMENT)])
+@pytest.mark.parametrize(
+    "field, value, code",
+    [
+        ("objectness_threshold", 1.5, grpc.StatusCode.INVALID_ARGUMENT),
+        ("objectness_threshold", -0.1, grpc.StatusCode.INVALID_ARGUMENT),
+        ("max_objects", 10_000, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_bad_object_requests(servicer, coffee_png, field, value, code):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.1)
     setattr(request, field, value)
@@ -72,11 +78,15 @@ def test_bad_object_requests(servicer, coffee_png, field, value, code):
     assert got == code and field in details
 
 
-@pytest.mark.parametrize("model, code, says", [
-    ("m" * 2**20, grpc.StatusCode.INVALID_ARGUMENT, "limit of 128"),
-    ("yolo\0", grpc.StatusCode.INVALID_ARGUMENT, "u+0000"),
-    (" yolov3-tiny", grpc.StatusCode.INVALID_ARGUMENT, "whitespace"),
-    ("r" * 128, grpc.StatusCode.NOT_FOUND, "'yolov3-tiny'")])
+@pytest.mark.parametrize(
+    "model, code, says",
+    [
+        ("m" * 2**20, grpc.StatusCode.INVALID_ARGUMENT, "limit of 128"),
+        ("yolo\0", grpc.StatusCode.INVALID_ARGUMENT, "u+0000"),
+        (" yolov3-tiny", grpc.StatusCode.INVALID_ARGUMENT, "whitespace"),
+        ("r" * 128, grpc.StatusCode.NOT_FOUND, "'yolov3-tiny'"),
+    ],
+)
 def test_model_names_are_checked_and_never_echoed_whole(servicer, coffee_png, model, code, says):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), model=model)
     _, got, details = unary(servicer, SERVICE, "Detect", request)
@@ -124,8 +134,10 @@ def test_near_zero_confidence_over_loopback_is_fast_and_small(detector_channel, 
     stub.Detect(detector_pb2.DetectRequest(image=image), timeout=30)  # warm: session, arenas
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
-    response = stub.Detect(detector_pb2.DetectRequest(image=image, min_confidence=1e-30,
-                                                      objectness_threshold=1e-30, max_objects=200), timeout=30)
+    response = stub.Detect(
+        detector_pb2.DetectRequest(image=image, min_confidence=1e-30, objectness_threshold=1e-30, max_objects=200),
+        timeout=30,
+    )
     elapsed = time.monotonic() - started
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux: KiB
     assert elapsed < 2.0 and grown_mb < 200, (elapsed, grown_mb)
@@ -148,12 +160,19 @@ def test_detections_equal_a_brute_force_nms(detector_model, coffee):
         centre, size = rows[box_ids, :2], rows[box_ids, 2:4]
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
         scores = scores_all[box_ids, class_ids]
-        kept = brute_force_nms(boxes, scores, spec.iou_threshold, class_ids)[:spec.max_detections]
-        expected = [(int(class_ids[i]), round(float(scores[i]), 5),
-                     tuple(np.round(unletterbox_boxes(boxes[[i]], scale, pad, coffee.shape[:2])[0], 2)))
-                    for i in kept]
-        got = [(d.class_id, round(d.confidence, 5), tuple(np.round(d.box, 2)))
-               for d in detector_model.detect(coffee, score_threshold=threshold).detections]
+        kept = brute_force_nms(boxes, scores, spec.iou_threshold, class_ids)[: spec.max_detections]
+        expected = [
+            (
+                int(class_ids[i]),
+                round(float(scores[i]), 5),
+                tuple(np.round(unletterbox_boxes(boxes[[i]], scale, pad, coffee.shape[:2])[0], 2)),
+            )
+            for i in kept
+        ]
+        got = [
+            (d.class_id, round(d.confidence, 5), tuple(np.round(d.box, 2)))
+            for d in detector_model.detect(coffee, score_threshold=threshold).detections
+        ]
         assert got == [e for e in expected if e[2][2] - e[2][0] >= 1 and e[2][3] - e[2][1] >= 1]
         assert len(got) > 0
 

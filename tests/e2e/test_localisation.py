@@ -14,13 +14,20 @@ from common.images import encode_jpeg, encode_png
 from common.photos import load_photo
 from detector_server.nms import iou_matrix
 from gateway.client import Product, VisualSearchClient
+from gateway.demo_catalogue import CUP_BOX, ROCKET_BOX, cut, paste, tiles, two_product_scene
 from mps.gateway.v1 import gateway_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.conftest import start_suite
-from gateway.demo_catalogue import CUP_BOX, ROCKET_BOX, cut, paste, tiles, two_product_scene
 
-DISTRACTORS = ("astronaut", "motorcycle_left", "hubble_deep_field", "immunohistochemistry", "flower.jpg",
-               "retina", "logo")
+DISTRACTORS = (
+    "astronaut",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "flower.jpg",
+    "retina",
+    "logo",
+)
 LOCALISING = [gateway_pb2.ITEM_SOURCE_OBJECTNESS, gateway_pb2.ITEM_SOURCE_SALIENT, gateway_pb2.ITEM_SOURCE_SEGMENT]
 
 
@@ -142,7 +149,7 @@ def test_a_category_nobody_can_tell_apart_is_left_open(shop, coffee_png):
     """The same distractor tiles are in 'pets' and 'toys': the catalogue cannot pick one for the cup."""
     _, client, _ = shop
     restricted = client.search(coffee_png, categories=["pets", "toys"], top_k=3, min_score=0.0)
-    cup = [i for i in restricted.items if i.class_name == "cup"][0]
+    cup = next(i for i in restricted.items if i.class_name == "cup")
     assert cup.category == "" and "no category is clearly best" in cup.warning
     assert cup.matches and {m.product_id.split("-")[0] for m in cup.matches} <= {"pets", "toys", "doomed", "rocket"}
 
@@ -159,7 +166,7 @@ def test_ingest_localises_each_image_and_returns_the_box(shop):
     _, _, report = shop
     images = {(i.product_id, i.image_id): i for i in report.images}
     assert report.indexed == len(report.images) == len(catalogue()) and not report.images_truncated
-    cup = [i for (p, _), i in images.items() if p == "coffee-cup"][0]
+    cup = next(i for (p, _), i in images.items() if p == "coffee-cup")
     assert cup.source == gateway_pb2.ITEM_SOURCE_DETECTOR and iou(cup.box, np.array(CUP_BOX, np.float32)) > 0.8
     given = images[("rocket", "on-pad")]
     assert given.source == gateway_pb2.ITEM_SOURCE_USER_REGION
@@ -180,9 +187,9 @@ def test_a_product_in_a_room_is_signed_without_the_room(shop):
 
 def test_a_match_carries_its_image_and_box(shop, coffee_png):
     _, client, report = shop
-    cup = [i for i in client.search(coffee_png).items if i.class_name == "cup"][0]
+    cup = next(i for i in client.search(coffee_png).items if i.class_name == "cup")
     match = cup.matches[0]
-    stored = [i for i in report.images if i.product_id == "coffee-cup"][0]
+    stored = next(i for i in report.images if i.product_id == "coffee-cup")
     assert match.image_id == stored.image_id and match.metadata["title"] == "cup"
     assert match.box == stored.box
 
@@ -215,8 +222,9 @@ def test_raw_pixels_are_searched_like_the_encoded_photo(shop, scene):
     _, client, _ = shop
     image, png, _ = scene
     encoded, raw = client.search(png, top_k=3), client.search(image, top_k=3)
-    assert [(i.category, i.source, [m.product_id for m in i.matches]) for i in encoded.items] == \
-        [(i.category, i.source, [m.product_id for m in i.matches]) for i in raw.items]
+    assert [(i.category, i.source, [m.product_id for m in i.matches]) for i in encoded.items] == [
+        (i.category, i.source, [m.product_id for m in i.matches]) for i in raw.items
+    ]
 
 
 def test_many_regions_of_a_large_photo_are_signed_in_several_calls(shop):
@@ -242,10 +250,15 @@ def test_min_score_turns_the_least_bad_item_into_no_match(shop, scene):
     assert not strict.matches and "min_score" in strict.warning
 
 
-@pytest.mark.parametrize("change, fragment", [({"sources": [gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE]}, "sources"),
-                                              ({"sources": [42]}, "sources"),
-                                              ({"min_score": float("nan")}, "min_score"),
-                                              ({"max_items": 1000}, "max_items")])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"sources": [gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE]}, "sources"),
+        ({"sources": [42]}, "sources"),
+        ({"min_score": float("nan")}, "min_score"),
+        ({"max_items": 1000}, "max_items"),
+    ],
+)
 def test_bad_search_options(shop, coffee_png, change, fragment):
     _, client, _ = shop
     with pytest.raises(grpc.RpcError) as error:
@@ -258,8 +271,9 @@ def test_a_bad_box_at_ingest_says_what_was_indexed(shop):
     _, client, _ = shop
     coffee = encode_jpeg(load_photo("coffee"))
     with pytest.raises(grpc.RpcError) as error:
-        client.index_products([Product("ok", "scratch", coffee, {}), Product("bad-box", "scratch", coffee, {},
-                                                                             box=(500, 10, 400, 50))])
+        client.index_products(
+            [Product("ok", "scratch", coffee, {}), Product("bad-box", "scratch", coffee, {}, box=(500, 10, 400, 50))]
+        )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'bad-box'" in error.value.details() and "1 image of 1 product was stored" in error.value.details()
 
@@ -278,10 +292,15 @@ def test_the_pipeline_is_free_of_grpc():
 def flat_shop():
     """A shop with one flat category and a per-category score floor."""
     suite = start_suite(category_min_score={"everything": {"deep": 0.5}})
-    products = [Product("cup", "everything", encode_png(load_photo("coffee")), {}),
-                Product("rocket", "everything", encode_jpeg(cut("rocket", ROCKET_BOX)), {})]
-    products += [Product(f"{name}-{i}", "everything", encode_jpeg(tile), {})
-                 for name in DISTRACTORS for i, tile in enumerate(tiles(name))]
+    products = [
+        Product("cup", "everything", encode_png(load_photo("coffee")), {}),
+        Product("rocket", "everything", encode_jpeg(cut("rocket", ROCKET_BOX)), {}),
+    ]
+    products += [
+        Product(f"{name}-{i}", "everything", encode_jpeg(tile), {})
+        for name in DISTRACTORS
+        for i, tile in enumerate(tiles(name))
+    ]
     with VisualSearchClient(suite.addresses["gateway"], timeout_s=120) as client:
         client.index_products(products)
         yield client

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from common.config import REPO_ROOT
-from common.proto_convert import dense_to_proto
 from common.local_suite import wait_serving
+from common.proto_convert import dense_to_proto
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 
@@ -25,8 +25,10 @@ def free_port():
 
 def test_sigterm_lets_an_in_flight_call_finish():
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "index_server", "--port", str(port),
-                                "--shutdown-grace-s", "10", "--data-dir", ""], cwd=REPO_ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "index_server", "--port", str(port), "--shutdown-grace-s", "10", "--data-dir", ""],
+        cwd=REPO_ROOT,
+    )
     try:
         wait_serving(f"127.0.0.1:{port}", process)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -38,8 +40,9 @@ def test_sigterm_lets_an_in_flight_call_finish():
                 if i == 2:
                     streaming.set()
                 time.sleep(0.1)
-                yield index_pb2.AddRequest(item_id=f"i{i}", database="d",
-                                           signature=dense_to_proto(np.ones(4, dtype=np.float32)))
+                yield index_pb2.AddRequest(
+                    item_id=f"i{i}", database="d", signature=dense_to_proto(np.ones(4, dtype=np.float32))
+                )
 
         future = stub.Add.future(slow_adds(), timeout=20)
         assert streaming.wait(5)

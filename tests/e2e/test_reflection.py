@@ -4,10 +4,12 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-EXPECTED = {"detector": "mps.detector.v1.DetectorService",
-            "signature": "mps.signature.v1.SignatureService",
-            "index": "mps.index.v1.IndexService",
-            "gateway": "mps.gateway.v1.VisualSearchService"}
+EXPECTED = {
+    "detector": "mps.detector.v1.DetectorService",
+    "signature": "mps.signature.v1.SignatureService",
+    "index": "mps.index.v1.IndexService",
+    "gateway": "mps.gateway.v1.VisualSearchService",
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

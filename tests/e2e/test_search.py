@@ -8,8 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.images import encode_jpeg, encode_png
-from gateway.client import Product, VisualSearchClient
 from common.photos import load_photo
+from gateway.client import Product, VisualSearchClient
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.conftest import bad_images, start_suite
@@ -22,14 +22,19 @@ def client(suite):
     coffee = load_photo("coffee")
     left = load_photo("motorcycle_left")
     x0, y0, x1, y1 = CUP_BOX
-    products = [Product("coffee-cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1][:, ::-1]), {"title": "cup"}),
-                Product("moto-left", "vehicles", encode_jpeg(left[54:455, 55:697]), {"title": "bike"})]
+    products = [
+        Product("coffee-cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1][:, ::-1]), {"title": "cup"}),
+        Product("moto-left", "vehicles", encode_jpeg(left[54:455, 55:697]), {"title": "bike"}),
+    ]
     for name in ("chelsea", "astronaut", "rocket", "china.jpg", "flower.jpg"):
         photo = load_photo(name)
         h, w = photo.shape[:2]
         for category in ("tableware", "vehicles"):
-            products.append(Product(f"{category}-{name}", category,
-                                    encode_jpeg(photo[h // 4:3 * h // 4, w // 4:3 * w // 4]), {}))
+            products.append(
+                Product(
+                    f"{category}-{name}", category, encode_jpeg(photo[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]), {}
+                )
+            )
     with VisualSearchClient(suite.addresses["gateway"]) as c:
         response = c.index_products(products)
         assert response.indexed == len(products)
@@ -39,8 +44,10 @@ def client(suite):
 
 def healthy(address):
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status \
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
             == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 @pytest.mark.parametrize("kind", [common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW])
@@ -71,15 +78,22 @@ def test_another_view_finds_the_other_view(client):
 
 def test_user_regions_replace_detection(client, coffee_png):
     result = client.search(coffee_png, top_k=2, regions=[(CUP_BOX, "tableware"), ((0, 0, 50, 50), "hats")])
-    assert [(i.category, i.class_name, i.confidence) for i in result.items] == \
-        [("tableware", "", 1.0), ("hats", "", 1.0)]
+    assert [(i.category, i.class_name, i.confidence) for i in result.items] == [
+        ("tableware", "", 1.0),
+        ("hats", "", 1.0),
+    ]
     assert result.items[0].matches[0].product_id == "coffee-cup"
     assert not result.items[1].matches and "no catalogue" in result.items[1].warning
 
 
-@pytest.mark.parametrize("regions, fragment", [([((10, 10, 5, 50), "tableware")], "empty"),
-                                               ([((0, 0, float("nan"), 50), "tableware")], "NaN"),
-                                               ([((900, 900, 950, 950), "tableware")], "outside")])
+@pytest.mark.parametrize(
+    "regions, fragment",
+    [
+        ([((10, 10, 5, 50), "tableware")], "empty"),
+        ([((0, 0, float("nan"), 50), "tableware")], "NaN"),
+        ([((900, 900, 950, 950), "tableware")], "outside"),
+    ],
+)
 def test_bad_regions(client, coffee_png, regions, fragment):
     with pytest.raises(grpc.RpcError) as error:
         client.search(coffee_png, regions=regions)
@@ -97,8 +111,10 @@ def test_bad_images_get_invalid_argument_and_leave_every_server_healthy(client, 
 
 
 def test_bad_catalogue_image_reports_what_was_indexed(client, suite):
-    products = [Product("ok-1", "scratch", encode_jpeg(load_photo("rocket")), {}),
-                Product("broken", "scratch", b"\xff\xd8\xff garbage", {})]
+    products = [
+        Product("ok-1", "scratch", encode_jpeg(load_photo("rocket")), {}),
+        Product("broken", "scratch", b"\xff\xd8\xff garbage", {}),
+    ]
     with pytest.raises(grpc.RpcError) as error:
         client.index_products(products)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -119,9 +135,11 @@ def test_a_20_mb_photo_gets_through(client):
 
 
 def test_invalid_arguments(client, coffee_png):
-    for kwargs, fragment in (({"top_k": 10_000}, "top_k 10000 is above the limit of 100: ask for at most 100"),
-                             ({"min_confidence": 1.5}, "min_confidence"),
-                             ({"max_items": 1000}, "max_items 1000 is above the limit of 48")):
+    for kwargs, fragment in (
+        ({"top_k": 10_000}, "top_k 10000 is above the limit of 100: ask for at most 100"),
+        ({"min_confidence": 1.5}, "min_confidence"),
+        ({"max_items": 1000}, "max_items 1000 is above the limit of 48"),
+    ):
         with pytest.raises(grpc.RpcError) as error:
             client.search(coffee_png, **kwargs)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
@@ -155,16 +173,17 @@ def test_a_query_never_waits_on_a_database_it_does_not_need(suite, coffee_png):
             assert [i.class_name for i in result.items] == ["cup"]
             # The table (0.11) needs the silent shard: its item comes back flagged at the deadline.
             result = c.search(coffee_png, min_confidence=0.1, timeout_s=5)
-            table = [i for i in result.items if i.category == "furniture"][0]
+            table = next(i for i in result.items if i.category == "furniture")
             assert not table.matches and "DEADLINE_EXCEEDED" in table.warning
-            assert [i for i in result.items if i.class_name == "cup"][0].matches
+            assert next(i for i in result.items if i.class_name == "cup").matches
     finally:
         routed.stop()
         silent.close()
 
 
-def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descriptor, bow_extractor, locator,
-                                                               coffee_png):
+def test_a_signature_service_that_loses_signatures_is_reported(
+    suite, deep_descriptor, bow_extractor, locator, coffee_png
+):
     """A mismatched signature server (fewer signatures than crops) must not silently drop items."""
     from concurrent import futures
 
@@ -182,17 +201,24 @@ def test_a_signature_service_that_loses_signatures_is_reported(suite, deep_descr
     signature_pb2_grpc.add_SignatureServiceServicer_to_server(loses_one, faulty)
     port = faulty.add_insecure_port("127.0.0.1:0")
     faulty.start()
+    from common.config import load_config
     from gateway.config import GatewayConfig
     from gateway.server import create_server
-    from common.config import load_config
 
-    gateway, gateway_port = create_server(load_config(
-        GatewayConfig, "gateway", environ={}, port=0, detector_address=suite.addresses["detector"],
-        signature_address=f"127.0.0.1:{port}", index_address=suite.addresses["index"]))
+    gateway, gateway_port = create_server(
+        load_config(
+            GatewayConfig,
+            "gateway",
+            environ={},
+            port=0,
+            detector_address=suite.addresses["detector"],
+            signature_address=f"127.0.0.1:{port}",
+            index_address=suite.addresses["index"],
+        )
+    )
     try:
-        with VisualSearchClient(f"127.0.0.1:{gateway_port}") as c:
-            with pytest.raises(grpc.RpcError) as error:
-                c.search(coffee_png, regions=[(CUP_BOX, "tableware"), ((0, 0, 50, 50), "tableware")])
+        with VisualSearchClient(f"127.0.0.1:{gateway_port}") as c, pytest.raises(grpc.RpcError) as error:
+            c.search(coffee_png, regions=[(CUP_BOX, "tableware"), ((0, 0, 50, 50), "tableware")])
         assert error.value.code() == grpc.StatusCode.INTERNAL
         assert "1 signatures for 2 images" in error.value.details()
     finally:
@@ -208,19 +234,43 @@ def test_a_dead_word_range_shard_behind_the_router_comes_back_as_a_flagged_item(
     from index_server.config import IndexConfig, RouterConfig
     from index_server.server import create_bundle, create_router_bundle
 
-    shards = [create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
-                                        word_shard_index=i, word_shard_count=2)) for i in range(2)]
-    router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0, layout="word",
-                                              shards=[[f"127.0.0.1:{s.port}"] for s in shards]))
-    gateway, port = create_server(load_config(
-        GatewayConfig, "gateway", environ={}, port=0, detector_address=suite.addresses["detector"],
-        signature_address=suite.addresses["signature"], index_address=f"127.0.0.1:{router.port}"))
+    shards = [
+        create_bundle(
+            load_config(IndexConfig, "index", environ={}, port=0, data_dir="", word_shard_index=i, word_shard_count=2)
+        )
+        for i in range(2)
+    ]
+    router = create_router_bundle(
+        load_config(
+            RouterConfig,
+            "index_router",
+            environ={},
+            port=0,
+            layout="word",
+            shards=[[f"127.0.0.1:{s.port}"] for s in shards],
+        )
+    )
+    gateway, port = create_server(
+        load_config(
+            GatewayConfig,
+            "gateway",
+            environ={},
+            port=0,
+            detector_address=suite.addresses["detector"],
+            signature_address=suite.addresses["signature"],
+            index_address=f"127.0.0.1:{router.port}",
+        )
+    )
     coffee = load_photo("coffee")
     x0, y0, x1, y1 = CUP_BOX
     try:
         with VisualSearchClient(f"127.0.0.1:{port}") as c:
-            c.index_products([Product("cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1]), {}),
-                              Product("rocket", "tableware", encode_jpeg(load_photo("rocket")), {})])
+            c.index_products(
+                [
+                    Product("cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1]), {}),
+                    Product("rocket", "tableware", encode_jpeg(load_photo("rocket")), {}),
+                ]
+            )
             query = dict(regions=[(CUP_BOX, "tableware")], signature_kind=common_pb2.SIGNATURE_KIND_BOW)
             whole = c.search(coffee_png, **query).items[0]
             assert not whole.degraded and whole.matches[0].product_id == "cup"
@@ -239,14 +289,19 @@ def test_a_dead_word_range_shard_behind_the_router_comes_back_as_a_flagged_item(
 
 # --- The gateway's contract under bad input and failing back ends (regressions) ---------------------
 
+
 def gateway_over(suite, **overrides) -> tuple[grpc.Server, str]:
     """A gateway over the suite's detector and signature services (and its index, unless overridden)."""
     from common.config import load_config
     from gateway.config import GatewayConfig
     from gateway.server import create_server
 
-    settings = {"detector_address": suite.addresses["detector"], "signature_address": suite.addresses["signature"],
-                "index_address": suite.addresses["index"], **overrides}
+    settings = {
+        "detector_address": suite.addresses["detector"],
+        "signature_address": suite.addresses["signature"],
+        "index_address": suite.addresses["index"],
+        **overrides,
+    }
     server, port = create_server(load_config(GatewayConfig, "gateway", environ={}, port=0, **settings))
     return server, f"127.0.0.1:{port}"
 
@@ -275,9 +330,8 @@ def catalogue_shot(name: str, size: int = 96) -> Product:
     """A small catalogue image of a real photo, with its box (nothing to localise: fast)."""
     photo = load_photo(name)
     h, w = photo.shape[:2]
-    shot = photo[h // 4:3 * h // 4, w // 4:3 * w // 4][:size, :size]
-    return Product(name, "", encode_jpeg(np.ascontiguousarray(shot)), {},
-                   box=(0, 0, shot.shape[1], shot.shape[0]))
+    shot = photo[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4][:size, :size]
+    return Product(name, "", encode_jpeg(np.ascontiguousarray(shot)), {}, box=(0, 0, shot.shape[1], shot.shape[0]))
 
 
 def shot(name: str, product_id: str, category: str, **fields) -> Product:
@@ -300,8 +354,9 @@ def test_category_names_are_checked_everywhere(client, coffee_png, where):
         elif where == "ingest":
             client.index_products([shot("rocket", "named-ok", "names"), shot("chelsea", "named-bad", bad)])
         else:
-            client._stub.DeleteProducts(gateway_pb2.DeleteProductsRequest(product_ids=["x"], categories=[bad]),
-                                        timeout=10)
+            client._stub.DeleteProducts(
+                gateway_pb2.DeleteProductsRequest(product_ids=["x"], categories=[bad]), timeout=10
+            )
     details = error.value.details()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "category" in details and "letters, digits" in details and "128" in details
@@ -311,16 +366,20 @@ def test_category_names_are_checked_everywhere(client, coffee_png, where):
     del to_box
 
 
-@pytest.mark.parametrize("metadata, says", [
-    ({"k" * 200: "v"}, ("'kkkk", "200 utf-8 bytes", "limit of 128")),
-    ({"notes": "v" * 5000}, ("'notes'", "5000 utf-8 bytes", "limit of 4096")),
-    ({f"k{i}": "v" for i in range(65)}, ("65 keys", "limit of 64")),
-    ({f"k{i}": "v" * 4000 for i in range(5)}, ("in all", "limit of 16384")),
-])
+@pytest.mark.parametrize(
+    "metadata, says",
+    [
+        ({"k" * 200: "v"}, ("'kkkk", "200 utf-8 bytes", "limit of 128")),
+        ({"notes": "v" * 5000}, ("'notes'", "5000 utf-8 bytes", "limit of 4096")),
+        ({f"k{i}": "v" for i in range(65)}, ("65 keys", "limit of 64")),
+        ({f"k{i}": "v" * 4000 for i in range(5)}, ("in all", "limit of 16384")),
+    ],
+)
 def test_metadata_over_the_limits_is_refused_before_anything_of_it_is_written(client, suite, metadata, says):
     with pytest.raises(grpc.RpcError) as error:
-        client.index_products([shot("rocket", "meta-ok", "meta"), shot("chelsea", "meta-bad", "meta",
-                                                                        metadata=metadata)])
+        client.index_products(
+            [shot("rocket", "meta-ok", "meta"), shot("chelsea", "meta-bad", "meta", metadata=metadata)]
+        )
     details = error.value.details()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "product #1 ('meta-bad')" in details and "1 image of 1 product was stored" in details
@@ -329,13 +388,20 @@ def test_metadata_over_the_limits_is_refused_before_anything_of_it_is_written(cl
 
 
 def test_counts_are_exact_when_an_image_is_sent_twice(client, suite):
-    response = client.index_products([shot("rocket", "dup-a", "dups"), shot("chelsea", "dup-b", "dups"),
-                                      shot("rocket", "dup-a", "dups", metadata={"v": "2"}),
-                                      shot("astronaut", "dup-c", "dups", image_id="front"),
-                                      shot("coffee", "dup-c", "dups", image_id="back")])
+    response = client.index_products(
+        [
+            shot("rocket", "dup-a", "dups"),
+            shot("chelsea", "dup-b", "dups"),
+            shot("rocket", "dup-a", "dups", metadata={"v": "2"}),
+            shot("astronaut", "dup-c", "dups", image_id="front"),
+            shot("coffee", "dup-c", "dups", image_id="back"),
+        ]
+    )
     assert (response.indexed, response.products, dict(response.per_category)) == (4, 3, {"dups": 4})
-    assert [(i.product_id, i.image_id) for i in response.images][:2] == [("dup-a", response.images[0].image_id),
-                                                                          ("dup-b", response.images[1].image_id)]
+    assert [(i.product_id, i.image_id) for i in response.images][:2] == [
+        ("dup-a", response.images[0].image_id),
+        ("dup-b", response.images[1].image_id),
+    ]
     items = stored_items(suite.addresses["index"])
     assert items["dups.deep"] == items["dups.bow"] == 4
 
@@ -347,9 +413,8 @@ def test_an_ingest_that_fails_on_one_shard_says_exactly_what_was_stored(suite):
     names = ["rocket", "chelsea", "astronaut", "coffee", "motorcycle_left"]
     products = [shot(name, f"kept-{name}", "kept") for name in names] + [shot("rocket", "lost-1", "lost")]
     try:
-        with VisualSearchClient(address) as c:
-            with pytest.raises(grpc.RpcError) as error:
-                c.index_products(products)
+        with VisualSearchClient(address) as c, pytest.raises(grpc.RpcError) as error:
+            c.index_products(products)
         details = error.value.details()
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE, details
         assert "5 images of 5 products were stored" in details and "'lost'" in details
@@ -381,6 +446,7 @@ def test_a_cancelled_index_stream_stores_nothing(suite):
                 time.sleep(0.05)  # a cancel may end the iterator like a normal end, reported just after
                 if not context.is_active():
                     raise RuntimeError("cancelled")  # so the forwarded stream is cancelled too
+
             try:
                 return self.stub.Add(counted(), timeout=30)
             except grpc.RpcError as exc:
@@ -402,8 +468,9 @@ def test_a_cancelled_index_stream_stores_nothing(suite):
     def requests():
         for name in ("rocket", "chelsea", "astronaut"):
             p = shot(name, f"cancelled-{name}", "cancelled")
-            request = gateway_pb2.IndexProductsRequest(product_id=p.product_id, category=p.category,
-                                                       image=common_pb2.Image(encoded=p.image))
+            request = gateway_pb2.IndexProductsRequest(
+                product_id=p.product_id, category=p.category, image=common_pb2.Image(encoded=p.image)
+            )
             request.box.CopyFrom(common_pb2.Box(x_min=0, y_min=0, x_max=p.box[2], y_max=p.box[3]))
             yield request
         more.wait(30)
@@ -449,8 +516,9 @@ def test_a_shard_that_goes_away_is_reported_and_used_again_as_soon_as_it_is_back
             stop_shard(shard)
             shard = None
             result = c.search(coffee_png, categories=["mugs", "gadgets"], min_score=0.0)
-            assert [(f.category, f.code, f.backend) for f in result.failed_categories] == \
-                [("gadgets", "UNAVAILABLE", f"127.0.0.1:{port}")]
+            assert [(f.category, f.code, f.backend) for f in result.failed_categories] == [
+                ("gadgets", "UNAVAILABLE", f"127.0.0.1:{port}")
+            ]
             assert result.items and all(i.degraded and "'gadgets'" in i.warning for i in result.items)
             assert any(m.product_id == "mug" for i in result.items for m in i.matches)
             with pytest.raises(grpc.RpcError) as error:
@@ -476,8 +544,9 @@ def test_a_shard_that_goes_away_is_reported_and_used_again_as_soon_as_it_is_back
             stop_shard(shard)
 
 
-def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(suite, deep_descriptor, bow_extractor,
-                                                                          locator, coffee_png):
+def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(
+    suite, deep_descriptor, bow_extractor, locator, coffee_png
+):
     """A signature service taking 4 images per call; the gateway splits 10 regions into calls it
     accepts: by the limit ListKinds advertises, else by its own configured one."""
     from concurrent import futures
@@ -488,12 +557,14 @@ def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(suite
     advertised = "max_images_per_call" in signature_pb2.ListKindsResponse.DESCRIPTOR.fields_by_name
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     signature_pb2_grpc.add_SignatureServiceServicer_to_server(
-        SignatureService(deep_descriptor, bow_extractor, locator, 4, 10**8, 8, 200), server)
+        SignatureService(deep_descriptor, bow_extractor, locator, 4, 10**8, 8, 200), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     # Without the advertised limit, the configured one must be right.
-    gateway, address = gateway_over(suite, signature_address=f"127.0.0.1:{port}",
-                                    **({} if advertised else {"signature_call_images": 4}))
+    gateway, address = gateway_over(
+        suite, signature_address=f"127.0.0.1:{port}", **({} if advertised else {"signature_call_images": 4})
+    )
     regions = [((20 * i, 20 * i, 20 * i + 200, 20 * i + 150), "tableware") for i in range(10)]
     try:
         with VisualSearchClient(address) as c:

@@ -25,18 +25,30 @@ def locked(tmp_path_factory):
     ca = Authority(folder)
     server, client = ca.issue("server", server=True), ca.issue("service", server=False)
     tokens = folder / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [
-        {"client": "shop", "sha256": token_digest(READER), "scopes": ["read"]},
-        {"client": "ops", "sha256": token_digest(WRITER), "scopes": ["read", "write"]}]}))
+    tokens.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {"client": "shop", "sha256": token_digest(READER), "scopes": ["read"]},
+                    {"client": "ops", "sha256": token_digest(WRITER), "scopes": ["read", "write"]},
+                ]
+            }
+        )
+    )
     serve = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
     mtls = serve + ["--tls-client-ca", str(ca.pem.cert)]
     dial = ["--tls-ca", str(ca.pem.cert), "--tls-client-cert", str(client.cert), "--tls-client-key", str(client.key)]
     health = grpc.ssl_channel_credentials(ca.pem.cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes())
     suite = start_local_suite(
-        {"detector": mtls, "signature": mtls, "index": mtls + ["--data-dir", ""],
-         "gateway": serve + dial + ["--auth-tokens-file", str(tokens)]},
+        {
+            "detector": mtls,
+            "signature": mtls,
+            "index": mtls + ["--data-dir", ""],
+            "gateway": serve + dial + ["--auth-tokens-file", str(tokens)],
+        },
         environment={"MPS_INDEX_INTERNAL_TOKEN": "s3cret", "MPS_GATEWAY_INTERNAL_TOKEN": "s3cret"},
-        credentials=health)
+        credentials=health,
+    )
     try:
         yield suite, ca, client
     finally:
@@ -65,22 +77,26 @@ def test_scopes_decide_who_searches_and_who_ingests(locked):
 
 def test_a_plaintext_client_and_a_client_of_another_ca_are_refused(locked, tmp_path):
     suite, _, _ = locked
-    with VisualSearchClient(suite.addresses["gateway"], token=READER, timeout_s=5) as plaintext:
-        with pytest.raises(grpc.RpcError) as error:
-            plaintext.search(b"x")
+    with (
+        VisualSearchClient(suite.addresses["gateway"], token=READER, timeout_s=5) as plaintext,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        plaintext.search(b"x")
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     stranger = Authority(tmp_path, "stranger-ca")
-    with VisualSearchClient(suite.addresses["gateway"], token=READER, tls_ca=stranger.pem.cert.read_bytes(),
-                            timeout_s=5) as fooled:
-        with pytest.raises(grpc.RpcError) as error:
-            fooled.search(b"x")
+    with (
+        VisualSearchClient(
+            suite.addresses["gateway"], token=READER, tls_ca=stranger.pem.cert.read_bytes(), timeout_s=5
+        ) as fooled,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        fooled.search(b"x")
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_the_index_refuses_a_caller_without_the_suites_client_certificate(locked):
     suite, ca, _ = locked
     credentials = grpc.ssl_channel_credentials(ca.pem.cert.read_bytes())  # TLS, but no client certificate
-    with grpc.secure_channel(suite.addresses["index"], credentials) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            index_pb2_grpc.IndexServiceStub(channel).Stats(index_pb2.StatsRequest(), timeout=5)
+    with grpc.secure_channel(suite.addresses["index"], credentials) as channel, pytest.raises(grpc.RpcError) as error:
+        index_pb2_grpc.IndexServiceStub(channel).Stats(index_pb2.StatsRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE

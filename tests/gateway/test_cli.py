@@ -3,8 +3,8 @@
 from PIL import Image
 
 from common.images import encode_jpeg, encode_png
-from gateway.cli import main
 from common.photos import load_photo
+from gateway.cli import main
 
 
 def test_ingest_folder_then_search_with_a_picture(suite, tmp_path, capsys):
@@ -21,8 +21,7 @@ def test_ingest_folder_then_search_with_a_picture(suite, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     photo.write_bytes(encode_png(coffee))
     picture = tmp_path / "result.png"
-    assert main(address + ["search", str(photo), "--region", "150,23,429,310:cli-cups",
-                           "--picture", str(picture)]) == 0
+    assert main(address + ["search", str(photo), "--region", "150,23,429,310:cli-cups", "--picture", str(picture)]) == 0
     out = capsys.readouterr().out
     assert "white_cup" in out and "cli-cups" in out and "detect" in out
     with Image.open(picture) as drawn:

@@ -69,10 +69,15 @@ def test_without_an_advertised_limit_the_configured_one_is_used():
         sign_with(LimitedSigner(limit=8, advertised=False), 20, signature_call_images=32)
 
 
-@pytest.mark.parametrize("n, limit, max_bytes, sizes", [
-    (40, 32, 10**9, [20, 20]), (64, 64, 10**9, [64]), (1, 32, 10**9, [1]),
-    (6, 32, 3 * 192, [3, 3]),  # 8x8x3 bytes each: the byte bound splits too
-])
+@pytest.mark.parametrize(
+    "n, limit, max_bytes, sizes",
+    [
+        (40, 32, 10**9, [20, 20]),
+        (64, 64, 10**9, [64]),
+        (1, 32, 10**9, [1]),
+        (6, 32, 3 * 192, [3, 3]),  # 8x8x3 bytes each: the byte bound splits too
+    ],
+)
 def test_split_calls(n, limit, max_bytes, sizes):
     chunks = split_calls(crops(n), limit, max_bytes)
     assert [len(c) for c in chunks] == sizes

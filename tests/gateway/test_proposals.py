@@ -10,18 +10,30 @@ def box(x0, y0, x1, y1):
 
 
 def test_one_region_boxed_by_several_sources_is_one_candidate_from_the_best_source():
-    merged = merge_proposals([Proposal(box(0, 0, 100, 100), Source.SEGMENT, 0.9),
-                              Proposal(box(2, 1, 101, 99), Source.SALIENT, 0.5),
-                              Proposal(box(1, 0, 100, 100), Source.OBJECTNESS, 0.1),
-                              Proposal(box(300, 300, 400, 400), Source.SEGMENT, 0.2)], 0.7, 10)
+    merged = merge_proposals(
+        [
+            Proposal(box(0, 0, 100, 100), Source.SEGMENT, 0.9),
+            Proposal(box(2, 1, 101, 99), Source.SALIENT, 0.5),
+            Proposal(box(1, 0, 100, 100), Source.OBJECTNESS, 0.1),
+            Proposal(box(300, 300, 400, 400), Source.SEGMENT, 0.2),
+        ],
+        0.7,
+        10,
+    )
     assert [p.source for p in merged] == [Source.OBJECTNESS, Source.SEGMENT]
     assert merged[1].box[0] == 300
 
 
 def test_detector_classes_on_one_box_are_all_kept_for_the_exclusive_rule():
-    merged = merge_proposals([Proposal(box(0, 0, 50, 50), Source.DETECTOR, 0.6, "cup", "tableware"),
-                              Proposal(box(0, 0, 50, 50), Source.DETECTOR, 0.2, "bowl", "tableware"),
-                              Proposal(box(0, 0, 50, 50), Source.OBJECTNESS, 0.8)], 0.7, 10)
+    merged = merge_proposals(
+        [
+            Proposal(box(0, 0, 50, 50), Source.DETECTOR, 0.6, "cup", "tableware"),
+            Proposal(box(0, 0, 50, 50), Source.DETECTOR, 0.2, "bowl", "tableware"),
+            Proposal(box(0, 0, 50, 50), Source.OBJECTNESS, 0.8),
+        ],
+        0.7,
+        10,
+    )
     assert [(p.source, p.class_name) for p in merged] == [(Source.DETECTOR, "cup"), (Source.DETECTOR, "bowl")]
 
 

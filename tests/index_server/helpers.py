@@ -24,8 +24,21 @@ from mps.index.v1 import index_pb2, index_pb2_grpc
 
 def start_shard(data_dir: Path, port: int, *flags: str) -> subprocess.Popen:
     """A shard process (`python -m index_server`) on `port`, serving when this returns."""
-    process = subprocess.Popen([sys.executable, "-m", "index_server", "--port", str(port), "--data-dir",
-                                str(data_dir), "--log-level", "WARNING", *flags], cwd=REPO_ROOT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "index_server",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+    )
     wait_serving(f"127.0.0.1:{port}", process)
     return process
 
@@ -38,16 +51,23 @@ class Cluster:
         for number in range(shards):
             replica_addresses = []
             for _ in range(replicas):
-                config = load_config(IndexConfig, "index", environ={}, port=0, data_dir="",
-                                     word_shard_index=number if layout == "word" else 0,
-                                     word_shard_count=shards if layout == "word" else 1)
+                config = load_config(
+                    IndexConfig,
+                    "index",
+                    environ={},
+                    port=0,
+                    data_dir="",
+                    word_shard_index=number if layout == "word" else 0,
+                    word_shard_count=shards if layout == "word" else 1,
+                )
                 bundle = create_bundle(config)
                 self.bundles.append(bundle)
                 replica_addresses.append(f"127.0.0.1:{bundle.port}")
             addresses.append(replica_addresses)
         self.addresses = addresses
-        self.router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0,
-                                                       layout=layout, shards=addresses, **router))
+        self.router = create_router_bundle(
+            load_config(RouterConfig, "index_router", environ={}, port=0, layout=layout, shards=addresses, **router)
+        )
         self.channels = [grpc.insecure_channel(f"127.0.0.1:{self.router.port}")]
         self.stub = index_pb2_grpc.IndexServiceStub(self.channels[0])
 
@@ -71,43 +91,79 @@ def bow(bag: BagOfWords) -> common_pb2.Signature:
     return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
 
 
-def random_bags(rng: np.random.Generator, count: int, vocabulary: int, codebook: int = 1,
-                longest: int = 200) -> list[BagOfWords]:
+def random_bags(
+    rng: np.random.Generator, count: int, vocabulary: int, codebook: int = 1, longest: int = 200
+) -> list[BagOfWords]:
     """Zipf-distributed words, as real visual words are: a few common, most rare."""
-    return [BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, longest)) % vocabulary, vocabulary, codebook)
-            for _ in range(count)]
+    return [
+        BagOfWords.from_words(rng.zipf(1.3, rng.integers(5, longest)) % vocabulary, vocabulary, codebook)
+        for _ in range(count)
+    ]
 
 
-def add_request(item_id: str, database: str, value: BagOfWords | np.ndarray, group_id: str = "",
-                box: np.ndarray | None = None, **metadata: str) -> index_pb2.AddRequest:
+def add_request(
+    item_id: str,
+    database: str,
+    value: BagOfWords | np.ndarray,
+    group_id: str = "",
+    box: np.ndarray | None = None,
+    **metadata: str,
+) -> index_pb2.AddRequest:
     signature = bow(value) if isinstance(value, BagOfWords) else dense_to_proto(np.asarray(value, np.float32))
-    request = index_pb2.AddRequest(item_id=item_id, database=database, signature=signature,
-                                   metadata=metadata, group_id=group_id)
+    request = index_pb2.AddRequest(
+        item_id=item_id, database=database, signature=signature, metadata=metadata, group_id=group_id
+    )
     if box is not None:
         request.box.CopyFrom(box_to_proto(box))
     return request
 
 
-def search(stub: index_pb2_grpc.IndexServiceStub, database: str, signature: common_pb2.Signature,
-           top_k: int = 10, one_per_group: bool = False, timeout: float = 10
-           ) -> tuple[index_pb2.SearchResponse, list[index_pb2.ScoredItem]]:
+def search(
+    stub: index_pb2_grpc.IndexServiceStub,
+    database: str,
+    signature: common_pb2.Signature,
+    top_k: int = 10,
+    one_per_group: bool = False,
+    timeout: float = 10,
+) -> tuple[index_pb2.SearchResponse, list[index_pb2.ScoredItem]]:
     """(first message, every item) of a streamed Search."""
-    chunks = list(stub.Search(index_pb2.SearchRequest(database=database, signature=signature, top_k=top_k,
-                                                      one_per_group=one_per_group), timeout=timeout))
+    chunks = list(
+        stub.Search(
+            index_pb2.SearchRequest(database=database, signature=signature, top_k=top_k, one_per_group=one_per_group),
+            timeout=timeout,
+        )
+    )
     return chunks[0], [i for c in chunks for i in c.items]
 
 
-def search_batch(stub: index_pb2_grpc.IndexServiceStub, database: str, signatures: list[common_pb2.Signature],
-                 top_k: int = 10, one_per_group: bool = False, timeout: float = 10
-                 ) -> index_pb2.SearchBatchResponse:
-    return stub.SearchBatch(index_pb2.SearchBatchRequest(database=database, signatures=signatures, top_k=top_k,
-                                                         one_per_group=one_per_group), timeout=timeout)
+def search_batch(
+    stub: index_pb2_grpc.IndexServiceStub,
+    database: str,
+    signatures: list[common_pb2.Signature],
+    top_k: int = 10,
+    one_per_group: bool = False,
+    timeout: float = 10,
+) -> index_pb2.SearchBatchResponse:
+    return stub.SearchBatch(
+        index_pb2.SearchBatchRequest(
+            database=database, signatures=signatures, top_k=top_k, one_per_group=one_per_group
+        ),
+        timeout=timeout,
+    )
 
 
 def as_tuples(items: list[index_pb2.ScoredItem]) -> list[tuple]:
     """Items as comparable tuples: (id, score rounded to float32 noise, metadata, group, box or None)."""
-    return [(i.item_id, round(i.score, 5), dict(i.metadata), i.group_id,
-             (i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max) if i.HasField("box") else None) for i in items]
+    return [
+        (
+            i.item_id,
+            round(i.score, 5),
+            dict(i.metadata),
+            i.group_id,
+            (i.box.x_min, i.box.y_min, i.box.x_max, i.box.y_max) if i.HasField("box") else None,
+        )
+        for i in items
+    ]
 
 
 # -- brute-force references ------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from common.config import load_config
+from common.streams import StreamEnd
 from index_server.config import IndexConfig
 from index_server.server import create_bundle
-from common.streams import StreamEnd
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.index_server.helpers import Cluster, add_request, random_bags
 
@@ -58,8 +58,9 @@ def test_grpc_ends_or_raises_a_cancelled_request_stream_and_stream_end_tells_the
         return b""
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "t.T", {"Add": grpc.stream_unary_rpc_method_handler(handler)}),))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.T", {"Add": grpc.stream_unary_rpc_method_handler(handler)}),)
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -90,8 +91,9 @@ def test_a_cancelled_add_stores_nothing_on_a_shard(tmp_path):
     rng = np.random.default_rng(0)
     try:
         for trial in range(30):
-            cancel_mid_stream(stub.Add, [add_request(f"i{trial}-{n}", "cancelled", rng.normal(size=8))
-                                         for n in range(20)], trial)
+            cancel_mid_stream(
+                stub.Add, [add_request(f"i{trial}-{n}", "cancelled", rng.normal(size=8)) for n in range(20)], trial
+            )
         time.sleep(0.3)  # whatever the shard would do with them, it has done
         assert list(stub.Stats(index_pb2.StatsRequest(), timeout=5).databases) == []
         done = stub.Add(iter([add_request(f"j{n}", "cancelled", rng.normal(size=8)) for n in range(20)]), timeout=5)
@@ -118,8 +120,9 @@ def test_a_cancelled_add_through_the_router_stores_nothing_on_any_shard(layout):
     try:
         for trial in range(12):
             bags = random_bags(rng, 10, 500)
-            items = [add_request(f"b{trial}-{n}", "bags", bag) for n, bag in enumerate(bags)] + \
-                    [add_request(f"d{trial}-{n}", "dense", rng.normal(size=8)) for n in range(10)]
+            items = [add_request(f"b{trial}-{n}", "bags", bag) for n, bag in enumerate(bags)] + [
+                add_request(f"d{trial}-{n}", "dense", rng.normal(size=8)) for n in range(10)
+            ]
             rng.shuffle(items)
             cancel_mid_stream(cluster.stub.Add, items, trial, after=12)
         time.sleep(0.5)

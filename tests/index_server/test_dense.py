@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from index_server.dense import DenseDatabase, SignatureError
+from index_server.dense import DenseDatabase
+from index_server.domain import SignatureError
 from tests.index_server.helpers import dense_scores, grouped_reference
 
 
@@ -48,8 +49,9 @@ def test_metadata_and_small_databases():
     assert hits[0].score == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("vector, message", [(np.zeros(3), "all zeros"), (np.ones(4), "3-d"),
-                                             (np.array([np.nan, 1, 1]), "NaN")])
+@pytest.mark.parametrize(
+    "vector, message", [(np.zeros(3), "all zeros"), (np.ones(4), "3-d"), (np.array([np.nan, 1, 1]), "NaN")]
+)
 def test_bad_vectors_are_refused(vector, message):
     with pytest.raises(SignatureError, match=message):
         DenseDatabase(3).add("x", vector.astype(np.float32), {})
@@ -69,11 +71,12 @@ def test_concurrent_adds_and_searches():
             for _ in range(200):
                 hits = db.search(np.ones(8, dtype=np.float32), 5)
                 assert len({h.item_id for h in hits}) == len(hits)
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)] + \
-              [threading.Thread(target=reader) for _ in range(2)]
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)] + [
+        threading.Thread(target=reader) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:

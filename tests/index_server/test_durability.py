@@ -13,11 +13,11 @@ import pytest
 
 from common.bow_codec import BagOfWords, encode
 from common.config import REPO_ROOT
+from common.local_suite import free_port
 from common.proto_convert import dense_to_proto
-from index_server.inverted import item_key
+from index_server.domain import item_key
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
-from common.local_suite import free_port
 from tests.index_server.helpers import start_shard
 
 VOCABULARY = 400
@@ -25,8 +25,12 @@ VOCABULARY = 400
 
 def bag_add(i: int, rng) -> index_pb2.AddRequest:
     bag = BagOfWords.from_words(rng.integers(0, VOCABULARY, 40), VOCABULARY, 3)
-    return index_pb2.AddRequest(item_id=f"b{i}", database="bags", metadata={"i": str(i)},
-                                signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag)))
+    return index_pb2.AddRequest(
+        item_id=f"b{i}",
+        database="bags",
+        metadata={"i": str(i)},
+        signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag)),
+    )
 
 
 def present(stub, ids: list[str]) -> set[str]:
@@ -86,8 +90,13 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path):
             # Recovered items are searchable with their metadata.
             rng = np.random.default_rng(0)
             query = [bag_add(j, rng) for j in range(2)][1]
-            hits = [i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query.signature,
-                                                                    top_k=1), timeout=5) for i in c.items]
+            hits = [
+                i
+                for c in stub.Search(
+                    index_pb2.SearchRequest(database="bags", signature=query.signature, top_k=1), timeout=5
+                )
+                for i in c.items
+            ]
             assert hits[0].item_id == "b1" and hits[0].metadata["i"] == "1"
     finally:
         process.terminate()
@@ -102,11 +111,23 @@ def test_clean_restart_recovers_both_kinds_from_the_snapshot(tmp_path):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = index_pb2_grpc.IndexServiceStub(channel)
         stub.Add(iter([bag_add(i, rng) for i in range(100)]), timeout=10)
-        stub.Add(iter([index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(v))
-                       for i, v in enumerate(vectors)]), timeout=10)
+        stub.Add(
+            iter(
+                [
+                    index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(v))
+                    for i, v in enumerate(vectors)
+                ]
+            ),
+            timeout=10,
+        )
         stub.Delete(index_pb2.DeleteRequest(database="dense", item_ids=["d3"]), timeout=10)
-        before = [(i.item_id, i.score) for c in stub.Search(index_pb2.SearchRequest(
-            database="dense", signature=dense_to_proto(vectors[3]), top_k=5), timeout=5) for i in c.items]
+        before = [
+            (i.item_id, i.score)
+            for c in stub.Search(
+                index_pb2.SearchRequest(database="dense", signature=dense_to_proto(vectors[3]), top_k=5), timeout=5
+            )
+            for i in c.items
+        ]
     process.terminate()  # SIGTERM: drains, then snapshots
     assert process.wait(timeout=30) == 0
     process = start_shard(tmp_path, port)
@@ -115,8 +136,13 @@ def test_clean_restart_recovers_both_kinds_from_the_snapshot(tmp_path):
             stub = index_pb2_grpc.IndexServiceStub(channel)
             stats = {d.name: d.items for d in stub.Stats(index_pb2.StatsRequest(), timeout=5).databases}
             assert stats == {"bags": 100, "dense": 49}
-            after = [(i.item_id, i.score) for c in stub.Search(index_pb2.SearchRequest(
-                database="dense", signature=dense_to_proto(vectors[3]), top_k=5), timeout=5) for i in c.items]
+            after = [
+                (i.item_id, i.score)
+                for c in stub.Search(
+                    index_pb2.SearchRequest(database="dense", signature=dense_to_proto(vectors[3]), top_k=5), timeout=5
+                )
+                for i in c.items
+            ]
             assert after == before and "d3" not in dict(after)
     finally:
         process.terminate()
@@ -127,9 +153,13 @@ def test_a_second_process_on_the_same_data_dir_is_refused(tmp_path):
     port = free_port()
     process = start_shard(tmp_path, port)
     try:
-        second = subprocess.run([sys.executable, "-m", "index_server", "--port", str(free_port()),
-                                 "--data-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "index_server", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode != 0 and "in use by another index shard process" in second.stderr
     finally:
         process.terminate()
@@ -168,11 +198,24 @@ def product_adds(rng, products: int = 20, images: int = 3) -> tuple[list[index_p
             item_id = f"p{p}-{n}"
             bag = BagOfWords.from_words(rng.integers(0, VOCABULARY, 40), VOCABULARY, 3)
             box = common_pb2.Box(x_min=n, y_min=p, x_max=n + 10, y_max=p + 10)
-            adds.append(index_pb2.AddRequest(item_id=item_id, database="bags", group_id=f"p{p}", box=box,
-                                             signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW,
-                                                                            bow=encode(bag))))
-            adds.append(index_pb2.AddRequest(item_id=item_id, database="dense", group_id=f"p{p}", box=box,
-                                             signature=dense_to_proto(rng.normal(size=8).astype(np.float32))))
+            adds.append(
+                index_pb2.AddRequest(
+                    item_id=item_id,
+                    database="bags",
+                    group_id=f"p{p}",
+                    box=box,
+                    signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag)),
+                )
+            )
+            adds.append(
+                index_pb2.AddRequest(
+                    item_id=item_id,
+                    database="dense",
+                    group_id=f"p{p}",
+                    box=box,
+                    signature=dense_to_proto(rng.normal(size=8).astype(np.float32)),
+                )
+            )
             group_of[item_id] = f"p{p}"
     return adds, group_of
 
@@ -187,8 +230,9 @@ def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
             stub = index_pb2_grpc.IndexServiceStub(channel)
             stub.Add(iter(adds), timeout=10)
             for database in ("bags", "dense"):
-                response = stub.Delete(index_pb2.DeleteRequest(database=database, group_ids=["p1", "p2", "p99"]),
-                                       timeout=10)
+                response = stub.Delete(
+                    index_pb2.DeleteRequest(database=database, group_ids=["p1", "p2", "p99"]), timeout=10
+                )
                 assert response.deleted == len(gone) == 6 and list(response.groups_not_found) == ["p99"]
     finally:
         process.kill()  # SIGKILL right after the acknowledgement: no snapshot, the log has it all
@@ -203,9 +247,16 @@ def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
             assert stats == {"bags": 54, "dense": 54}
             dense = [a for a in adds if a.database == "dense"]
             for add in dense[:9]:  # products 0, 1, 2: the deleted ones are never found again
-                items = [i for c in stub.Search(index_pb2.SearchRequest(
-                    database="dense", signature=add.signature, top_k=100, one_per_group=True), timeout=5)
-                    for i in c.items]
+                items = [
+                    i
+                    for c in stub.Search(
+                        index_pb2.SearchRequest(
+                            database="dense", signature=add.signature, top_k=100, one_per_group=True
+                        ),
+                        timeout=5,
+                    )
+                    for i in c.items
+                ]
                 assert not {"p1", "p2"} & {i.group_id for i in items} and len(items) == 18
                 if add.group_id == "p0":  # recovered with its group and its box
                     assert (items[0].item_id, items[0].group_id, items[0].box) == (add.item_id, "p0", add.box)
@@ -221,7 +272,7 @@ def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_e
     from index_server.store import ShardStore
 
     catalogue = Catalogue(store=ShardStore(tmp_path, 1 << 30), snapshot_every=snapshot_every)
-    adds, group_of = product_adds(np.random.default_rng(4), products=10)
+    adds, _group_of = product_adds(np.random.default_rng(4), products=10)
     catalogue.add(adds[:30])
     deleted = catalogue.delete("bags", ["p0-0", "nope"], ["p0", "p3", "p9"])
     assert deleted == (6, ["nope"], ["p9"])  # p0-0 is counted once; p9 has no image yet
@@ -230,14 +281,22 @@ def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_e
     expected = {}
     for name in ("bags", "dense"):
         _, database = catalogue.get(name)
-        expected[name] = [database.search(catalogue_value(a), 30, grouped)
-                          for a in adds[:12] if a.database == name for grouped in (False, True)]
+        expected[name] = [
+            database.search(catalogue_value(a), 30, grouped)
+            for a in adds[:12]
+            if a.database == name
+            for grouped in (False, True)
+        ]
     catalogue.close(snapshot=False)  # as a crash would: no final snapshot
     reopened = Catalogue(store=ShardStore(tmp_path, 1 << 30))
     for name in ("bags", "dense"):
         _, database = reopened.get(name)
-        assert [database.search(catalogue_value(a), 30, grouped)
-                for a in adds[:12] if a.database == name for grouped in (False, True)] == expected[name]
+        assert [
+            database.search(catalogue_value(a), 30, grouped)
+            for a in adds[:12]
+            if a.database == name
+            for grouped in (False, True)
+        ] == expected[name]
     _, bags = reopened.get("bags")
     assert bags.group_size("p0") == bags.group_size("p3") == 0 and bags.group_size("p9") == 3 and len(bags) == 24
     reopened.close()

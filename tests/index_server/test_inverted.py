@@ -6,7 +6,8 @@ import pytest
 
 from common.bow_codec import BagOfWords, chi2
 from common.photos import load_photo
-from index_server.inverted import BowIndex, Hit, SignatureError, item_key
+from index_server.domain import Hit, SignatureError, item_key
+from index_server.inverted import BowIndex
 from tests.index_server import helpers
 from tests.index_server.helpers import bow_scores, grouped_reference, ungrouped_reference
 
@@ -46,7 +47,7 @@ def test_equals_brute_force_on_real_signatures(bow_extractor):
     for name in ("astronaut", "chelsea", "coffee", "rocket", "china.jpg", "flower.jpg", "retina"):
         photo = load_photo(name)
         h, w = photo.shape[:2]
-        for part, crop in enumerate((photo, photo[: h // 2], photo[h // 2:], photo[:, : w // 2])):
+        for part, crop in enumerate((photo, photo[: h // 2], photo[h // 2 :], photo[:, : w // 2])):
             items[f"{name}-{part}"] = bag = bow_extractor.bag(crop)
             index.add(f"{name}-{part}", bag, {})
     for query in (bow_extractor.bag(load_photo("coffee")[50:350, 100:500]), items["china.jpg-1"]):
@@ -126,7 +127,7 @@ def test_merging_the_tail_in_the_background_keeps_results_exact(monkeypatch):
 
 
 def test_state_round_trip_and_lookup_by_key():
-    from index_server.inverted import item_key
+    from index_server.domain import item_key
 
     rng = np.random.default_rng(5)
     bags = random_bags(rng, 100)
@@ -141,9 +142,11 @@ def test_state_round_trip_and_lookup_by_key():
         keys, sums = copy.partial_scores_by_key(query)
         found = copy.lookup(keys)
         assert set(found) == set(keys.tolist())
-        rows, expected = index.partial_scores(query)
+        _rows, expected = index.partial_scores(query)
         assert sorted(sums.tolist()) == pytest.approx(sorted(expected.tolist()))
-    assert copy.lookup(np.array([item_key("i7"), item_key("i4")], np.uint64)) == {item_key("i7"): Hit("i7", 0.0, {"n": "7"})}
+    assert copy.lookup(np.array([item_key("i7"), item_key("i4")], np.uint64)) == {
+        item_key("i7"): Hit("i7", 0.0, {"n": "7"})
+    }
 
 
 def test_stop_word_variant_skips_only_the_words_most_items_hold():
@@ -256,7 +259,7 @@ def test_a_snapshot_from_before_groups_loads_with_every_item_its_own_group():
         assert all(h.group_id == "" and h.box is None for h in hits)
     copy.add("i7", bags[8], {}, "pair")
     copy.add("i8", bags[8], {}, "pair")
-    assert [h.item_id for h in copy.search(bags[8], 2, one_per_group=True)][0] == "i7"
+    assert next(h.item_id for h in copy.search(bags[8], 2, one_per_group=True)) == "i7"
     assert copy.delete_groups(["pair"]) == 2 and "i8" not in copy
 
 

@@ -1,14 +1,16 @@
 """Merging shard answers."""
 
+import itertools
+
 import numpy as np
 
-from index_server.inverted import Hit
-from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties, word_range_of
+from index_server.domain import Hit, word_range_of
+from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
 
 
 def test_sum_partials_adds_each_keys_shares():
     rng = np.random.default_rng(0)
-    keys = rng.integers(0, 2 ** 63, 5000, dtype=np.uint64)
+    keys = rng.integers(0, 2**63, 5000, dtype=np.uint64)
     parts = [rng.choice(keys, 3000, replace=False) for _ in range(3)]
     sums = [rng.random(3000).astype(np.float32) for _ in range(3)]
     merged_keys, merged = sum_partials(parts, sums)
@@ -37,12 +39,14 @@ def test_routing_is_stable_and_ranges_tile_the_vocabulary():
     counts = np.bincount([shard_of(f"item-{i}", 4) for i in range(4000)], minlength=4)
     assert counts.min() > 850  # spread evenly
     ranges = [word_range_of(i, 3, 5000) for i in range(3)]
-    assert ranges[0][0] == 0 and ranges[-1][1] == 5000 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert ranges[0][0] == 0 and ranges[-1][1] == 5000 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
 def test_merge_top_k_one_per_group_keeps_each_groups_best_once():
-    lists = [[Hit("a1", 0.9, {}, "A"), Hit("b1", 0.8, {}, "B"), Hit("x", 0.5, {})],
-             [Hit("a0", 0.9, {}, "A"), Hit("c1", 0.85, {}, "C"), Hit("b2", 0.7, {}, "B")]]
+    lists = [
+        [Hit("a1", 0.9, {}, "A"), Hit("b1", 0.8, {}, "B"), Hit("x", 0.5, {})],
+        [Hit("a0", 0.9, {}, "A"), Hit("c1", 0.85, {}, "C"), Hit("b2", 0.7, {}, "B")],
+    ]
     assert [h.item_id for h in merge_top_k(lists, 3, one_per_group=True)] == ["a0", "c1", "b1"]
     assert [h.item_id for h in merge_top_k(lists, 10, one_per_group=True)] == ["a0", "c1", "b1", "x"]
     assert [h.item_id for h in merge_top_k(lists, 3)] == ["a0", "a1", "c1"]

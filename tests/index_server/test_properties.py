@@ -8,6 +8,7 @@ rather than for one tie order: the returned ids are distinct, each with its true
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,11 +25,12 @@ TOLERANCE = 1e-5
 IDS = [f"i{n}" for n in range(8)]
 GROUPS = ["", "", "g0", "g1", "g2"]
 
-vectors = st.lists(st.integers(-2, 2), min_size=DIMENSION, max_size=DIMENSION).map(
-    lambda v: np.array(v, np.float32))
+vectors = st.lists(st.integers(-2, 2), min_size=DIMENSION, max_size=DIMENSION).map(lambda v: np.array(v, np.float32))
 bags = st.dictionaries(st.integers(0, VOCABULARY - 1), st.integers(1, 3), min_size=1, max_size=6).map(
-    lambda d: BagOfWords(np.array(sorted(d), np.int32), np.array([d[w] for w in sorted(d)], np.uint32),
-                         VOCABULARY, CODEBOOK))
+    lambda d: BagOfWords(
+        np.array(sorted(d), np.int32), np.array([d[w] for w in sorted(d)], np.uint32), VOCABULARY, CODEBOOK
+    )
+)
 values = {"dense": vectors, "bow": bags}
 
 
@@ -37,12 +39,18 @@ def item(database: str):
 
 
 operations = st.one_of(
-    st.tuples(st.just("add"), st.sampled_from(["dense", "bow"]).flatmap(lambda d: st.lists(item(d), min_size=1,
-                                                                                         max_size=4))),
-    st.tuples(st.just("delete"), st.sampled_from(["dense", "bow"]), st.lists(st.sampled_from(IDS + ["zz"]), max_size=3),
-              st.lists(st.sampled_from(["g0", "g1", "i3", "gx"]), max_size=2)),
-    st.sampled_from(["dense", "bow"]).flatmap(lambda d: st.tuples(
-        st.just("search"), st.just(d), values[d], st.integers(1, 6), st.booleans())),
+    st.tuples(
+        st.just("add"), st.sampled_from(["dense", "bow"]).flatmap(lambda d: st.lists(item(d), min_size=1, max_size=4))
+    ),
+    st.tuples(
+        st.just("delete"),
+        st.sampled_from(["dense", "bow"]),
+        st.lists(st.sampled_from(IDS + ["zz"]), max_size=3),
+        st.lists(st.sampled_from(["g0", "g1", "i3", "gx"]), max_size=2),
+    ),
+    st.sampled_from(["dense", "bow"]).flatmap(
+        lambda d: st.tuples(st.just("search"), st.just(d), values[d], st.integers(1, 6), st.booleans())
+    ),
 )
 
 
@@ -76,7 +84,7 @@ def check_search(model: Model, database: str, query, top_k: int, grouped: bool, 
     for hit in hits:
         assert abs(hit.score - scores[hit.item_id]) < TOLERANCE, (hit.item_id, hit.score, scores[hit.item_id])
         assert (hit.group_id or hit.item_id) == group_of[hit.item_id]
-    assert all(a.score >= b.score - TOLERANCE for a, b in zip(hits, hits[1:]))
+    assert all(a.score >= b.score - TOLERANCE for a, b in itertools.pairwise(hits))
     if grouped:
         best: dict[str, float] = {}
         for item_id, score in scores.items():

@@ -22,7 +22,7 @@ from common.local_suite import free_port
 from common.proto_convert import dense_to_proto
 from index_server.catalogue import Catalogue
 from index_server.config import IndexConfig
-from index_server.inverted import item_key
+from index_server.domain import item_key
 from index_server.replication import WriteTracker, receive_copy, replication_stream
 from index_server.server import create_bundle
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -46,7 +46,7 @@ def top_ids(stub, database: str, queries: np.ndarray, top_k: int = 1) -> list[li
     """Each query's top-k ids on `stub`, in SearchBatch calls of at most 200 queries."""
     found = []
     for start in range(0, len(queries), 200):
-        response = search_batch(stub, database, [dense_to_proto(q) for q in queries[start:start + 200]], top_k=top_k)
+        response = search_batch(stub, database, [dense_to_proto(q) for q in queries[start : start + 200]], top_k=top_k)
         found += [[i.item_id for i in hits.items] for hits in response.results]
     return found
 
@@ -60,8 +60,11 @@ def health(address: str, service: str = SERVICE) -> int | None:
     """The replica's health for `service`, or None when it does not answer."""
     with grpc.insecure_channel(address) as channel:
         try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                             timeout=1).status
+            return (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                .status
+            )
         except grpc.RpcError:
             return None
 
@@ -77,8 +80,21 @@ def wait_caught_up(address: str, process: subprocess.Popen, timeout_s: float = 6
 
 
 def spawn_replica(data_dir: Path, port: int, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "index_server", "--port", str(port), "--data-dir", str(data_dir),
-                             "--log-level", "WARNING", *flags], cwd=REPO_ROOT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "index_server",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+    )
 
 
 # -- the required scenario, with real processes ---------------------------------------------------
@@ -91,14 +107,30 @@ def test_a_replica_killed_while_writes_go_on_catches_up_before_it_serves_reads(t
     ports = [free_port(), free_port()]
     addresses = [f"127.0.0.1:{p}" for p in ports]
     # Both replicas name each other, as deployed: the first up copies the other one (empty too).
-    processes = [spawn_replica(tmp_path / f"r{i}", ports[i], "--peers", addresses[1 - i], "--catch-up-tail-s", "0.5")
-                 for i in range(2)]
+    processes = [
+        spawn_replica(tmp_path / f"r{i}", ports[i], "--peers", addresses[1 - i], "--catch-up-tail-s", "0.5")
+        for i in range(2)
+    ]
     # On return, the source keeps sending writes for 5 s after its copy: the window tested below.
     tail = ["--catch-up-tail-s", "5"]
     router_port = free_port()
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "index_server", "router", "--port", str(router_port), "--shards",
-         json.dumps([addresses]), "--log-level", "ERROR"], cwd=REPO_ROOT))
+    processes.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "index_server",
+                "router",
+                "--port",
+                str(router_port),
+                "--shards",
+                json.dumps([addresses]),
+                "--log-level",
+                "ERROR",
+            ],
+            cwd=REPO_ROOT,
+        )
+    )
     channels = []
 
     def stub(address: str) -> index_pb2_grpc.IndexServiceStub:
@@ -110,14 +142,18 @@ def test_a_replica_killed_while_writes_go_on_catches_up_before_it_serves_reads(t
             wait_caught_up(address, process)
         router = stub(f"127.0.0.1:{router_port}")
         before, during = vectors(0, 200), vectors(1, 1000)
-        router.Add(iter([add_request(f"old{i}", "shoes", v, group_id=f"g{i % 50}", n=str(i))
-                         for i, v in enumerate(before)]), timeout=30)
+        router.Add(
+            iter([add_request(f"old{i}", "shoes", v, group_id=f"g{i % 50}", n=str(i)) for i, v in enumerate(before)]),
+            timeout=30,
+        )
 
         processes[1].kill()  # kill -9: replica 1 misses everything below
         processes[1].wait()
         for start in range(0, 1000, 100):
-            response = router.Add(iter([add_request(f"new{i}", "shoes", during[i], n=str(i))
-                                        for i in range(start, start + 100)]), timeout=30)
+            response = router.Add(
+                iter([add_request(f"new{i}", "shoes", during[i], n=str(i)) for i in range(start, start + 100)]),
+                timeout=30,
+            )
             assert response.added == 100  # acknowledged by replica 0 alone
         bow_items = bags(2, 60)
         router.Add(iter([add_request(f"b{i}", "bags", b) for i, b in enumerate(bow_items)]), timeout=30)
@@ -146,8 +182,9 @@ def test_a_replica_killed_while_writes_go_on_catches_up_before_it_serves_reads(t
         router.Add(iter([add_request(f"late{i}", "shoes", v) for i, v in enumerate(late)]), timeout=30)
         router.Delete(index_pb2.DeleteRequest(database="shoes", item_ids=["late0", "new1"]), timeout=30)
         deleted += ["late0", "new1"]
-        assert health(addresses[1]) == health_pb2.HealthCheckResponse.NOT_SERVING, \
+        assert health(addresses[1]) == health_pb2.HealthCheckResponse.NOT_SERVING, (
             "caught up too early to test the writes made meanwhile: raise --catch-up-tail-s"
+        )
 
         wait_caught_up(addresses[1], processes[1])
         assert health(addresses[1]) == health_pb2.HealthCheckResponse.SERVING
@@ -190,8 +227,9 @@ def test_a_replica_killed_while_writes_go_on_catches_up_before_it_serves_reads(t
 
 def filled_catalogue() -> Catalogue:
     catalogue = Catalogue()
-    catalogue.add([add_request(f"d{i}", "shoes", v, group_id=f"g{i % 7}", n=str(i))
-                   for i, v in enumerate(vectors(10, 300))])
+    catalogue.add(
+        [add_request(f"d{i}", "shoes", v, group_id=f"g{i % 7}", n=str(i)) for i, v in enumerate(vectors(10, 300))]
+    )
     catalogue.add([add_request(f"b{i}", "bags", b) for i, b in enumerate(bags(11, 200))])
     catalogue.delete("shoes", ["d3", "d4"])
     return catalogue
@@ -199,8 +237,7 @@ def filled_catalogue() -> Catalogue:
 
 def test_a_copy_is_streamed_in_bounded_chunks_and_rebuilds_the_same_databases():
     source = filled_catalogue()
-    messages = list(replication_stream(source, WriteTracker(), min_tail_s=0.0, chunk_bytes=4096,
-                                       settle_timeout_s=1.0))
+    messages = list(replication_stream(source, WriteTracker(), min_tail_s=0.0, chunk_bytes=4096, settle_timeout_s=1.0))
     assert len(messages) > 10 and max(m.ByteSize() for m in messages) <= 4096 + 200
     assert messages[-1].WhichOneof("part") == "done" and messages[-1].done.databases == 2
     states, records = receive_copy(iter(messages))
@@ -256,8 +293,9 @@ def test_a_copy_waits_for_the_writes_in_flight_when_it_began():
     time.sleep(0.05)
     threading.Timer(0.5, release.set).start()
     started = time.monotonic()
-    _, records = receive_copy(replication_stream(source, writes, min_tail_s=0.0, chunk_bytes=1 << 16,
-                                                 settle_timeout_s=10.0))
+    _, records = receive_copy(
+        replication_stream(source, writes, min_tail_s=0.0, chunk_bytes=1 << 16, settle_timeout_s=10.0)
+    )
     writer.join()
     assert time.monotonic() - started >= 0.4 and len(records) == 1
 
@@ -284,8 +322,9 @@ def test_a_replica_without_a_usable_peer_serves_what_it_holds():
     started = []
     try:
         # A peer of another word range refuses (not a replica of this shard): no copy, at once.
-        other, other_stub, other_channel = shard(peers=f"127.0.0.1:{source.port}", word_shard_index=1,
-                                                 word_shard_count=2, catch_up_tail_s=0.0)
+        other, other_stub, other_channel = shard(
+            peers=f"127.0.0.1:{source.port}", word_shard_index=1, word_shard_count=2, catch_up_tail_s=0.0
+        )
         started.append((other, other_channel))
         wait_healthy(other, timeout_s=5)
         assert other_stub.Stats(index_pb2.StatsRequest(), timeout=5).databases == []
@@ -298,8 +337,9 @@ def test_a_replica_without_a_usable_peer_serves_what_it_holds():
         follower, follower_stub, follower_channel = shard(peers=f"127.0.0.1:{source.port}", catch_up_tail_s=0.0)
         started.append((follower, follower_channel))
         wait_healthy(follower)
-        assert [(d.name, d.items) for d in follower_stub.Stats(index_pb2.StatsRequest(), timeout=5).databases] == \
-            [("shoes", 10)]
+        assert [(d.name, d.items) for d in follower_stub.Stats(index_pb2.StatsRequest(), timeout=5).databases] == [
+            ("shoes", 10)
+        ]
     finally:
         for bundle, channel in started + [(source, source_channel)]:
             channel.close()
@@ -315,8 +355,7 @@ def test_router_writes_succeed_while_one_replica_of_each_shard_answers():
     items = vectors(30, 40)
     try:
         cluster.bundles[1].server.stop(None)  # one replica of shard 0 down
-        response = cluster.stub.Add(iter([add_request(f"d{i}", "shoes", v) for i, v in enumerate(items)]),
-                                    timeout=10)
+        response = cluster.stub.Add(iter([add_request(f"d{i}", "shoes", v) for i, v in enumerate(items)]), timeout=10)
         assert response.added == 40 and response.replaced == 0
         response = cluster.stub.Delete(index_pb2.DeleteRequest(database="shoes", item_ids=["d1", "zz"]), timeout=10)
         assert response.deleted == 1 and list(response.not_found) == ["zz"]

@@ -34,8 +34,9 @@ class Shard:
 
     def start(self, *flags: str) -> None:
         self.process = start_shard(self.data_dir, self.port, *flags)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
-                                             options=[("grpc.max_send_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}", options=[("grpc.max_send_message_length", 64 << 20)]
+        )
         self.stub = index_pb2_grpc.IndexServiceStub(self.channel)
 
     def stop(self) -> None:
@@ -74,7 +75,7 @@ def test_a_refused_name_or_dimension_leaves_the_shard_restartable(tmp_path, shar
     1,048,577-d vector was over FAISS's read limit: each kept the shard from starting again."""
     running = shard()
     for name in ("bad\0name", "n" * 600):
-        error = refused(lambda: running.stub.Add(iter([add_request("a", name, np.ones(4))]), timeout=10))
+        error = refused(lambda name=name: running.stub.Add(iter([add_request("a", name, np.ones(4))]), timeout=10))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "database name" in error.details()
     error = refused(lambda: running.stub.Add(iter([add_request("a", "huge", np.ones((1 << 20) + 1))]), timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit of 4096 dimensions" in error.details()
@@ -125,15 +126,18 @@ def test_a_corrupted_snapshot_blob_sets_one_database_aside_and_keeps_its_data(tm
     _, items = search(running.stub, "bags", add_request("q", "bags", bags[3]).signature, top_k=1)
     assert items[0].item_id == "b3"
     query = dense_to_proto(np.ones(8, np.float32))
-    for call in (lambda: search(running.stub, "dense", query),
-                 lambda: running.stub.Add(iter([add_request("d99", "dense", np.ones(8))]), timeout=10),
-                 lambda: running.stub.Delete(index_pb2.DeleteRequest(database="dense", item_ids=["d1"]), timeout=10)):
+    for call in (
+        lambda: search(running.stub, "dense", query),
+        lambda: running.stub.Add(iter([add_request("d99", "dense", np.ones(8))]), timeout=10),
+        lambda: running.stub.Delete(index_pb2.DeleteRequest(database="dense", item_ids=["d1"]), timeout=10),
+    ):
         error = refused(call)
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "could not be loaded at start-up" in error.details() and "nothing is lost" in error.details()
     # Through a router: the other database is served, the set-aside one reported with its shard.
-    router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0,
-                                              shards=[[f"127.0.0.1:{running.port}"]]))
+    router = create_router_bundle(
+        load_config(RouterConfig, "index_router", environ={}, port=0, shards=[[f"127.0.0.1:{running.port}"]])
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{router.port}") as channel:
             routed = index_pb2_grpc.IndexServiceStub(channel)
@@ -180,8 +184,10 @@ def test_a_failing_replay_sets_its_database_aside_with_every_logged_operation(tm
     _, databases = store.read_snapshot()
     assert set(databases["shaky"]) == {PENDING_BLOB}
     catalogue = Catalogue(store=store)
-    assert [(i.name, i.items, bool(i.broken_reason)) for i in catalogue.stats()] == \
-        [("good", 1, False), ("shaky", 0, True)]
+    assert [(i.name, i.items, bool(i.broken_reason)) for i in catalogue.stats()] == [
+        ("good", 1, False),
+        ("shaky", 0, True),
+    ]
     catalogue.close()
 
 
@@ -211,8 +217,9 @@ def test_a_data_dir_written_before_format_2_still_starts(tmp_path, shard):
     built = Catalogue()
     bags = random_bags(rng, 10, 300)
     built.add([add_request(f"b{i}", "bags", bag) for i, bag in enumerate(bags)])
-    states = {name: {**database.state(), "kind": str(kind).encode()}
-              for name, (kind, database) in built._databases.items()}
+    states = {
+        name: {**database.state(), "kind": str(kind).encode()} for name, (kind, database) in built._databases.items()
+    }
     odd = DenseDatabase(2)  # a name no shard accepts now, which format 1 stored (and split wrongly)
     odd.add("v", np.array([1, 0], np.float32), {})
     states["odd\0name"] = {**odd.state(), "kind": str(common_pb2.SIGNATURE_KIND_DEEP).encode()}

@@ -17,15 +17,15 @@ import pytest
 
 from common.bow_codec import BagOfWords
 from common.config import REPO_ROOT, load_config
+from common.local_suite import free_port, wait_serving
 from common.proto_convert import dense_to_proto
 from index_server.config import IndexConfig, RouterConfig
-from index_server.inverted import item_key
-from index_server.merge import shard_of, word_range_of
+from index_server.domain import item_key, word_range_of
+from index_server.merge import shard_of
 from index_server.server import create_bundle, create_router_bundle
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.index_server import helpers
-from common.local_suite import free_port, wait_serving
 from tests.index_server.helpers import Cluster, bow
 
 VOCABULARY = 300
@@ -46,8 +46,9 @@ def single():
 
 
 def search(stub, database, signature, top_k=10, timeout=10):
-    chunks = list(stub.Search(index_pb2.SearchRequest(database=database, signature=signature, top_k=top_k),
-                              timeout=timeout))
+    chunks = list(
+        stub.Search(index_pb2.SearchRequest(database=database, signature=signature, top_k=top_k), timeout=timeout)
+    )
     return chunks[0], [(i.item_id, i.score, dict(i.metadata)) for c in chunks for i in c.items]
 
 
@@ -62,16 +63,22 @@ def test_merge_across_shards_equals_a_single_shard(layout, single):
     rng = np.random.default_rng(3)
     bags = random_bags(rng, 300)
     vectors = rng.normal(size=(200, 16)).astype(np.float32)
-    adds = [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b), metadata={"n": str(i)})
-            for i, b in enumerate(bags)]
-    adds += [index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(v))
-             for i, v in enumerate(vectors)]
+    adds = [
+        index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b), metadata={"n": str(i)})
+        for i, b in enumerate(bags)
+    ]
+    adds += [
+        index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(v))
+        for i, v in enumerate(vectors)
+    ]
     cluster = Cluster(layout, shards=3)
     try:
         assert cluster.stub.Add(iter(adds), timeout=20).added == len(adds) == single.Add(iter(adds), timeout=20).added
         # The items really are spread: by item, or by word (every shard holds a share of each bag).
-        held = [{d.name: d.items for d in cluster.direct(a[0]).Stats(index_pb2.StatsRequest(), timeout=5).databases}
-                for a in cluster.addresses]
+        held = [
+            {d.name: d.items for d in cluster.direct(a[0]).Stats(index_pb2.StatsRequest(), timeout=5).databases}
+            for a in cluster.addresses
+        ]
         if layout == "item":
             assert sum(h["bags"] for h in held) == 300 and max(h["bags"] for h in held) < 150
         else:
@@ -85,12 +92,15 @@ def test_merge_across_shards_equals_a_single_shard(layout, single):
             assert not first.degraded
             assert_same(got, search(single, "bags", bow(query), top_k=25)[1])
         for vector in rng.normal(size=(5, 16)).astype(np.float32):
-            assert_same(search(cluster.stub, "dense", dense_to_proto(vector))[1],
-                        search(single, "dense", dense_to_proto(vector))[1])
+            assert_same(
+                search(cluster.stub, "dense", dense_to_proto(vector))[1],
+                search(single, "dense", dense_to_proto(vector))[1],
+            )
 
         # Delete then search never returns the item, whichever shards held it.
-        response = cluster.stub.Delete(index_pb2.DeleteRequest(database="bags", item_ids=["b0", "b1", "nope"]),
-                                       timeout=5)
+        response = cluster.stub.Delete(
+            index_pb2.DeleteRequest(database="bags", item_ids=["b0", "b1", "nope"]), timeout=5
+        )
         assert response.deleted == 2 and list(response.not_found) == ["nope"]
         assert all(i[0] not in ("b0", "b1") for i in search(cluster.stub, "bags", bow(bags[0]), top_k=300)[1])
     finally:
@@ -100,36 +110,77 @@ def test_merge_across_shards_equals_a_single_shard(layout, single):
 def test_bad_input_through_the_router_gets_the_shards_status():
     cluster = Cluster("word", shards=2)
     try:
-        cluster.stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags",
-                                                    signature=bow(BagOfWords.from_words([1, 2], VOCABULARY, 7)))]),
-                         timeout=5)
-        cases = [("shoes", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.NOT_FOUND, "shoes"),
-                 ("bags", dense_to_proto(np.ones(4, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_DEEP"),
-                 ("bags", bow(BagOfWords.from_words([1], 500, 7)), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
-                 ("bags", common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-                 ("", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.INVALID_ARGUMENT, "database")]
+        cluster.stub.Add(
+            iter(
+                [
+                    index_pb2.AddRequest(
+                        item_id="a", database="bags", signature=bow(BagOfWords.from_words([1, 2], VOCABULARY, 7))
+                    )
+                ]
+            ),
+            timeout=5,
+        )
+        cases = [
+            ("shoes", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.NOT_FOUND, "shoes"),
+            (
+                "bags",
+                dense_to_proto(np.ones(4, np.float32)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "not SIGNATURE_KIND_DEEP",
+            ),
+            ("bags", bow(BagOfWords.from_words([1], 500, 7)), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+            (
+                "bags",
+                common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "empty",
+            ),
+            ("", bow(BagOfWords.from_words([1], VOCABULARY, 7)), grpc.StatusCode.INVALID_ARGUMENT, "database"),
+        ]
         for database, signature, code, fragment in cases:
             with pytest.raises(grpc.RpcError) as error:
                 search(cluster.stub, database, signature)
             assert error.value.code() == code and fragment in error.value.details(), (database, error.value.details())
         with pytest.raises(grpc.RpcError) as error:
-            cluster.stub.Add(iter([index_pb2.AddRequest(item_id="b", database="bags", signature=bow(
-                BagOfWords.from_words([1], VOCABULARY, 7))), index_pb2.AddRequest(item_id="c", database="bags")]),
-                timeout=5)
+            cluster.stub.Add(
+                iter(
+                    [
+                        index_pb2.AddRequest(
+                            item_id="b", database="bags", signature=bow(BagOfWords.from_words([1], VOCABULARY, 7))
+                        ),
+                        index_pb2.AddRequest(item_id="c", database="bags"),
+                    ]
+                ),
+                timeout=5,
+            )
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "item #1" in error.value.details() and "nothing of this stream was added" in error.value.details()
         # All or nothing: b, forwarded to the shards before c was refused, is not stored either.
         assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1], VOCABULARY, 7)))[1]} == {"a"}
         # A box with NaN is refused by the router itself, before any shard commits.
-        bad_box = index_pb2.AddRequest(item_id="d", database="bags", signature=bow(
-            BagOfWords.from_words([1], VOCABULARY, 7)), box=common_pb2.Box(x_min=float("nan"), x_max=5, y_max=5))
+        bad_box = index_pb2.AddRequest(
+            item_id="d",
+            database="bags",
+            signature=bow(BagOfWords.from_words([1], VOCABULARY, 7)),
+            box=common_pb2.Box(x_min=float("nan"), x_max=5, y_max=5),
+        )
         with pytest.raises(grpc.RpcError) as error:
-            cluster.stub.Add(iter([index_pb2.AddRequest(item_id="e", database="bags", signature=bow(
-                BagOfWords.from_words([2], VOCABULARY, 7))), bad_box]), timeout=5)
+            cluster.stub.Add(
+                iter(
+                    [
+                        index_pb2.AddRequest(
+                            item_id="e", database="bags", signature=bow(BagOfWords.from_words([2], VOCABULARY, 7))
+                        ),
+                        bad_box,
+                    ]
+                ),
+                timeout=5,
+            )
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "box has NaN" in error.value.details()
         assert "nothing of this stream was added" in error.value.details()
-        assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 2], VOCABULARY, 7)))[1]} == \
-            {"a"}
+        assert {i[0] for i in search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 2], VOCABULARY, 7)))[1]} == {
+            "a"
+        }
     finally:
         cluster.close()
 
@@ -139,8 +190,12 @@ def test_replicas_share_searches_and_all_take_writes():
     rng = np.random.default_rng(4)
     bags = random_bags(rng, 60)
     try:
-        cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
-                               for i, b in enumerate(bags)]), timeout=10)
+        cluster.stub.Add(
+            iter(
+                [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b)) for i, b in enumerate(bags)]
+            ),
+            timeout=10,
+        )
         for number, replicas in enumerate(cluster.addresses):
             counts = [cluster.direct(a).Stats(index_pb2.StatsRequest(), timeout=5).databases[0].items for a in replicas]
             expected = sum(shard_of(f"b{i}", 2) == number for i in range(60))
@@ -154,12 +209,23 @@ def test_replicas_share_searches_and_all_take_writes():
             assert not first.degraded and got == expected
         # A write reaches one replica of each shard: done (the others catch up on return, see
         # test_replication.py); with no replica of a shard: refused, naming it, so the caller re-sends.
-        assert cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"n{i}", database="bags", signature=bow(bags[i]))
-                                      for i in range(10)]), timeout=10).added == 10
+        assert (
+            cluster.stub.Add(
+                iter(
+                    [index_pb2.AddRequest(item_id=f"n{i}", database="bags", signature=bow(bags[i])) for i in range(10)]
+                ),
+                timeout=10,
+            ).added
+            == 10
+        )
         cluster.bundles[1].server.stop(None)
         with pytest.raises(grpc.RpcError) as error:
-            cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"m{i}", database="bags", signature=bow(bags[i]))
-                                   for i in range(10)]), timeout=10)
+            cluster.stub.Add(
+                iter(
+                    [index_pb2.AddRequest(item_id=f"m{i}", database="bags", signature=bow(bags[i])) for i in range(10)]
+                ),
+                timeout=10,
+            )
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "shard 0" in error.value.details()
         assert "re-send" in error.value.details()
     finally:
@@ -172,10 +238,26 @@ def shard_processes(tmp_path):
     processes, addresses = [], []
     for number in range(3):
         port = free_port()
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "index_server", "--port", str(port), "--data-dir", str(tmp_path / f"s{number}"),
-             "--word-shard-index", str(number), "--word-shard-count", "3", "--log-level", "WARNING"],
-            cwd=REPO_ROOT))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "index_server",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(tmp_path / f"s{number}"),
+                    "--word-shard-index",
+                    str(number),
+                    "--word-shard-count",
+                    "3",
+                    "--log-level",
+                    "WARNING",
+                ],
+                cwd=REPO_ROOT,
+            )
+        )
         addresses.append(f"127.0.0.1:{port}")
     try:
         for process, address in zip(processes, addresses):
@@ -192,15 +274,28 @@ def shard_processes(tmp_path):
 @pytest.mark.parametrize("fault", ["killed", "stalled", "killed_in_flight"])
 def test_a_dead_or_late_shard_gives_flagged_results_of_the_other_ranges(shard_processes, fault):
     processes, addresses = shard_processes
-    router = create_router_bundle(load_config(RouterConfig, "index_router", environ={}, port=0, layout="word",
-                                              shards=[[a] for a in addresses], reply_reserve_s=0.05))
+    router = create_router_bundle(
+        load_config(
+            RouterConfig,
+            "index_router",
+            environ={},
+            port=0,
+            layout="word",
+            shards=[[a] for a in addresses],
+            reply_reserve_s=0.05,
+        )
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{router.port}")
     stub = index_pb2_grpc.IndexServiceStub(channel)
     rng = np.random.default_rng(5)
     bags = random_bags(rng, 200)
     try:
-        stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
-                       for i, b in enumerate(bags)]), timeout=20)
+        stub.Add(
+            iter(
+                [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b)) for i, b in enumerate(bags)]
+            ),
+            timeout=20,
+        )
         query = bags[9]
         assert search(stub, "bags", bow(query))[1][0][0] == "b9"
         if fault == "killed":
@@ -241,8 +336,12 @@ def test_word_layout_asks_only_the_shards_holding_the_query_words():
     cluster = Cluster("word", shards=3)
     try:
         bags = [BagOfWords.from_words([1, 2, 150 + i], VOCABULARY, 7) for i in range(5)]
-        cluster.stub.Add(iter([index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b))
-                               for i, b in enumerate(bags)]), timeout=5)
+        cluster.stub.Add(
+            iter(
+                [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow(b)) for i, b in enumerate(bags)]
+            ),
+            timeout=5,
+        )
         cluster.bundles[2].server.stop(None)  # words [200, 300): no query word lives there
         first, got = search(cluster.stub, "bags", bow(BagOfWords.from_words([1, 152], VOCABULARY, 7)))
         assert not first.degraded and got[0][0] == "b2"
@@ -270,10 +369,12 @@ def product_adds(rng, products=40):
 
 def assert_same_items(got, expected):
     """Same ids, groups, boxes and metadata in the same order; scores to float32 rounding."""
-    assert [(i.item_id, i.group_id, dict(i.metadata)) for i in got] == \
-        [(i.item_id, i.group_id, dict(i.metadata)) for i in expected]
-    assert [i.box if i.HasField("box") else None for i in got] == [i.box if i.HasField("box") else None
-                                                                    for i in expected]
+    assert [(i.item_id, i.group_id, dict(i.metadata)) for i in got] == [
+        (i.item_id, i.group_id, dict(i.metadata)) for i in expected
+    ]
+    assert [i.box if i.HasField("box") else None for i in got] == [
+        i.box if i.HasField("box") else None for i in expected
+    ]
     np.testing.assert_allclose([i.score for i in got], [i.score for i in expected], atol=1e-5)
 
 
@@ -286,10 +387,12 @@ def test_grouped_search_batches_and_group_deletes_through_the_router_equal_one_s
         assert cluster.stub.Add(iter(adds), timeout=20).added == len(adds) == single.Add(iter(adds), timeout=20).added
         if layout == "item":  # every image of a product on its product's shard, whatever its batch
             for number, replicas in enumerate(cluster.addresses):
-                held = cluster.direct(replicas[0]).Lookup(index_pb2.LookupRequest(
-                    database="bags", keys=[item_key(i) for i in bags]), timeout=5).items
-                assert {i.item_id for i in held} == {i for i, g in group_of.items()
-                                                    if shard_of(i, 3, g) == number}
+                held = (
+                    cluster.direct(replicas[0])
+                    .Lookup(index_pb2.LookupRequest(database="bags", keys=[item_key(i) for i in bags]), timeout=5)
+                    .items
+                )
+                assert {i.item_id for i in held} == {i for i, g in group_of.items() if shard_of(i, 3, g) == number}
         bag_queries = [bow(b) for b in random_bags(rng, 4)] + [bow(bags["p1-0"]), bow(bags["solo0-0"])]
         dense_queries = [dense_to_proto(v) for v in rng.normal(size=(4, 16)).astype(np.float32)]
         dense_queries.append(dense_to_proto(vectors["p2-0"].astype(np.float32)))
@@ -311,8 +414,12 @@ def test_grouped_search_batches_and_group_deletes_through_the_router_equal_one_s
 
         gone = [i for i, g in group_of.items() if g in ("p1", "p2")] + ["solo9-0"]
         for database in ("bags", "dense"):  # counted once per item, not per shard or replica
-            response = cluster.stub.Delete(index_pb2.DeleteRequest(
-                database=database, item_ids=["p1-0", "nope"], group_ids=["p1", "p2", "solo9-0", "p-none"]), timeout=5)
+            response = cluster.stub.Delete(
+                index_pb2.DeleteRequest(
+                    database=database, item_ids=["p1-0", "nope"], group_ids=["p1", "p2", "solo9-0", "p-none"]
+                ),
+                timeout=5,
+            )
             assert response.deleted == len(gone) and list(response.not_found) == ["nope"]
             assert list(response.groups_not_found) == ["p-none"]
         for item_id in gone:
@@ -326,7 +433,7 @@ def test_grouped_search_batches_and_group_deletes_through_the_router_equal_one_s
 @pytest.mark.parametrize("layout", ["item", "word"])
 def test_a_search_batch_with_a_shard_down_is_flagged_like_search(layout):
     rng = np.random.default_rng(22)
-    adds, bags, _, _ = product_adds(rng, products=20)
+    adds, _bags, _, _ = product_adds(rng, products=20)
     cluster = Cluster(layout, shards=3)
     try:
         cluster.stub.Add(iter(a for a in adds if a.database == "bags"), timeout=10)
@@ -341,8 +448,10 @@ def test_a_search_batch_with_a_shard_down_is_flagged_like_search(layout):
             assert [(r.first, r.end) for r in batch.missing_word_ranges] == [word_range_of(1, 3, VOCABULARY)]
         for query, hits in zip(queries, batch.results):
             first, items = helpers.search(cluster.stub, "bags", query, 8, one_per_group=True)
-            assert first.degraded and (list(first.missing_shards), list(first.missing_word_ranges)) == \
-                (list(batch.missing_shards), list(batch.missing_word_ranges))
+            assert first.degraded and (list(first.missing_shards), list(first.missing_word_ranges)) == (
+                list(batch.missing_shards),
+                list(batch.missing_word_ranges),
+            )
             assert_same_items(hits.items, items)
         with pytest.raises(grpc.RpcError) as error:
             helpers.search_batch(cluster.stub, "bags", [], top_k=8)

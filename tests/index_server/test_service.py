@@ -1,5 +1,7 @@
 """The index shard for real, over loopback: adds, searches (grouped and batched), deletes (by group too)."""
 
+import itertools
+
 import grpc
 import numpy as np
 import pytest
@@ -12,14 +14,22 @@ from index_server.server import create_server
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from tests.index_server import helpers
-from tests.index_server.helpers import (add_request, as_tuples, bow, bow_scores, dense_scores, grouped_reference,
-                                        random_bags)
+from tests.index_server.helpers import (
+    add_request,
+    as_tuples,
+    bow,
+    bow_scores,
+    dense_scores,
+    grouped_reference,
+    random_bags,
+)
 
 
 @pytest.fixture()
 def stub():
-    server, port = create_server(load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3, data_dir="",
-                                             max_batch=4))
+    server, port = create_server(
+        load_config(IndexConfig, "index", environ={}, port=0, chunk_size=3, data_dir="", max_batch=4)
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield index_pb2_grpc.IndexServiceStub(channel)
     channel.close()
@@ -27,15 +37,23 @@ def stub():
 
 
 def add(item_id, vector, database="tops", **metadata):
-    return index_pb2.AddRequest(item_id=item_id, database=database,
-                                signature=dense_to_proto(np.asarray(vector, dtype=np.float32)),
-                                metadata=metadata)
+    return index_pb2.AddRequest(
+        item_id=item_id,
+        database=database,
+        signature=dense_to_proto(np.asarray(vector, dtype=np.float32)),
+        metadata=metadata,
+    )
 
 
 def search(stub, vector, database="tops", top_k=10):
-    chunks = list(stub.Search(index_pb2.SearchRequest(
-        database=database, signature=dense_to_proto(np.asarray(vector, dtype=np.float32)), top_k=top_k),
-        timeout=5))
+    chunks = list(
+        stub.Search(
+            index_pb2.SearchRequest(
+                database=database, signature=dense_to_proto(np.asarray(vector, dtype=np.float32)), top_k=top_k
+            ),
+            timeout=5,
+        )
+    )
     return chunks, [i for c in chunks for i in c.items]
 
 
@@ -48,7 +66,7 @@ def test_add_search_stream_delete_stats(stub):
     assert [len(c.items) for c in chunks] == [3, 3, 1]  # streamed in chunks of 3
     assert items[0].item_id == "p7" and items[0].score == pytest.approx(1.0, abs=1e-5)
     assert items[0].metadata["title"] == "P7"
-    assert all(a.score >= b.score for a, b in zip(items, items[1:]))
+    assert all(a.score >= b.score for a, b in itertools.pairwise(items))
     deleted = stub.Delete(index_pb2.DeleteRequest(database="tops", item_ids=["p7", "nope"]), timeout=5)
     assert deleted.deleted == 1 and list(deleted.not_found) == ["nope"]
     assert "p7" not in [i.item_id for i in search(stub, vectors[7])[1]]
@@ -67,8 +85,14 @@ def test_errors(stub):
         search(stub, [1, 0, 0, 0])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3-d" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
-        list(stub.Search(index_pb2.SearchRequest(database="tops", signature=common_pb2.Signature(
-            kind=common_pb2.SIGNATURE_KIND_DEEP)), timeout=5))
+        list(
+            stub.Search(
+                index_pb2.SearchRequest(
+                    database="tops", signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP)
+                ),
+                timeout=5,
+            )
+        )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0], top_k=100_000)
@@ -95,32 +119,40 @@ def bow_signature(words, counts=None, vocabulary=5000, codebook=11):
 
 
 def test_bag_of_words_databases_over_grpc(stub):
-    adds = [index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow_signature([i, i + 1, 100]))
-            for i in range(10)]
+    adds = [
+        index_pb2.AddRequest(item_id=f"b{i}", database="bags", signature=bow_signature([i, i + 1, 100]))
+        for i in range(10)
+    ]
     assert stub.Add(iter(adds), timeout=5).added == 10
     query = bow_signature([3, 4, 100])
-    items = [i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query, top_k=4),
-                                    timeout=5) for i in c.items]
+    items = [
+        i
+        for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query, top_k=4), timeout=5)
+        for i in c.items
+    ]
     assert items[0].item_id == "b3" and items[0].score == pytest.approx(1.0)
     assert {i.item_id for i in items[1:3]} == {"b2", "b4"}  # two words in common
     stub.Delete(index_pb2.DeleteRequest(database="bags", item_ids=["b3"]), timeout=5)
-    items = [i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query), timeout=5)
-             for i in c.items]
+    items = [
+        i for c in stub.Search(index_pb2.SearchRequest(database="bags", signature=query), timeout=5) for i in c.items
+    ]
     assert "b3" not in {i.item_id for i in items} and len(items) == 9
     stats = {d.name: d for d in stub.Stats(index_pb2.StatsRequest(), timeout=5).databases}
     assert stats["bags"].kind == common_pb2.SIGNATURE_KIND_BOW and stats["bags"].dimension == 5000
 
 
-@pytest.mark.parametrize("signature, fragment", [
-    (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), "empty"),
-    (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage"), "bag-of-words signature"),
-    (bow_signature([1, 2], codebook=12), "codebook"),
-    (bow_signature([1, 2], vocabulary=6000), "vocabulary"),
-    (dense_to_proto(np.ones(8, np.float32)), "BOW signatures, not SIGNATURE_KIND_DEEP"),
-])
+@pytest.mark.parametrize(
+    "signature, fragment",
+    [
+        (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), "empty"),
+        (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage"), "bag-of-words signature"),
+        (bow_signature([1, 2], codebook=12), "codebook"),
+        (bow_signature([1, 2], vocabulary=6000), "vocabulary"),
+        (dense_to_proto(np.ones(8, np.float32)), "BOW signatures, not SIGNATURE_KIND_DEEP"),
+    ],
+)
 def test_bad_bag_of_words_signatures_get_invalid_argument(stub, signature, fragment):
-    stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags", signature=bow_signature([1, 2]))]),
-             timeout=5)
+    stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags", signature=bow_signature([1, 2]))]), timeout=5)
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Search(index_pb2.SearchRequest(database="bags", signature=signature), timeout=5))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.value.details()
@@ -137,8 +169,9 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
     from index_server.server import create_bundle
 
     monkeypatch.setattr(inverted, "MERGE_FLOOR", 2000)
-    bundle = create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir=str(tmp_path),
-                                       snapshot_every=400))
+    bundle = create_bundle(
+        load_config(IndexConfig, "index", environ={}, port=0, data_dir=str(tmp_path), snapshot_every=400)
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{bundle.port}")
     stub = index_pb2_grpc.IndexServiceStub(channel)
     errors: list[BaseException] = []
@@ -148,29 +181,51 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
     def writer(w):
         try:
             for start in range(0, 300, 30):
-                stub.Add(iter([index_pb2.AddRequest(item_id=f"w{w}-{i}", database="bags",
-                                                    signature=bow_signature(bags[f"w{w}-{i}"].tolist()))
-                               for i in range(start, start + 30)]), timeout=30)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+                stub.Add(
+                    iter(
+                        [
+                            index_pb2.AddRequest(
+                                item_id=f"w{w}-{i}",
+                                database="bags",
+                                signature=bow_signature(bags[f"w{w}-{i}"].tolist()),
+                            )
+                            for i in range(start, start + 30)
+                        ]
+                    ),
+                    timeout=30,
+                )
+        except BaseException as exc:
             errors.append(exc)
 
     def reader():
         try:
             for n in range(60):
                 key = f"w{n % 3}-{n}"
-                items = [i for c in stub.Search(index_pb2.SearchRequest(
-                    database="bags", signature=bow_signature(bags[key].tolist()), top_k=5), timeout=30)
-                    for i in c.items] if n > 5 else []
+                items = (
+                    [
+                        i
+                        for c in stub.Search(
+                            index_pb2.SearchRequest(
+                                database="bags", signature=bow_signature(bags[key].tolist()), top_k=5
+                            ),
+                            timeout=30,
+                        )
+                        for i in c.items
+                    ]
+                    if n > 5
+                    else []
+                )
                 assert len({i.item_id for i in items}) == len(items)
-                assert all(a.score >= b.score for a, b in zip(items, items[1:]))
+                assert all(a.score >= b.score for a, b in itertools.pairwise(items))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # before the first add
                 errors.append(exc)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + \
-              [threading.Thread(target=reader) for _ in range(3)]
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
     try:
         for t in threads:
             t.start()
@@ -179,8 +234,14 @@ def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
         assert not errors
         assert stub.Stats(index_pb2.StatsRequest(), timeout=5).databases[0].items == 900
         for key in ("w0-0", "w1-150", "w2-299"):  # every item is findable by its own bag
-            items = [i for c in stub.Search(index_pb2.SearchRequest(
-                database="bags", signature=bow_signature(bags[key].tolist()), top_k=1), timeout=5) for i in c.items]
+            items = [
+                i
+                for c in stub.Search(
+                    index_pb2.SearchRequest(database="bags", signature=bow_signature(bags[key].tolist()), top_k=1),
+                    timeout=5,
+                )
+                for i in c.items
+            ]
             assert items[0].item_id == key
     finally:
         channel.close()
@@ -195,7 +256,9 @@ def grouped_adds(rng, database, kind, groups=25):
     for g in range(groups):
         for n in range(int(rng.integers(1, 6))):
             item_id, group = (f"{database}-solo{g}", "") if g % 7 == 0 else (f"{database}-g{g}-{n}", f"p{g}")
-            value = random_bags(rng, 1, 5000, codebook=11)[0] if kind == "bow" else rng.normal(size=8).astype(np.float32)
+            value = (
+                random_bags(rng, 1, 5000, codebook=11)[0] if kind == "bow" else rng.normal(size=8).astype(np.float32)
+            )
             box = np.array([n, g, n + 1, g + 1], np.float32) if n % 2 else None
             adds.append(add_request(item_id, database, value, group, box, title=f"{g}/{n}"))
             values[item_id], group_of[item_id] = value, group
@@ -215,8 +278,11 @@ def test_grouped_search_returns_each_product_once_by_its_best_image(stub, kind):
     sent_twice = {a.item_id for a in adds if sum(b.item_id == a.item_id for b in adds) > 1}
     assert (response.added, response.replaced) == (len(values), len(sent_twice))
     groups = {g or i for i, g in group_of.items()}
-    queries = [values["shop-g3-1"]] + ([random_bags(rng, 1, 5000, codebook=11)[0] for _ in range(3)] if kind == "bow"
-                                       else list(rng.normal(size=(3, 8)).astype(np.float32)))
+    queries = [values["shop-g3-1"]] + (
+        [random_bags(rng, 1, 5000, codebook=11)[0] for _ in range(3)]
+        if kind == "bow"
+        else list(rng.normal(size=(3, 8)).astype(np.float32))
+    )
     for query in queries:
         scores = bow_scores(query, values) if kind == "bow" else dense_scores(query, values)
         _, items = helpers.search(stub, "shop", signature_of(query), top_k=8, one_per_group=True)
@@ -238,8 +304,10 @@ def test_delete_by_group_removes_every_image_of_the_product(stub, kind):
     adds, values, group_of = grouped_adds(rng, "shop", kind)
     stub.Add(iter(adds), timeout=10)
     in_p3 = sorted(i for i, g in group_of.items() if g == "p3")
-    response = stub.Delete(index_pb2.DeleteRequest(database="shop", item_ids=[in_p3[0], "nope"],
-                                                   group_ids=["p3", "shop-solo7", "p-none"]), timeout=5)
+    response = stub.Delete(
+        index_pb2.DeleteRequest(database="shop", item_ids=[in_p3[0], "nope"], group_ids=["p3", "shop-solo7", "p-none"]),
+        timeout=5,
+    )
     assert response.deleted == len(in_p3) + 1  # an item named by id and by group counts once
     assert list(response.not_found) == ["nope"] and list(response.groups_not_found) == ["p-none"]
     for item_id in in_p3 + ["shop-solo7"]:
@@ -252,13 +320,17 @@ def test_delete_by_group_removes_every_image_of_the_product(stub, kind):
 
 
 def test_lookup_names_groups_and_boxes(stub):
-    from index_server.inverted import item_key
+    from index_server.domain import item_key
 
     rng = np.random.default_rng(13)
     adds, _, _ = grouped_adds(rng, "shop", "bow")
     stub.Add(iter(adds), timeout=10)
-    found = {i.item_id: i for i in stub.Lookup(index_pb2.LookupRequest(
-        database="shop", keys=[item_key("shop-g1-1"), item_key("shop-solo0")]), timeout=5).items}
+    found = {
+        i.item_id: i
+        for i in stub.Lookup(
+            index_pb2.LookupRequest(database="shop", keys=[item_key("shop-g1-1"), item_key("shop-solo0")]), timeout=5
+        ).items
+    }
     assert found["shop-g1-1"].group_id == "p1" and found["shop-g1-1"].box.x_max == 2
     assert found["shop-solo0"].group_id == "" and not found["shop-solo0"].HasField("box")
 
@@ -279,11 +351,13 @@ def test_search_batch_answers_each_query_as_search_does(stub, kind):
 def test_search_batch_errors(stub):
     stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
     good = dense_to_proto(np.array([1, 0, 0], np.float32))
-    cases = [([], 5, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-             ([good] * 5, 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch limit of 4"),
-             ([good, dense_to_proto(np.ones(4, np.float32))], 5, grpc.StatusCode.INVALID_ARGUMENT, "signature #1: "),
-             ([good, bow_signature([1])], 5, grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_BOW"),
-             ([good], 100_000, grpc.StatusCode.INVALID_ARGUMENT, "top_k 100000 is above the limit of 1000")]
+    cases = [
+        ([], 5, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ([good] * 5, 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch limit of 4"),
+        ([good, dense_to_proto(np.ones(4, np.float32))], 5, grpc.StatusCode.INVALID_ARGUMENT, "signature #1: "),
+        ([good, bow_signature([1])], 5, grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_BOW"),
+        ([good], 100_000, grpc.StatusCode.INVALID_ARGUMENT, "top_k 100000 is above the limit of 1000"),
+    ]
     for signatures, top_k, code, fragment in cases:
         with pytest.raises(grpc.RpcError) as error:
             helpers.search_batch(stub, "tops", signatures, top_k=top_k)

@@ -19,8 +19,9 @@ def photo():
 def test_rgb_to_lab_matches_scikit_image(photo):
     lab = K.rgb_to_lab(photo)
     reference = rgb2lab(photo)  # L in [0, 100], a/b around 0
-    expected = np.stack([reference[..., 0] / 100, (reference[..., 1] + 128) / 255,
-                         (reference[..., 2] + 128) / 255], axis=-1)
+    expected = np.stack(
+        [reference[..., 0] / 100, (reference[..., 1] + 128) / 255, (reference[..., 2] + 128) / 255], axis=-1
+    )
     assert lab.dtype == np.float32 and lab.shape == photo.shape
     np.testing.assert_allclose(lab, expected, atol=2e-3)
 
@@ -41,7 +42,7 @@ def test_basis_filters_are_band_pass_and_separable(photo):
     y, x = 50, 70
     for b, (tx, ty) in enumerate(spec.BASIS):
         kernel = np.outer(spec.TAPS[ty], spec.TAPS[tx])
-        window = image[y - 4:y + 5, x - 4:x + 5, 0]
+        window = image[y - 4 : y + 5, x - 4 : x + 5, 0]
         assert basis[b, y, x, 0] == pytest.approx(float((kernel * window).sum()), abs=1e-5)
 
 
@@ -49,8 +50,8 @@ def test_steering_at_zero_degrees_is_the_first_basis_pair_and_energy_is_rotation
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(7, 5, 6, 3)).astype(np.float32)
     responses, amplitude = K.steer(basis)
-    np.testing.assert_allclose(responses[..., 0], basis[0], atol=1e-5)   # G2 at 0 = G2a
-    np.testing.assert_allclose(responses[..., 1], basis[3], atol=1e-5)   # H2 at 0 = H2a
+    np.testing.assert_allclose(responses[..., 0], basis[0], atol=1e-5)  # G2 at 0 = G2a
+    np.testing.assert_allclose(responses[..., 1], basis[3], atol=1e-5)  # H2 at 0 = H2a
     np.testing.assert_allclose(amplitude[0], np.hypot(basis[0, ..., 0], basis[3, ..., 0]), atol=1e-5)
     # Vertical stripes excite the 0-degree channel (x-derivatives) far more than the 90-degree one.
     stripes = np.tile(np.sin(np.arange(64) / 1.5)[None, :, None], (64, 1, 3)).astype(np.float32) * 0.3 + 0.5
@@ -65,7 +66,7 @@ def test_keypoints_are_the_strict_local_maxima_above_threshold_most_salient_firs
     expected = []
     for y in range(30):
         for x in range(40):
-            window = saliency[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
+            window = saliency[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3]
             if saliency[y, x] > 0.5 and saliency[y, x] >= window.max():
                 expected.append((-saliency[y, x], y, x))
     expected.sort()
@@ -96,10 +97,10 @@ def test_assign_words_is_the_nearest_centre():
     rng = np.random.default_rng(3)
     centres = rng.random((300, 576)).astype(np.float32)
     descriptors = rng.random((50, 576)).astype(np.float32)
-    words = K.assign_words(descriptors, centres, (centres ** 2).sum(1))
+    words = K.assign_words(descriptors, centres, (centres**2).sum(1))
     brute = np.argmin(((descriptors[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
     np.testing.assert_array_equal(words, brute)
-    assert K.assign_words(np.zeros((0, 576), np.float32), centres, (centres ** 2).sum(1)).shape == (0,)
+    assert K.assign_words(np.zeros((0, 576), np.float32), centres, (centres**2).sum(1)).shape == (0,)
 
 
 def test_chi2_distances_follow_the_definition():

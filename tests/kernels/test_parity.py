@@ -59,12 +59,15 @@ def test_histograms_assignment_and_chi2(gpu, lab):
     labs = [lab, CPU.pyr_down(lab)]
     responses = [CPU.steer(CPU.filter_basis(x))[0] for x in labs]
     points = np.array([[0, 0], [50, 60], [lab.shape[0] - 1, lab.shape[1] - 1]], np.int32)
-    np.testing.assert_allclose(gpu.patch_histograms(labs, responses, points),
-                               CPU.patch_histograms(labs, responses, points), rtol=1e-4)
+    np.testing.assert_allclose(
+        gpu.patch_histograms(labs, responses, points), CPU.patch_histograms(labs, responses, points), rtol=1e-4
+    )
     rng = np.random.default_rng(1)
     centres, descriptors = rng.random((5000, 576)).astype(np.float32), rng.random((300, 576)).astype(np.float32)
-    norms = (centres ** 2).sum(1)
-    assert (gpu.assign_words(descriptors, centres, norms) == CPU.assign_words(descriptors, centres, norms)).mean() > 0.99
+    norms = (centres**2).sum(1)
+    assert (
+        gpu.assign_words(descriptors, centres, norms) == CPU.assign_words(descriptors, centres, norms)
+    ).mean() > 0.99
     a = rng.random((3, 5000)).astype(np.float32)
     b = rng.random((20, 5000)).astype(np.float32)
     a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
@@ -81,4 +84,5 @@ def test_end_to_end_same_words(gpu, bow_extractor):
         same = len(np.intersect1d(a.words, b.words)) / max(len(a.words), len(b.words))
         assert same > 0.95 and abs(int(a.counts.sum()) - int(b.counts.sum())) <= 2
         from common.bow_codec import chi2
+
         assert chi2(a, b) < 0.05

@@ -30,8 +30,11 @@ def test_launcher_loads_every_source():
 def test_each_source_compiles_as_the_launcher_compiles_it(module, tmp_path: Path):
     source = tmp_path / f"{module}.cu"
     source.write_text(module_source(module))
-    subprocess.run(["nvcc", "--cubin", "-arch=sm_90", *defines(), "-o", str(tmp_path / "out.cubin"),
-                    str(source)], check=True, capture_output=True)
+    subprocess.run(
+        ["nvcc", "--cubin", "-arch=sm_90", *defines(), "-o", str(tmp_path / "out.cubin"), str(source)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_auto_falls_back_to_the_cpu_reference_without_a_gpu_and_cuda_insists():

@@ -51,7 +51,7 @@ def test_a_crop_of_a_catalogue_photo_finds_that_photo_first(bow_extractor):
     for name in ("china.jpg", "rocket", "coffee"):
         photo = load_photo(name)
         h, w = photo.shape[:2]
-        query = bow_extractor.bag(photo[h // 5:4 * h // 5, w // 5:4 * w // 5])
+        query = bow_extractor.bag(photo[h // 5 : 4 * h // 5, w // 5 : 4 * w // 5])
         ranking = sorted(catalogue, key=lambda n: chi2(query, catalogue[n]))
         assert ranking[0] == name, (name, ranking)
 
@@ -71,8 +71,21 @@ def test_training_command_builds_a_codebook(tmp_path):
     from signature_server.bow import Codebook
     from signature_server.train_codebook import main
 
-    main(["--out", str(tmp_path), "--centres", "20", "--crops-per-photo", "2", "--iterations", "3",
-          "--photos", "coffee", "chelsea"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--centres",
+            "20",
+            "--crops-per-photo",
+            "2",
+            "--iterations",
+            "3",
+            "--photos",
+            "coffee",
+            "chelsea",
+        ]
+    )
     provenance = json.loads((tmp_path / "provenance.json").read_text())
     codebook = Codebook.load(tmp_path / "codebook.npz", tmp_path / "provenance.json")
     assert codebook.centres.shape == (20, 576) and provenance["fingerprint"] == codebook.fingerprint

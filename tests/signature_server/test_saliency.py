@@ -54,9 +54,9 @@ def test_scda_finds_a_product_photographed_on_a_plain_backdrop(locator):
 def test_scda_components_come_largest_first_with_shares_of_the_activation():
     # Three blobs of 9, 4 and 1 cells on a 12x16 map of a 640x480 image (40 px cells).
     activation = np.zeros((12, 16), np.float32)
-    activation[1:4, 1:4] = 5      # 3x3 cells, top left
-    activation[8:10, 10:12] = 9   # 2x2 cells, strongest but smaller
-    activation[6, 14] = 4         # one cell
+    activation[1:4, 1:4] = 5  # 3x3 cells, top left
+    activation[8:10, 10:12] = 9  # 2x2 cells, strongest but smaller
+    activation[6, 14] = 4  # one cell
     found = salient_objects(activation, (640, 480), max_objects=8, upsample=4)
     assert len(found) == 3
     assert_well_formed(found, 640, 480, 8)
@@ -71,8 +71,10 @@ def test_scda_components_come_largest_first_with_shares_of_the_activation():
     assert salient_objects(np.ones((12, 16), np.float32), (640, 480), 8) == []
 
 
-@pytest.mark.parametrize("background,x,y,scale", [("china.jpg", 64, 85, 0.5), ("china.jpg", 320, 128, 0.7),
-                                                  ("rocket", 64, 85, 0.5), ("flower.jpg", 64, 85, 0.5)])
+@pytest.mark.parametrize(
+    "background,x,y,scale",
+    [("china.jpg", 64, 85, 0.5), ("china.jpg", 320, 128, 0.7), ("rocket", 64, 85, 0.5), ("flower.jpg", 64, 85, 0.5)],
+)
 def test_segments_rank_an_object_pasted_into_a_real_photo_within_the_top_30(locator, background, x, y, scale):
     scene, truth = paste_cup(load_photo(background), x, y, scale)
     height, width = scene.shape[:2]
@@ -97,4 +99,3 @@ def test_no_segments_asked_no_selective_search(locator, coffee, monkeypatch):
     activation = np.ones((13, 20), np.float32)
     assert segment_proposals(coffee, activation, 0, locator.spec) == []
     assert locator.locate(coffee, max_salient=2, max_segments=0).segments == []
-

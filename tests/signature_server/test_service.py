@@ -15,8 +15,9 @@ SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
 
 @pytest.fixture(scope="module")
 def servicer(deep_descriptor, bow_extractor, locator):
-    return SignatureService(deep_descriptor, bow_extractor, locator, max_images=4, max_pixels=50_000_000,
-                            max_salient=8, max_segments=200)
+    return SignatureService(
+        deep_descriptor, bow_extractor, locator, max_images=4, max_pixels=50_000_000, max_salient=8, max_segments=200
+    )
 
 
 def request(images, kind=common_pb2.SIGNATURE_KIND_DEEP):
@@ -35,14 +36,22 @@ def test_one_signature_per_image_in_order(servicer, coffee, coffee_png, deep_des
 
 def test_limits_and_bad_input(servicer, coffee):
     tiny = image_to_proto(coffee[:32, :32])
-    cases = [(request([tiny] * 5), grpc.StatusCode.RESOURCE_EXHAUSTED,
-              "5 images are above the limit of 4 per call: split the call"),
-             (request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
-             (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "kind"),
-             (request([tiny], 9), grpc.StatusCode.INVALID_ARGUMENT, "kind 9"),
-             (request([tiny, common_pb2.Image(encoded=b"nope")]), grpc.StatusCode.INVALID_ARGUMENT, "images[1]"),
-             (request([common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))]),
-              grpc.StatusCode.INVALID_ARGUMENT, "RGB bytes")]
+    cases = [
+        (
+            request([tiny] * 5),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "5 images are above the limit of 4 per call: split the call",
+        ),
+        (request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+        (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "kind"),
+        (request([tiny], 9), grpc.StatusCode.INVALID_ARGUMENT, "kind 9"),
+        (request([tiny, common_pb2.Image(encoded=b"nope")]), grpc.StatusCode.INVALID_ARGUMENT, "images[1]"),
+        (
+            request([common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "RGB bytes",
+        ),
+    ]
     for message, expected_code, fragment in cases:
         _, code, details = unary(servicer, SERVICE, "ComputeSignatures", message)
         assert code == expected_code and fragment in details
@@ -51,16 +60,22 @@ def test_limits_and_bad_input(servicer, coffee):
 def test_list_kinds(servicer):
     response, _, _ = unary(servicer, SERVICE, "ListKinds", signature_pb2.ListKindsRequest())
     assert response.max_images_per_call == 4  # the gateway splits its calls to this
-    assert [(k.kind, k.dimension, k.metric) for k in response.kinds] == \
-        [(common_pb2.SIGNATURE_KIND_DEEP, 1280, "cosine"), (common_pb2.SIGNATURE_KIND_BOW, 5000, "chi2")]
+    assert [(k.kind, k.dimension, k.metric) for k in response.kinds] == [
+        (common_pb2.SIGNATURE_KIND_DEEP, 1280, "cosine"),
+        (common_pb2.SIGNATURE_KIND_BOW, 5000, "chi2"),
+    ]
     # Where the colour-texture kernels run is reported.
     assert response.kinds[1].backend.startswith("cpu") and "codebook" in response.kinds[1].model
 
 
 def test_bag_of_words_signatures_decode_and_match_the_extractor(servicer, coffee, bow_extractor):
     crops = [coffee[:200, :300], coffee[100:, 200:]]
-    response, code, _ = unary(servicer, SERVICE, "ComputeSignatures",
-                              request([image_to_proto(c) for c in crops], common_pb2.SIGNATURE_KIND_BOW))
+    response, code, _ = unary(
+        servicer,
+        SERVICE,
+        "ComputeSignatures",
+        request([image_to_proto(c) for c in crops], common_pb2.SIGNATURE_KIND_BOW),
+    )
     assert code == grpc.StatusCode.OK
     for signature, image in zip(response.signatures, crops):
         assert signature.kind == common_pb2.SIGNATURE_KIND_BOW and len(signature.bow) <= 3500
@@ -83,9 +98,18 @@ def stub():
     from signature_server.config import SignatureConfig
     from signature_server.server import create_server
 
-    server, port = create_server(load_config(SignatureConfig, "signature", environ={}, port=0, intra_op_threads=2,
-                                             max_images_per_request=4, max_salient=MAX_SALIENT,
-                                             max_segments=MAX_SEGMENTS))
+    server, port = create_server(
+        load_config(
+            SignatureConfig,
+            "signature",
+            environ={},
+            port=0,
+            intra_op_threads=2,
+            max_images_per_request=4,
+            max_salient=MAX_SALIENT,
+            max_segments=MAX_SEGMENTS,
+        )
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(32 * 1024 * 1024))
     yield signature_pb2_grpc.SignatureServiceStub(channel)
     channel.close()
@@ -123,14 +147,22 @@ def test_several_kinds_bad_input_and_the_limit_counts_images(stub, coffee):
     # Four images with two kinds is four images: within the limit of 4.
     response, code, _ = call_code(stub.ComputeSignatures, kinds_request([tiny] * 4, [deep, bow]))
     assert code == grpc.StatusCode.OK and len(response.signatures) == 8
-    cases = [(kinds_request([tiny], [deep, deep]), grpc.StatusCode.INVALID_ARGUMENT, "listed twice"),
-             (kinds_request([tiny], [deep, 9]), grpc.StatusCode.INVALID_ARGUMENT, "kinds[1]: signature kind 9"),
-             (kinds_request([tiny], [common_pb2.SIGNATURE_KIND_UNSPECIFIED]), grpc.StatusCode.INVALID_ARGUMENT,
-              "SIGNATURE_KIND_UNSPECIFIED is not served"),
-             (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT,
-              "kind: signature kind SIGNATURE_KIND_UNSPECIFIED is not served"),
-             (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 4 per call"),
-             (kinds_request([], [deep, bow]), grpc.StatusCode.INVALID_ARGUMENT, "no images")]
+    cases = [
+        (kinds_request([tiny], [deep, deep]), grpc.StatusCode.INVALID_ARGUMENT, "listed twice"),
+        (kinds_request([tiny], [deep, 9]), grpc.StatusCode.INVALID_ARGUMENT, "kinds[1]: signature kind 9"),
+        (
+            kinds_request([tiny], [common_pb2.SIGNATURE_KIND_UNSPECIFIED]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SIGNATURE_KIND_UNSPECIFIED is not served",
+        ),
+        (
+            request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "kind: signature kind SIGNATURE_KIND_UNSPECIFIED is not served",
+        ),
+        (kinds_request([tiny] * 5, [deep]), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit of 4 per call"),
+        (kinds_request([], [deep, bow]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+    ]
     for message, expected_code, fragment in cases:
         _, code, details = call_code(stub.ComputeSignatures, message)
         assert code == expected_code and fragment in details, (code, details)
@@ -157,17 +189,27 @@ def test_locate_objects_bad_input_says_what_to_fix(stub, coffee, coffee_png):
     from tests.conftest import bad_images
 
     photo = common_pb2.Image(encoded=coffee_png)
-    cases = [(signature_pb2.LocateObjectsRequest(max_salient=1), grpc.StatusCode.INVALID_ARGUMENT,
-              "no image given"),
-             (locate(common_pb2.Image(encoded=bad_images(coffee_png)["random"])), grpc.StatusCode.INVALID_ARGUMENT,
-              "cannot be decoded"),
-             (locate(common_pb2.Image(encoded=bad_images(coffee_png)["bomb"])), grpc.StatusCode.INVALID_ARGUMENT,
-              "downscale"),
-             (locate(common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))),
-              grpc.StatusCode.INVALID_ARGUMENT, "RGB bytes"),
-             (locate(photo, 0, 0), grpc.StatusCode.INVALID_ARGUMENT, "both 0"),
-             (locate(photo, MAX_SALIENT + 1, 0), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SALIENT}"),
-             (locate(photo, 1, MAX_SEGMENTS + 1), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SEGMENTS}")]
+    cases = [
+        (signature_pb2.LocateObjectsRequest(max_salient=1), grpc.StatusCode.INVALID_ARGUMENT, "no image given"),
+        (
+            locate(common_pb2.Image(encoded=bad_images(coffee_png)["random"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "cannot be decoded",
+        ),
+        (
+            locate(common_pb2.Image(encoded=bad_images(coffee_png)["bomb"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "downscale",
+        ),
+        (
+            locate(common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "RGB bytes",
+        ),
+        (locate(photo, 0, 0), grpc.StatusCode.INVALID_ARGUMENT, "both 0"),
+        (locate(photo, MAX_SALIENT + 1, 0), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SALIENT}"),
+        (locate(photo, 1, MAX_SEGMENTS + 1), grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SEGMENTS}"),
+    ]
     for message, expected_code, fragment in cases:
         _, code, details = call_code(stub.LocateObjects, message)
         assert code == expected_code and fragment in details, (code, details)
@@ -178,8 +220,12 @@ def thin_images():
     rng = np.random.default_rng(3)
     plain = np.full((1, 100_000, 3), 128, np.uint8)
     textured = rng.integers(0, 256, (1, 100_000, 3), dtype=np.uint8)
-    strips = {"plain-wide": plain, "plain-tall": plain.reshape(100_000, 1, 3),
-              "textured-wide": textured, "textured-tall": textured.reshape(100_000, 1, 3)}
+    strips = {
+        "plain-wide": plain,
+        "plain-tall": plain.reshape(100_000, 1, 3),
+        "textured-wide": textured,
+        "textured-tall": textured.reshape(100_000, 1, 3),
+    }
     images = {f"raw-{name}": image_to_proto(strip) for name, strip in strips.items()}
     images.update({f"png-{name}": common_pb2.Image(encoded=encode_png(strip)) for name, strip in strips.items()})
     return images
@@ -190,8 +236,12 @@ def test_thin_images_get_a_signature_of_each_kind_and_locate_answers(stub, name)
     # Every kind answers OK: the deep descriptor resizes to its input, and the bag of words describes
     # a strip thinner than its grid on its middle row (it used to fail with "cannot reshape").
     image = thin_images()[name]
-    response = stub.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
-        images=[image], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]), timeout=60)
+    response = stub.ComputeSignatures(
+        signature_pb2.ComputeSignaturesRequest(
+            images=[image], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]
+        ),
+        timeout=60,
+    )
     deep, bow = response.signatures
     assert len(deep.dense.values) == 1280 and np.isfinite(deep.dense.values).all()
     bag = decode(bow.bow)

@@ -27,10 +27,15 @@ def _reference_products() -> list[gateway_pb2.IndexProductsRequest]:
     for name in ("coffee", "chelsea", "astronaut", "rocket"):
         photo = load_photo(name)
         h, w = photo.shape[:2]
-        crop = photo[h // 8:7 * h // 8, w // 8:7 * w // 8]
-        requests.append(gateway_pb2.IndexProductsRequest(
-            product_id=f"ref-{name}", category=REFERENCE_CATEGORY,
-            image=common_pb2.Image(encoded=encode_jpeg(crop)), metadata={"title": name}))
+        crop = photo[h // 8 : 7 * h // 8, w // 8 : 7 * w // 8]
+        requests.append(
+            gateway_pb2.IndexProductsRequest(
+                product_id=f"ref-{name}",
+                category=REFERENCE_CATEGORY,
+                image=common_pb2.Image(encoded=encode_jpeg(crop)),
+                metadata={"title": name},
+            )
+        )
     return requests
 
 
@@ -48,36 +53,66 @@ class Hostile:
         photo = common_pb2.Image(encoded=encode_jpeg(coffee))
         crop = common_pb2.Image(encoded=encode_jpeg(coffee[23:310, 150:429]))
         signature = signature_pb2_grpc.SignatureServiceStub(channels["signature"])
-        signed = signature.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
-            images=[crop], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]), timeout=60)
+        signed = signature.ComputeSignatures(
+            signature_pb2.ComputeSignaturesRequest(
+                images=[crop], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]
+            ),
+            timeout=60,
+        )
         gateway = gateway_pb2_grpc.VisualSearchServiceStub(channels["gateway"])
         indexed = gateway.IndexProducts(iter(_reference_products()), timeout=120)
         assert indexed.indexed == 4, indexed
         index = index_pb2_grpc.IndexServiceStub(channels["index"])
         names = [d.name for d in index.Stats(index_pb2.StatsRequest(), timeout=10).databases]
-        databases = {kind: next(n for n in names if REFERENCE_CATEGORY in n and kind in n.lower())
-                     for kind in ("deep", "bow")}
-        return Stubs(channels, detector_pb2_grpc.DetectorServiceStub(channels["detector"]), signature, index,
-                     gateway, photo, crop, signed.signatures[0], signed.signatures[1], databases)
+        databases = {
+            kind: next(n for n in names if REFERENCE_CATEGORY in n and kind in n.lower()) for kind in ("deep", "bow")
+        }
+        return Stubs(
+            channels,
+            detector_pb2_grpc.DetectorServiceStub(channels["detector"]),
+            signature,
+            index,
+            gateway,
+            photo,
+            crop,
+            signed.signatures[0],
+            signed.signatures[1],
+            databases,
+        )
 
     def answers(self) -> dict[str, object]:
         """What every service says to the same reference queries (compared before and after)."""
         s = self.stubs
         detected = s.detector.Detect(detector_pb2.DetectRequest(image=s.photo, min_confidence=0.3), timeout=60)
-        signed = s.signature.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
-            images=[s.crop], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]), timeout=60)
-        searched = {kind: [(m.item_id, round(m.score, 4)) for r in s.index.Search(index_pb2.SearchRequest(
-            database=database, signature=getattr(s, kind), top_k=10), timeout=30) for m in r.items]
-            for kind, database in s.databases.items()}
-        found = s.gateway.MultiProductSearch(gateway_pb2.MultiProductSearchRequest(
-            image=s.photo, top_k=3, categories=[REFERENCE_CATEGORY]), timeout=120)
+        signed = s.signature.ComputeSignatures(
+            signature_pb2.ComputeSignaturesRequest(
+                images=[s.crop], kinds=[common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW]
+            ),
+            timeout=60,
+        )
+        searched = {
+            kind: [
+                (m.item_id, round(m.score, 4))
+                for r in s.index.Search(
+                    index_pb2.SearchRequest(database=database, signature=getattr(s, kind), top_k=10), timeout=30
+                )
+                for m in r.items
+            ]
+            for kind, database in s.databases.items()
+        }
+        found = s.gateway.MultiProductSearch(
+            gateway_pb2.MultiProductSearchRequest(image=s.photo, top_k=3, categories=[REFERENCE_CATEGORY]), timeout=120
+        )
         return {
             "detect": sorted((d.class_name, round(d.confidence, 3)) for d in detected.detections),
             "sign": [(sig.kind, list(sig.dense.values)[:8], len(sig.bow)) for sig in signed.signatures],
             "search": searched,
             "gateway": sorted((i.category, [m.product_id for m in i.matches]) for i in found.items),
-            "stats": sorted((d.name, d.items) for d in s.index.Stats(index_pb2.StatsRequest(), timeout=10).databases
-                            if REFERENCE_CATEGORY in d.name),
+            "stats": sorted(
+                (d.name, d.items)
+                for d in s.index.Stats(index_pb2.StatsRequest(), timeout=10).databases
+                if REFERENCE_CATEGORY in d.name
+            ),
         }
 
     def healthy(self) -> None:

@@ -28,11 +28,14 @@ NAME_RULE = ("category", "letters, digits")
 
 def png_header(width: int, height: int) -> bytes:
     """A valid PNG header claiming width x height pixels, with almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def box(x0: float, y0: float, x1: float, y1: float) -> common_pb2.Box:
@@ -41,8 +44,10 @@ def box(x0: float, y0: float, x1: float, y1: float) -> common_pb2.Box:
 
 # --- MultiProductSearch ----------------------------------------------------------------------------
 
+
 def search_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], **fields) -> Case:
     """MultiProductSearch of the reference photo (image="photo"; None: no image) with `fields` set."""
+
     def call(s: Stubs):
         request = gateway_pb2.MultiProductSearchRequest(**{k: v for k, v in fields.items() if k != "image"})
         image = fields.get("image", "photo")
@@ -51,6 +56,7 @@ def search_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], **f
         elif image is not None:
             request.image.CopyFrom(image)
         return s.gateway.MultiProductSearch(request, timeout=s.timeout)
+
     return Case(case_id_, SEARCH, call, code, says)
 
 
@@ -60,73 +66,145 @@ def region(b: common_pb2.Box, category: str = "") -> gateway_pb2.Region:
 
 SEARCH_CASES = [
     search_case("search-no-image", INVALID, ("image", "set image.encoded"), image=None),
-    search_case("search-empty-encoded-image", INVALID, ("image is empty", "send the encoded file bytes"),
-                image=common_pb2.Image(encoded=b"")),
-    search_case("search-random-bytes", INVALID, ("image cannot be decoded", "send a complete jpeg"),
-                image=common_pb2.Image(encoded=bytes(range(256)) * 16)),
-    search_case("search-truncated-png", INVALID, ("image cannot be decoded",),
-                image=common_pb2.Image(encoded=png_header(64, 64)[:40])),
-    search_case("search-decompression-bomb", INVALID, ("pixels", "above the limit", "downscale"),
-                image=common_pb2.Image(encoded=png_header(100_000, 100_000))),
+    search_case(
+        "search-empty-encoded-image",
+        INVALID,
+        ("image is empty", "send the encoded file bytes"),
+        image=common_pb2.Image(encoded=b""),
+    ),
+    search_case(
+        "search-random-bytes",
+        INVALID,
+        ("image cannot be decoded", "send a complete jpeg"),
+        image=common_pb2.Image(encoded=bytes(range(256)) * 16),
+    ),
+    search_case(
+        "search-truncated-png",
+        INVALID,
+        ("image cannot be decoded",),
+        image=common_pb2.Image(encoded=png_header(64, 64)[:40]),
+    ),
+    search_case(
+        "search-decompression-bomb",
+        INVALID,
+        ("pixels", "above the limit", "downscale"),
+        image=common_pb2.Image(encoded=png_header(100_000, 100_000)),
+    ),
     search_case("search-zero-width-png", INVALID, ("image",), image=common_pb2.Image(encoded=png_header(0, 10))),
-    search_case("search-raw-wrong-byte-count", INVALID, ("needs 300 rgb bytes", "got 5"),
-                image=common_pb2.Image(raw=common_pb2.RawImage(width=10, height=10, rgb=b"\x00" * 5))),
-    search_case("search-raw-zero-size", INVALID, ("zero size",),
-                image=common_pb2.Image(raw=common_pb2.RawImage(width=0, height=0, rgb=b""))),
-    search_case("search-raw-too-many-pixels", INVALID, ("above the limit", "pixels"),
-                image=common_pb2.Image(raw=common_pb2.RawImage(width=100_000, height=100_000, rgb=b"\x00"))),
-    search_case("search-top-k-over-limit", INVALID, ("top_k 1000000 is above the limit of 100", "ask for at most 100"),
-                top_k=10**6),
+    search_case(
+        "search-raw-wrong-byte-count",
+        INVALID,
+        ("needs 300 rgb bytes", "got 5"),
+        image=common_pb2.Image(raw=common_pb2.RawImage(width=10, height=10, rgb=b"\x00" * 5)),
+    ),
+    search_case(
+        "search-raw-zero-size",
+        INVALID,
+        ("zero size",),
+        image=common_pb2.Image(raw=common_pb2.RawImage(width=0, height=0, rgb=b"")),
+    ),
+    search_case(
+        "search-raw-too-many-pixels",
+        INVALID,
+        ("above the limit", "pixels"),
+        image=common_pb2.Image(raw=common_pb2.RawImage(width=100_000, height=100_000, rgb=b"\x00")),
+    ),
+    search_case(
+        "search-top-k-over-limit",
+        INVALID,
+        ("top_k 1000000 is above the limit of 100", "ask for at most 100"),
+        top_k=10**6,
+    ),
     search_case("gateway-search-top-k-max-uint32", INVALID, ("top_k", "ask for at most 100"), top_k=2**32 - 1),
     search_case("search-min-confidence-above-one", INVALID, ("min_confidence", "(0, 1]"), min_confidence=1.5),
     search_case("search-min-confidence-negative", INVALID, ("min_confidence", "(0, 1]"), min_confidence=-0.2),
     search_case("search-min-confidence-nan", INVALID, ("min_confidence", "(0, 1]"), min_confidence=float("nan")),
     search_case("search-min-score-nan", INVALID, ("min_score", "finite"), min_score=float("nan")),
     search_case("search-min-score-infinite", INVALID, ("min_score", "finite"), min_score=float("inf")),
-    search_case("search-unknown-signature-kind", INVALID, ("signature_kind 7", "signature_kind_deep"),
-                signature_kind=7),
-    search_case("search-too-many-regions", EXHAUSTED, ("65 regions", "at most 64"),
-                regions=[region(box(0, 0, 10, 10))] * 65),
-    search_case("search-too-many-categories", EXHAUSTED, ("257 categories", "at most 256"),
-                categories=[f"c{i}" for i in range(257)]),
-    search_case("search-category-with-newline", INVALID, ("categories[1]",) + NAME_RULE,
-                categories=[CATEGORY, "shoes\n<script>"]),
-    search_case("search-category-too-long", INVALID, ("above the limit of 128",) + NAME_RULE,
-                categories=["x" * 5000]),
+    search_case(
+        "search-unknown-signature-kind", INVALID, ("signature_kind 7", "signature_kind_deep"), signature_kind=7
+    ),
+    search_case(
+        "search-too-many-regions", EXHAUSTED, ("65 regions", "at most 64"), regions=[region(box(0, 0, 10, 10))] * 65
+    ),
+    search_case(
+        "search-too-many-categories",
+        EXHAUSTED,
+        ("257 categories", "at most 256"),
+        categories=[f"c{i}" for i in range(257)],
+    ),
+    search_case(
+        "search-category-with-newline",
+        INVALID,
+        ("categories[1]",) + NAME_RULE,
+        categories=[CATEGORY, "shoes\n<script>"],
+    ),
+    search_case("search-category-too-long", INVALID, ("above the limit of 128",) + NAME_RULE, categories=["x" * 5000]),
     search_case("search-category-empty", INVALID, ("category is required",), categories=[""]),
     search_case("search-category-nul", INVALID, ("u+0000",) + NAME_RULE, categories=["a\x00b"]),
-    search_case("search-region-empty-box", INVALID, ("regions[0].box", "x_max must exceed x_min"),
-                regions=[region(box(100, 100, 50, 200), CATEGORY)]),
-    search_case("search-region-nan-box", INVALID, ("regions[0].box", "finite"),
-                regions=[region(box(float("nan"), 0, 50, 50), CATEGORY)]),
-    search_case("search-region-infinite-box", INVALID, ("regions[0].box", "finite"),
-                regions=[region(box(0, 0, float("inf"), 50), CATEGORY)]),
-    search_case("search-region-outside-the-photo", INVALID, ("regions[1].box", "outside", "overlaps it"),
-                regions=[region(box(0, 0, 50, 50), CATEGORY), region(box(5000, 5000, 6000, 6000), CATEGORY)]),
-    search_case("search-region-bad-category", INVALID, ("regions[0].category",) + NAME_RULE,
-                regions=[region(box(0, 0, 50, 50), "tab\there")]),
-    search_case("search-whole-image-source-asked-for", INVALID, ("sources", "cannot be asked for",
-                                                                 "item_source_detector"),
-                sources=[gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE]),
+    search_case(
+        "search-region-empty-box",
+        INVALID,
+        ("regions[0].box", "x_max must exceed x_min"),
+        regions=[region(box(100, 100, 50, 200), CATEGORY)],
+    ),
+    search_case(
+        "search-region-nan-box",
+        INVALID,
+        ("regions[0].box", "finite"),
+        regions=[region(box(float("nan"), 0, 50, 50), CATEGORY)],
+    ),
+    search_case(
+        "search-region-infinite-box",
+        INVALID,
+        ("regions[0].box", "finite"),
+        regions=[region(box(0, 0, float("inf"), 50), CATEGORY)],
+    ),
+    search_case(
+        "search-region-outside-the-photo",
+        INVALID,
+        ("regions[1].box", "outside", "overlaps it"),
+        regions=[region(box(0, 0, 50, 50), CATEGORY), region(box(5000, 5000, 6000, 6000), CATEGORY)],
+    ),
+    search_case(
+        "search-region-bad-category",
+        INVALID,
+        ("regions[0].category",) + NAME_RULE,
+        regions=[region(box(0, 0, 50, 50), "tab\there")],
+    ),
+    search_case(
+        "search-whole-image-source-asked-for",
+        INVALID,
+        ("sources", "cannot be asked for", "item_source_detector"),
+        sources=[gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE],
+    ),
     search_case("search-unknown-source-value", INVALID, ("sources", "cannot be asked for"), sources=[99]),
     search_case("search-max-items-over-limit", INVALID, ("max_items 1000", "ask for at most 48"), max_items=1000),
     # Used to be answered as if fine; now fine for real: a category with no catalogue is no error.
     search_case("search-unknown-category-is-no-error", OK, (), categories=["no-such-category"], top_k=1),
-    search_case("search-region-of-unknown-category-is-no-error", OK, (),
-                regions=[region(box(0, 0, 80, 80), "no-such-category")]),
-    Case("search-malformed-protobuf", SEARCH,
-         lambda s: s.channels["gateway"].unary_unary(SEARCH)(b"\xff\xff\xff\xff", timeout=s.timeout),
-         INVALID, ("not a valid protobuf message",)),
+    search_case(
+        "search-region-of-unknown-category-is-no-error", OK, (), regions=[region(box(0, 0, 80, 80), "no-such-category")]
+    ),
+    Case(
+        "search-malformed-protobuf",
+        SEARCH,
+        lambda s: s.channels["gateway"].unary_unary(SEARCH)(b"\xff\xff\xff\xff", timeout=s.timeout),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
 ]
 
 
 # --- IndexProducts ----------------------------------------------------------------------------------
 
-def product(s: Stubs, product_id: str = "bad-input-product", category: str = CATEGORY, **fields
-            ) -> gateway_pb2.IndexProductsRequest:
+
+def product(
+    s: Stubs, product_id: str = "bad-input-product", category: str = CATEGORY, **fields
+) -> gateway_pb2.IndexProductsRequest:
     """One catalogue image of the reference crop, with its box (nothing to localise)."""
-    request = gateway_pb2.IndexProductsRequest(product_id=product_id, category=category, image=s.crop,
-                                               box=box(0, 0, 64, 64))
+    request = gateway_pb2.IndexProductsRequest(
+        product_id=product_id, category=category, image=s.crop, box=box(0, 0, 64, 64)
+    )
     for name, value in fields.items():
         if name == "metadata":
             request.metadata.update(value)
@@ -141,9 +219,13 @@ def product(s: Stubs, product_id: str = "bad-input-product", category: str = CAT
 
 def index_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], *products) -> Case:
     """`products`: functions of the stubs, each making one request of the stream."""
-    return Case(case_id_, INDEX,
-                lambda s: s.gateway.IndexProducts(iter([make(s) for make in products]), timeout=s.timeout),
-                code, says)
+    return Case(
+        case_id_,
+        INDEX,
+        lambda s: s.gateway.IndexProducts(iter([make(s) for make in products]), timeout=s.timeout),
+        code,
+        says,
+    )
 
 
 def with_(**fields):
@@ -153,80 +235,176 @@ def with_(**fields):
 INDEX_CASES = [
     index_case("index-missing-product-id", INVALID, ("product #0", "product_id is required"), with_(product_id="")),
     index_case("index-missing-category", INVALID, ("product #0", "category is required"), with_(category="")),
-    index_case("index-category-with-slash-and-spaces", INVALID, ("second space",) + NAME_RULE,
-               with_(category="shoes  and/hats")),
-    index_case("index-category-too-long", INVALID, ("above the limit of 128",) + NAME_RULE,
-               with_(category="c" * 100_000)),
+    index_case(
+        "index-category-with-slash-and-spaces",
+        INVALID,
+        ("second space",) + NAME_RULE,
+        with_(category="shoes  and/hats"),
+    ),
+    index_case(
+        "index-category-too-long", INVALID, ("above the limit of 128",) + NAME_RULE, with_(category="c" * 100_000)
+    ),
     index_case("index-category-control-character", INVALID, ("u+001b",) + NAME_RULE, with_(category="a\x1bb")),
-    index_case("index-product-id-too-long", INVALID, ("product_id", "300 utf-8 bytes", "at most 256"),
-               with_(product_id="p" * 300)),
-    index_case("index-image-id-too-long", INVALID, ("image_id", "1000 utf-8 bytes", "at most 256"),
-               with_(image_id="i" * 1000)),
+    index_case(
+        "index-product-id-too-long",
+        INVALID,
+        ("product_id", "300 utf-8 bytes", "at most 256"),
+        with_(product_id="p" * 300),
+    ),
+    index_case(
+        "index-image-id-too-long", INVALID, ("image_id", "1000 utf-8 bytes", "at most 256"), with_(image_id="i" * 1000)
+    ),
     index_case("index-no-image", INVALID, ("image", "set image.encoded"), with_(image=common_pb2.Image())),
-    index_case("index-corrupt-image", INVALID, ("image cannot be decoded",),
-               with_(image=common_pb2.Image(encoded=b"\xff\xd8\xff garbage"))),
-    index_case("index-decompression-bomb", INVALID, ("above the limit", "downscale"),
-               with_(image=common_pb2.Image(encoded=png_header(100_000, 100_000)))),
-    index_case("index-raw-wrong-byte-count", INVALID, ("rgb bytes",),
-               with_(image=common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"\x00")))),
+    index_case(
+        "index-corrupt-image",
+        INVALID,
+        ("image cannot be decoded",),
+        with_(image=common_pb2.Image(encoded=b"\xff\xd8\xff garbage")),
+    ),
+    index_case(
+        "index-decompression-bomb",
+        INVALID,
+        ("above the limit", "downscale"),
+        with_(image=common_pb2.Image(encoded=png_header(100_000, 100_000))),
+    ),
+    index_case(
+        "index-raw-wrong-byte-count",
+        INVALID,
+        ("rgb bytes",),
+        with_(image=common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"\x00"))),
+    ),
     index_case("index-empty-box", INVALID, ("box is empty", "x_max must exceed x_min"), with_(box=box(30, 30, 10, 10))),
     index_case("index-nan-box", INVALID, ("box", "finite"), with_(box=box(0, float("nan"), 10, 10))),
-    index_case("index-box-outside-the-image", INVALID, ("box lies outside", "overlaps it"),
-               with_(box=box(10_000, 10_000, 20_000, 20_000))),
-    index_case("index-metadata-too-many-keys", INVALID, ("'bad-input-product'", "65 keys", "limit of 64"),
-               with_(metadata={f"k{i}": "v" for i in range(65)})),
-    index_case("index-metadata-key-too-long", INVALID, ("metadata key", "limit of 128", "shorter keys"),
-               with_(metadata={"k" * 129: "v"})),
-    index_case("index-metadata-value-too-long", INVALID, ("'notes'", "limit of 4096", "reference"),
-               with_(metadata={"notes": "v" * 5000})),
-    index_case("index-metadata-too-large-in-all", INVALID, ("in all", "limit of 16384"),
-               with_(metadata={f"k{i}": "v" * 4000 for i in range(5)})),
-    index_case("index-huge-metadata-is-not-echoed", INVALID, ("limit of 4096",),
-               with_(metadata={"x" * 64: "y" * 1_000_000})),
-    index_case("index-second-image-bad-keeps-the-first", INVALID,
-               ("product #1 ('bad-input-second')", "1 image of 1 product was stored", "re-send"),
-               with_(product_id="bad-input-first"), with_(product_id="bad-input-second", category="")),
-    index_case("index-bad-image-after-bad-metadata-names-the-first-problem", INVALID, ("product #0", "limit of 64"),
-               with_(metadata={f"k{i}": "v" for i in range(100)}),
-               with_(image=common_pb2.Image(encoded=b"junk"))),
+    index_case(
+        "index-box-outside-the-image",
+        INVALID,
+        ("box lies outside", "overlaps it"),
+        with_(box=box(10_000, 10_000, 20_000, 20_000)),
+    ),
+    index_case(
+        "index-metadata-too-many-keys",
+        INVALID,
+        ("'bad-input-product'", "65 keys", "limit of 64"),
+        with_(metadata={f"k{i}": "v" for i in range(65)}),
+    ),
+    index_case(
+        "index-metadata-key-too-long",
+        INVALID,
+        ("metadata key", "limit of 128", "shorter keys"),
+        with_(metadata={"k" * 129: "v"}),
+    ),
+    index_case(
+        "index-metadata-value-too-long",
+        INVALID,
+        ("'notes'", "limit of 4096", "reference"),
+        with_(metadata={"notes": "v" * 5000}),
+    ),
+    index_case(
+        "index-metadata-too-large-in-all",
+        INVALID,
+        ("in all", "limit of 16384"),
+        with_(metadata={f"k{i}": "v" * 4000 for i in range(5)}),
+    ),
+    index_case(
+        "index-huge-metadata-is-not-echoed", INVALID, ("limit of 4096",), with_(metadata={"x" * 64: "y" * 1_000_000})
+    ),
+    index_case(
+        "index-second-image-bad-keeps-the-first",
+        INVALID,
+        ("product #1 ('bad-input-second')", "1 image of 1 product was stored", "re-send"),
+        with_(product_id="bad-input-first"),
+        with_(product_id="bad-input-second", category=""),
+    ),
+    index_case(
+        "index-bad-image-after-bad-metadata-names-the-first-problem",
+        INVALID,
+        ("product #0", "limit of 64"),
+        with_(metadata={f"k{i}": "v" for i in range(100)}),
+        with_(image=common_pb2.Image(encoded=b"junk")),
+    ),
     # Used to report indexed: 2 for one stored image; now exact (and fine).
-    index_case("index-same-image-twice-is-fine", OK, (), with_(product_id="bad-input-twice"),
-               with_(product_id="bad-input-twice")),
+    index_case(
+        "index-same-image-twice-is-fine",
+        OK,
+        (),
+        with_(product_id="bad-input-twice"),
+        with_(product_id="bad-input-twice"),
+    ),
     index_case("index-empty-stream-is-fine", OK, ()),
-    Case("index-malformed-protobuf", INDEX,
-         lambda s: s.channels["gateway"].stream_unary(INDEX)(iter([b"\xff\xff\xff\xff"]), timeout=s.timeout),
-         INVALID, ("not a valid protobuf message",)),
+    Case(
+        "index-malformed-protobuf",
+        INDEX,
+        lambda s: s.channels["gateway"].stream_unary(INDEX)(iter([b"\xff\xff\xff\xff"]), timeout=s.timeout),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
 ]
 
 
 # --- DeleteProducts ---------------------------------------------------------------------------------
 
+
 def delete_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], product_ids=(), categories=()) -> Case:
-    return Case(case_id_, DELETE, lambda s: s.gateway.DeleteProducts(gateway_pb2.DeleteProductsRequest(
-        product_ids=list(product_ids), categories=list(categories)), timeout=s.timeout), code, says)
+    return Case(
+        case_id_,
+        DELETE,
+        lambda s: s.gateway.DeleteProducts(
+            gateway_pb2.DeleteProductsRequest(product_ids=list(product_ids), categories=list(categories)),
+            timeout=s.timeout,
+        ),
+        code,
+        says,
+    )
 
 
 DELETE_CASES = [
     delete_case("delete-no-ids", INVALID, ("product_ids is empty", "name the products")),
     delete_case("delete-empty-id", INVALID, ("product_ids[1] is empty",), product_ids=["bad-input-x", ""]),
-    delete_case("delete-id-too-long", INVALID, ("product_ids[0] is 100000 utf-8 bytes", "limit of 256"),
-                product_ids=["p" * 100_000]),
-    delete_case("delete-too-many-ids", EXHAUSTED, ("10001 product_ids", "at most 10000"),
-                product_ids=[f"bad-input-{i}" for i in range(10_001)]),
-    delete_case("delete-category-bad-characters", INVALID, NAME_RULE, product_ids=["bad-input-x"],
-                categories=["shoes;drop table"]),
-    delete_case("delete-category-too-long", INVALID, ("above the limit of 128",) + NAME_RULE,
-                product_ids=["bad-input-x"], categories=["c" * 10_000]),
-    delete_case("delete-category-empty", INVALID, ("category is required",), product_ids=["bad-input-x"],
-                categories=[""]),
-    delete_case("delete-too-many-categories", EXHAUSTED, ("257 categories", "at most 256"),
-                product_ids=["bad-input-x"], categories=[f"c{i}" for i in range(257)]),
+    delete_case(
+        "delete-id-too-long",
+        INVALID,
+        ("product_ids[0] is 100000 utf-8 bytes", "limit of 256"),
+        product_ids=["p" * 100_000],
+    ),
+    delete_case(
+        "delete-too-many-ids",
+        EXHAUSTED,
+        ("10001 product_ids", "at most 10000"),
+        product_ids=[f"bad-input-{i}" for i in range(10_001)],
+    ),
+    delete_case(
+        "delete-category-bad-characters",
+        INVALID,
+        NAME_RULE,
+        product_ids=["bad-input-x"],
+        categories=["shoes;drop table"],
+    ),
+    delete_case(
+        "delete-category-too-long",
+        INVALID,
+        ("above the limit of 128",) + NAME_RULE,
+        product_ids=["bad-input-x"],
+        categories=["c" * 10_000],
+    ),
+    delete_case(
+        "delete-category-empty", INVALID, ("category is required",), product_ids=["bad-input-x"], categories=[""]
+    ),
+    delete_case(
+        "delete-too-many-categories",
+        EXHAUSTED,
+        ("257 categories", "at most 256"),
+        product_ids=["bad-input-x"],
+        categories=[f"c{i}" for i in range(257)],
+    ),
     # A product nowhere is not an error: it is reported in not_found.
-    delete_case("delete-unknown-product-is-no-error", OK, (), product_ids=["bad-input-nowhere"],
-                categories=[CATEGORY]),
-    Case("delete-malformed-protobuf", DELETE,
-         lambda s: s.channels["gateway"].unary_unary(DELETE)(b"\x0a\xff\xff\xff\xff", timeout=s.timeout),
-         INVALID, ("not a valid protobuf message",)),
+    delete_case("delete-unknown-product-is-no-error", OK, (), product_ids=["bad-input-nowhere"], categories=[CATEGORY]),
+    Case(
+        "delete-malformed-protobuf",
+        DELETE,
+        lambda s: s.channels["gateway"].unary_unary(DELETE)(b"\x0a\xff\xff\xff\xff", timeout=s.timeout),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
 ]
 
 CASES = SEARCH_CASES + INDEX_CASES + DELETE_CASES

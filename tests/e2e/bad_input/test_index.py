@@ -4,7 +4,8 @@ signatures, limits, streams, and the inputs that used to break a shard or keep i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,11 +18,16 @@ from mps.index.v1 import index_pb2
 from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
 
 ADD, DELETE, SEARCH, BATCH, PARTIAL, LOOKUP, STATS, REPLICATE = (
-    rpc_name(index_pb2, "IndexService", method) for method in
-    ("Add", "Delete", "Search", "SearchBatch", "PartialScores", "Lookup", "Stats", "Replicate"))
+    rpc_name(index_pb2, "IndexService", method)
+    for method in ("Add", "Delete", "Search", "SearchBatch", "PartialScores", "Lookup", "Stats", "Replicate")
+)
 INVALID, NOT_FOUND, EXHAUSTED, PRECONDITION, OK = (
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OK)
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OK,
+)
 # The corpus's own databases: names without a ".<kind>" suffix, so the gateway sees no category.
 OWN = "corpus_index"
 
@@ -31,14 +37,20 @@ def dense(values: Any) -> common_pb2.Signature:
 
 
 def bag(words: list[int], vocabulary: int = 100, codebook: int = 1) -> common_pb2.Signature:
-    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW,
-                                bow=encode(BagOfWords.from_words(np.asarray(words), vocabulary, codebook)))
+    return common_pb2.Signature(
+        kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(BagOfWords.from_words(np.asarray(words), vocabulary, codebook))
+    )
 
 
-def item(database: str = OWN, item_id: str = "x", signature: common_pb2.Signature | None = None,
-         **fields: Any) -> index_pb2.AddRequest:
-    return index_pb2.AddRequest(item_id=item_id, database=database,
-                                signature=signature if signature is not None else dense([1, 0, 0, 0]), **fields)
+def item(
+    database: str = OWN, item_id: str = "x", signature: common_pb2.Signature | None = None, **fields: Any
+) -> index_pb2.AddRequest:
+    return index_pb2.AddRequest(
+        item_id=item_id,
+        database=database,
+        signature=signature if signature is not None else dense([1, 0, 0, 0]),
+        **fields,
+    )
 
 
 def add(*requests: index_pb2.AddRequest) -> Callable[[Stubs], Any]:
@@ -49,65 +61,97 @@ def add_expecting(added: int, replaced: int, *requests: index_pb2.AddRequest) ->
     def call(s: Stubs) -> None:
         response = s.index.Add(iter(requests), timeout=s.timeout)
         assert (response.added, response.replaced) == (added, replaced), response
+
     return call
 
 
-def search(database: str | None = None, signature: common_pb2.Signature | str = "deep",
-           **fields: Any) -> Callable[[Stubs], Any]:
+def search(
+    database: str | None = None, signature: common_pb2.Signature | str = "deep", **fields: Any
+) -> Callable[[Stubs], Any]:
     """A drained Search; database None = the reference database of the signature's kind."""
+
     def call(s: Stubs) -> Any:
         query = getattr(s, signature) if isinstance(signature, str) else signature
-        name = database if database is not None else s.databases["bow" if query.kind == common_pb2.SIGNATURE_KIND_BOW
-                                                                     else "deep"]
-        return list(s.index.Search(index_pb2.SearchRequest(database=name, signature=query, **fields),
-                                   timeout=s.timeout))
+        name = (
+            database
+            if database is not None
+            else s.databases["bow" if query.kind == common_pb2.SIGNATURE_KIND_BOW else "deep"]
+        )
+        return list(
+            s.index.Search(index_pb2.SearchRequest(database=name, signature=query, **fields), timeout=s.timeout)
+        )
+
     return call
 
 
-def batch(kind: str = "deep", signatures: Callable[[Stubs], list[common_pb2.Signature]] | None = None,
-          database: str | None = None, **fields: Any) -> Callable[[Stubs], Any]:
+def batch(
+    kind: str = "deep",
+    signatures: Callable[[Stubs], list[common_pb2.Signature]] | None = None,
+    database: str | None = None,
+    **fields: Any,
+) -> Callable[[Stubs], Any]:
     def call(s: Stubs) -> Any:
         queries = signatures(s) if signatures is not None else [getattr(s, kind)]
-        return s.index.SearchBatch(index_pb2.SearchBatchRequest(
-            database=s.databases[kind] if database is None else database, signatures=queries, **fields),
-            timeout=s.timeout)
+        return s.index.SearchBatch(
+            index_pb2.SearchBatchRequest(
+                database=s.databases[kind] if database is None else database, signatures=queries, **fields
+            ),
+            timeout=s.timeout,
+        )
+
     return call
 
 
-def partial(kind: str = "bow", signature: Callable[[Stubs], common_pb2.Signature] | None = None,
-            database: str | None = None) -> Callable[[Stubs], Any]:
+def partial(
+    kind: str = "bow", signature: Callable[[Stubs], common_pb2.Signature] | None = None, database: str | None = None
+) -> Callable[[Stubs], Any]:
     def call(s: Stubs) -> Any:
-        return list(s.index.PartialScores(index_pb2.PartialScoresRequest(
-            database=s.databases[kind] if database is None else database,
-            signature=signature(s) if signature is not None else s.bow), timeout=s.timeout))
+        return list(
+            s.index.PartialScores(
+                index_pb2.PartialScoresRequest(
+                    database=s.databases[kind] if database is None else database,
+                    signature=signature(s) if signature is not None else s.bow,
+                ),
+                timeout=s.timeout,
+            )
+        )
+
     return call
 
 
-def lookup(kind: str = "bow", keys: list[int] | None = None, database: str | None = None,
-           expect_items: int | None = None) -> Callable[[Stubs], Any]:
+def lookup(
+    kind: str = "bow", keys: list[int] | None = None, database: str | None = None, expect_items: int | None = None
+) -> Callable[[Stubs], Any]:
     def call(s: Stubs) -> Any:
-        response = s.index.Lookup(index_pb2.LookupRequest(
-            database=s.databases[kind] if database is None else database, keys=keys or [1]), timeout=s.timeout)
+        response = s.index.Lookup(
+            index_pb2.LookupRequest(database=s.databases[kind] if database is None else database, keys=keys or [1]),
+            timeout=s.timeout,
+        )
         assert expect_items is None or len(response.items) == expect_items
         return response
+
     return call
 
 
 def no_database_listed(call: Callable[[Stubs], Any]) -> Callable[[Stubs], Any]:
     """The call, checking that its refusal names no database the shard holds."""
+
     def checked(s: Stubs) -> Any:
         try:
             return call(s)
         except grpc.RpcError as error:
             assert "reference" not in (error.details() or ""), error.details()
             raise
+
     return checked
 
 
 def other_codebook(s: Stubs) -> common_pb2.Signature:
     held = decode(s.bow.bow)
-    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(BagOfWords(
-        held.words, held.counts, held.vocabulary, held.codebook ^ 1)))
+    return common_pb2.Signature(
+        kind=common_pb2.SIGNATURE_KIND_BOW,
+        bow=encode(BagOfWords(held.words, held.counts, held.vocabulary, held.codebook ^ 1)),
+    )
 
 
 def stats_are_clean(s: Stubs) -> None:
@@ -136,137 +180,377 @@ CASES = [
     Case("add-group-id-2000-bytes", ADD, add(item(group_id="g" * 2000)), INVALID, ("group_id", "limit of 1024")),
     # -- Add: signatures
     Case("add-signature-unset", ADD, add(item(signature=EMPTY)), INVALID, ("unspecified", "signature_kind_deep")),
-    Case("add-signature-kind-99", ADD, add(item(signature=common_pb2.Signature(kind=99))), INVALID,
-         ("signature kind 99 is unknown",)),
-    Case("add-deep-without-values", ADD, add(item(signature=common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_DEEP))), INVALID, ("empty", "dense.values")),
-    Case("add-bow-without-bytes", ADD, add(item(signature=common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_BOW))), INVALID, ("empty", "bow bytes")),
-    Case("add-bow-garbage", ADD, add(item(signature=common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage bytes"))), INVALID, ("bag-of-words signature",)),
-    Case("add-bow-truncated", ADD, lambda s: s.index.Add(iter([item(signature=common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_BOW, bow=s.bow.bow[:12]))]), timeout=s.timeout), INVALID, ("truncated",)),
+    Case(
+        "add-signature-kind-99",
+        ADD,
+        add(item(signature=common_pb2.Signature(kind=99))),
+        INVALID,
+        ("signature kind 99 is unknown",),
+    ),
+    Case(
+        "add-deep-without-values",
+        ADD,
+        add(item(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP))),
+        INVALID,
+        ("empty", "dense.values"),
+    ),
+    Case(
+        "add-bow-without-bytes",
+        ADD,
+        add(item(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW))),
+        INVALID,
+        ("empty", "bow bytes"),
+    ),
+    Case(
+        "add-bow-garbage",
+        ADD,
+        add(item(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage bytes"))),
+        INVALID,
+        ("bag-of-words signature",),
+    ),
+    Case(
+        "add-bow-truncated",
+        ADD,
+        lambda s: s.index.Add(
+            iter([item(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=s.bow.bow[:12]))]),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("truncated",),
+    ),
     Case("add-dense-nan", ADD, add(item(signature=dense([np.nan, 1, 0, 0]))), INVALID, ("nan",)),
     Case("add-dense-inf", ADD, add(item(signature=dense([np.inf, 1, 0, 0]))), INVALID, ("infinite",)),
     Case("add-dense-zeros", ADD, add(item(signature=dense([0, 0, 0, 0]))), INVALID, ("all zeros",)),
-    Case("add-dense-4097-dims", ADD, add(item(signature=dense(np.ones(4097)))), INVALID,
-         ("4097 values", "limit of 4096 dimensions")),
-    Case("add-dense-2-to-the-20-plus-1-dims", ADD, add(item(signature=dense(np.ones((1 << 20) + 1)))), INVALID,
-         ("limit of 4096 dimensions",)),
+    Case(
+        "add-dense-4097-dims",
+        ADD,
+        add(item(signature=dense(np.ones(4097)))),
+        INVALID,
+        ("4097 values", "limit of 4096 dimensions"),
+    ),
+    Case(
+        "add-dense-2-to-the-20-plus-1-dims",
+        ADD,
+        add(item(signature=dense(np.ones((1 << 20) + 1)))),
+        INVALID,
+        ("limit of 4096 dimensions",),
+    ),
     Case("add-box-nan", ADD, add(item(box=common_pb2.Box(x_min=float("nan"), x_max=1, y_max=1))), INVALID, ("box",)),
     Case("add-box-inf", ADD, add(item(box=common_pb2.Box(x_max=float("inf"), y_max=1))), INVALID, ("box", "infinite")),
     # -- Add: metadata (6.5 MB per product made a category's searches fail)
-    Case("add-metadata-65-keys", ADD, add(item(metadata={f"k{i}": "v" for i in range(65)})), INVALID,
-         ("65 keys", "limit of 64")),
-    Case("add-metadata-key-129-bytes", ADD, add(item(metadata={"k" * 129: "v"})), INVALID,
-         ("metadata key", "limit of 128")),
-    Case("add-metadata-value-4097-bytes", ADD, add(item(metadata={"title": "v" * 4097})), INVALID,
-         ("'title'", "limit of 4096")),
-    Case("add-metadata-value-6-5-mb", ADD, add(item(metadata={"blob": "v" * 6_500_000})), INVALID,
-         ("'blob'", "limit of 4096", "reference")),
-    Case("add-metadata-20-kib-in-all", ADD, add(item(metadata={f"k{i}": "v" * 4000 for i in range(5)})), INVALID,
-         ("limit of 16384 per item",)),
+    Case(
+        "add-metadata-65-keys",
+        ADD,
+        add(item(metadata={f"k{i}": "v" for i in range(65)})),
+        INVALID,
+        ("65 keys", "limit of 64"),
+    ),
+    Case(
+        "add-metadata-key-129-bytes",
+        ADD,
+        add(item(metadata={"k" * 129: "v"})),
+        INVALID,
+        ("metadata key", "limit of 128"),
+    ),
+    Case(
+        "add-metadata-value-4097-bytes",
+        ADD,
+        add(item(metadata={"title": "v" * 4097})),
+        INVALID,
+        ("'title'", "limit of 4096"),
+    ),
+    Case(
+        "add-metadata-value-6-5-mb",
+        ADD,
+        add(item(metadata={"blob": "v" * 6_500_000})),
+        INVALID,
+        ("'blob'", "limit of 4096", "reference"),
+    ),
+    Case(
+        "add-metadata-20-kib-in-all",
+        ADD,
+        add(item(metadata={f"k{i}": "v" * 4000 for i in range(5)})),
+        INVALID,
+        ("limit of 16384 per item",),
+    ),
     # -- Add: against what a database holds
-    Case("add-bow-into-a-deep-database", ADD, lambda s: s.index.Add(iter([item(
-        database=s.databases["deep"], item_id="corpus-x", signature=s.bow)]), timeout=s.timeout), INVALID,
-         ("holds signature_kind_deep", "not signature_kind_bow")),
-    Case("add-8-values-into-the-deep-database", ADD, lambda s: s.index.Add(iter([item(
-        database=s.databases["deep"], item_id="corpus-x", signature=dense(np.ones(8)))]), timeout=s.timeout),
-         INVALID, ("8 values", "-d vectors")),
-    Case("add-other-codebook-into-the-bow-database", ADD, lambda s: s.index.Add(iter([item(
-        database=s.databases["bow"], item_id="corpus-x", signature=other_codebook(s))]), timeout=s.timeout),
-         INVALID, ("codebook", "re-sign")),
+    Case(
+        "add-bow-into-a-deep-database",
+        ADD,
+        lambda s: s.index.Add(
+            iter([item(database=s.databases["deep"], item_id="corpus-x", signature=s.bow)]), timeout=s.timeout
+        ),
+        INVALID,
+        ("holds signature_kind_deep", "not signature_kind_bow"),
+    ),
+    Case(
+        "add-8-values-into-the-deep-database",
+        ADD,
+        lambda s: s.index.Add(
+            iter([item(database=s.databases["deep"], item_id="corpus-x", signature=dense(np.ones(8)))]),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("8 values", "-d vectors"),
+    ),
+    Case(
+        "add-other-codebook-into-the-bow-database",
+        ADD,
+        lambda s: s.index.Add(
+            iter([item(database=s.databases["bow"], item_id="corpus-x", signature=other_codebook(s))]),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("codebook", "re-sign"),
+    ),
     # -- Add: a stream is all or nothing, bounded, and counted exactly
-    Case("add-refused-second-item-stores-nothing", ADD, add(item(f"{OWN}_atomic", "a"), item(
-        f"{OWN}_atomic", "b", dense([0, 0, 0, 0]))), INVALID, ("item #1 ('b')", "nothing of this stream was added")),
-    Case("search-the-refused-stream-created-nothing", SEARCH, search(f"{OWN}_atomic", dense([1, 0, 0, 0])),
-         NOT_FOUND, ("does not exist", "first add")),
-    Case("add-new-database-two-shapes-in-one-stream", ADD, add(item(f"{OWN}_shapes", "a"), item(
-        f"{OWN}_shapes", "b", dense([1, 0]))), INVALID, ("item #1", "first item for it has a deep signature of 4")),
-    Case("add-20001-items-in-one-stream", ADD, add(*[item(f"{OWN}_many", f"i{n}") for n in range(20_001)]),
-         EXHAUSTED, ("send at most 20000 items per add stream", "split")),
-    Case("add-first-refused-with-3-dims", ADD, add(item(f"{OWN}_fresh", signature=dense([0, 0, 0]))), INVALID,
-         ("all zeros",)),
+    Case(
+        "add-refused-second-item-stores-nothing",
+        ADD,
+        add(item(f"{OWN}_atomic", "a"), item(f"{OWN}_atomic", "b", dense([0, 0, 0, 0]))),
+        INVALID,
+        ("item #1 ('b')", "nothing of this stream was added"),
+    ),
+    Case(
+        "search-the-refused-stream-created-nothing",
+        SEARCH,
+        search(f"{OWN}_atomic", dense([1, 0, 0, 0])),
+        NOT_FOUND,
+        ("does not exist", "first add"),
+    ),
+    Case(
+        "add-new-database-two-shapes-in-one-stream",
+        ADD,
+        add(item(f"{OWN}_shapes", "a"), item(f"{OWN}_shapes", "b", dense([1, 0]))),
+        INVALID,
+        ("item #1", "first item for it has a deep signature of 4"),
+    ),
+    Case(
+        "add-20001-items-in-one-stream",
+        ADD,
+        add(*[item(f"{OWN}_many", f"i{n}") for n in range(20_001)]),
+        EXHAUSTED,
+        ("send at most 20000 items per add stream", "split"),
+    ),
+    Case(
+        "add-first-refused-with-3-dims",
+        ADD,
+        add(item(f"{OWN}_fresh", signature=dense([0, 0, 0]))),
+        INVALID,
+        ("all zeros",),
+    ),
     Case("add-then-4-dims-is-accepted", ADD, add_expecting(1, 0, item(f"{OWN}_fresh")), OK),
-    Case("add-same-id-twice-counts-once", ADD, add_expecting(1, 1, item(f"{OWN}_counts", "a"), item(
-        f"{OWN}_counts", "a", dense([0, 1, 0, 0]))), OK),
-    Case("add-huge-values-are-normalised", ADD, add_expecting(1, 0, item(f"{OWN}_huge", "h", dense(
-        [3e38, 3e38, 0, 0]))), OK),
+    Case(
+        "add-same-id-twice-counts-once",
+        ADD,
+        add_expecting(1, 1, item(f"{OWN}_counts", "a"), item(f"{OWN}_counts", "a", dense([0, 1, 0, 0]))),
+        OK,
+    ),
+    Case(
+        "add-huge-values-are-normalised",
+        ADD,
+        add_expecting(1, 0, item(f"{OWN}_huge", "h", dense([3e38, 3e38, 0, 0]))),
+        OK,
+    ),
     # -- Delete
-    Case("delete-database-empty", DELETE, lambda s: s.index.Delete(index_pb2.DeleteRequest(item_ids=["a"]),
-                                                                   timeout=s.timeout), INVALID, ("database is required",)),
-    Case("delete-database-nul", DELETE, lambda s: s.index.Delete(index_pb2.DeleteRequest(
-        database="a\0b", item_ids=["a"]), timeout=s.timeout), INVALID, ("u+0000",)),
-    Case("delete-database-600-bytes", DELETE, lambda s: s.index.Delete(index_pb2.DeleteRequest(
-        database="n" * 600, item_ids=["a"]), timeout=s.timeout), INVALID, ("limit of 128",)),
-    Case("delete-unknown-database", DELETE, no_database_listed(lambda s: s.index.Delete(index_pb2.DeleteRequest(
-        database="no_such_database", item_ids=["a"]), timeout=s.timeout)), NOT_FOUND,
-         ("'no_such_database' does not exist", "first add")),
-    Case("delete-an-id-twice-counts-once", DELETE, lambda s: _deleted(s, index_pb2.DeleteRequest(
-        database=f"{OWN}_counts", item_ids=["a", "a", "zz", "zz"]), 1, ["zz"]), OK),
-    Case("delete-groups-not-there", DELETE, lambda s: _deleted(s, index_pb2.DeleteRequest(
-        database=f"{OWN}_fresh", group_ids=["nope", "nope"]), 0, []), OK),
+    Case(
+        "delete-database-empty",
+        DELETE,
+        lambda s: s.index.Delete(index_pb2.DeleteRequest(item_ids=["a"]), timeout=s.timeout),
+        INVALID,
+        ("database is required",),
+    ),
+    Case(
+        "delete-database-nul",
+        DELETE,
+        lambda s: s.index.Delete(index_pb2.DeleteRequest(database="a\0b", item_ids=["a"]), timeout=s.timeout),
+        INVALID,
+        ("u+0000",),
+    ),
+    Case(
+        "delete-database-600-bytes",
+        DELETE,
+        lambda s: s.index.Delete(index_pb2.DeleteRequest(database="n" * 600, item_ids=["a"]), timeout=s.timeout),
+        INVALID,
+        ("limit of 128",),
+    ),
+    Case(
+        "delete-unknown-database",
+        DELETE,
+        no_database_listed(
+            lambda s: s.index.Delete(
+                index_pb2.DeleteRequest(database="no_such_database", item_ids=["a"]), timeout=s.timeout
+            )
+        ),
+        NOT_FOUND,
+        ("'no_such_database' does not exist", "first add"),
+    ),
+    Case(
+        "delete-an-id-twice-counts-once",
+        DELETE,
+        lambda s: _deleted(
+            s, index_pb2.DeleteRequest(database=f"{OWN}_counts", item_ids=["a", "a", "zz", "zz"]), 1, ["zz"]
+        ),
+        OK,
+    ),
+    Case(
+        "delete-groups-not-there",
+        DELETE,
+        lambda s: _deleted(s, index_pb2.DeleteRequest(database=f"{OWN}_fresh", group_ids=["nope", "nope"]), 0, []),
+        OK,
+    ),
     # -- Search
     Case("search-database-empty", SEARCH, search(""), INVALID, ("database is required",)),
     Case("search-database-nul", SEARCH, search("a\0b"), INVALID, ("u+0000",)),
     Case("search-database-600-bytes", SEARCH, search("n" * 600), INVALID, ("limit of 128",)),
-    Case("search-unknown-database", SEARCH, no_database_listed(search("no_such_database")), NOT_FOUND,
-         ("'no_such_database' does not exist", "first add")),
-    Case("search-top-k-1001", SEARCH, search(top_k=1001), INVALID,
-         ("top_k 1001 is above the limit of 1000", "ask for at most 1000")),
+    Case(
+        "search-unknown-database",
+        SEARCH,
+        no_database_listed(search("no_such_database")),
+        NOT_FOUND,
+        ("'no_such_database' does not exist", "first add"),
+    ),
+    Case(
+        "search-top-k-1001",
+        SEARCH,
+        search(top_k=1001),
+        INVALID,
+        ("top_k 1001 is above the limit of 1000", "ask for at most 1000"),
+    ),
     Case("search-top-k-max-uint32", SEARCH, search(top_k=2**32 - 1), INVALID, ("ask for at most 1000",)),
-    Case("search-bow-query-on-deep-database", SEARCH, lambda s: search(s.databases["deep"], "bow")(s), INVALID,
-         ("holds signature_kind_deep", "not signature_kind_bow")),
-    Case("search-7-values-on-deep-database", SEARCH, search(signature=dense(np.ones(7))), INVALID,
-         ("7 values", "-d vectors")),
-    Case("search-nan-query", SEARCH, lambda s: search(signature=dense(
-        [np.nan] * len(s.deep.dense.values)))(s), INVALID, ("nan",)),
-    Case("search-zero-query", SEARCH, lambda s: search(signature=dense(
-        np.zeros(len(s.deep.dense.values))))(s), INVALID, ("all zeros",)),
-    Case("search-huge-valued-query", SEARCH, lambda s: search(signature=dense(
-        np.full(len(s.deep.dense.values), 3e38)))(s), OK),
-    Case("search-signature-unset", SEARCH, lambda s: search(s.databases["deep"], EMPTY)(s), INVALID,
-         ("unspecified",)),
-    Case("search-bow-garbage", SEARCH, search(signature=common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01\xff\xff")), INVALID, ("bag-of-words signature",)),
-    Case("search-bow-other-vocabulary", SEARCH, search(signature=bag([1, 2, 3], vocabulary=100)), INVALID,
-         ("vocabulary",)),
-    Case("search-bow-other-codebook", SEARCH, lambda s: search(signature=other_codebook(s))(s), INVALID,
-         ("codebook",)),
+    Case(
+        "search-bow-query-on-deep-database",
+        SEARCH,
+        lambda s: search(s.databases["deep"], "bow")(s),
+        INVALID,
+        ("holds signature_kind_deep", "not signature_kind_bow"),
+    ),
+    Case(
+        "search-7-values-on-deep-database",
+        SEARCH,
+        search(signature=dense(np.ones(7))),
+        INVALID,
+        ("7 values", "-d vectors"),
+    ),
+    Case(
+        "search-nan-query",
+        SEARCH,
+        lambda s: search(signature=dense([np.nan] * len(s.deep.dense.values)))(s),
+        INVALID,
+        ("nan",),
+    ),
+    Case(
+        "search-zero-query",
+        SEARCH,
+        lambda s: search(signature=dense(np.zeros(len(s.deep.dense.values))))(s),
+        INVALID,
+        ("all zeros",),
+    ),
+    Case(
+        "search-huge-valued-query",
+        SEARCH,
+        lambda s: search(signature=dense(np.full(len(s.deep.dense.values), 3e38)))(s),
+        OK,
+    ),
+    Case("search-signature-unset", SEARCH, lambda s: search(s.databases["deep"], EMPTY)(s), INVALID, ("unspecified",)),
+    Case(
+        "search-bow-garbage",
+        SEARCH,
+        search(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01\xff\xff")),
+        INVALID,
+        ("bag-of-words signature",),
+    ),
+    Case(
+        "search-bow-other-vocabulary",
+        SEARCH,
+        search(signature=bag([1, 2, 3], vocabulary=100)),
+        INVALID,
+        ("vocabulary",),
+    ),
+    Case("search-bow-other-codebook", SEARCH, lambda s: search(signature=other_codebook(s))(s), INVALID, ("codebook",)),
     # -- SearchBatch
     Case("batch-no-signatures", BATCH, batch(signatures=lambda s: []), INVALID, ("signatures is empty",)),
-    Case("batch-257-queries", BATCH, batch(signatures=lambda s: [s.deep] * 257), EXHAUSTED,
-         ("batch limit of 256", "split")),
+    Case(
+        "batch-257-queries",
+        BATCH,
+        batch(signatures=lambda s: [s.deep] * 257),
+        EXHAUSTED,
+        ("batch limit of 256", "split"),
+    ),
     Case("batch-top-k-1001", BATCH, batch(top_k=1001), INVALID, ("top_k 1001 is above the limit of 1000",)),
-    Case("batch-second-query-bad", BATCH, batch(signatures=lambda s: [s.deep, dense(np.ones(3))]), INVALID,
-         ("signature #1", "3 values")),
-    Case("batch-mixed-kinds", BATCH, batch(signatures=lambda s: [s.deep, s.bow]), INVALID,
-         ("signature #1", "not signature_kind_bow")),
-    Case("batch-unknown-database", BATCH, no_database_listed(batch(database="no_such_database")), NOT_FOUND,
-         ("does not exist",)),
+    Case(
+        "batch-second-query-bad",
+        BATCH,
+        batch(signatures=lambda s: [s.deep, dense(np.ones(3))]),
+        INVALID,
+        ("signature #1", "3 values"),
+    ),
+    Case(
+        "batch-mixed-kinds",
+        BATCH,
+        batch(signatures=lambda s: [s.deep, s.bow]),
+        INVALID,
+        ("signature #1", "not signature_kind_bow"),
+    ),
+    Case(
+        "batch-unknown-database",
+        BATCH,
+        no_database_listed(batch(database="no_such_database")),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
     Case("batch-database-nul", BATCH, batch(database="x\0"), INVALID, ("u+0000",)),
     # -- PartialScores
-    Case("partial-on-a-dense-database", PARTIAL, partial("deep", signature=lambda s: s.deep), INVALID,
-         ("dense", "use search")),
-    Case("partial-unknown-database", PARTIAL, no_database_listed(partial(database="no_such_database")), NOT_FOUND,
-         ("does not exist",)),
+    Case(
+        "partial-on-a-dense-database",
+        PARTIAL,
+        partial("deep", signature=lambda s: s.deep),
+        INVALID,
+        ("dense", "use search"),
+    ),
+    Case(
+        "partial-unknown-database",
+        PARTIAL,
+        no_database_listed(partial(database="no_such_database")),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
     Case("partial-database-empty", PARTIAL, partial(database=""), INVALID, ("database is required",)),
-    Case("partial-garbage-bow", PARTIAL, partial(signature=lambda s: common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01\x00")), INVALID, ("bag-of-words signature",)),
+    Case(
+        "partial-garbage-bow",
+        PARTIAL,
+        partial(signature=lambda s: common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01\x00")),
+        INVALID,
+        ("bag-of-words signature",),
+    ),
     Case("partial-deep-query", PARTIAL, partial(signature=lambda s: s.deep), INVALID, ("not signature_kind_deep",)),
     # -- Lookup
     Case("lookup-on-a-dense-database", LOOKUP, lookup("deep"), INVALID, ("dense", "bag-of-words")),
-    Case("lookup-unknown-database", LOOKUP, no_database_listed(lookup(database="no_such_database")), NOT_FOUND,
-         ("does not exist",)),
+    Case(
+        "lookup-unknown-database",
+        LOOKUP,
+        no_database_listed(lookup(database="no_such_database")),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
     Case("lookup-database-600-bytes", LOOKUP, lookup(database="n" * 600), INVALID, ("limit of 128",)),
     Case("lookup-unknown-keys", LOOKUP, lookup(keys=[1, 2, 3], expect_items=0), OK),
     Case("lookup-a-million-keys", LOOKUP, lookup(keys=list(range(1, 1_000_001)), expect_items=0), OK),
     # -- Stats: after all of the above, nothing broken, no name that breaks a snapshot
     Case("stats-after-the-corpus", STATS, stats_are_clean, OK),
     # -- Replicate (replica to replica)
-    Case("replicate-another-word-range", REPLICATE, lambda s: list(s.index.Replicate(index_pb2.ReplicateRequest(
-        word_shard_index=5, word_shard_count=7, replica="corpus:1"), timeout=s.timeout)), PRECONDITION,
-         ("word range", "not a replica of this shard")),
+    Case(
+        "replicate-another-word-range",
+        REPLICATE,
+        lambda s: list(
+            s.index.Replicate(
+                index_pb2.ReplicateRequest(word_shard_index=5, word_shard_count=7, replica="corpus:1"),
+                timeout=s.timeout,
+            )
+        ),
+        PRECONDITION,
+        ("word range", "not a replica of this shard"),
+    ),
 ]
 
 

@@ -6,7 +6,8 @@ PNGs: decoded white), which must now be answered."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import grpc
@@ -23,11 +24,16 @@ from signature_server.config import SignatureConfig
 from tests.conftest import png_bomb
 from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
 
-SIGN, KINDS, LOCATE = (rpc_name(signature_pb2, "SignatureService", method)
-                       for method in ("ComputeSignatures", "ListKinds", "LocateObjects"))
+SIGN, KINDS, LOCATE = (
+    rpc_name(signature_pb2, "SignatureService", method)
+    for method in ("ComputeSignatures", "ListKinds", "LocateObjects")
+)
 INVALID, EXHAUSTED, OK = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK
-DEEP, BOW, UNSPECIFIED = (common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW,
-                          common_pb2.SIGNATURE_KIND_UNSPECIFIED)
+DEEP, BOW, UNSPECIFIED = (
+    common_pb2.SIGNATURE_KIND_DEEP,
+    common_pb2.SIGNATURE_KIND_BOW,
+    common_pb2.SIGNATURE_KIND_UNSPECIFIED,
+)
 # The suite runs the server with its defaults.
 LIMITS = SignatureConfig()
 MAX_IMAGES, MAX_SALIENT, MAX_SEGMENTS = LIMITS.max_images_per_request, LIMITS.max_salient, LIMITS.max_segments
@@ -59,16 +65,19 @@ def raw(width: int, height: int, rgb: bytes) -> common_pb2.Image:
 
 
 def sign(*images: common_pb2.Image, kind: int = DEEP, kinds: tuple[int, ...] = ()) -> Callable[[Stubs], Any]:
-    return lambda s: s.signature.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
-        images=images, kind=kind, kinds=kinds), timeout=s.timeout)
+    return lambda s: s.signature.ComputeSignatures(
+        signature_pb2.ComputeSignaturesRequest(images=images, kind=kind, kinds=kinds), timeout=s.timeout
+    )
 
 
 def sign_both_kinds_validly(image: common_pb2.Image, like: np.ndarray | None = None) -> Callable[[Stubs], Any]:
     """Deep and bag of words, both valid; with `like`, the deep signature equals that picture's."""
+
     def call(s: Stubs) -> None:
         images = [image] + ([image_to_proto(like)] if like is not None else [])
-        signed = s.signature.ComputeSignatures(signature_pb2.ComputeSignaturesRequest(
-            images=images, kinds=[DEEP, BOW]), timeout=s.timeout).signatures
+        signed = s.signature.ComputeSignatures(
+            signature_pb2.ComputeSignaturesRequest(images=images, kinds=[DEEP, BOW]), timeout=s.timeout
+        ).signatures
         assert len(signed) == 2 * len(images)
         deep, bow = np.asarray(signed[0].dense.values), decode(signed[1].bow)
         assert deep.shape == (1280,) and np.isfinite(deep).all() and abs(np.linalg.norm(deep) - 1) < 1e-3
@@ -76,18 +85,24 @@ def sign_both_kinds_validly(image: common_pb2.Image, like: np.ndarray | None = N
         if like is not None:
             np.testing.assert_allclose(deep, signed[2].dense.values, atol=1e-4)
             assert signed[1].bow == signed[3].bow
+
     return call
 
 
-def locate(image: common_pb2.Image | None = None, max_salient: int = 2, max_segments: int = 10
-           ) -> Callable[[Stubs], Any]:
-    return lambda s: s.signature.LocateObjects(signature_pb2.LocateObjectsRequest(
-        image=image if image is not None else s.photo, max_salient=max_salient, max_segments=max_segments),
-        timeout=s.timeout)
+def locate(
+    image: common_pb2.Image | None = None, max_salient: int = 2, max_segments: int = 10
+) -> Callable[[Stubs], Any]:
+    return lambda s: s.signature.LocateObjects(
+        signature_pb2.LocateObjectsRequest(
+            image=image if image is not None else s.photo, max_salient=max_salient, max_segments=max_segments
+        ),
+        timeout=s.timeout,
+    )
 
 
 def locate_inside(image: common_pb2.Image, width: int, height: int) -> Callable[[Stubs], Any]:
     """Answers OK, with the image's size and every box inside it."""
+
     def call(s: Stubs) -> None:
         found = locate(image)(s)
         assert (found.image_width, found.image_height) == (width, height)
@@ -95,6 +110,7 @@ def locate_inside(image: common_pb2.Image, width: int, height: int) -> Callable[
             box = located.box
             assert 0 <= box.x_min <= box.x_max <= width and 0 <= box.y_min <= box.y_max <= height, located
             assert 0 < located.score <= 1
+
     return call
 
 
@@ -112,66 +128,146 @@ TINY = image_to_proto(COFFEE[:8, :8])
 
 SIGN_CASES = [
     Case("sign-no-images", SIGN, sign(), INVALID, ("no images", f"1 to {MAX_IMAGES}")),
-    Case("sign-image-without-source", SIGN, sign(common_pb2.Image()), INVALID,
-         ("images[0]", "no image given", "image.encoded", "image.raw")),
+    Case(
+        "sign-image-without-source",
+        SIGN,
+        sign(common_pb2.Image()),
+        INVALID,
+        ("images[0]", "no image given", "image.encoded", "image.raw"),
+    ),
     Case("sign-empty-encoded", SIGN, sign(encoded(b"")), INVALID, ("images[0]", "empty", "encoded file bytes")),
-    Case("sign-truncated-jpeg", SIGN, sign(encoded(JPEG_TRUNCATED)), INVALID,
-         ("cannot be decoded", "complete jpeg")),
-    Case("sign-truncated-png", SIGN, sign(encoded(PNG[: len(PNG) // 2])), INVALID,
-         ("cannot be decoded", "complete jpeg, png")),
+    Case("sign-truncated-jpeg", SIGN, sign(encoded(JPEG_TRUNCATED)), INVALID, ("cannot be decoded", "complete jpeg")),
+    Case(
+        "sign-truncated-png",
+        SIGN,
+        sign(encoded(PNG[: len(PNG) // 2])),
+        INVALID,
+        ("cannot be decoded", "complete jpeg, png"),
+    ),
     Case("sign-random-bytes", SIGN, sign(encoded(RANDOM)), INVALID, ("cannot be decoded", "no image format")),
-    Case("sign-text-not-an-image", SIGN, sign(encoded(b"<svg>" + b"A" * 100_000 + b"</svg>")), INVALID,
-         ("cannot be decoded", "png")),
-    Case("sign-png-bomb", SIGN, sign(encoded(png_bomb())), INVALID,
-         ("100000x100000", f"limit of {LIMITS.max_pixels}", "downscale")),
+    Case(
+        "sign-text-not-an-image",
+        SIGN,
+        sign(encoded(b"<svg>" + b"A" * 100_000 + b"</svg>")),
+        INVALID,
+        ("cannot be decoded", "png"),
+    ),
+    Case(
+        "sign-png-bomb",
+        SIGN,
+        sign(encoded(png_bomb())),
+        INVALID,
+        ("100000x100000", f"limit of {LIMITS.max_pixels}", "downscale"),
+    ),
     Case("sign-png-zero-width-header", SIGN, sign(encoded(png_bomb(0, 10))), INVALID, ("cannot be decoded",)),
     Case("sign-bad-second-image", SIGN, sign(TINY, encoded(RANDOM)), INVALID, ("images[1]", "cannot be decoded")),
-    Case("sign-raw-too-few-bytes", SIGN, sign(raw(4, 4, bytes(47))), INVALID,
-         ("needs 48 rgb bytes", "got 47", "width x height x 3")),
+    Case(
+        "sign-raw-too-few-bytes",
+        SIGN,
+        sign(raw(4, 4, bytes(47))),
+        INVALID,
+        ("needs 48 rgb bytes", "got 47", "width x height x 3"),
+    ),
     Case("sign-raw-too-many-bytes", SIGN, sign(raw(4, 4, bytes(49))), INVALID, ("needs 48 rgb bytes", "got 49")),
     Case("sign-raw-no-bytes", SIGN, sign(raw(4, 4, b"")), INVALID, ("needs 48 rgb bytes", "got 0")),
     Case("sign-raw-zero-width", SIGN, sign(raw(0, 4, b"")), INVALID, ("zero size", "raw.width")),
     Case("sign-raw-zero-height", SIGN, sign(raw(4, 0, b"")), INVALID, ("zero size", "raw.height")),
-    Case("sign-raw-over-the-pixel-limit", SIGN, sign(raw(2**32 - 1, 2**32 - 1, b"")), INVALID,
-         (f"limit of {LIMITS.max_pixels}", "downscale")),
-    Case("sign-too-many-images", SIGN, sign(*[TINY] * (MAX_IMAGES + 1)), EXHAUSTED,
-         (f"{MAX_IMAGES + 1} images are above the limit of {MAX_IMAGES} per call", "split the call")),
-    Case("sign-too-many-images-with-two-kinds", SIGN, sign(*[TINY] * (MAX_IMAGES + 1), kinds=(DEEP, BOW)),
-         EXHAUSTED, (f"limit of {MAX_IMAGES} per call", "split the call")),
+    Case(
+        "sign-raw-over-the-pixel-limit",
+        SIGN,
+        sign(raw(2**32 - 1, 2**32 - 1, b"")),
+        INVALID,
+        (f"limit of {LIMITS.max_pixels}", "downscale"),
+    ),
+    Case(
+        "sign-too-many-images",
+        SIGN,
+        sign(*[TINY] * (MAX_IMAGES + 1)),
+        EXHAUSTED,
+        (f"{MAX_IMAGES + 1} images are above the limit of {MAX_IMAGES} per call", "split the call"),
+    ),
+    Case(
+        "sign-too-many-images-with-two-kinds",
+        SIGN,
+        sign(*[TINY] * (MAX_IMAGES + 1), kinds=(DEEP, BOW)),
+        EXHAUSTED,
+        (f"limit of {MAX_IMAGES} per call", "split the call"),
+    ),
     Case("sign-the-limit-exactly", SIGN, sign(*[TINY] * MAX_IMAGES), OK),
-    Case("sign-kind-unspecified", SIGN, sign(TINY, kind=UNSPECIFIED), INVALID,
-         ("signature_kind_unspecified is not served", "signature_kind_deep", "listkinds")),
+    Case(
+        "sign-kind-unspecified",
+        SIGN,
+        sign(TINY, kind=UNSPECIFIED),
+        INVALID,
+        ("signature_kind_unspecified is not served", "signature_kind_deep", "listkinds"),
+    ),
     Case("sign-unknown-kind-number", SIGN, sign(TINY, kind=99), INVALID, ("kind 99 is not served",)),
-    Case("sign-unknown-kind-in-kinds", SIGN, sign(TINY, kinds=(DEEP, 42)), INVALID,
-         ("kinds[1]", "kind 42", "signature_kind_bow")),
-    Case("sign-unspecified-in-kinds", SIGN, sign(TINY, kinds=(UNSPECIFIED,)), INVALID,
-         ("kinds[0]", "signature_kind_unspecified")),
-    Case("sign-duplicate-kinds", SIGN, sign(TINY, kinds=(BOW, DEEP, BOW)), INVALID,
-         ("kinds[2]", "listed twice", "list each kind once")),
+    Case(
+        "sign-unknown-kind-in-kinds",
+        SIGN,
+        sign(TINY, kinds=(DEEP, 42)),
+        INVALID,
+        ("kinds[1]", "kind 42", "signature_kind_bow"),
+    ),
+    Case(
+        "sign-unspecified-in-kinds",
+        SIGN,
+        sign(TINY, kinds=(UNSPECIFIED,)),
+        INVALID,
+        ("kinds[0]", "signature_kind_unspecified"),
+    ),
+    Case(
+        "sign-duplicate-kinds",
+        SIGN,
+        sign(TINY, kinds=(BOW, DEEP, BOW)),
+        INVALID,
+        ("kinds[2]", "listed twice", "list each kind once"),
+    ),
     Case("sign-negative-kind", SIGN, sign(TINY, kinds=(-1,)), INVALID, ("kind -1 is not served",)),
     Case("sign-one-pixel", SIGN, sign_both_kinds_validly(raw(1, 1, b"\x10\x20\x30")), OK),
     Case("sign-strip-raw-100000x1", SIGN, sign_both_kinds_validly(image_to_proto(STRIP)), OK),
-    Case("sign-strip-raw-1x100000", SIGN, sign_both_kinds_validly(image_to_proto(STRIP.reshape(100_000, 1, 3))),
-         OK),
+    Case("sign-strip-raw-1x100000", SIGN, sign_both_kinds_validly(image_to_proto(STRIP.reshape(100_000, 1, 3))), OK),
     Case("sign-plain-strip-raw-100000x1", SIGN, sign_both_kinds_validly(image_to_proto(PLAIN_STRIP)), OK),
-    Case("sign-plain-strip-png-1x100000", SIGN,
-         sign_both_kinds_validly(encoded(encode_png(PLAIN_STRIP.reshape(100_000, 1, 3)))), OK),
+    Case(
+        "sign-plain-strip-png-1x100000",
+        SIGN,
+        sign_both_kinds_validly(encoded(encode_png(PLAIN_STRIP.reshape(100_000, 1, 3)))),
+        OK,
+    ),
     Case("sign-strip-png-100000x1", SIGN, sign_both_kinds_validly(encoded(encode_png(STRIP))), OK),
-    Case("sign-16-bit-rgb-png-is-the-8-bit-picture", SIGN, sign_both_kinds_validly(encoded(png16(CROP)), CROP),
-         OK),
-    Case("sign-16-bit-grey-png-is-the-8-bit-picture", SIGN,
-         sign_both_kinds_validly(encoded(png16(CROP, grey=True)), np.repeat(CROP[:, :, :1], 3, axis=2)), OK),
-    Case("sign-malformed-protobuf", SIGN, malformed(SIGN, b"\xff\xff\xff\xff"), INVALID,
-         ("not a valid protobuf message", "computesignatures")),
-    Case("sign-malformed-protobuf-field-overruns", SIGN, malformed(SIGN, b"\x0a\xff\xff\xff\x0f\x01"), INVALID,
-         ("not a valid protobuf message",)),
+    Case("sign-16-bit-rgb-png-is-the-8-bit-picture", SIGN, sign_both_kinds_validly(encoded(png16(CROP)), CROP), OK),
+    Case(
+        "sign-16-bit-grey-png-is-the-8-bit-picture",
+        SIGN,
+        sign_both_kinds_validly(encoded(png16(CROP, grey=True)), np.repeat(CROP[:, :, :1], 3, axis=2)),
+        OK,
+    ),
+    Case(
+        "sign-malformed-protobuf",
+        SIGN,
+        malformed(SIGN, b"\xff\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message", "computesignatures"),
+    ),
+    Case(
+        "sign-malformed-protobuf-field-overruns",
+        SIGN,
+        malformed(SIGN, b"\x0a\xff\xff\xff\x0f\x01"),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
 ]
 
 KINDS_CASES = [
     Case("list-kinds-says-the-image-limit", KINDS, list_kinds, OK),
     Case("list-kinds-unknown-fields-are-ignored", KINDS, malformed(KINDS, b"\x08\x01\x12\x03abc"), OK),
-    Case("list-kinds-malformed-protobuf", KINDS, malformed(KINDS, b"\xff\xff\xff"), INVALID,
-         ("not a valid protobuf message", "listkinds")),
+    Case(
+        "list-kinds-malformed-protobuf",
+        KINDS,
+        malformed(KINDS, b"\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message", "listkinds"),
+    ),
 ]
 
 LOCATE_CASES = [
@@ -180,24 +276,52 @@ LOCATE_CASES = [
     Case("locate-random-bytes", LOCATE, locate(encoded(RANDOM)), INVALID, ("cannot be decoded",)),
     Case("locate-truncated-jpeg", LOCATE, locate(encoded(JPEG_TRUNCATED)), INVALID, ("cannot be decoded",)),
     Case("locate-png-bomb", LOCATE, locate(encoded(png_bomb())), INVALID, ("above the limit", "downscale")),
-    Case("locate-raw-wrong-byte-count", LOCATE, locate(raw(10, 10, bytes(299))), INVALID,
-         ("needs 300 rgb bytes", "got 299")),
+    Case(
+        "locate-raw-wrong-byte-count",
+        LOCATE,
+        locate(raw(10, 10, bytes(299))),
+        INVALID,
+        ("needs 300 rgb bytes", "got 299"),
+    ),
     Case("locate-raw-zero-size", LOCATE, locate(raw(0, 0, b"")), INVALID, ("zero size", "raw.width")),
-    Case("locate-nothing-asked", LOCATE, locate(max_salient=0, max_segments=0), INVALID,
-         ("both 0", "at least one")),
-    Case("locate-too-many-salient", LOCATE, locate(max_salient=MAX_SALIENT + 1), EXHAUSTED,
-         (f"max_salient is {MAX_SALIENT + 1}", f"at most {MAX_SALIENT}", "ask for fewer")),
-    Case("locate-too-many-segments", LOCATE, locate(max_segments=MAX_SEGMENTS + 1), EXHAUSTED,
-         (f"max_segments is {MAX_SEGMENTS + 1}", f"at most {MAX_SEGMENTS}")),
-    Case("locate-uint32-max-segments", LOCATE, locate(max_salient=0, max_segments=2**32 - 1), EXHAUSTED,
-         ("max_segments", f"at most {MAX_SEGMENTS}")),
+    Case("locate-nothing-asked", LOCATE, locate(max_salient=0, max_segments=0), INVALID, ("both 0", "at least one")),
+    Case(
+        "locate-too-many-salient",
+        LOCATE,
+        locate(max_salient=MAX_SALIENT + 1),
+        EXHAUSTED,
+        (f"max_salient is {MAX_SALIENT + 1}", f"at most {MAX_SALIENT}", "ask for fewer"),
+    ),
+    Case(
+        "locate-too-many-segments",
+        LOCATE,
+        locate(max_segments=MAX_SEGMENTS + 1),
+        EXHAUSTED,
+        (f"max_segments is {MAX_SEGMENTS + 1}", f"at most {MAX_SEGMENTS}"),
+    ),
+    Case(
+        "locate-uint32-max-segments",
+        LOCATE,
+        locate(max_salient=0, max_segments=2**32 - 1),
+        EXHAUSTED,
+        ("max_segments", f"at most {MAX_SEGMENTS}"),
+    ),
     Case("locate-strip-raw-100000x1", LOCATE, locate_inside(image_to_proto(STRIP), 100_000, 1), OK),
-    Case("locate-strip-png-1x100000", LOCATE,
-         locate_inside(encoded(encode_png(STRIP.reshape(100_000, 1, 3))), 1, 100_000), OK),
+    Case(
+        "locate-strip-png-1x100000",
+        LOCATE,
+        locate_inside(encoded(encode_png(STRIP.reshape(100_000, 1, 3))), 1, 100_000),
+        OK,
+    ),
     Case("locate-one-pixel", LOCATE, locate_inside(raw(1, 1, b"\x00\x00\x00"), 1, 1), OK),
     Case("locate-16-bit-png", LOCATE, locate_inside(encoded(png16(COFFEE)), 600, 400), OK),
-    Case("locate-malformed-protobuf", LOCATE, malformed(LOCATE, b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
-         INVALID, ("not a valid protobuf message", "locateobjects")),
+    Case(
+        "locate-malformed-protobuf",
+        LOCATE,
+        malformed(LOCATE, b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message", "locateobjects"),
+    ),
 ]
 
 CASES = SIGN_CASES + KINDS_CASES + LOCATE_CASES

@@ -23,7 +23,10 @@ def test_the_corpus_covers_every_rpc_of_every_service():
     assert len(cases) >= MIN_CASES, f"{len(cases)} cases"
     assert len({case.id for case in cases}) == len(cases), "case ids must be unique"
     covered = {case.rpc for case in cases}
-    every_rpc = {f"/{service.full_name}/{method.name}"
-                 for module in (detector_pb2, signature_pb2, index_pb2, gateway_pb2)
-                 for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+    every_rpc = {
+        f"/{service.full_name}/{method.name}"
+        for module in (detector_pb2, signature_pb2, index_pb2, gateway_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
     assert every_rpc <= covered, f"RPCs without a case: {sorted(every_rpc - covered)}"
