@@ -20,13 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.bow_codec import BagOfWords, BowFormatError, decode
+from common.bow_codec import BagOfWords
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
-from common.limits import check_id, check_metadata
-from common.names import check_name
-from common.proto_convert import dense_from_proto
-from index_server.convert import box_of
-from index_server.dense import DenseDatabase, unit_vector
+from index_server.convert import box_of, item_value, signature_value
+from index_server.dense import DenseDatabase
 from index_server.domain import SignatureError
 from index_server.inverted import BowIndex
 from index_server.limits import ItemLimits, check_stream_length, reworded
@@ -163,61 +160,6 @@ class DatabaseSettings:
             vocabulary * self.word_shard_index // self.word_shard_count,
             vocabulary * (self.word_shard_index + 1) // self.word_shard_count,
         )
-
-
-def signature_value(signature: common_pb2.Signature) -> Value:
-    """A deep signature's dense vector or a bag-of-words signature's decoded bag; raises
-    SignatureError when the signature is empty, malformed or of an unknown kind."""
-    if signature.kind == common_pb2.SIGNATURE_KIND_DEEP:
-        if signature.WhichOneof("value") != "dense" or not signature.dense.values:
-            raise SignatureError("signature is empty: a deep signature carries dense.values")
-        return dense_from_proto(signature)
-    if signature.kind == common_pb2.SIGNATURE_KIND_BOW:
-        if signature.WhichOneof("value") != "bow" or not signature.bow:
-            raise SignatureError("signature is empty: a bag-of-words signature carries bow bytes")
-        try:
-            return decode(signature.bow)
-        except BowFormatError as exc:
-            raise SignatureError(f"bag-of-words signature: {exc}") from None
-    if signature.kind == common_pb2.SIGNATURE_KIND_UNSPECIFIED:
-        raise SignatureError("signature kind is unspecified: set SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW")
-    raise SignatureError(f"signature kind {signature.kind} is unknown")
-
-
-def item_value(
-    request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(), check_database_name: bool = True
-) -> Value:
-    """An Add's signature value, once the item is known to be well formed whatever the databases
-    hold (its names, ids, metadata, signature and box, within `limits`); raises InvalidArgument
-    saying what to fix otherwise. The router checks with it too, before forwarding.
-    check_database_name=False lets a database stored before names were checked be written to."""
-    if check_database_name:
-        check_name("database", request.database)
-    check_id("item_id", request.item_id, limits.max_id_bytes, required=True)
-    check_id("group_id", request.group_id, limits.max_id_bytes, required=False)
-    check_metadata(request.metadata, limits)
-    try:
-        value = signature_value(request.signature)
-        if isinstance(value, BagOfWords):
-            if value.vocabulary > limits.max_bow_vocabulary:
-                raise SignatureError(
-                    f"signature uses a {value.vocabulary}-word vocabulary, above the limit of "
-                    f"{limits.max_bow_vocabulary} words (max_bow_vocabulary)"
-                )
-        else:
-            if value.size > limits.max_dense_dimension:
-                raise SignatureError(
-                    f"signature has {value.size} values, above the limit of "
-                    f"{limits.max_dense_dimension} dimensions (max_dense_dimension): "
-                    "reduce the descriptor's dimension"
-                )
-            unit_vector(value)  # finite and not all zeros
-        box = box_of(request)
-        if box is not None and not np.all(np.isfinite(box)):
-            raise SignatureError("box has NaN or infinite coordinates")
-    except SignatureError as exc:
-        raise InvalidArgument(str(exc)) from None
-    return value
 
 
 def _shape(kind: int, value: Value) -> tuple[int, int, int]:

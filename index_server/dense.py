@@ -16,22 +16,9 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
-from index_server.domain import Hit, SignatureError, group_name
+from index_server.domain import Hit, SignatureError, group_name, unit_vector
 from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.state import pack_strings, unpack_strings
-
-
-def unit_vector(vector: np.ndarray) -> np.ndarray:
-    """(D,) float32 of unit length, in the direction of a (D,) vector; raises SignatureError when
-    the vector has NaN or infinite values or is all zeros. The norm is taken in float64: float32
-    squares overflow above ~1.8e19 (and underflow below ~1e-23), which made huge vectors zero."""
-    if not np.all(np.isfinite(vector)):
-        raise SignatureError("signature has NaN or infinite values")
-    wide = np.asarray(vector, np.float64)
-    norm = float(np.linalg.norm(wide))
-    if norm == 0.0:
-        raise SignatureError("signature is all zeros: cosine similarity is undefined for it")
-    return (wide / norm).astype(np.float32)
 
 
 def _make(dimension: int, factory: str) -> faiss.Index:

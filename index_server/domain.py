@@ -79,3 +79,16 @@ def first_per_group(ranked: list[Hit], top_k: int) -> list[Hit]:
             if len(out) == top_k:
                 break
     return out
+
+
+def unit_vector(vector: np.ndarray) -> np.ndarray:
+    """(D,) float32 of unit length, in the direction of a (D,) vector; raises SignatureError when
+    the vector has NaN or infinite values or is all zeros. The norm is taken in float64: float32
+    squares overflow above ~1.8e19 (and underflow below ~1e-23), which made huge vectors zero."""
+    if not np.all(np.isfinite(vector)):
+        raise SignatureError("signature has NaN or infinite values")
+    wide = np.asarray(vector, np.float64)
+    norm = float(np.linalg.norm(wide))
+    if norm == 0.0:
+        raise SignatureError("signature is all zeros: cosine similarity is undefined for it")
+    return (wide / norm).astype(np.float32)

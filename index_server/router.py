@@ -39,10 +39,9 @@ from common.errors import ServiceError, quote
 from common.serving import abort_on, timeout_from
 from common.streams import StreamEnd
 from common.telemetry import ContextThreadPoolExecutor
-from index_server.catalogue import Value, item_value, signature_value
 from index_server.config import RouterConfig
-from index_server.convert import hit_of, scored_item
-from index_server.domain import Hit, SignatureError, word_range_of
+from index_server.convert import hit_of, item_value, scored_item, signature_value
+from index_server.domain import Hit, SignatureError, Value, word_range_of
 from index_server.limits import check_stream_length, check_top_k, limits_of, reworded
 from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
 from mps.common.v1 import common_pb2
