@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.reference import dense
 from common.bow_codec import BagOfWords, encode
 from common.local_suite import free_port, wait_serving
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
@@ -138,7 +139,7 @@ def measure(
         hits = index.search(q, top_k)
         index_ms.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
-        best = brute_force(matrix, q.dense().astype(np.float64), top_k)
+        best = brute_force(matrix, dense(q).astype(np.float64), top_k)
         brute_ms.append((time.perf_counter() - start) * 1000)
         truth.append({f"item-{r}" for r in best})
         agree += len({h.item_id for h in hits} & truth[-1])
@@ -176,7 +177,7 @@ def measure(
             flat.add(np.sqrt(block))
         faiss_ms = []
         for q in queries:
-            vector = np.sqrt(q.dense())[None, :]
+            vector = np.sqrt(dense(q))[None, :]
             start = time.perf_counter()
             flat.search(vector, top_k)
             faiss_ms.append((time.perf_counter() - start) * 1000)

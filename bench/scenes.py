@@ -102,7 +102,7 @@ def located_ranks(items, objects, min_iou: float = 0.5) -> tuple[list[int], list
         and any(on[o, j] and item.matches[0].product_id == obj.product_id for o, obj in enumerate(objects))
         for j, item in enumerate(items)
     ]
-    return ranks, list(on.any(axis=1)), right
+    return ranks, [bool(on[o].any()) for o in range(len(objects))], right
 
 
 def ingest(client: VisualSearchClient, data, root: Path) -> tuple[float, list[float]]:

@@ -1,7 +1,7 @@
 """MultiProductSearch latency through all four services on loopback, per stage.
 
 Prints p50/p99 of the whole call (client-side) and the gateway's per-stage p50s for the demo photos;
-the last line is one JSON object. The seed's figure to beat is < 1 s per search (paper, section 4).
+the last line is one JSON object. The figure to beat is < 1 s per search (the paper, section 4).
     .venv/bin/python bench/search_latency.py [--queries 50]
 """
 
@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 
+from bench.suite import start_suite
 from common.images import encode_jpeg, encode_png
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
 from gateway.client import Product, VisualSearchClient
 from gateway.demo_catalogue import variants
-from tests.conftest import start_suite
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
             photos = [encode_png(load_photo(n)) for n in ("coffee", "motorcycle_right")]
             for data in photos:  # warm-up
                 client.search(data, min_confidence=0.1)
-            totals, stages = [], {k: [] for k in ("decode_ms", "detect_ms", "sign_ms", "search_ms")}
+            totals: list[float] = []
+            stages: dict[str, list[float]] = {k: [] for k in ("decode_ms", "detect_ms", "sign_ms", "search_ms")}
             items = 0
             for q in range(args.queries):
                 start = time.perf_counter()

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.reference import chi2_distances, dense
 from common.bow_codec import decode, encode
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
 from index_server.inverted import BowIndex
@@ -103,10 +104,10 @@ def main() -> None:
     ]
     catalogue = held + distractors
     queries, truth, change_of = [], [], []
-    for index, tile in enumerate(held):
+    for number, tile in enumerate(held):
         for change, apply in CHANGES.items():
             queries.append(np.ascontiguousarray(apply(tile)))
-            truth.append(index)
+            truth.append(number)
             change_of.append(change)
     truth_a = np.array(truth)
     print(
@@ -132,8 +133,8 @@ def main() -> None:
     query_bags = [bow.bag(im) for im in queries]
     sizes = [len(encode(b)) for b in cat_bags + query_bags]
     assert all(decode(encode(b)).counts.sum() == b.counts.sum() for b in cat_bags)
-    dense = lambda bags: np.stack([b.dense() for b in bags])  # noqa: E731
-    bow_distances = kernels.chi2_distances(dense(query_bags), dense(cat_bags))
+    histograms = lambda bags: np.stack([dense(b) for b in bags])  # noqa: E731
+    bow_distances = chi2_distances(histograms(query_bags), histograms(cat_bags))
     cat_deep, query_deep = deep.compute(catalogue), deep.compute(queries)
     deep_distances = 1 - query_deep @ cat_deep.T
 

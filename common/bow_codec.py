@@ -1,4 +1,4 @@
-"""Bag-of-visual-words signatures: the bit-encoded wire format and the chi-squared distance.
+"""Bag-of-visual-words signatures: the bit-encoded wire format.
 
 Wire format, version 1 (all integers little-endian; at most 5 + 2 + 1 + ceil(V / 8) + 3n bytes, so
 1.9 kB for the 5000-word codebook and 512 keypoints, under the paper's 3.5 kB):
@@ -10,10 +10,11 @@ Wire format, version 1 (all integers little-endian; at most 5 + 2 + 1 + ceil(V /
     ceil(V/8) B   presence bitmap, bit w (LSB first) set when word w occurs
     n varints     the count of each present word, in increasing word order
 
-Normalisation (what the distance sees): counts are L1-normalised, h_w = count_w / sum(counts), and
-chi2(x, y) = sum_w (x_w - y_w)^2 / (x_w + y_w) over words in either, which lies in [0, 2] and for
-L1-normalised histograms equals 2 - sum over words in both of 4 x_w y_w / (x_w + y_w). Similarity
-scores reported to users are 1 - chi2 / 2, in [0, 1], higher is more similar.
+Normalisation (what the index's distance sees, index_server/inverted.py): counts are L1-normalised,
+h_w = count_w / sum(counts) (`BagOfWords.histogram`), and chi2(x, y) = sum_w (x_w - y_w)^2 / (x_w + y_w)
+over words in either, which lies in [0, 2] and for L1-normalised histograms equals 2 - sum over words
+in both of 4 x_w y_w / (x_w + y_w). Similarity scores reported to users are 1 - chi2 / 2, in [0, 1],
+higher is more similar.
 """
 
 from __future__ import annotations
@@ -49,12 +50,6 @@ class BagOfWords:
     def histogram(self) -> np.ndarray:
         """(n,) float32 L1-normalised weights of self.words."""
         return (self.counts / max(1, int(self.counts.sum()))).astype(np.float32)
-
-    def dense(self) -> np.ndarray:
-        """(V,) float32 L1-normalised histogram."""
-        out = np.zeros(self.vocabulary, np.float32)
-        out[self.words] = self.histogram()
-        return out
 
 
 # One bag has one encoding: a number padded with empty continuation bytes (0x81 0x00 for 1) is
@@ -168,15 +163,3 @@ def decode(data: bytes) -> BagOfWords:
     if not counts.all():
         raise BowFormatError("signature gives a present word a count of 0: it is corrupt")
     return BagOfWords(words, counts, vocabulary, codebook)
-
-
-def chi2(a: BagOfWords, b: BagOfWords) -> float:
-    """Chi-squared distance in [0, 2] between the L1-normalised histograms of two bags."""
-    _common, ia, ib = np.intersect1d(a.words, b.words, assume_unique=True, return_indices=True)
-    x, y = a.histogram()[ia].astype(np.float64), b.histogram()[ib].astype(np.float64)
-    return float(max(0.0, 2.0 - np.sum(4 * x * y / (x + y))))
-
-
-def similarity(distance: float) -> float:
-    """chi2 in [0, 2] -> score in [0, 1], higher is more similar."""
-    return 1.0 - distance / 2.0

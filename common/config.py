@@ -2,27 +2,125 @@
 
 Precedence, lowest first: the dataclass defaults, `MPS_<SERVICE>_<FIELD>` environment variables,
 command-line flags (`--field-name`). Lists and dicts are given as JSON in both.
+
+Every configuration is validated in one place, when it is built (`__post_init__`): each field's
+value against its annotation (a `Literal` field, or a list or dict of them, holds only the listed
+values; numbers, strings, lists and dicts are what they say), then the class's own `_check()`
+(ranges, and fields that go together). A refused value raises ConfigError naming the field and
+what it allows; from the command line, the same message as an argparse error (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
 
-C = TypeVar("C")
+LogFormat = Literal["json", "text"]
+
+C = TypeVar("C", bound="ServerConfig")
+
+
+class ConfigError(ValueError):
+    """A setting its field does not allow; the message names the field and what it allows."""
+
+
+def allowed_values(kind: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` annotation allows; () for any other annotation."""
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+def _listed(options: tuple[Any, ...]) -> str:
+    return ", ".join(repr(option) for option in options)
+
+
+_SCALARS: dict[Any, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "a boolean (true or false)"),
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
+def check_value(name: str, value: Any, kind: Any) -> None:
+    """Raises ConfigError unless `value` fits the annotation `kind`: one of a Literal's values, a
+    list or dict whose elements fit theirs, or a bool, int, float (an int will do) or str."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        options = typing.get_args(kind)
+        if value not in options:
+            raise ConfigError(f"{name} {value!r} is not one of {_listed(options)}")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} {value!r} is not a list (JSON [...])")
+        (element,) = typing.get_args(kind)
+        for i, item in enumerate(value):
+            check_value(f"{name}[{i}]", item, element)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} {value!r} is not a dict (JSON {{...}})")
+        key_kind, value_kind = typing.get_args(kind)
+        for key, item in value.items():
+            check_value(f"{name} key", key, key_kind)
+            check_value(f"{name}[{key!r}]", item, value_kind)
+    elif kind in _SCALARS:
+        types, described = _SCALARS[kind]
+        # bool is an int to Python, not to a configuration.
+        if not isinstance(value, types) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{name} {value!r} is not {described}")
+
+
+def validate(config: Any) -> None:
+    """Checks every field of a configuration against its annotation, then the class's `_check()`."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        check_value(field.name, getattr(config, field.name), hints[field.name])
+    config._check()
+
+
+class Validated:
+    """Base of the configurations: validated once built. A subclass's `_check()` holds its ranges
+    and the fields that go together, and starts with `super()._check()`."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def _check(self) -> None:
+        pass
+
+    def _at_least(self, low: float, *names: str, note: str = "") -> None:
+        """Each of `names` is `low` or more (`note` says what the low end means, e.g. "0 = off")."""
+        for name in names:
+            value = getattr(self, name)
+            if not value >= low:  # NaN too
+                raise ConfigError(f"{name} {value!r} is not >= {low}" + (f" ({note})" if note else ""))
+
+    def _above(self, low: float, *names: str) -> None:
+        """Each of `names` is more than `low`."""
+        for name in names:
+            value = getattr(self, name)
+            if not value > low:  # NaN too
+                raise ConfigError(f"{name} {value!r} is not > {low}")
+
+    def _within(self, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+        """`name` lies in [low, high], or (low, high] with `low_open`."""
+        value = getattr(self, name)
+        if not low <= value <= high or (low_open and value == low):  # NaN too
+            raise ConfigError(f"{name} {value!r} is not in {'(' if low_open else '['}{low}, {high}]")
 
 
 @dataclasses.dataclass
-class ServerConfig:
+class ServerConfig(Validated):
     """Settings every gRPC server shares."""
 
     host: str = "127.0.0.1"
@@ -36,7 +134,7 @@ class ServerConfig:
     log_level: str = "INFO"
     # "json": one JSON object per line (time, level, service, request_id, message, fields);
     # "text": the same fields for a terminal.
-    log_format: str = "json"
+    log_format: LogFormat = "json"
     # One log line per RPC (method, status, milliseconds, client, request id).
     access_log: bool = True
     # Prometheus metrics at http://host:metrics_port/metrics; 0 = off.
@@ -71,53 +169,125 @@ class ServerConfig:
     rate_burst: int = 0
     max_concurrent_per_client: int = 0
 
+    def _check(self) -> None:
+        super()._check()
+        self._within("port", 0, 65535)
+        self._within("metrics_port", 0, 65535)
+        self._at_least(1, "max_workers", "max_message_bytes")
+        self._at_least(0, "shutdown_grace_s")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            levels = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
+            raise ConfigError(f"log_level {self.log_level!r} is not one of {_listed(tuple(levels))} (any case)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca (mTLS) needs the server's own tls_cert and tls_key")
+        if not self.tls_ca and (self.tls_client_cert or self.tls_client_key):
+            raise ConfigError("tls_client_cert/tls_client_key need tls_ca (the servers' CA)")
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            raise ConfigError("tls_client_cert and tls_client_key go together: give both or neither")
+        self._at_least(0, "rate_limit_per_s", "rate_burst", "max_concurrent_per_client", note="0 = none")
 
-def _parse_value(raw: str, kind: Any) -> Any:
-    origin = typing.get_origin(kind)
+
+def parse_value(name: str, raw: str, kind: Any) -> Any:
+    """A field's value from its text in a flag or environment variable (JSON for lists and dicts),
+    checked against its annotation; ConfigError naming the field otherwise."""
+    value: Any = raw
     if kind is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
-    if kind in (int, float, str):
-        return kind(raw)
-    if kind is Path:
-        return Path(raw)
-    if origin in (list, dict, tuple) or kind in (list, dict):
-        return json.loads(raw)
-    return raw
+            value = True
+        elif raw.lower() in ("0", "false", "no", "off"):
+            value = False
+    elif kind in (int, float):
+        with contextlib.suppress(ValueError):  # check_value says what it should be
+            value = kind(raw)
+    elif typing.get_origin(kind) in (list, dict):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{name} {raw!r} is not JSON ({error.msg})") from None
+    check_value(name, value, kind)
+    return value
+
+
+def _flag_type(name: str, kind: Any) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return parse_value(name, raw, kind)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _allowed_text(kind: Any) -> str:
+    """For --help: the values a Literal field (or the elements or keys of a list or dict) may take."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if allowed_values(kind):
+        return f"; one of {_listed(allowed_values(kind))}"
+    if origin is list and allowed_values(args[0]):
+        return f"; each one of {_listed(allowed_values(args[0]))}"
+    if origin is dict and allowed_values(args[0]):
+        return f"; keys among {_listed(allowed_values(args[0]))}"
+    return ""
+
+
+def _parser(cls: type, service: str, hints: dict[str, Any], prefix: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {service}", description=(cls.__doc__ or "").strip())
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = None
+        # Lists and dicts are given as JSON: their defaults are shown so.
+        shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            default=None,
+            type=_flag_type(field.name, hints[field.name]),
+            help=f"default: {shown}; env {prefix}{field.name.upper()}{_allowed_text(hints[field.name])}",
+        )
+    return parser
 
 
 def load_config(
     cls: type[C],
     service: str,
     argv: Sequence[str] | None = None,
-    environ: typing.Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> C:
-    """Builds `cls` from defaults, then `MPS_<SERVICE>_<FIELD>` variables, then flags, then overrides."""
+    """Builds `cls` from defaults, then `MPS_<SERVICE>_<FIELD>` variables, then flags, then overrides.
+
+    A value its field does not allow raises ConfigError; with `argv` (a command line) it is an
+    argparse error instead: the usage and the message on stderr, exit status 2.
+    """
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
     prefix = f"MPS_{service.upper()}_"
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    parser = None if argv is None else _parser(cls, service, hints, prefix)
+
+    def fail(message: str) -> NoReturn:
+        if parser is not None:
+            parser.error(message)
+        raise ConfigError(message)
+
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
         env_name = prefix + field.name.upper()
         if env_name in environ:
-            values[field.name] = _parse_value(environ[env_name], hints[field.name])
-    if argv is not None:
-        parser = argparse.ArgumentParser(prog=f"python -m {service}", description=(cls.__doc__ or "").strip())
-        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-            kind = hints[field.name]
-            default = field.default if field.default is not dataclasses.MISSING else None
-            parser.add_argument(
-                "--" + field.name.replace("_", "-"),
-                dest=field.name,
-                default=None,
-                type=lambda raw, k=kind: _parse_value(raw, k),
-                help=f"default: {default!r}; env {prefix}{field.name.upper()}",
-            )
+            try:
+                values[field.name] = parse_value(field.name, environ[env_name], hints[field.name])
+            except ConfigError as error:
+                fail(f"{env_name}: {error}")
+    if parser is not None and argv is not None:
         parsed = parser.parse_args(list(argv))
         values.update({k: v for k, v in vars(parsed).items() if v is not None})
     values.update(overrides)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        fail(str(error))

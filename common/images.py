@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -12,9 +15,6 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 
 from common.errors import quote
-
-# Pillow's own bomb check is a warning up to 2x its limit; we enforce ours before decoding.
-PILImage.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -66,14 +66,15 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
 
     A large JPEG is decoded at a reduced DCT scale (Pillow's draft(): 1/2, 1/4 or 1/8) no smaller
     than needed, so a 12-megapixel photo costs a fraction of a full decode; what is still larger
-    is then shrunk by area averaging. The pixel limit is checked on the header first.
+    is then shrunk by area averaging. `max_pixels` is checked on the header first, whatever
+    Pillow's own limit (which this module leaves as it is: see _open).
     """
     if not data:
         raise ImageError("image is empty: send the encoded file bytes (JPEG, PNG, WebP...)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = PILImage.open(io.BytesIO(data))
+            image = _open(data)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise ImageError(f"image has zero size ({width}x{height}): send an image with pixels")
@@ -104,6 +105,37 @@ def decode_photo(data: bytes, max_pixels: int, max_side: int = 0) -> Photo:
             f"image cannot be decoded ({why}); send a complete JPEG, PNG, WebP, BMP, GIF or TIFF file"
         ) from exc
     return Photo(shrink(rgb, max_side), width, height)
+
+
+# Held while Pillow's own pixel limit is lifted for one header read (see _open).
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_pillow_limit() -> Iterator[None]:
+    with _PILLOW_LIMIT:
+        saved = PILImage.MAX_IMAGE_PIXELS
+        PILImage.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def _open(data: bytes) -> PILImage.Image:
+    """Pillow's lazy open (the header only), so the caller can check the size against its own limit.
+
+    Pillow's limit (PIL.Image.MAX_IMAGE_PIXELS) is left as it is for everyone else: under it, or up
+    to twice it (Pillow only warns), this is a plain open. Beyond twice it Pillow refuses the header
+    with a DecompressionBombError that does not give the size; then the header alone is read again
+    with Pillow's limit lifted for that one read, so the caller's own limit decides and its message
+    names the image's size.
+    """
+    try:
+        return PILImage.open(io.BytesIO(data))
+    except PILImage.DecompressionBombError:
+        with _without_pillow_limit():
+            return PILImage.open(io.BytesIO(data))
 
 
 # Pillow's modes for one channel of more than 8 bits (16-bit grayscale PNG and TIFF): its own

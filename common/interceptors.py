@@ -97,7 +97,7 @@ class LayeredInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         layers = self.layers
 
         @contextlib.contextmanager
@@ -150,5 +150,5 @@ class LayeredInterceptor(grpc.ServerInterceptor):
 
 def add_trailing_metadata(context: grpc.ServicerContext, *pairs: tuple[str, str]) -> None:
     """Adds to the trailing metadata already set (set_trailing_metadata replaces it)."""
-    existing = tuple(context.trailing_metadata() or ())  # type: ignore[attr-defined]
+    existing = tuple(context.trailing_metadata() or ())
     context.set_trailing_metadata(existing + tuple(pairs))

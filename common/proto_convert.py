@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import InvalidArgument
 from common.images import ImageError, Photo, decode_photo, raw_photo
 from mps.common.v1 import common_pb2
+
+# mps.common.v1.DenseVector.values_f32le: IEEE-754 float32, little-endian whatever the host's order.
+LITTLE_ENDIAN_F32 = np.dtype("<f4")
 
 
 def image_from_proto(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
@@ -42,12 +46,23 @@ def box_from_proto(box: common_pb2.Box) -> np.ndarray:
 
 
 def dense_to_proto(vector: np.ndarray) -> common_pb2.Signature:
-    """(D,) float32 -> deep Signature."""
-    return common_pb2.Signature(
-        kind=common_pb2.SIGNATURE_KIND_DEEP, dense=common_pb2.DenseVector(values=vector.astype(np.float32).tolist())
-    )
+    """(D,) float -> deep Signature carrying D little-endian float32 in `dense.values_f32le`."""
+    data = np.ascontiguousarray(vector, dtype=LITTLE_ENDIAN_F32).tobytes()
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP, dense=common_pb2.DenseVector(values_f32le=data))
 
 
 def dense_from_proto(signature: common_pb2.Signature) -> np.ndarray:
-    """A deep Signature's vector as (D,) float32 (empty when it carries none)."""
-    return np.asarray(signature.dense.values, dtype=np.float32)
+    """A deep Signature's vector as (D,) float32, writable (empty when it carries none): from
+    `dense.values_f32le`, or from the deprecated `dense.values` when that is unset (messages
+    written before, e.g. in an index's write-ahead log); raises InvalidArgument when
+    `dense.values_f32le` is not a whole number of float32."""
+    data = signature.dense.values_f32le
+    if not data:
+        return np.asarray(signature.dense.values, dtype=np.float32)  # the deprecated field
+    if len(data) % 4:
+        raise InvalidArgument(
+            f"dense.values_f32le is {len(data)} bytes, not a multiple of 4: send the vector as D "
+            "little-endian float32 (4 x D bytes)",
+            violations=[("dense.values_f32le", f"{len(data)} bytes is not a multiple of 4")],
+        )
+    return np.frombuffer(data, dtype=LITTLE_ENDIAN_F32).astype(np.float32)

@@ -11,7 +11,9 @@ the server keeps only their SHA-256, so a leaked token file gives no token away.
 
 A client without a token is UNAUTHENTICATED; one whose token lacks the scope, PERMISSION_DENIED.
 Per-client limits (a token bucket of requests per second, and calls in flight) answer
-RESOURCE_EXHAUSTED with `retry-after` (seconds) in the trailing metadata.
+RESOURCE_EXHAUSTED with `retry-after` (seconds) in the trailing metadata, and QuotaFailure and
+RetryInfo details. The layers raise these as domain errors (common.errors); the interceptor that
+runs them (common.interceptors) turns them into the status.
 
 `python -m common.security new-token --client NAME --scopes read,write` prints a fresh token and
 the entry for the tokens file.
@@ -37,7 +39,8 @@ from typing import Any
 import grpc
 
 from common.config import ServerConfig
-from common.interceptors import Call, Layer, add_trailing_metadata, is_infrastructure
+from common.errors import PermissionDenied, ResourceExhausted, Unauthenticated
+from common.interceptors import Call, Layer, is_infrastructure
 
 SCOPES = ("read", "write")
 INTERNAL = "internal"
@@ -69,11 +72,7 @@ def method_policy(service: Any, default: Access = Access.READ, **access: Access)
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS (and mTLS with tls_client_ca) for the server's port; None for plaintext."""
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ValueError("tls_cert and tls_key go together: give both or neither")
-    if not config.tls_cert:
-        if config.tls_client_ca:
-            raise ValueError("tls_client_ca (mTLS) needs the server's own tls_cert and tls_key")
+    if not config.tls_cert:  # ServerConfig checks that the TLS settings go together
         return None
     client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
@@ -85,12 +84,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
     """TLS for calls to the other services (with this service's certificate for their mTLS)."""
-    if not config.tls_ca:
-        if config.tls_client_cert or config.tls_client_key:
-            raise ValueError("tls_client_cert/tls_client_key need tls_ca (the servers' CA)")
+    if not config.tls_ca:  # ServerConfig checks that the TLS settings go together
         return None
-    if bool(config.tls_client_cert) != bool(config.tls_client_key):
-        raise ValueError("tls_client_cert and tls_client_key go together: give both or neither")
     return grpc.ssl_channel_credentials(
         root_certificates=_read(config.tls_ca),
         private_key=_read(config.tls_client_key) if config.tls_client_key else None,
@@ -180,7 +175,8 @@ class Gatekeeper:
         return authenticate
 
     def admit(self, method: str, context: grpc.ServicerContext) -> str:
-        """The caller's name ("internal", a client's, or its address); aborts when not allowed."""
+        """The caller's name ("internal", a client's, or its address); raises Unauthenticated (no
+        or an unknown credential) or PermissionDenied (one that does not give this access)."""
         token = _bearer(context)
         internal = (self._internal and token is not None and hmac.compare_digest(token.encode(), self._internal)) or (
             self._mtls and _verified_client_certificate(context)
@@ -195,31 +191,25 @@ class Gatekeeper:
             if not self._internal and not self._mtls:
                 return peer_host(context)  # an open deployment (loopback, tests)
             if token is None and not self._mtls:
-                context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
+                raise Unauthenticated(
                     f"{method} is internal to the suite: call it with the internal token "
-                    "(authorization: Bearer <internal_token>)",
+                    "(authorization: Bearer <internal_token>)"
                 )
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDenied(
                 f"{method} is internal to the suite: only its services (the internal token "
-                "or a client certificate of the suite's CA) may call it",
+                "or a client certificate of the suite's CA) may call it"
             )
         if not self._tokens:
             return client.name if client else peer_host(context)
         if token is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{method} needs a token with the {needed.value!r} scope: send metadata authorization: Bearer <token>",
+            raise Unauthenticated(
+                f"{method} needs a token with the {needed.value!r} scope: send metadata authorization: Bearer <token>"
             )
         if client is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "the token is not known here: check it, or ask for a new one"
-            )
+            raise Unauthenticated("the token is not known here: check it, or ask for a new one")
         if needed.value not in client.scopes:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} needs the {needed.value!r} scope; the token of {client.name!r} has {sorted(client.scopes)}",
+            raise PermissionDenied(
+                f"{method} needs the {needed.value!r} scope; the token of {client.name!r} has {sorted(client.scopes)}"
             )
         return client.name
 
@@ -245,8 +235,6 @@ class ClientLimits:
     """Per-client request rate and concurrency; the suite's own services are not limited."""
 
     def __init__(self, rate_per_s: float = 0.0, burst: int = 0, max_concurrent: int = 0):
-        if rate_per_s < 0 or burst < 0 or max_concurrent < 0:
-            raise ValueError("rate limits must be >= 0 (0 = none)")
         self.rate, self.burst, self.max_concurrent = rate_per_s, max(burst, 1), max_concurrent
         self._buckets: dict[str, _Bucket] = {}
         self._in_flight: dict[str, int] = {}
@@ -263,7 +251,7 @@ class ClientLimits:
                 yield
                 return
             key = call.principal or peer_host(call.context)
-            self._acquire(key, call.context)
+            self._acquire(key)
             try:
                 yield
             finally:
@@ -274,7 +262,9 @@ class ClientLimits:
 
         return limit
 
-    def _acquire(self, key: str, context: grpc.ServicerContext) -> None:
+    def _acquire(self, key: str) -> None:
+        """Counts a call of client `key` in; raises ResourceExhausted (with when to retry) when it is
+        over its rate or its calls in flight."""
         now = time.monotonic()
         with self._lock:
             if self.max_concurrent and self._in_flight.get(key, 0) >= self.max_concurrent:
@@ -286,8 +276,10 @@ class ClientLimits:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
                 return
         retry_after = max(1, math.ceil(wait))
-        add_trailing_metadata(context, ("retry-after", str(retry_after)))
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}: retry after {retry_after} s")
+        # common.status.abort_with adds the `retry-after` trailer (whole seconds) from retry_after_s.
+        raise ResourceExhausted(
+            f"{why}: retry after {retry_after} s", quota=[(f"client:{key}", why)], retry_after_s=retry_after
+        )
 
     def _bucket(self, key: str, now: float) -> _Bucket:
         bucket = self._buckets.get(key)

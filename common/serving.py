@@ -3,12 +3,11 @@ metrics, graceful SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import ServerConfig
-from common.errors import ServiceError
 from common.interceptors import LayeredInterceptor
 from common.security import Access, ClientLimits, Gatekeeper, server_credentials
 from common.telemetry import setup_logging, start_metrics_server, telemetry_layer
@@ -157,12 +155,3 @@ class Deadline:
         left) so that a partial answer can still be sent in time."""
         left = self._end - time.monotonic()
         return max(left - min(reserve_s, max(left, 0.0) / 10), 0.001)
-
-
-@contextlib.contextmanager
-def abort_on(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turns a domain error (common.errors) raised inside the block into its status code."""
-    try:
-        yield
-    except ServiceError as error:
-        context.abort(getattr(grpc.StatusCode, error.status), str(error))

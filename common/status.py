@@ -52,11 +52,13 @@ def to_status(error: ServiceError) -> grpc.Status:
 
 def abort_with(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
     """Ends the call with the error's status and details (raises, as context.abort does)."""
-    if error.retry_after_s is not None:
-        existing = tuple(context.trailing_metadata() or ())  # type: ignore[attr-defined]  # grpc's stub lacks it
-        context.set_trailing_metadata((*existing, ("retry-after", str(max(1, round(error.retry_after_s))))))
-    context.abort_with_status(to_status(error))
-    raise AssertionError("unreachable: abort_with_status raises")  # grpc types it as returning None
+    status = to_status(error)
+    retry = () if error.retry_after_s is None else (("retry-after", str(max(1, round(error.retry_after_s)))),)
+    # Not context.abort_with_status: it replaces the trailing metadata set so far (x-request-id...).
+    existing = tuple(context.trailing_metadata() or ())
+    context.set_trailing_metadata((*existing, *retry, *status.trailing_metadata))
+    context.abort(status.code, status.details)
+    raise AssertionError("unreachable: abort raises")  # grpc types it as returning None
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Details:
 def details_of(error: grpc.RpcError) -> Details:
     """The google.rpc details of a failed call (empty when the server sent none)."""
     found = Details()
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # a failed call's RpcError is a grpc.Call
+    status = rpc_status.from_call(error)
     if status is None:
         return found
     for detail in status.details:
@@ -100,8 +102,8 @@ def error_from_rpc(error: grpc.RpcError, message: str | None = None) -> ServiceE
     """A dependency's failed call as this service's own error: the same code and details, with
     `message` (default: the dependency's) in place of its message. A code with no domain class
     (UNKNOWN, ABORTED...) becomes UNAVAILABLE: the dependency failed, not the caller."""
-    code = error.code()  # type: ignore[attr-defined]  # a failed call's RpcError is a grpc.Call
-    text = error.details() if message is None else message  # type: ignore[attr-defined]
+    code = error.code()
+    text = error.details() if message is None else message
     kind = BY_STATUS.get(code.name if code is not None else "", Unavailable)
     details = details_of(error)
     return kind(

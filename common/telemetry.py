@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from common.config import LogFormat
 from common.interceptors import Call, Layer, add_trailing_metadata
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def incoming_request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
 class ContextThreadPoolExecutor(ThreadPoolExecutor):
     """A thread pool whose tasks run in the submitter's contextvars context (its request id)."""
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         context = contextvars.copy_context()
         return super().submit(context.run, fn, *args, **kwargs)
 
@@ -120,7 +121,7 @@ def telemetry_layer(server: str, access: bool) -> Layer:
             finally:
                 in_flight.dec()
                 elapsed = time.monotonic() - started
-                code = call.context.code()  # type: ignore[attr-defined]
+                code = call.context.code()
                 if code is None or (failed and code == grpc.StatusCode.OK):
                     # No status set: it finished, the client went away, or the method raised.
                     code = (
@@ -254,9 +255,7 @@ class _Formatter(logging.Formatter):
         return text
 
 
-def setup_logging(service: str, level: str, log_format: str = "json") -> None:
-    if log_format not in ("json", "text"):
-        raise ValueError(f"log_format {log_format!r} is not 'json' or 'text'")
+def setup_logging(service: str, level: str, log_format: LogFormat = "json") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter(service, log_format == "json"))
     root = logging.getLogger()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import MODELS_DIR, ServerConfig
+from common.config import MODELS_DIR, ConfigError, ServerConfig
 
 
 @dataclass
@@ -25,3 +25,11 @@ class DetectorConfig(ServerConfig):
     # memory (bench/load.py, 32 clients: signature server peak RSS 5.4 GB ungated, 1.65 GB at 2,
     # 1.42 GB at 1 with 15 % less throughput).
     inference_concurrency: int = 2
+
+    def _check(self) -> None:
+        super()._check()
+        if not self.models:
+            raise ConfigError("models [] is empty: name at least one model directory under models_dir")
+        self._at_least(1, "max_pixels", "inference_concurrency")
+        self._at_least(0, "max_objects")
+        self._at_least(0, "intra_op_threads", note="0 lets ONNX Runtime choose")

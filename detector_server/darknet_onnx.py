@@ -18,6 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,7 +109,7 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], prefix: str, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], prefix: str, **attrs: Any) -> str:
         out = self.name(prefix)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -163,12 +164,12 @@ def export(cfg_text: str, weights: bytes) -> tuple[onnx.ModelProto, list[YoloHea
             pad = size // 2 if section.get_int("pad", 0) else section.get_int("padding", 0)
             groups = section.get_int("groups", 1)
             cin = shape[0]
-            if section.get_int("batch_normalize", 0):
-                bias, scale, mean, var = (reader.take(filters) for _ in range(4))
-            else:
-                bias, scale, mean, var = reader.take(filters), None, None, None
+            # Darknet's order: biases, then (with batch normalisation) scales, means, variances, then the kernel.
+            bias = reader.take(filters)
+            normalisation = [reader.take(filters) for _ in range(3)] if section.get_int("batch_normalize", 0) else []
             kernel = reader.take(filters * (cin // groups) * size * size).reshape(filters, cin // groups, size, size)
-            if scale is not None:
+            if normalisation:
+                scale, mean, var = normalisation
                 factor = scale / np.sqrt(var + 1e-5)  # Darknet's batchnorm epsilon
                 kernel = kernel * factor[:, None, None, None]
                 bias = bias - mean * factor

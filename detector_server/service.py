@@ -1,4 +1,5 @@
-"""DetectorService servicer: protobuf <-> numpy, errors -> status codes."""
+"""DetectorService servicer: protobuf <-> numpy; refusals are domain errors (common.errors), which
+the server's interceptor turns into status codes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from common.errors import InvalidArgument, NotFound, quote
 from common.images import ImageError
 from common.names import check_name
 from common.proto_convert import box_to_proto, image_from_proto
-from common.serving import abort_on
 from detector_server.model import DetectorModel
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 
@@ -28,23 +28,22 @@ class DetectorService(detector_pb2_grpc.DetectorServiceServicer):
         self.max_objects = max_objects
 
     def Detect(self, request: detector_pb2.DetectRequest, context: grpc.ServicerContext) -> detector_pb2.DetectResponse:
-        with abort_on(context):
-            name, model = self._model(request.model)
-            _check_fraction("min_confidence", request.min_confidence, "0 keeps the model's threshold")
-            _check_fraction(
-                "objectness_threshold", request.objectness_threshold, "0 asks for no class-agnostic objects"
+        name, model = self._model(request.model)
+        _check_fraction("min_confidence", request.min_confidence, "0 keeps the model's threshold")
+        _check_fraction("objectness_threshold", request.objectness_threshold, "0 asks for no class-agnostic objects")
+        if request.max_objects > self.max_objects:
+            raise InvalidArgument(
+                f"max_objects {request.max_objects} is above this server's limit of "
+                f"{self.max_objects}: ask for at most {self.max_objects}, or 0 for the "
+                "model's default",
+                violations=[("max_objects", f"{request.max_objects} is above the limit of {self.max_objects}")],
+                quota=[("max_objects", f"at most {self.max_objects} objects per Detect call")],
             )
-            if request.max_objects > self.max_objects:
-                raise InvalidArgument(
-                    f"max_objects {request.max_objects} is above this server's limit of "
-                    f"{self.max_objects}: ask for at most {self.max_objects}, or 0 for the "
-                    "model's default"
-                )
-            try:
-                image = image_from_proto(request.image, self.max_pixels)
-            except ImageError as exc:
-                # common.images says what to fix; a decoder's own text inside it is cut short all the same.
-                raise InvalidArgument(_bounded(str(exc))) from exc
+        try:
+            image = image_from_proto(request.image, self.max_pixels)
+        except ImageError as exc:
+            # common.images says what to fix; a decoder's own text inside it is cut short all the same.
+            raise InvalidArgument(_bounded(str(exc)), violations=[("image", _bounded(str(exc), 300))]) from exc
         result = model.detect(
             image,
             request.min_confidence or None,
@@ -115,6 +114,9 @@ def _bounded(message: str, limit: int = 512) -> str:
 def _check_fraction(field: str, value: float, zero: str) -> None:
     """Raises InvalidArgument unless `value` is 0 (`zero` says what that means) or in (0, 1]."""
     if math.isnan(value):
-        raise InvalidArgument(f"{field} is NaN: send a number in (0, 1]; {zero}")
+        raise InvalidArgument(f"{field} is NaN: send a number in (0, 1]; {zero}", violations=[(field, "NaN")])
     if not 0.0 <= value <= 1.0:
-        raise InvalidArgument(f"{field} {value:g} is outside (0, 1]: send a number in (0, 1]; {zero}")
+        raise InvalidArgument(
+            f"{field} {value:g} is outside (0, 1]: send a number in (0, 1]; {zero}",
+            violations=[(field, f"{value:g} is outside (0, 1]")],
+        )

@@ -16,6 +16,7 @@ from common.channels import open_channel
 from common.config import ServerConfig
 from common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
+from gateway.config import SignatureKind
 from gateway.ports import (
     BatchAnswer,
     CatalogueEntry,
@@ -31,8 +32,11 @@ from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 from mps.index.v1 import index_pb2, index_pb2_grpc
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
 
-KIND_VALUES = {"deep": common_pb2.SIGNATURE_KIND_DEEP, "bow": common_pb2.SIGNATURE_KIND_BOW}
-KIND_NAMES = {value: name for name, value in KIND_VALUES.items()}
+KIND_VALUES: dict[SignatureKind, common_pb2.SignatureKind] = {
+    "deep": common_pb2.SIGNATURE_KIND_DEEP,
+    "bow": common_pb2.SIGNATURE_KIND_BOW,
+}
+KIND_NAMES: dict[int, SignatureKind] = {value: name for name, value in KIND_VALUES.items()}
 
 
 def database_name(category: str, kind: str) -> str:
@@ -124,7 +128,9 @@ class GrpcSigner:
         self._limit = int(getattr(response, "max_images_per_call", 0) or 0)
         return self._limit
 
-    def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
+    def sign(
+        self, crops: Sequence[np.ndarray], kinds: Sequence[SignatureKind], timeout_s: float
+    ) -> list[list[Signature]]:
         request = signature_pb2.ComputeSignaturesRequest(
             images=[image_to_proto(c) for c in crops], kinds=[KIND_VALUES[k] for k in kinds]
         )

@@ -4,12 +4,18 @@ with VisualSearchClient("127.0.0.1:50050") as client:
     result = client.search(Path("photo.jpg").read_bytes(), top_k=5)
     for item in result.items:
         print(item.category, item.confidence, [m.product_id for m in item.matches])
+
+A refused call raises grpc.RpcError (its code and a message that says what to fix);
+common.status.details_of(error) reads its google.rpc details: the fields at fault, the limits
+exceeded, and, for an IndexProducts stream refused part-way, how many images were stored
+(info["stored_images"]) and which request was refused (info["refused_request"]).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import numpy as np
@@ -104,14 +110,16 @@ class VisualSearchClient:
         the catalogue decides); `categories` restricts the search; `min_score` drops weaker
         matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources.
         """
+        # The generated enums are plain ints at runtime: any int is sent, the gateway refuses one it
+        # does not know (INVALID_ARGUMENT naming the field).
         request = gateway_pb2.MultiProductSearchRequest(
             image=to_image(image),
             top_k=top_k,
             min_confidence=min_confidence,
-            signature_kind=signature_kind,
+            signature_kind=cast(common_pb2.SignatureKind, signature_kind),
             regions=[gateway_pb2.Region(box=to_box(b), category=category) for b, category in regions],
             categories=list(categories),
-            sources=list(sources),
+            sources=[cast(gateway_pb2.ItemSource, source) for source in sources],
             max_items=max_items,
         )
         if min_score is not None:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from common.config import ServerConfig
+from common.config import ConfigError, ServerConfig
+
+# Signature kinds by name (mps.common.v1.SignatureKind: SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW).
+SignatureKind = Literal["deep", "bow"]
+# The sources that find candidate regions in a photo (gateway.proposals.LOCALISING).
+LocalisingSource = Literal["detector", "objectness", "salient", "segment"]
 
 
 def _default_exclusive_groups() -> list[list[str]]:
@@ -32,19 +38,21 @@ class GatewayConfig(ServerConfig):
     # Category -> shard address, for categories kept on their own servers.
     index_routes: dict[str, str] = field(default_factory=dict)
     # Kind searched when a request leaves signature_kind unset: "deep" or "bow".
-    default_signature_kind: str = "deep"
+    default_signature_kind: SignatureKind = "deep"
     # Every product is indexed with each of these kinds, one database per category and kind
     # ("<category>.<kind>"), so a query may choose either.
-    index_kinds: list[str] = field(default_factory=lambda: ["deep", "bow"])
+    index_kinds: list[SignatureKind] = field(default_factory=lambda: ["deep", "bow"])
     # The kind that picks, among a photo's candidate regions, those that are catalogue products
     # and their categories (cheap to compute for every candidate); the requested kind then signs
     # only the chosen items.
-    selection_kind: str = "deep"
+    selection_kind: SignatureKind = "deep"
 
     # -- localisation ------------------------------------------------------------------------------
     # Sources used when a request names none: "detector" (product classes), "objectness"
     # (class-agnostic boxes), "salient" (SCDA), "segment" (selective search ranked by activation).
-    default_sources: list[str] = field(default_factory=lambda: ["detector", "objectness", "salient", "segment"])
+    default_sources: list[LocalisingSource] = field(
+        default_factory=lambda: ["detector", "objectness", "salient", "segment"]
+    )
     # Class-agnostic boxes: the detector's objectness threshold and count.
     objectness_threshold: float = 0.005
     max_objects: int = 30
@@ -75,8 +83,8 @@ class GatewayConfig(ServerConfig):
     # request sets min_score; per-category overrides as {"category": {"deep": 0.7}}. Calibrated on
     # bench/scenes.py (true boxes, 477 objects): deep 0.55 keeps ~96% of right first matches and
     # drops ~30% of wrong ones (0.62: 86% / 86%); bow scores separate less (0.12: 96% / 5%).
-    min_score: dict[str, float] = field(default_factory=lambda: {"deep": 0.55, "bow": 0.12})
-    category_min_score: dict[str, dict[str, float]] = field(default_factory=dict)
+    min_score: dict[SignatureKind, float] = field(default_factory=lambda: {"deep": 0.55, "bow": 0.12})
+    category_min_score: dict[str, dict[SignatureKind, float]] = field(default_factory=dict)
     exclusive_groups: list[list[str]] = field(default_factory=_default_exclusive_groups)
     exclusive_iou: float = 0.5
     # Items of one category overlapping this much (IoU) are one product (the better match stays);
@@ -139,3 +147,27 @@ class GatewayConfig(ServerConfig):
     # How long the end of an IndexProducts stream waits for a cancel that grpc reports just after
     # it (see gateway/service.py): a cancelled stream must store nothing.
     cancel_settle_s: float = 0.02
+
+    def _check(self) -> None:
+        super()._check()
+        for name in ("default_signature_kind", "selection_kind"):
+            if getattr(self, name) not in self.index_kinds:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not one of index_kinds {self.index_kinds}: "
+                    "every product is indexed only with those kinds"
+                )
+        for name in ("objectness_threshold", "ingest_min_objectness", "ingest_min_area"):
+            self._within(name, 0, 1)
+        for name in ("proposal_iou", "exclusive_iou", "item_iou", "same_product_overlap"):
+            self._within(name, 0, 1)
+        self._at_least(0, "max_objects", "max_salient", "max_segments", "category_margin", "box_vote_sharpness")
+        self._at_least(1, "max_proposals", "max_items", "decode_max_side", "detector_side", "locate_side")
+        self._at_least(1, "crop_max_side", "max_pixels", "max_top_k", "max_regions", "max_categories")
+        self._at_least(1, "signature_call_images", "signature_call_bytes", "max_id_bytes", "max_delete_ids")
+        self._at_least(
+            0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes"
+        )
+        self._at_least(1, "ingest_batch", "max_images_per_stream")
+        self._at_least(0, "ingest_report_limit", "catalogue_refresh_s", "reply_reserve_s", "cancel_settle_s")
+        self._at_least(0, "index_ready_wait_s", note="0 = fail at once")
+        self._above(0, "default_timeout_s")

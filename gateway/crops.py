@@ -10,7 +10,8 @@ def crop(image: np.ndarray, box: np.ndarray, max_side: int) -> np.ndarray:
     """(H, W, 3) uint8 image, (4,) xyxy box -> (h, w, 3) uint8 crop, downscaled to max_side.
 
     The box is rounded outwards and clipped to the image; at least one pixel is kept. Crops are
-    shrunk before they travel: signatures look at 256 px or less, so bigger only costs bytes.
+    shrunk before they travel (the gateway's crop_max_side): the signatures look at 224 px (the deep
+    descriptor's input) or 192 px (the colour-texture one's working size), so bigger only costs bytes.
     """
     height, width = image.shape[:2]
     x0 = int(np.clip(np.floor(box[0]), 0, width - 1))
@@ -43,7 +44,7 @@ def valid_box(box: np.ndarray, width: int, height: int) -> str:
 def plain_background(image: np.ndarray, ring: float = 0.04, tolerance: int = 24, share: float = 0.9) -> bool:
     """(H, W, 3) uint8 -> whether it looks like a catalogue shot on a plain backdrop: at least
     `share` of the pixels of its border ring (`ring` of the shorter side) lie within `tolerance` of
-    the ring's median colour (seed 003: catalogue images differ from street photos)."""
+    the ring's median colour (a catalogue shot is taken on a studio backdrop, a street photo is not)."""
     height, width = image.shape[:2]
     t = max(1, round(min(height, width) * ring))
     border = np.concatenate(

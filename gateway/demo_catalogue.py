@@ -32,7 +32,6 @@ CATALOGUE_PHOTOS = (
 )
 QUERY_PHOTOS = ("coffee", "motorcycle_right")
 ROCKET_BOX = (292, 120, 352, 420)  # the rocket on its pad, in the 640x427 "rocket" photo
-CUP_BOX = (150, 23, 429, 310)  # the cup and saucer in the 600x400 "coffee" photo
 
 
 def cut(name: str, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -56,19 +55,6 @@ def two_product_scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     scene, rocket = paste(background, cut("rocket", ROCKET_BOX), 90, 100, 90)
     scene, cat = paste(scene, load_photo("chelsea"), 560, 330, 330)
     return scene, {"rocket": rocket, "cat-portrait": cat}
-
-
-def tiles(name: str, grid: int = 2) -> list[np.ndarray]:
-    """The grid x grid tiles of a bundled photo."""
-    image = load_photo(name)
-    height, width = image.shape[:2]
-    return [
-        np.ascontiguousarray(
-            image[r * height // grid : (r + 1) * height // grid, c * width // grid : (c + 1) * width // grid]
-        )
-        for r in range(grid)
-        for c in range(grid)
-    ]
 
 
 def variants(image: np.ndarray) -> dict[str, np.ndarray]:

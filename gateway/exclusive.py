@@ -1,4 +1,4 @@
-"""Mutually exclusive classes (seed 000, section 4): on the same area, the most confident wins."""
+"""Mutually exclusive classes (the Cortexica paper, section 4): on the same area, the most confident wins."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The multi-product search and the catalogue ingestion, as plain Python (no gRPC here).
 
-A search (seed 000, section 4, widened beyond the detector's classes):
+A search (the paper, section 4, widened beyond the detector's classes):
 1. localise: the detector's product classes and class-agnostic objectness boxes, and the deep
    descriptor's salient objects (SCDA) and ranked segments, asked for in parallel on downscaled
    copies of the photo decoded once; merged across sources (near-duplicates are one region) and
@@ -34,7 +34,7 @@ from common.limits import check_id, check_metadata
 from common.names import check_name
 from common.serving import Deadline
 from detector_server.nms import iou_matrix
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, SignatureKind
 from gateway.crops import crop, plain_background, valid_box
 from gateway.exclusive import resolve_exclusive
 from gateway.ports import (
@@ -52,14 +52,12 @@ from gateway.ports import (
 )
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
 
-KINDS = ("deep", "bow")
-
 
 @dataclass
 class SearchOptions:
     """One MultiProductSearch, in domain terms; boxes in original pixels."""
 
-    kind: str
+    kind: SignatureKind
     top_k: int
     min_confidence: float = 0.0
     regions: Sequence[tuple[np.ndarray, str]] = ()
@@ -128,11 +126,33 @@ class IndexedImage:
 
 
 class IngestError(ServiceError):
-    """Ingestion stopped: `indexed` holds what was indexed before; the message says where."""
+    """Ingestion stopped by `cause` (a refused image, a failing back end, the client's cancel), with
+    the cause's code, reason, quota and retry advice. `indexed` holds what was stored before it;
+    the message says where and how many; `info` gives the counts (stored_images, stored_products)
+    and, for a refused image, its place (refused_request); a refused image is also a BadRequest
+    violation `requests[N]` (the Nth message of the stream, from 0), its own fields under it
+    (`requests[N].box`)."""
 
-    def __init__(self, message: str, status: str, indexed: list[IndexedImage]):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, message: str, cause: ServiceError, indexed: list[IndexedImage], refused: int | None = None):
+        info = {
+            **cause.info,
+            "stored_images": str(len(indexed)),
+            "stored_products": str(len({i.product_id for i in indexed})),
+        }
+        violations: list[tuple[str, str]] = []
+        if refused is not None:
+            info["refused_request"] = str(refused)
+            violations = [(f"requests[{refused}]", cause.message[:300])]
+            violations += [(f"requests[{refused}].{f}", d) for f, d in cause.violations]
+        super().__init__(
+            message,
+            violations=violations,
+            quota=cause.quota,
+            info=info,
+            reason=cause.reason,
+            retry_after_s=cause.retry_after_s,
+        )
+        self.status = cause.status
         self.indexed = indexed
 
 
@@ -220,15 +240,6 @@ class Pipeline:
         index: Index,
         pool: ThreadPoolExecutor,
     ):
-        for name in [config.default_signature_kind, config.selection_kind, *config.index_kinds]:
-            if name not in KINDS:
-                raise ValueError(f"signature kind {name!r} in the gateway config is not one of {KINDS}")
-        for kind in (config.default_signature_kind, config.selection_kind):
-            if kind not in config.index_kinds:
-                raise ValueError(f"{kind!r} (default or selection kind) must be one of index_kinds")
-        unknown = set(config.default_sources) - {s.value for s in LOCALISING}
-        if unknown:
-            raise ValueError(f"default_sources {sorted(unknown)} are not among {[s.value for s in LOCALISING]}")
         self.config = config
         self.detector, self.locator, self.signer, self.index = detector, locator, signer, index
         self.pool = pool
@@ -420,7 +431,7 @@ class Pipeline:
         return again
 
     def _sign(
-        self, crops: list[np.ndarray], kinds: list[str], deadline: Deadline, timings: Timings
+        self, crops: list[np.ndarray], kinds: Sequence[SignatureKind], deadline: Deadline, timings: Timings
     ) -> list[list[Signature]]:
         """Signatures [crop][kind], in calls of at most the signature service's limit (as its
         ListKinds advertises it, else signature_call_images), in parallel, all within the request's
@@ -641,8 +652,9 @@ class Pipeline:
             if item.degraded is None:
                 item.degraded = Degraded(reason)
             warnings.append(reason + ": matches are over the rest only")
-        if candidate.category and isinstance(candidate.answers.get(candidate.category), str):
-            warnings = [candidate.answers[candidate.category]]  # type: ignore[list-item]
+        own = candidate.answers.get(candidate.category) if candidate.category else None
+        if isinstance(own, str):  # no catalogue in its own category: that says it all
+            warnings = [own]
         item.warning = "; ".join(dict.fromkeys(warnings))
         return item
 
@@ -710,9 +722,10 @@ class Pipeline:
 
         Nothing is stored before the end: the index streams stay open and are ended normally (so
         the index stores them) only when the images end normally. `images` raising Cancelled (the
-        client went away) stores nothing. A refused image (InvalidArgument, ResourceExhausted) or a
-        failing back end raises IngestError after the images before it are stored; its message
-        says exactly how many were."""
+        client went away) stores nothing: IngestError with its message. A refused image
+        (InvalidArgument, ResourceExhausted) or a failing back end raises IngestError after the
+        images before it are stored; its message says exactly how many were, and its details name
+        the refused image (see IngestError)."""
         config = self.config
         writer = self.index.writer(deadline.remaining())
         # Sent to the index, by (category, product, image): the last one sent, at its first place.
@@ -729,33 +742,37 @@ class Pipeline:
             return [report for (category, _, _), report in sent.items() if category not in failed]
 
         where = ""
+        refused: int | None = None
         try:
             for position, image in enumerate(images):
                 try:
                     if position >= config.max_images_per_stream:
                         raise ResourceExhausted(
                             f"send at most {config.max_images_per_stream} images per "
-                            "IndexProducts stream: split the ingest into several streams"
+                            "IndexProducts stream: split the ingest into several streams",
+                            quota=[("images", f"at most {config.max_images_per_stream} per IndexProducts stream")],
                         )
                     self.check_image(image)
                     photo = self.decode(image.encoded, image.raw)
                     if image.box is not None:
                         problem = valid_box(image.box, photo.width, photo.height)
                         if problem:
-                            raise InvalidArgument(f"box {problem}")
+                            raise InvalidArgument(f"box {problem}", violations=[("box", problem)])
                 except (InvalidArgument, ResourceExhausted):
                     flush()  # every image before the refused one is stored, and the error says so
                     where = f"product #{position} ({quote(image.product_id)}): "
+                    refused = position
                     raise
-                if not image.image_id:
-                    image.image_id = image_id_of(image.encoded if image.encoded is not None else image.raw[2])  # type: ignore[index]
+                if not image.image_id:  # (decode() has refused an image with neither encoded nor raw bytes)
+                    raw = image.raw[2] if image.raw is not None else b""
+                    image.image_id = image_id_of(image.encoded if image.encoded is not None else raw)
                 batch.append((image, photo))
                 if len(batch) >= config.ingest_batch:
                     flush()
             flush()
         except Cancelled as exc:
             writer.cancel()
-            raise IngestError(f"{exc}: nothing was stored", exc.status, []) from None
+            raise IngestError(exc.message, exc, []) from None
         except ServiceError as exc:
             failed = writer.commit()
             kept = stored(failed)
@@ -763,8 +780,9 @@ class Pipeline:
             raise IngestError(
                 f"{where}{exc}; {_stored(kept)} (those before it in the stream{lost}): fix it and "
                 "re-send from there (a re-sent image replaces itself)",
-                exc.status,
+                exc,
                 kept,
+                refused,
             ) from None
         except BaseException:
             writer.cancel()
@@ -773,10 +791,10 @@ class Pipeline:
         if failed:
             kept = stored(failed)
             error = next(iter(failed.values()))
-            status = getattr(error, "status", "UNAVAILABLE")
+            cause = error if isinstance(error, ServiceError) else Unavailable(str(error))
             raise IngestError(
                 f"{error}; {_stored(kept)}: none of categories {sorted(failed)[:5]}, whose index failed: re-send those",
-                status,
+                cause,
                 kept,
             )
         return list(sent.values())
@@ -815,25 +833,33 @@ class Pipeline:
     ) -> tuple[int, list[str]]:
         config = self.config
         if not product_ids:
-            raise InvalidArgument("product_ids is empty: name the products to delete")
+            raise InvalidArgument(
+                "product_ids is empty: name the products to delete", violations=[("product_ids", "empty")]
+            )
         if len(product_ids) > config.max_delete_ids:
             raise ResourceExhausted(
                 f"{len(product_ids)} product_ids in one call, above the limit of "
-                f"{config.max_delete_ids}: delete at most {config.max_delete_ids} per call"
+                f"{config.max_delete_ids}: delete at most {config.max_delete_ids} per call",
+                quota=[("product_ids", f"at most {config.max_delete_ids} per DeleteProducts call")],
             )
         for i, product_id in enumerate(product_ids):
             if not product_id:
-                raise InvalidArgument(f"product_ids[{i}] is empty: every id must name a product")
+                raise InvalidArgument(
+                    f"product_ids[{i}] is empty: every id must name a product",
+                    violations=[(f"product_ids[{i}]", "empty")],
+                )
             size = len(product_id.encode("utf-8", "surrogatepass"))
             if size > config.max_id_bytes:
                 raise InvalidArgument(
                     f"product_ids[{i}] is {size} UTF-8 bytes, above the limit of "
-                    f"{config.max_id_bytes}: no product id is longer"
+                    f"{config.max_id_bytes}: no product id is longer",
+                    violations=[(f"product_ids[{i}]", f"{size} UTF-8 bytes, above the limit of {config.max_id_bytes}")],
                 )
         if len(categories) > config.max_categories:
             raise ResourceExhausted(
                 f"{len(categories)} categories in one call, above the limit of "
-                f"{config.max_categories}: name at most {config.max_categories}"
+                f"{config.max_categories}: name at most {config.max_categories}",
+                quota=[("categories", f"at most {config.max_categories} per DeleteProducts call")],
             )
         for category in categories:
             check_name("category", category)

@@ -1,7 +1,8 @@
 """What the gateway's pipeline needs from the services behind it, as plain Python (no gRPC here).
 
 `gateway/backends.py` implements these over gRPC; tests may implement them in-process. Every
-method takes the seconds it may spend and raises common.errors on failure.
+method takes the seconds it may spend and raises common.errors on failure. `Ports` is all of them,
+as the gateway's servicer takes them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from gateway.config import SignatureKind
 
 # A signature is opaque to the pipeline: it is computed by the signer and handed to the index.
 Signature = Any
@@ -98,7 +101,9 @@ class Locator(Protocol):
 
 
 class Signer(Protocol):
-    def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
+    def sign(
+        self, crops: Sequence[np.ndarray], kinds: Sequence[SignatureKind], timeout_s: float
+    ) -> list[list[Signature]]:
         """[crop][kind] signatures; raises common.errors on failure."""
         ...
 
@@ -157,3 +162,22 @@ class Index(Protocol):
     ) -> tuple[int, list[str]]:
         """Deletes every image of the products in every kind -> (images deleted, ids not found)."""
         ...
+
+
+class Ports(Protocol):
+    """Every port the gateway uses, and their release (gateway.backends.Backends over gRPC; tests
+    may give in-process ones)."""
+
+    @property
+    def detector(self) -> Detector: ...
+
+    @property
+    def locator(self) -> Locator: ...
+
+    @property
+    def signer(self) -> Signer: ...
+
+    @property
+    def index(self) -> Index: ...
+
+    def close(self) -> None: ...

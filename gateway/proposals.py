@@ -57,7 +57,7 @@ def merge_proposals(proposals: Iterable[Proposal], iou_threshold: float, limit: 
     by_source: dict[Source, list[Proposal]] = {}
     for proposal in proposals:
         by_source.setdefault(proposal.source, []).append(proposal)
-    queues = [sorted(by_source[s], key=lambda p: -p.confidence) for s in sorted(by_source, key=PRIORITY.get)]
+    queues = [sorted(by_source[s], key=lambda p: -p.confidence) for s in sorted(by_source, key=PRIORITY.__getitem__)]
     # Round robin over the sources, each queue best first; detector classes come first in full.
     ordered: list[Proposal] = []
     if queues and queues[0] and queues[0][0].source in (Source.DETECTOR, Source.USER_REGION):

@@ -1,4 +1,6 @@
-"""VisualSearchService servicer: protobuf <-> the pipeline's domain objects, errors -> status codes."""
+"""VisualSearchService servicer: protobuf <-> the pipeline's domain objects (gateway/pipeline.py).
+Refusals are domain errors (common.errors), raised here or by the pipeline; the server's
+interceptor turns them into status codes with their details."""
 
 from __future__ import annotations
 
@@ -9,17 +11,17 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from common.errors import Cancelled, InvalidArgument, ResourceExhausted
+from common.errors import InvalidArgument, ResourceExhausted
 from common.names import check_name
 from common.proto_convert import box_from_proto, box_to_proto
-from common.serving import Deadline, abort_on
-from common.streams import StreamEnd
+from common.serving import Deadline
+from common.streams import client_stream
 from common.telemetry import BATCH_SIZE, ContextThreadPoolExecutor
-from gateway.backends import KIND_NAMES, KIND_VALUES, Backends
+from gateway.backends import KIND_NAMES, KIND_VALUES
 from gateway.config import GatewayConfig
 from gateway.crops import valid_box
 from gateway.pipeline import CatalogueImage, FoundItem, IndexedImage, Pipeline, SearchOptions, Timings
-from gateway.ports import CatalogueMatch
+from gateway.ports import CatalogueMatch, Ports
 from gateway.proposals import Source
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -41,7 +43,7 @@ def _ms(start: float) -> float:
 
 
 class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
-    def __init__(self, config: GatewayConfig, backends: Backends):
+    def __init__(self, config: GatewayConfig, backends: Ports):
         self.config = config
         self.backends = backends
         # Downstream calls of all concurrent requests (detector, locator, signature chunks, one
@@ -64,16 +66,15 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
     ) -> gateway_pb2.MultiProductSearchResponse:
         start = time.perf_counter()
         deadline = Deadline.of(context, self.config.default_timeout_s)
-        with abort_on(context):
-            options = self._options(request)
-            raw = request.image.raw
-            photo = self.pipeline.decode(
-                request.image.encoded if request.image.WhichOneof("source") == "encoded" else None,
-                (raw.width, raw.height, raw.rgb) if request.image.HasField("raw") else None,
-            )
-            timings = Timings(decode_ms=_ms(start))
-            options.regions = self._regions(request.regions, photo.width, photo.height)
-            outcome = self.pipeline.search(photo, options, deadline, timings)
+        options = self._options(request)
+        raw = request.image.raw
+        photo = self.pipeline.decode(
+            request.image.encoded if request.image.WhichOneof("source") == "encoded" else None,
+            (raw.width, raw.height, raw.rgb) if request.image.HasField("raw") else None,
+        )
+        timings = Timings(decode_ms=_ms(start))
+        options.regions = self._regions(request.regions, photo.width, photo.height)
+        outcome = self.pipeline.search(photo, options, deadline, timings)
         BATCH_SIZE.labels("gateway", "proposals_per_photo").observe(outcome.proposals)
         BATCH_SIZE.labels("gateway", "items_per_photo").observe(len(outcome.items))
         t = outcome.timings
@@ -101,51 +102,63 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         top_k = request.top_k or 10
         if top_k > config.max_top_k:
             raise InvalidArgument(
-                f"top_k {top_k} is above the limit of {config.max_top_k}: ask for at most {config.max_top_k}"
+                f"top_k {top_k} is above the limit of {config.max_top_k}: ask for at most {config.max_top_k}",
+                violations=[("top_k", f"{top_k} is above the limit of {config.max_top_k}")],
+                quota=[("top_k", f"at most {config.max_top_k} matches per item")],
             )
         if not 0.0 <= request.min_confidence <= 1.0:
             raise InvalidArgument(
                 f"min_confidence {request.min_confidence} is outside (0, 1]: set a threshold in "
-                "(0, 1], or 0 to keep the model's"
+                "(0, 1], or 0 to keep the model's",
+                violations=[("min_confidence", f"{request.min_confidence} is outside (0, 1]")],
             )
         if len(request.regions) > config.max_regions:
             raise ResourceExhausted(
                 f"{len(request.regions)} regions; at most {config.max_regions} per query: "
-                "split them over several queries"
+                "split them over several queries",
+                quota=[("regions", f"at most {config.max_regions} regions per query")],
             )
         if len(request.categories) > config.max_categories:
             raise ResourceExhausted(
                 f"{len(request.categories)} categories; at most {config.max_categories} per "
-                "query: name fewer, or none to search every category"
+                "query: name fewer, or none to search every category",
+                quota=[("categories", f"at most {config.max_categories} categories per query")],
             )
         for i, category in enumerate(request.categories):
             try:
                 check_name("category", category)
             except InvalidArgument as exc:
-                raise InvalidArgument(f"categories[{i}]: {exc}") from None
+                raise InvalidArgument(f"categories[{i}]: {exc}", violations=[(f"categories[{i}]", str(exc))]) from None
         kind = request.signature_kind or self.default_kind
         if kind not in self.index_kinds:
             raise InvalidArgument(
                 f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
-                f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}"
+                f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}",
+                violations=[("signature_kind", f"{kind} is not indexed here")],
             )
         if request.HasField("min_score") and not np.isfinite(request.min_score):
-            raise InvalidArgument("min_score must be a finite number (leave it unset for the gateway's default)")
+            raise InvalidArgument(
+                "min_score must be a finite number (leave it unset for the gateway's default)",
+                violations=[("min_score", f"{request.min_score} is not finite")],
+            )
         sources = set()
-        for value in request.sources:
+        for i, value in enumerate(request.sources):
             source = SOURCE_OF.get(value)
             if source not in REQUESTABLE:
                 name = gateway_pb2.ItemSource.Name(value) if value in gateway_pb2.ItemSource.values() else value
                 raise InvalidArgument(
                     f"sources: {name} cannot be asked for; choose among "
-                    f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}"
+                    f"{[gateway_pb2.ItemSource.Name(SOURCES[s]) for s in REQUESTABLE]}",
+                    violations=[(f"sources[{i}]", f"{name} cannot be asked for")],
                 )
             sources.add(source)
         if request.max_items > config.max_proposals:
             raise InvalidArgument(
                 f"max_items {request.max_items} is above the limit of {config.max_proposals} "
                 f"(the candidate regions a photo is searched with): ask for at most "
-                f"{config.max_proposals}, or 0 for the gateway's default"
+                f"{config.max_proposals}, or 0 for the gateway's default",
+                violations=[("max_items", f"{request.max_items} is above the limit of {config.max_proposals}")],
+                quota=[("max_items", f"at most {config.max_proposals} items per photo")],
             )
         return SearchOptions(
             KIND_NAMES[kind],
@@ -165,12 +178,14 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             box = box_from_proto(region.box)
             problem = valid_box(box, width, height)
             if problem:
-                raise InvalidArgument(f"regions[{i}].box {problem}")
+                raise InvalidArgument(f"regions[{i}].box {problem}", violations=[(f"regions[{i}].box", problem)])
             if region.category:  # empty: every category
                 try:
                     check_name("category", region.category)
                 except InvalidArgument as exc:
-                    raise InvalidArgument(f"regions[{i}].category: {exc}") from None
+                    raise InvalidArgument(
+                        f"regions[{i}].category: {exc}", violations=[(f"regions[{i}].category", str(exc))]
+                    ) from None
             out.append((box, region.category))
         return out
 
@@ -180,30 +195,21 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         self, request_iterator: Iterator[gateway_pb2.IndexProductsRequest], context: grpc.ServicerContext
     ) -> gateway_pb2.IndexProductsResponse:
         deadline = Deadline.of(context, self.config.default_timeout_s)
-        end = StreamEnd(context)
-
-        def images() -> Iterator[CatalogueImage]:
-            # A client's cancel (or its deadline) ends grpc python's request iterator with an
-            # RpcError, or exactly like a normal end (common/streams.py): tell the two apart.
-            try:
-                for r in request_iterator:
-                    yield CatalogueImage(
-                        r.product_id,
-                        r.category,
-                        r.image_id,
-                        r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
-                        (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
-                        box_from_proto(r.box) if r.HasField("box") else None,
-                        dict(r.metadata),
-                    )
-            except grpc.RpcError:
-                raise Cancelled("the client cancelled the stream or its deadline passed") from None
-            if not end.completed(self.config.cancel_settle_s):
-                raise Cancelled("the client cancelled the stream or its deadline passed")
-
-        with abort_on(context):  # an IngestError says exactly what was stored before it
-            indexed = self.pipeline.ingest(images(), deadline)
-        return self._ingest_report(indexed)
+        # The client's cancel (or deadline) is Cancelled, never a normal end (common/streams.py);
+        # an IngestError says exactly what was stored before it.
+        images = (
+            CatalogueImage(
+                r.product_id,
+                r.category,
+                r.image_id,
+                r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
+                (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
+                box_from_proto(r.box) if r.HasField("box") else None,
+                dict(r.metadata),
+            )
+            for r in client_stream(request_iterator, context, self.config.cancel_settle_s)
+        )
+        return self._ingest_report(self.pipeline.ingest(images, deadline))
 
     def _ingest_report(self, indexed: list[IndexedImage]) -> gateway_pb2.IndexProductsResponse:
         per_category = Counter(image.category for image in indexed)
@@ -231,10 +237,9 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         self, request: gateway_pb2.DeleteProductsRequest, context: grpc.ServicerContext
     ) -> gateway_pb2.DeleteProductsResponse:
         deadline = Deadline.of(context, self.config.default_timeout_s)
-        with abort_on(context):
-            deleted, not_found = self.pipeline.delete_products(
-                list(request.product_ids), list(request.categories), deadline
-            )
+        deleted, not_found = self.pipeline.delete_products(
+            list(request.product_ids), list(request.categories), deadline
+        )
         return gateway_pb2.DeleteProductsResponse(images_deleted=deleted, not_found=not_found)
 
 

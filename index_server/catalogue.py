@@ -1,8 +1,11 @@
 """The databases of one shard, by name, each holding one signature kind; durable through a ShardStore.
 
-Every change goes through here: validated, written ahead to the store's log (one fsync per Add
-stream or Delete), then applied in memory, all under one write lock so the log order is the memory
-order. Start-up loads the last snapshot and replays the log after it through the same apply path.
+It takes domain values (index_server.domain: an Add stream's Items, a delete's ids and groups):
+the servicer converts messages to them (index_server.convert). Every change goes through here:
+checked against its database, written ahead to the store's log (one fsync per Add stream or
+Delete; records encoded by index_server.log_codec), then applied in memory by `_apply`, all under
+one write lock so the log order is the memory order. Start-up loads the last snapshot and replays
+the log after it through that same `_apply`, as does a replica installing a copy (replication).
 A database that cannot be loaded (a damaged snapshot blob, a logged operation that fails) does not
 keep the shard from starting: it is set aside, answered with FAILED_PRECONDITION and reported by
 Stats, and its stored data is written back verbatim by every snapshot, so nothing of it is lost.
@@ -12,32 +15,25 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from common.bow_codec import BagOfWords
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
-from index_server.convert import box_of, item_value, signature_value
+from index_server import log_codec
 from index_server.dense import DenseDatabase
-from index_server.domain import SignatureError
+from index_server.domain import Deletion, Item, Operation, SignatureError, Value, check_value
 from index_server.inverted import BowIndex
-from index_server.limits import ItemLimits, check_stream_length, reworded
+from index_server.limits import ItemLimits
 from index_server.store import ShardStore
 from mps.common.v1 import common_pb2
-from mps.index.v1 import index_pb2
 
 log = logging.getLogger(__name__)
 
 Database = DenseDatabase | BowIndex
-Value = np.ndarray | BagOfWords
 
-# Log record tags; the payload is the request message itself.
-_ADD, _DELETE = b"A", b"D"
 # The snapshot blob of a database set aside at start-up that holds its logged operations since its
 # snapshot (u32 little-endian length + record, repeated), replayed after its state once it loads.
 PENDING_BLOB = "unreplayed_log"
@@ -65,28 +61,6 @@ class BrokenDatabase(FailedPrecondition):
         )
 
 
-def _pack_records(records: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(r)) + r for r in records)
-
-
-def _unpack_records(blob: bytes) -> list[bytes]:
-    records, position = [], 0
-    while position < len(blob):
-        (size,) = struct.unpack_from("<I", blob, position)
-        records.append(bytes(blob[position + 4 : position + 4 + size]))
-        position += 4 + size
-    return records
-
-
-def _parse_record(record: bytes) -> index_pb2.AddRequest | index_pb2.DeleteRequest:
-    tag, payload = record[:1], record[1:]
-    if tag == _ADD:
-        return index_pb2.AddRequest.FromString(payload)
-    if tag == _DELETE:
-        return index_pb2.DeleteRequest.FromString(payload)
-    raise ValueError(f"logged record with unknown tag {tag!r}")
-
-
 @dataclass
 class Unloadable:
     """A database set aside at start-up: why, its snapshot blobs exactly as stored, and its logged
@@ -101,28 +75,13 @@ class Unloadable:
         those an earlier start-up set aside."""
         if not self.pending:
             return dict(self.blobs)
-        return {**self.blobs, PENDING_BLOB: self.blobs.get(PENDING_BLOB, b"") + _pack_records(self.pending)}
+        return {**self.blobs, PENDING_BLOB: self.blobs.get(PENDING_BLOB, b"") + log_codec.pack(self.pending)}
 
     def kind(self) -> int:
         try:
             return int(self.blobs["kind"])
         except (KeyError, ValueError):
             return common_pb2.SIGNATURE_KIND_UNSPECIFIED
-
-
-def logged_operation(record: bytes) -> index_pb2.LoggedOperation:
-    """A log record as the message a replication stream carries."""
-    tag, payload = record[:1], record[1:]
-    if tag == _ADD:
-        return index_pb2.LoggedOperation(add=index_pb2.AddRequest.FromString(payload))
-    return index_pb2.LoggedOperation(delete=index_pb2.DeleteRequest.FromString(payload))
-
-
-def record_of(operation: index_pb2.LoggedOperation) -> bytes:
-    """The log record of an operation received in a replication stream."""
-    if operation.WhichOneof("operation") == "add":
-        return _ADD + operation.add.SerializeToString()
-    return _DELETE + operation.delete.SerializeToString()
 
 
 class Deleted(NamedTuple):
@@ -162,11 +121,16 @@ class DatabaseSettings:
         )
 
 
-def _shape(kind: int, value: Value) -> tuple[int, int, int]:
+def kind_of(value: Value) -> int:
+    """The signature kind (mps.common.v1.SignatureKind, as stored and reported by Stats) of a value."""
+    return common_pb2.SIGNATURE_KIND_BOW if isinstance(value, BagOfWords) else common_pb2.SIGNATURE_KIND_DEEP
+
+
+def _shape(value: Value) -> tuple[int, int, int]:
     """What every item of one database shares: (kind, dimension or vocabulary, codebook)."""
     if isinstance(value, BagOfWords):
-        return kind, value.vocabulary, value.codebook
-    return kind, value.size, 0
+        return common_pb2.SIGNATURE_KIND_BOW, value.vocabulary, value.codebook
+    return common_pb2.SIGNATURE_KIND_DEEP, value.size, 0
 
 
 def _describe(shape: tuple[int, int, int]) -> str:
@@ -181,21 +145,10 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."
 
 
-def _apply_add(database: Database, request: index_pb2.AddRequest, value: Value) -> bool:
-    """One logged Add, in memory (live or replayed); True when it replaced an item."""
-    return database.add(
-        request.item_id,
-        value,
-        dict(request.metadata),
-        request.group_id,  # type: ignore[arg-type]
-        box_of(request),
-    )
-
-
-def _apply_delete(database: Database, item_ids: list[str], group_ids: list[str]) -> int:
-    """One logged Delete, in memory (live or replayed): items deleted, each counted once (ids go
-    first, so a group counts only what is left of it)."""
-    return sum(database.delete(item_id) for item_id in item_ids) + database.delete_groups(group_ids)
+def refused_item(position: int, item_id: str, error: ServiceError) -> ServiceError:
+    """`error` as the refusal of a stream's item #position: naming it, and saying that nothing of
+    the stream was added."""
+    return error.reworded(f"item #{position} ({quote(item_id)}): {error}; nothing of this stream was added")
 
 
 class AddStream:
@@ -204,21 +157,23 @@ class AddStream:
 
     def __init__(self, catalogue: Catalogue):
         self.catalogue = catalogue
-        self.items: list[tuple[index_pb2.AddRequest, Value]] = []
+        # Each item with its log record (log_codec), made when it is committed where None.
+        self.items: list[tuple[Item, bytes | None]] = []
         # Databases this stream would create, by the shape of their first item here.
         self.shapes: dict[str, tuple[int, int, int]] = {}
 
-    def stage(self, request: index_pb2.AddRequest) -> None:
-        """Checks the next item; raises a ServiceError naming it (and saying nothing was added)."""
-        position = len(self.items)
-        check_stream_length(position + 1, self.catalogue.limits)
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def stage(self, item: Item, record: bytes | None = None) -> None:
+        """Checks the next item against its database; raises a ServiceError naming it (and saying
+        nothing was added). `record`: its log record when the caller has it already (the servicer:
+        log_codec.add_record of the request it came in), else encoded at commit."""
         try:
-            value = self.catalogue.check_add(request, self.shapes)
+            self.catalogue.check_add(item, self.shapes)
         except ServiceError as exc:
-            raise reworded(
-                exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added"
-            ) from None
-        self.items.append((request, value))
+            raise refused_item(len(self.items), item.item_id, exc) from None
+        self.items.append((item, record))
 
 
 class Catalogue:
@@ -277,23 +232,19 @@ class Catalogue:
     def stream(self) -> AddStream:
         return AddStream(self)
 
-    def add(self, requests: Iterable[index_pb2.AddRequest]) -> tuple[int, int]:
+    def add(self, items: Iterable[Item]) -> tuple[int, int]:
         """Adds items durably, all or nothing: returns (added, replaced) as commit() counts them;
         a refused item raises a ServiceError naming it, and nothing is added."""
         stream = self.stream()
-        for request in requests:
-            stream.stage(request)
+        for item in items:
+            stream.stage(item)
         return self.commit(stream)
 
-    def check_add(self, request: index_pb2.AddRequest, shapes: dict[str, tuple[int, int, int]]) -> Value:
-        """An Add's value once it fits its database (as held here, or as `shapes`, the databases a
-        stream would create, say: the first item for a new one sets its shape there)."""
-        value = item_value(request, self.limits, check_database_name=not self.holds(request.database))
-        self._fit(request, value, shapes)
-        return value
-
-    def _fit(self, request: index_pb2.AddRequest, value: Value, shapes: dict[str, tuple[int, int, int]]) -> None:
-        name, kind = request.database, request.signature.kind
+    def check_add(self, item: Item, shapes: dict[str, tuple[int, int, int]]) -> None:
+        """Raises a ServiceError unless the item fits its database, as held here or as `shapes`
+        says (the databases a stream would create: the first item for a new one sets its shape
+        there). The item itself is well formed (index_server.convert.item_of checked it)."""
+        name, kind = item.database, kind_of(item.value)
         if name in self._broken:
             raise BrokenDatabase(name, self._broken[name].reason)
         if name in self._databases:
@@ -303,12 +254,10 @@ class Catalogue:
                     f"database {quote(name)} holds {common_pb2.SignatureKind.Name(held_kind)} "
                     f"signatures, not {common_pb2.SignatureKind.Name(kind)}"
                 )
-            try:
-                database.check(value)  # type: ignore[arg-type]
-            except SignatureError as exc:
-                raise InvalidArgument(str(exc)) from None
+            database.check(item.value)  # type: ignore[arg-type]  # the kind matches: the value is of its type
             return
-        shape = _shape(kind, value)
+        check_value(item.value)  # what the database created for it would refuse (it would be logged first)
+        shape = _shape(item.value)
         first = shapes.setdefault(name, shape)
         if first != shape:
             raise InvalidArgument(
@@ -324,23 +273,19 @@ class Catalogue:
         stored when an item no longer fits (another stream created its database meanwhile)."""
         with self._write:
             shapes: dict[str, tuple[int, int, int]] = {}
-            for position, (request, value) in enumerate(stream.items):
+            for position, (item, _) in enumerate(stream.items):
                 try:
-                    self._fit(request, value, shapes)
+                    self.check_add(item, shapes)
                 except ServiceError as exc:
-                    raise reworded(
-                        exc, f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added"
-                    ) from None
+                    raise refused_item(position, item.item_id, exc) from None
             if stream.items:
-                self._log([_ADD + r.SerializeToString() for r, _ in stream.items])
+                self._log([log_codec.encode(item) if record is None else record for item, record in stream.items])
             stored: set[tuple[str, str]] = set()
             replaced: set[tuple[str, str]] = set()
-            for request, value in stream.items:
-                key = (request.database, request.item_id)
+            for item, _ in stream.items:
+                key = (item.database, item.item_id)
                 # Catching up (replication): logged now, applied once the copy is installed.
-                if self._deferred is None and _apply_add(
-                    self._get_or_create(request.database, request.signature.kind, value), request, value
-                ):
+                if self._deferred is None and self._apply(item):
                     replaced.add(key)
                 stored.add(key)
             self._since_snapshot += len(stream.items)
@@ -356,27 +301,16 @@ class Catalogue:
             if self._deferred is not None:
                 # Catching up: what is held here is stale, so the whole request is logged, and
                 # applied (what of it is there) once the copy is installed.
-                self._log(
-                    [
-                        _DELETE
-                        + index_pb2.DeleteRequest(
-                            database=name, item_ids=item_ids, group_ids=group_ids
-                        ).SerializeToString()
-                    ]
-                )
+                self._log([log_codec.encode(Deletion(name, tuple(item_ids), tuple(group_ids)))])
                 return Deleted(0, list(item_ids), list(group_ids))
             _, database = self.get(name)
             present = [i for i in dict.fromkeys(item_ids) if i in database]
             groups = [g for g in dict.fromkeys(group_ids) if database.group_size(g) > 0]
+            # Only what is there is logged: a replay then does exactly what was acknowledged.
+            deletion = Deletion(name, tuple(present), tuple(groups))
             if present or groups:
-                # Only what is there is logged: a replay then does exactly what was acknowledged.
-                self._log(
-                    [
-                        _DELETE
-                        + index_pb2.DeleteRequest(database=name, item_ids=present, group_ids=groups).SerializeToString()
-                    ]
-                )
-            deleted = _apply_delete(database, present, groups)
+                self._log([log_codec.encode(deletion)])
+            deleted = self._apply(deletion)
             self._since_snapshot += deleted
         self._maybe_snapshot()
         present_set, groups_set = set(present), set(groups)
@@ -385,6 +319,28 @@ class Catalogue:
             [i for i in dict.fromkeys(item_ids) if i not in present_set],
             [g for g in dict.fromkeys(group_ids) if g not in groups_set],
         )
+
+    def _apply(self, operation: Operation) -> int:
+        """One logged operation, in memory: the one apply path of live writes (commit, delete),
+        of start-up (_recover, _load_states) and of a replica's copy (install, end_deferral).
+        An Item: 1 when it replaced an item, else 0 (its database is created by its first item).
+        A Deletion: the items deleted, each counted once (ids go first, so a group counts only
+        what is left of it); 0 for a database not held (one logged while catching up)."""
+        if isinstance(operation, Item):
+            database = self._get_or_create(operation.database, kind_of(operation.value), operation.value)
+            replaced = database.add(
+                operation.item_id,
+                operation.value,  # type: ignore[arg-type]  # _get_or_create checked its kind
+                operation.metadata,
+                operation.group_id,
+                operation.box,
+            )
+            return int(replaced)
+        if not self.holds(operation.database):
+            return 0
+        _, database = self.get(operation.database)
+        deleted = sum(database.delete(item_id) for item_id in operation.item_ids)
+        return deleted + database.delete_groups(list(operation.group_ids))
 
     def _get_or_create(self, name: str, kind: int, value: Value) -> Database:
         """The database `name`, created for this signature's kind and shape by its first item."""
@@ -419,21 +375,20 @@ class Catalogue:
         failed: dict[str, str] = {}  # databases whose replay failed here -> why
         for number, record in store.replay(seq):
             replayed += 1
-            request = _parse_record(record)
-            name = request.database
+            name = log_codec.database_of(record)
             if name in failed:
                 continue  # collected with the rest of its records below
             if name in self._broken:
                 self._broken[name].pending.append(record)
                 continue
             try:
-                self._apply_record(request)
+                self._apply(log_codec.decode(record))
             except Exception as exc:
                 failed[name] = f"replaying logged operation #{number}: {_reason(exc)}"
                 self._databases.pop(name, None)
         for name, reason in failed.items():
             # Its snapshot blobs and every operation logged for it since, in order, as stored.
-            pending = [r for _, r in store.replay(seq) if _parse_record(r).database == name]
+            pending = [r for _, r in store.replay(seq) if log_codec.database_of(r) == name]
             self._set_aside(name, reason, snapshot.get(name, {}), pending)
         self._since_snapshot = replayed
         log.info(
@@ -449,21 +404,12 @@ class Catalogue:
             "database %s could not be loaded and is not served (its stored data is kept): %s", quote(name), reason
         )
 
-    def _apply_record(self, request: index_pb2.AddRequest | index_pb2.DeleteRequest) -> None:
-        """One logged operation, in memory, through the same apply functions as live writes."""
-        if isinstance(request, index_pb2.AddRequest):
-            value = signature_value(request.signature)
-            _apply_add(self._get_or_create(request.database, request.signature.kind, value), request, value)
-        elif request.database in self._databases or request.database in self._broken:
-            _apply_delete(self.get(request.database)[1], list(request.item_ids), list(request.group_ids))
-        # else: a Delete logged while catching up (replication), of a database not held: nothing to do
-
     def _load_states(self, states: dict[str, dict[str, bytes]]) -> None:
         """Adds the databases of a snapshot (name -> blob name -> bytes, "kind" among the blobs,
         and PENDING_BLOB for one an earlier start-up set aside); one that fails is set aside."""
         for name, stored in states.items():
             blobs = dict(stored)
-            pending = _unpack_records(blobs.pop(PENDING_BLOB, b""))
+            pending = log_codec.unpack(blobs.pop(PENDING_BLOB, b""))
             try:
                 if "kind" in blobs or not pending:  # else it was created by its pending operations
                     kind = int(blobs.pop("kind"))
@@ -476,9 +422,9 @@ class Catalogue:
                         database.max_word_share = self.settings.max_word_share  # configuration, not data
                     self._databases[name] = (kind, database)
                 reason = "its snapshot state"
-                for request in map(_parse_record, pending):
+                for record in pending:
                     reason = "replaying an operation logged before it was set aside"
-                    self._apply_record(request)
+                    self._apply(log_codec.decode(record))
             except Exception as exc:
                 self._databases.pop(name, None)
                 self._set_aside(name, f"{reason}: {_reason(exc)}", stored, [])
@@ -489,15 +435,15 @@ class Catalogue:
         database the copy holds with another kind or shape, or does not hold) is skipped."""
         replayed = 0
         for record in records:
-            request = _parse_record(record)
-            if request.database in self._broken:  # kept with it, as start-up does
-                self._broken[request.database].pending.append(record)
+            name = log_codec.database_of(record)
+            if name in self._broken:  # kept with it, as start-up does
+                self._broken[name].pending.append(record)
                 replayed += 1
                 continue
             try:
-                self._apply_record(request)
-            except (ServiceError, SignatureError) as exc:
-                log.warning("skipped a logged %s that does not apply here: %s", type(request).__name__, exc)
+                self._apply(log_codec.decode(record))
+            except ServiceError as exc:
+                log.warning("skipped a logged operation on %s that does not apply here: %s", quote(name), exc)
             replayed += 1
         return replayed
 

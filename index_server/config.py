@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
-from common.config import ServerConfig
+from common.config import ConfigError, ServerConfig, Validated
 from index_server.limits import ItemLimits
+
+# How the router spreads a database over the shards (RouterConfig.layout).
+Layout = Literal["item", "word"]
+
+
+def _check_item_limits(config: Validated) -> None:
+    """The ranges of the ItemLimits fields, shared by IndexConfig and RouterConfig."""
+    config._within("max_dense_dimension", 1, (1 << 20) - 1)
+    config._within("max_bow_vocabulary", 1, 65535)
+    config._at_least(1, "max_id_bytes", "max_items_per_stream")
+    config._at_least(0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes")
 
 
 @dataclass
@@ -64,6 +77,19 @@ class IndexConfig(ServerConfig, ItemLimits):
     def peer_list(self) -> list[str]:
         return [peer.strip() for peer in self.peers.split(",") if peer.strip()]
 
+    def _check(self) -> None:
+        super()._check()
+        _check_item_limits(self)
+        self._at_least(1, "store_map_bytes", "snapshot_every", "word_shard_count", "dense_train_size")
+        self._at_least(1, "chunk_size", "partial_chunk", "max_top_k", "max_batch", "replicate_chunk_bytes")
+        if not 0 <= self.word_shard_index < self.word_shard_count:
+            raise ConfigError(
+                f"word_shard_index {self.word_shard_index} is not in [0, word_shard_count {self.word_shard_count})"
+            )
+        self._within("max_word_share", 0, 1, low_open=True)
+        self._at_least(0, "cancel_settle_s", "catch_up_timeout_s", "catch_up_tail_s", "replicate_settle_s")
+        self._above(0, "replicate_timeout_s")
+
 
 @dataclass
 class RouterConfig(ServerConfig, ItemLimits):
@@ -72,8 +98,8 @@ class RouterConfig(ServerConfig, ItemLimits):
     port: int = 50054
     # "item": each shard holds some items (by a hash of the id) and returns its top k;
     # "word": each shard holds a range of visual words of every item and returns partial scores
-    # (seed 000, 3.2); dense databases are spread by item in both layouts.
-    layout: str = "item"
+    # (the paper, section 3.2); dense databases are spread by item in both layouts.
+    layout: Layout = "item"
     # One entry per shard, in order: the addresses of its replicas. Searches are spread over a
     # shard's replicas (gRPC round_robin over those whose health is SERVING: not one catching up);
     # Adds and Deletes go to every replica.
@@ -96,3 +122,30 @@ class RouterConfig(ServerConfig, ItemLimits):
     # fellow replica when it returns (IndexConfig.peers); one that stays up after missing a write
     # (a timeout) lags until it restarts: raise this to refuse such writes (the caller re-sends).
     min_write_replicas: int = 1
+
+    def _check(self) -> None:
+        super()._check()
+        _check_item_limits(self)
+        if not self.shards or not all(self.shards):
+            raise ConfigError("shards must list at least one shard, each with at least one address")
+        for i, replicas in enumerate(self.shards):
+            if len(replicas) > 1:  # one channel over them all (index_server.router.read_target)
+                for j, address in enumerate(replicas):
+                    _check_replica_address(f"shards[{i}][{j}]", address)
+        self._above(0, "default_timeout_s", "add_timeout_s")
+        self._at_least(0, "reply_reserve_s", "cancel_settle_s")
+        self._at_least(1, "chunk_size", "max_top_k", "max_batch", "min_write_replicas")
+
+
+def _check_replica_address(name: str, address: str) -> None:
+    """One of several replicas of a shard: an IP address and a port (gRPC's ipv4:/ipv6: target)."""
+    host, _, port = address.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            f"{name} {address!r}: several replicas must be given as IP:port "
+            "(or as one dns:///name:port resolving to all of them)"
+        ) from None
+    if not port.isdigit():
+        raise ConfigError(f"{name} {address!r} has no port")

@@ -5,23 +5,32 @@ The FAISS index is built from a factory string ("Flat" by default; e.g. "IVF1024
 stable int64 labels and can be removed. A factory that needs training serves exactly from a flat
 buffer until `train_size` vectors have arrived, then is trained on them and takes over.
 Per label, the item's group number and box live in numpy arrays (see groups.py).
+
+Concurrency: one writer-preferring reader-writer lock per database (common/rwlock.py). Searches,
+group sizes and snapshots hold its read side across all of their work, FAISS search included, so
+searches of one database run at once (FAISS releases the GIL in search, and its CPU indexes are
+safe for concurrent searches: search does not change an index). Every change holds the write side:
+add (and the training it may start), delete, delete_groups. The invariant: nothing a reader can
+reach (the FAISS index, the dicts, the group and box arrays, the group table) is changed while any
+reader holds the lock, so a search answers what a lone search of the state between two writes does.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 
+from common.rwlock import ReadWriteLock
 from index_server.domain import Hit, SignatureError, group_name, unit_vector
 from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
-from index_server.state import pack_strings, unpack_strings
+from index_server.snapshot_codec import pack_strings, unpack_strings
 
 
-def _make(dimension: int, factory: str) -> faiss.Index:
+def _make(dimension: int, factory: str) -> faiss.IndexIDMap2:
     try:
         return faiss.IndexIDMap2(faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT))
     except RuntimeError as exc:
@@ -37,7 +46,8 @@ class DenseDatabase:
         self.train_size = train_size
         target = _make(dimension, factory)
         # Until the target is trained, vectors live in (and are searched exactly from) a flat buffer.
-        self._index = target if target.is_trained else _make(dimension, "Flat")
+        # Any: faiss's SWIG stubs do not know the numpy wrappers (remove_ids(array), search(array, k)).
+        self._index: Any = target if target.is_trained else _make(dimension, "Flat")
         self._trained = target.is_trained
         self._label_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
@@ -46,7 +56,7 @@ class DenseDatabase:
         self._boxes = np.full((1024, 4), np.nan, np.float32)  # xyxy per label, NaN = no box
         self._groups = GroupTable()
         self._next_label = 0
-        self._lock = threading.Lock()
+        self._lock = ReadWriteLock()  # searches read, changes write (see the module docstring)
 
     def __len__(self) -> int:
         return len(self._label_of)
@@ -56,7 +66,7 @@ class DenseDatabase:
 
     def group_size(self, group_id: str) -> int:
         """Live items of a group (an item without a group_id is the group named by its id)."""
-        with self._lock:
+        with self._lock.read():
             return self._groups.size(group_id)
 
     def check(self, vector: np.ndarray) -> np.ndarray:
@@ -77,7 +87,7 @@ class DenseDatabase:
         returns True when it replaced one. Visible to the next search."""
         unit = self.check(vector)
         box_values = box_row(box)
-        with self._lock:
+        with self._lock.write():
             replaced = self._remove_locked(item_id)
             label = self._next_label
             self._next_label += 1
@@ -96,12 +106,12 @@ class DenseDatabase:
             return replaced
 
     def delete(self, item_id: str) -> bool:
-        with self._lock:
+        with self._lock.write():
             return self._remove_locked(item_id)
 
     def delete_groups(self, group_ids: list[str]) -> int:
         """Deletes every item of these groups; returns how many items that was."""
-        with self._lock:
+        with self._lock.write():
             numbers = self._groups.numbers(group_ids)
             numbers = numbers[self._groups.sizes[numbers] > 0]
             if len(numbers) == 0:
@@ -140,7 +150,9 @@ class DenseDatabase:
         one_per_group: top_k counts groups, each by its best item."""
         return self.search_batch(query[None, :], top_k, one_per_group)[0]
 
-    def search_batch(self, queries: Sequence[np.ndarray], top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
+    def search_batch(
+        self, queries: Sequence[np.ndarray] | np.ndarray, top_k: int, one_per_group: bool = False
+    ) -> list[list[Hit]]:
         """B (D,) float32 queries (or a (B, D) array) -> per query what search() returns, from one FAISS search of the
         whole batch (one matrix product) rather than B."""
         if len(queries) == 0:
@@ -151,7 +163,7 @@ class DenseDatabase:
                 units[i] = self.check(np.asarray(query))
             except SignatureError as exc:
                 raise SignatureError(f"query #{i}: {exc}" if len(queries) > 1 else str(exc)) from None
-        with self._lock:
+        with self._lock.read():
             count = len(self._label_of)
             k = min(top_k, count)
             if k <= 0:
@@ -216,7 +228,7 @@ class DenseDatabase:
 
     def state(self) -> dict[str, bytes]:
         """Everything needed to rebuild this database, as named byte strings (see from_state)."""
-        with self._lock:
+        with self._lock.read():
             labels = np.array(sorted(self._id_of), np.int64)
             return {
                 "index": faiss.serialize_index(self._index).tobytes(),

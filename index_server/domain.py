@@ -1,13 +1,13 @@
 """The index's domain values, shared by the shard, its databases and the router (no gRPC, no
-storage): what a search finds (`Hit`), how items and groups are named across shards (`item_key`),
-which words a word-range shard holds (`word_range_of`), and the error for a signature that does not
-fit (`SignatureError`).
+storage): what is stored (`Item`) and deleted (`Deletion`), what a search finds (`Hit`), how items
+and groups are named across shards (`item_key`), which words a word-range shard holds
+(`word_range_of`), and the error for a signature that does not fit (`SignatureError`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from common.errors import InvalidArgument
 
 # A decoded signature: a deep signature's (D,) float32 vector or a bag-of-words signature's bag.
 Value = np.ndarray | BagOfWords
+# The largest count of one word in a bag a database holds (a posting keeps it as uint16).
+MAX_WORD_COUNT = 65535
 
 
 def item_key(item_id: str) -> int:
@@ -36,6 +38,33 @@ def word_range_of(shard: int, shards: int, vocabulary: int) -> tuple[int, int]:
 
 class SignatureError(InvalidArgument, ValueError):
     """A signature does not fit the database (or is malformed); the message says why."""
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One item to add to (or replace in) a database: its decoded signature, the metadata returned
+    with every hit, its group ("" = the group of its own, named by its id) and its box ((4,) float32
+    xyxy, or None when it has none)."""
+
+    database: str
+    item_id: str
+    value: Value
+    metadata: dict[str, str] = field(default_factory=dict)
+    group_id: str = ""
+    box: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """Items of a database to delete, by id and by group (every item of each group)."""
+
+    database: str
+    item_ids: tuple[str, ...] = ()
+    group_ids: tuple[str, ...] = ()
+
+
+# What a shard's write-ahead log records, in order: the write path applies each of them.
+Operation = Item | Deletion
 
 
 @dataclass(eq=False)
@@ -79,6 +108,21 @@ def first_per_group(ranked: list[Hit], top_k: int) -> list[Hit]:
             if len(out) == top_k:
                 break
     return out
+
+
+def check_word_counts(bag: BagOfWords) -> None:
+    """Raises SignatureError when a word of the bag is counted more than a posting can hold."""
+    if int(bag.counts.max(initial=0)) > MAX_WORD_COUNT:
+        raise SignatureError(f"a word count above {MAX_WORD_COUNT} does not fit a posting")
+
+
+def check_value(value: Value) -> None:
+    """Raises SignatureError for a value no database would hold, whatever its shape: a vector
+    with NaN or infinite values or all zeros, a bag with a word counted above MAX_WORD_COUNT."""
+    if isinstance(value, BagOfWords):
+        check_word_counts(value)
+    else:
+        unit_vector(value)
 
 
 def unit_vector(vector: np.ndarray) -> np.ndarray:

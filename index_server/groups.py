@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from index_server.domain import item_key
-from index_server.state import pack_strings, unpack_strings
+from index_server.snapshot_codec import pack_strings, unpack_strings
 
 
 def reported_group(item_id: str, name: str) -> str:

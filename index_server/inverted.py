@@ -1,4 +1,4 @@
-"""Exact chi-squared search over bag-of-words items through per-word posting lists (seed 000, 3.2).
+"""Exact chi-squared search over bag-of-words items through per-word posting lists (the paper, section 3.2).
 
 For L1-normalised histograms chi2(x, y) = 2 - sum over words in both of 4 x_w y_w / (x_w + y_w), so
 a query touches only the posting lists of its own words. A posting is (row int32, count uint16):
@@ -15,6 +15,16 @@ the lock (the old base and the frozen tail stay searchable meanwhile), dropping 
 postings. A delete clears the row's live flag; compact() also renumbers rows densely.
 An index may hold only a range of words (word-range sharding): its scores are then partial sums
 over that range, named by a 64-bit item key so that shards can be merged.
+
+Concurrency: one writer-preferring reader-writer lock per index (common/rwlock.py). Searches,
+partial scores, lookups, group sizes and snapshots hold its read side across all of their work
+(accumulation, top-k, building hits), so searches of one index run at once, and the compiled
+kernels, all `nogil`, run in parallel. Every change holds the write side: add, delete, the two
+swaps of merge(), compact(). The invariant: no array, list or dict a reader can reach is written
+while any reader holds the lock. The one piece of work done outside the lock, merge() building the
+new base, reads only the base (immutable) and the frozen tail (nothing writes a tail once frozen:
+adds go to the fresh one) and writes only arrays no one else sees before the write-locked swap. So
+every read sees the state between two writes and answers what a lone search of that state answers.
 """
 
 from __future__ import annotations
@@ -27,9 +37,10 @@ import numba
 import numpy as np
 
 from common.bow_codec import BagOfWords
+from common.rwlock import ReadWriteLock
 from index_server.domain import Hit, SignatureError, group_name, item_key
 from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
-from index_server.state import array_from, pack_strings, unpack_strings
+from index_server.snapshot_codec import array_from, pack_strings, unpack_strings
 
 BLOCK = 64
 # The tail is merged into the base once it holds this share of the base's postings (plus a floor
@@ -123,8 +134,8 @@ class BowIndex:
         self._ids: list[str] = []
         self._metadata: list[dict[str, str] | None] = []
         self._row_of: dict[str, int] = {}
-        self._lock = threading.RLock()
-        self._merge_lock = threading.Lock()  # one merge or compaction at a time
+        self._lock = ReadWriteLock()  # searches read, changes write (see the module docstring)
+        self._merge_lock = threading.Lock()  # one merge or compaction at a time; taken before _lock
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -153,7 +164,7 @@ class BowIndex:
 
     def group_size(self, group_id: str) -> int:
         """Live items of a group (an item without a group_id is the group named by its id)."""
-        with self._lock:
+        with self._lock.read():
             return self._groups.size(group_id)
 
     # -- updates ----------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ class BowIndex:
         keep = (bag.words >= lo) & (bag.words < hi)
         words, counts = bag.words[keep].astype(np.int32), bag.counts[keep].astype(np.uint16)
         box_values = box_row(box)
-        with self._lock:
+        with self._lock.write():
             replaced = self._delete_locked(item_id)
             row = len(self._ids)
             if row == len(self._live):
@@ -209,12 +220,12 @@ class BowIndex:
         return replaced
 
     def delete(self, item_id: str) -> bool:
-        with self._lock:
+        with self._lock.write():
             return self._delete_locked(item_id)
 
     def delete_groups(self, group_ids: list[str]) -> int:
         """Deletes every item of these groups; returns how many items that was."""
-        with self._lock:
+        with self._lock.write():
             numbers = self._groups.numbers(group_ids)
             numbers = numbers[self._groups.sizes[numbers] > 0]
             if len(numbers) == 0:
@@ -241,20 +252,20 @@ class BowIndex:
         """Folds the tail into a new base, dropping deleted rows' postings; searches and adds go on
         meanwhile (the frozen tail stays searched until the new base replaces it)."""
         with self._merge_lock:
-            with self._lock:
+            with self._lock.write():
                 if self._tail.postings == 0:
                     return
                 self._frozen, self._tail = self._tail, Postings.empty(self.vocabulary)
                 base, frozen = self._base, self._frozen
                 keep = np.where(self._live[: len(self._ids)], np.arange(len(self._ids), dtype=np.int32), -1)
-            merged = _merged(base, frozen, keep)
-            with self._lock:
+            merged = _merged(base, frozen, keep)  # off the lock: reads immutable parts, writes fresh arrays
+            with self._lock.write():
                 self._base, self._frozen = merged, None
 
     def compact(self) -> None:
         """Merges everything and renumbers rows densely without deleted rows, and groups without
-        emptied groups (holds the lock)."""
-        with self._merge_lock, self._lock:
+        emptied groups (holds the write side throughout)."""
+        with self._merge_lock, self._lock.write():
             count = len(self._ids)
             live_rows = np.flatnonzero(self._live[:count])
             renumber = np.full(count, -1, np.int32)
@@ -274,50 +285,52 @@ class BowIndex:
 
     # -- search -----------------------------------------------------------------------------------
 
-    def _overlap(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
+    def _overlap_locked(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
         """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range,
-        and the row count. Rows are numbers that compact() changes: a caller reading rows from the
-        scores holds the lock across both."""
-        self.check(bag)
+        and the row count. The caller holds the lock (either side) and checked the bag: rows are
+        numbers that compact() changes, so a caller reading rows from the scores holds it across both."""
         words = bag.words.astype(np.int32)
         query = bag.histogram().astype(np.float32)
         lo, hi = self.word_range
-        with self._lock:
-            base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
-            if self.max_word_share < 1.0:
-                common = self.document_frequency()[words] > self.max_word_share * len(self._row_of)
-                words, query = words[~common], query[~common]
-            inv_total = self._inv_total
-            acc = np.zeros(count, np.float32)
-            _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
-            for pool in (frozen, tail) if frozen is not None else (tail,):
-                _accumulate_pool(
-                    words,
-                    query,
-                    lo,
-                    hi,
-                    pool.rows,
-                    pool.counts,
-                    pool.next,
-                    pool.head,
-                    pool.tail,
-                    pool.fill,
-                    inv_total,
-                    acc,
-                )
+        base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
+        if self.max_word_share < 1.0:
+            common = self._document_frequency_locked()[words] > self.max_word_share * len(self._row_of)
+            words, query = words[~common], query[~common]
+        inv_total = self._inv_total
+        acc = np.zeros(count, np.float32)
+        _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
+        for pool in (frozen, tail) if frozen is not None else (tail,):
+            _accumulate_pool(
+                words,
+                query,
+                lo,
+                hi,
+                pool.rows,
+                pool.counts,
+                pool.next,
+                pool.head,
+                pool.tail,
+                pool.fill,
+                inv_total,
+                acc,
+            )
         return acc, count
 
     def document_frequency(self) -> np.ndarray:
         """(V,) int64 postings per word (deleted items count until the next merge)."""
-        with self._lock:
-            df = np.diff(self._base.offsets) + self._tail.df
-            return df + self._frozen.df if self._frozen is not None else df
+        with self._lock.read():
+            return self._document_frequency_locked()
+
+    def _document_frequency_locked(self) -> np.ndarray:
+        df = np.diff(self._base.offsets) + self._tail.df
+        return df + self._frozen.df if self._frozen is not None else df
 
     def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
         """Live rows sharing at least one query word in this index's range, and their sums of
         4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
-        with self._lock:
-            acc, count = self._overlap(bag)
+        self.check(bag)
+        with self._lock.read():
+            acc, count = self._overlap_locked(bag)
             rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
         return rows, acc[rows]
 
@@ -333,8 +346,9 @@ class BowIndex:
         return keys, sums, groups
 
     def _partial_by_key(self, bag: BagOfWords, with_groups: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        with self._lock:
-            acc, count = self._overlap(bag)
+        self.check(bag)
+        with self._lock.read():
+            acc, count = self._overlap_locked(bag)
             rows = np.flatnonzero((acc > 0) & self._live[:count])
             groups = self._groups.keys[self._group[rows]] if with_groups else None
             return self._keys[rows], acc[rows], groups
@@ -342,8 +356,9 @@ class BowIndex:
     def search(self, bag: BagOfWords, top_k: int, one_per_group: bool = False) -> list[Hit]:
         """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
         1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact)."""
-        with self._lock:
-            acc, count = self._overlap(bag)
+        self.check(bag)
+        with self._lock.read():
+            acc, count = self._overlap_locked(bag)
             if top_k <= 0:
                 return []
             live = self._live[:count]
@@ -360,7 +375,7 @@ class BowIndex:
     def _best_of_groups(self, acc: np.ndarray, live: np.ndarray, top_k: int) -> np.ndarray:
         """(n,) int64 rows: the best row of each group scoring at least the top_k-th best group's
         best (ties kept, so ids can break them). One compiled pass over the rows, one over the
-        groups: O(rows + groups). Caller holds the lock."""
+        groups: O(rows + groups). The caller holds the lock."""
         group = self._group[: len(acc)]
         best, row, tied = _group_best(acc, live, group, len(self._groups))
         chosen = _top_candidates(best, row >= 0, top_k)
@@ -388,24 +403,24 @@ class BowIndex:
 
     def lookup(self, keys: np.ndarray) -> dict[int, Hit]:
         """Live items by key, for the keys this index holds: key -> Hit (score 0: nothing is scored)."""
-        with self._lock:
+        with self._lock.read():
             count = len(self._ids)
             rows = np.flatnonzero(np.isin(self._keys[:count], keys) & self._live[:count])
             return {int(self._keys[r]): self._hit(r, 0.0) for r in rows.tolist()}
 
     def nbytes(self) -> int:
         """Bytes of the postings and per-row arrays (ids, metadata and group names not counted)."""
-        pools = self._tail.nbytes() + (self._frozen.nbytes() if self._frozen is not None else 0)
-        return (
-            self._base.rows.nbytes + self._base.counts.nbytes + self._base.offsets.nbytes + pools + len(self._ids) * 33
-        )
+        with self._lock.read():
+            pools = self._tail.nbytes() + (self._frozen.nbytes() if self._frozen is not None else 0)
+            base = self._base
+            return base.rows.nbytes + base.counts.nbytes + base.offsets.nbytes + pools + len(self._ids) * 33
 
     # -- snapshot ---------------------------------------------------------------------------------
 
     def state(self) -> dict[str, bytes]:
         """Everything needed to rebuild this index, as named byte strings (see from_state)."""
         self.merge()
-        with self._merge_lock, self._lock:
+        with self._merge_lock, self._lock.read():  # no merge under way: nothing frozen, all in base and tail
             base, count = self._base, len(self._ids)
             tail = Postings(
                 self._tail.rows[: self._tail.used * BLOCK].copy(),

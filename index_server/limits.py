@@ -1,14 +1,15 @@
 """What one item, one Add stream and one query may hold: the checks a shard and the router share.
 
 No gRPC here: the checks raise common.errors (InvalidArgument for a value outside its documented
-range, ResourceExhausted for volume) and the servicers map them to status codes.
+range, ResourceExhausted for volume), each naming the limit in a QuotaFailure detail, and the
+server's interceptor (common.interceptors) turns them into statuses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from common.errors import InvalidArgument, ResourceExhausted
 
 
 @dataclass
@@ -30,13 +31,6 @@ class ItemLimits:
     max_items_per_stream: int = 20_000
 
 
-def reworded(error: ServiceError, message: str) -> ServiceError:
-    """An error of the same kind as `error` (its nearest class taking just a message, e.g.
-    FailedPrecondition for BrokenDatabase) with another message (e.g. naming the item)."""
-    kind = next(c for c in type(error).__mro__ if issubclass(c, ServiceError) and "__init__" not in vars(c))
-    return kind(message)
-
-
 def limits_of(config: ItemLimits) -> ItemLimits:
     """The limits of a configuration that includes them (IndexConfig, RouterConfig), on their own."""
     return ItemLimits(**{f.name: getattr(config, f.name) for f in fields(ItemLimits)})
@@ -47,13 +41,19 @@ def check_stream_length(count: int, limits: ItemLimits) -> None:
     if count > limits.max_items_per_stream:
         raise ResourceExhausted(
             f"send at most {limits.max_items_per_stream} items per Add stream; split the "
-            "ingest into several streams (nothing of this one was added)"
+            "ingest into several streams (nothing of this one was added)",
+            quota=[("max_items_per_stream", f"at most {limits.max_items_per_stream} items per Add stream")],
         )
 
 
 def check_top_k(requested: int, limit: int) -> int:
-    """The number of results to return (0 means 10); InvalidArgument above the limit."""
+    """The number of results to return (0 means 10); InvalidArgument above the limit, naming the
+    field (BadRequest) and the limit (QuotaFailure)."""
     top_k = requested or 10
     if top_k > limit:
-        raise InvalidArgument(f"top_k {top_k} is above the limit of {limit}: ask for at most {limit}")
+        raise InvalidArgument(
+            f"top_k {top_k} is above the limit of {limit}: ask for at most {limit}",
+            violations=[("top_k", f"{top_k} is above the limit of {limit}")],
+            quota=[("max_top_k", f"at most {limit} results per query")],
+        )
     return top_k

@@ -48,7 +48,9 @@ from typing import Any
 
 import grpc
 
-from index_server.catalogue import Catalogue, logged_operation, record_of
+from common.errors import Unavailable
+from index_server import log_codec
+from index_server.catalogue import Catalogue
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,18 +109,17 @@ def tracked_write(
     method: Callable[[Any, Any, grpc.ServicerContext], Any],
 ) -> Callable[[Any, Any, grpc.ServicerContext], Any]:
     """Wraps a shard servicer's write RPC (the servicer has `catalogue`, `writes`, `replica`): it
-    counts as in flight for replication streams, and while this replica catches up it is answered
-    UNAVAILABLE once logged (applied after the copy; not yet visible to searches)."""
+    counts as in flight for replication streams, and while this replica catches up it is refused
+    with Unavailable once logged (applied after the copy; not yet visible to searches)."""
 
     @functools.wraps(method)
     def write(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         with self.writes.track():
             response = method(self, request, context)
         if self.catalogue.deferring:
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE,
+            raise Unavailable(
                 f"this replica is catching up from {self.replica.source or 'its peers'}: the write "
-                "is logged and applied once caught up, but not yet visible to searches",
+                "is logged and applied once caught up, but not yet visible to searches"
             )
         return response
 
@@ -187,7 +188,7 @@ def _operations(records: list[bytes], chunk_bytes: int) -> Iterator[index_pb2.Re
         if batch and size + len(record) > chunk_bytes:
             yield index_pb2.ReplicateResponse(operations=index_pb2.LoggedOperations(operations=batch))
             batch, size = [], 0
-        batch.append(logged_operation(record))
+        batch.append(log_codec.to_message(record))
         size += len(record)
     if batch:
         yield index_pb2.ReplicateResponse(operations=index_pb2.LoggedOperations(operations=batch))
@@ -211,7 +212,7 @@ def receive_copy(responses: Iterator[index_pb2.ReplicateResponse]) -> tuple[dict
                 response.state.data
             )
         elif part == "operations":
-            records.extend(record_of(operation) for operation in response.operations.operations)
+            records.extend(log_codec.from_message(operation) for operation in response.operations.operations)
         elif part == "done":
             if response.done.databases != len(states):
                 raise IncompleteCopy(f"{len(states)} databases arrived; the source sent {response.done.databases}")

@@ -6,49 +6,65 @@ Layouts (RouterConfig.layout):
   its items (missing_shards). An item moved to another group through an Add should be deleted
   first: its old copy stays on its old group's shard otherwise.
 - "word": every bag-of-words item is sent to every shard, each keeping a contiguous range of words
-  (seed 000, 3.2); a Search sums the shards' streamed partial scores per item and takes the exact
-  top k. A dead or late shard drops its words (missing_word_ranges): every item is still ranked,
-  on the other words. Dense databases are spread by item as in the item layout.
+  (the paper, section 3.2); a Search sums the shards' streamed partial scores per item and takes
+  the exact top k. A dead or late shard drops its words (missing_word_ranges): every item is still
+  ranked, on the other words. Dense databases are spread by item as in the item layout.
 Each shard may have replicas: searches are spread by gRPC round_robin over those whose health is
 SERVING (one catching up is not: index_server.replication), writes go to all. A write succeeds once
 min_write_replicas of each shard's replicas acknowledged it (default 1); a replica that missed it
 copies a fellow replica when it returns.
 Partial failure is never an error for a Search: the answer is flagged `degraded` instead.
+Refusals are domain errors (common.errors) raised in the servicer's thread (a fan-out's worker
+returns its shard's outcome, or raises); a shard's refusal that is the caller's fault is passed on
+with its code and google.rpc details (common.status.error_from_rpc), and the server's interceptor
+(common.interceptors) turns each error into its status.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import json
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 import numpy as np
 
 from common.bow_codec import BagOfWords
 from common.channels import open_channel
-from common.errors import ServiceError, quote
-from common.serving import abort_on, timeout_from
-from common.streams import StreamEnd
+from common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Unimplemented,
+    quote,
+)
+from common.serving import timeout_from
+from common.status import error_from_rpc
+from common.streams import client_stream
 from common.telemetry import ContextThreadPoolExecutor
 from index_server.config import RouterConfig
 from index_server.convert import hit_of, item_value, scored_item, signature_value
-from index_server.domain import Hit, SignatureError, Value, word_range_of
-from index_server.limits import check_stream_length, check_top_k, limits_of, reworded
+from index_server.domain import Hit, Value, word_range_of
+from index_server.limits import check_stream_length, check_top_k, limits_of
 from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 # A shard's answer that is the caller's fault, not the shard's: passed on, never a degradation.
 _CALLER_ERRORS = (
@@ -111,14 +127,31 @@ class Shard:
     read: index_pb2_grpc.IndexServiceStub  # round_robin over the healthy replicas
     replicas: list[index_pb2_grpc.IndexServiceStub]  # one per replica, for writes
 
+    @property
+    def where(self) -> str:
+        """The shard as messages name it: its number and its replicas' addresses."""
+        return f"shard {self.number} ({', '.join(self.addresses)})"
 
-@dataclass
-class Outcome:
-    """One shard's answer to a fan-out: a value, or the error that made it missing."""
+
+@dataclass(frozen=True)
+class Outcome(Generic[T_co]):
+    """One shard's answer to a call: its value, or the error that made it missing."""
 
     shard: Shard
-    value: object = None
+    value: T_co | None = None
     error: grpc.RpcError | None = None
+
+    @property
+    def answer(self) -> T_co:
+        """The value of a call that answered (error is None)."""
+        assert self.error is None and self.value is not None, f"shard {self.shard.number} did not answer"
+        return self.value
+
+    @property
+    def failure(self) -> grpc.RpcError:
+        """The error of a call that failed."""
+        assert self.error is not None, f"shard {self.shard.number} answered"
+        return self.error
 
 
 # Items queued per forwarded Add stream: a slow shard slows the caller's stream down (flow control).
@@ -160,7 +193,7 @@ class _Downstream:
                 with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
 
-    def outcome(self) -> Outcome:
+    def outcome(self) -> Outcome[index_pb2.AddResponse]:
         try:
             return Outcome(self.shard, self.future.result())
         except grpc.RpcError as exc:
@@ -190,7 +223,7 @@ class _ForwardedAdd:
             for downstream in group:
                 downstream.send(request)
 
-    def finish(self) -> list[tuple[tuple[str, int], list[Outcome]]]:
+    def finish(self) -> list[tuple[tuple[str, int], list[Outcome[index_pb2.AddResponse]]]]:
         """Ends every stream (each shard replica commits its own) and waits for the answers."""
         for group in self.groups.values():
             for downstream in group:
@@ -205,10 +238,6 @@ class _ForwardedAdd:
 
 class Router(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, config: RouterConfig):
-        if config.layout not in ("item", "word"):
-            raise ValueError(f"layout {config.layout!r} is not 'item' or 'word'")
-        if not config.shards or not all(config.shards):
-            raise ValueError("shards must list at least one shard, each with at least one address")
         self.config = config
         self.limits = limits_of(config)
         self._channels: list[grpc.Channel] = []
@@ -236,10 +265,12 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         for channel in self._channels:
             channel.close()
 
-    def _fan_out(self, calls: list[tuple[Shard, Callable[[], T]]]) -> list[Outcome]:
-        """Runs the calls in parallel (each carries its own deadline) and collects every outcome."""
+    def _fan_out(self, calls: Sequence[tuple[Shard, Callable[[], T]]]) -> list[Outcome[T]]:
+        """Runs the calls in parallel (each carries its own deadline) and collects every outcome: a
+        call that failed with grpc.RpcError is a missing shard; a domain error a call raises (e.g. a
+        shard holding other words than the router expects) is raised here, in the caller's thread."""
         futures = [(shard, self._pool.submit(call)) for shard, call in calls]
-        outcomes = []
+        outcomes: list[Outcome[T]] = []
         for shard, future in futures:
             try:
                 outcomes.append(Outcome(shard, future.result()))
@@ -258,28 +289,21 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         """Forwards the stream as it arrives, each item checked as a shard checks it: one stream
         per shard replica for the items the shard holds, and in the word layout one more to every
         shard for the bag-of-words items. A shard commits a stream when it ends (all or nothing),
-        so the router ends them only once the caller ended its own; a refused item, a cancel or a
-        failing shard before then cancels them all, and nothing is stored anywhere."""
-        end = StreamEnd(context)
+        so the router ends them only once the caller ended its own; a refused item, a cancel
+        (client_stream raises Cancelled) or a failing shard before then cancels them all, and
+        nothing is stored anywhere."""
         forward = _ForwardedAdd(self, timeout_from(context, self.config.add_timeout_s))
         try:
-            with abort_on(context):
+            for position, request in enumerate(client_stream(request_iterator, context, self.config.cancel_settle_s)):
+                check_stream_length(position + 1, self.limits)
                 try:
-                    for position, request in enumerate(request_iterator):  # a cancel: raises, or ends
-                        check_stream_length(position + 1, self.limits)
-                        try:
-                            item_value(request, self.limits)
-                        except ServiceError as exc:
-                            raise reworded(
-                                exc,
-                                f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added",
-                            ) from None
-                        forward.send(request)
-                        self._check_forwarding(context, forward)
-                except grpc.RpcError:
-                    return index_pb2.AddResponse()  # cancelled: the shards' streams are cancelled below
-                if not end.completed(self.config.cancel_settle_s):
-                    return index_pb2.AddResponse()  # cancelled: the shards' streams are cancelled below
+                    item_value(request, self.limits)
+                except ServiceError as exc:
+                    raise exc.reworded(
+                        f"item #{position} ({quote(request.item_id)}): {exc}; nothing of this stream was added"
+                    ) from None
+                forward.send(request)
+                self._check_forwarding(forward)
             results = forward.finish()
             stored = any(o.error is None for _, outcomes in results for o in outcomes)
             partial = (
@@ -293,13 +317,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             for _, outcomes in results:
                 for outcome in outcomes:
                     if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
-                        context.abort(
-                            outcome.error.code(),
-                            f"shard {outcome.shard.number} "
-                            f"({', '.join(outcome.shard.addresses)}): {outcome.error.details()}{partial}",
+                        raise error_from_rpc(
+                            outcome.error, f"{outcome.shard.where}: {outcome.error.details()}{partial}"
                         )
             acknowledged = self._acknowledged(
-                context,
                 [outcomes for _, outcomes in results],
                 "the shards that answered stored their items of this stream: re-send the whole stream (an Add "
                 "of an existing id replaces it)"
@@ -310,14 +331,14 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             for (key, _), outcome in zip(results, acknowledged):
                 # Word layout: every shard holds every bag-of-words item; count them on shard 0.
                 if key[0] == "own" or key[1] == 0:
-                    added += outcome.value.added  # type: ignore[attr-defined]
-                    replaced += outcome.value.replaced  # type: ignore[attr-defined]
+                    added += outcome.answer.added
+                    replaced += outcome.answer.replaced
             return index_pb2.AddResponse(added=added, replaced=replaced)
         finally:
             forward.cancel()  # whatever is still open: a refusal, a cancel, an error
 
-    def _check_forwarding(self, context: grpc.ServicerContext, forward: _ForwardedAdd) -> None:
-        """Aborts (the caller's finally cancels every stream) once a shard refused an item, or too
+    def _check_forwarding(self, forward: _ForwardedAdd) -> None:
+        """Raises (the caller's finally cancels every stream) once a shard refused an item, or too
         few of a shard's replicas are left to acknowledge: a forwarded stream that is over before
         it was ended has failed."""
         for group in forward.groups.values():
@@ -326,26 +347,27 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 continue
             for outcome in failed:
                 if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
-                    self._abort_write(context, outcome, "")
+                    raise self._write_error(outcome, "")
             if len(group) - len(failed) < max(1, min(self.config.min_write_replicas, len(group))):
-                self._abort_write(context, failed[0], "nothing of this stream was added: re-send it")
+                raise self._write_error(failed[0], "nothing of this stream was added: re-send it")
 
-    def _acknowledged(self, context: grpc.ServicerContext, writes: list[list[Outcome]], tail: str) -> list[Outcome]:
+    def _acknowledged(self, writes: list[list[Outcome[T]]], tail: str) -> list[Outcome[T]]:
         """Per write to one shard (its outcomes on each of the shard's replicas), the answer of an
         acknowledging replica (NOT_FOUND acknowledges a Delete: the database is not there).
-        A refusal that is the caller's fault aborts with its code; fewer acknowledgments than
-        min_write_replicas (or the shard's replica count, if fewer) abort UNAVAILABLE, ending with
-        `tail`. A replica that missed the write (down, or catching up) is only logged: it copies
-        a fellow replica when it is back (IndexConfig.peers, index_server.replication)."""
+        A refusal that is the caller's fault is raised with its code and details; fewer
+        acknowledgments than min_write_replicas (or the shard's replica count, if fewer) raise
+        Unavailable, ending with `tail`. A replica that missed the write (down, or catching up) is
+        only logged: it copies a fellow replica when it is back (IndexConfig.peers,
+        index_server.replication)."""
         chosen = []
         for outcomes in writes:
             for outcome in outcomes:
                 if outcome.error is not None and outcome.error.code() in _CALLER_ERRORS:
-                    self._abort_write(context, outcome, tail)
+                    raise self._write_error(outcome, tail)
             acked = [o for o in outcomes if o.error is None or o.error.code() == grpc.StatusCode.NOT_FOUND]
             missed = [o for o in outcomes if not (o.error is None or o.error.code() == grpc.StatusCode.NOT_FOUND)]
             if not acked or len(acked) < min(self.config.min_write_replicas, len(outcomes)):
-                self._abort_write(context, missed[0], tail)
+                raise self._write_error(missed[0], tail)
             for outcome in missed:
                 log.warning(
                     "a replica of shard %d (%s) missed a write, acknowledged by %d of %d replicas: %s %s",
@@ -353,36 +375,34 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     ", ".join(outcome.shard.addresses),
                     len(acked),
                     len(outcomes),
-                    outcome.error.code().name,
-                    outcome.error.details(),
-                )  # type: ignore[union-attr]
+                    outcome.failure.code().name,
+                    outcome.failure.details(),
+                )
             chosen.append(min(acked, key=lambda o: o.error is not None))  # an answer over a NOT_FOUND
         return chosen
 
-    def _abort_write(self, context: grpc.ServicerContext, outcome: Outcome, tail: str) -> NoReturn:
-        error = outcome.error
-        assert error is not None
-        where = f"shard {outcome.shard.number} ({', '.join(outcome.shard.addresses)})"
+    def _write_error(self, outcome: Outcome[T], tail: str) -> ServiceError:
+        """The error for a write that a shard replica failed: its own refusal, passed on with its
+        code and details, when it is the caller's fault; Unavailable otherwise, ending with `tail`."""
+        error = outcome.failure
         if error.code() in _CALLER_ERRORS:
-            context.abort(error.code(), f"{where}: {error.details()}")
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"{where} failed ({error.code().name}): {error.details()}; {tail}")
-        raise AssertionError("context.abort returns only by raising")
+            return error_from_rpc(error, f"{outcome.shard.where}: {error.details()}")
+        return Unavailable(f"{outcome.shard.where} failed ({error.code().name}): {error.details()}; {tail}")
 
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext) -> index_pb2.DeleteResponse:
         if not request.database:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
+            raise InvalidArgument("database is required")
         timeout = timeout_from(context, self.config.default_timeout_s)
         # Group deletes go everywhere too: a group lives on one item-range shard, but on every
         # word-range shard, and the router does not know which items a group has.
         calls = [
-            (shard, lambda stub=stub: stub.Delete(request, timeout=timeout))
+            (shard, functools.partial(stub.Delete, request, timeout=timeout))
             for shard in self.shards
             for stub in shard.replicas
         ]
-        outcomes = self._fan_out(calls)
+        outcomes: list[Outcome[index_pb2.DeleteResponse]] = self._fan_out(calls)
         starts = list(itertools.accumulate((len(shard.replicas) for shard in self.shards), initial=0))
         acknowledged = self._acknowledged(
-            context,
             [outcomes[start:end] for start, end in itertools.pairwise(starts)],
             "deletes are idempotent: re-send this one",
         )
@@ -392,14 +412,14 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         for outcome in acknowledged:
             if outcome.error is not None:  # NOT_FOUND: the database is not on this shard
                 continue
-            response: index_pb2.DeleteResponse = outcome.value  # type: ignore[assignment]
+            response = outcome.answer
             per_shard.setdefault(outcome.shard.number, response.deleted)
             missing, missing_groups = set(response.not_found), set(response.groups_not_found)
             found_ids.update(i for i in request.item_ids if i not in missing)
             found_groups.update(g for g in request.group_ids if g not in missing_groups)
-        if not per_shard:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
+        if not per_shard:  # every shard answered NOT_FOUND: passed on, with the router's message
+            raise error_from_rpc(
+                acknowledged[0].failure,
                 f"database {quote(request.database)} does not exist on any "
                 "shard; a database is created by the first Add of an item to it",
             )
@@ -433,22 +453,18 @@ class Router(index_pb2_grpc.IndexServiceServicer):
 
     # -- search -----------------------------------------------------------------------------------
 
-    def _top_k(self, requested: int, context: grpc.ServicerContext) -> int:
-        with abort_on(context):
-            return check_top_k(requested, self.config.max_top_k)
-        raise AssertionError("context.abort returns only by raising")
-
-    def _value(self, signature: common_pb2.Signature, context: grpc.ServicerContext, prefix: str = "") -> Value:
+    def _value(self, signature: common_pb2.Signature, prefix: str = "") -> Value:
+        """The query's decoded signature; a signature that does not decode is refused, its message
+        led by `prefix` (which query of a batch)."""
         try:
             return signature_value(signature)
-        except SignatureError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc))
-        raise AssertionError("context.abort returns only by raising")
+        except ServiceError as exc:
+            raise exc.reworded(prefix + exc.message) from None
 
     def _flag(
         self,
         response: index_pb2.SearchResponse | index_pb2.SearchBatchResponse,
-        missing: list[Outcome],
+        missing: Sequence[Outcome[object]],
         database: str,
         kind: int,
         vocabulary: int,
@@ -458,10 +474,8 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             return
         response.degraded = True
         response.degraded_reason = "; ".join(
-            f"shard {o.shard.number} ({', '.join(o.shard.addresses)}): {o.error.code().name} "  # type: ignore[union-attr]
-            f"{o.error.details()}"
-            for o in missing
-        )  # type: ignore[union-attr]
+            f"{o.shard.where}: {o.failure.code().name} {o.failure.details()}" for o in missing
+        )
         if self._word_layout(kind):
             for o in missing:
                 lo, hi = word_range_of(o.shard.number, len(self.shards), vocabulary)
@@ -473,23 +487,25 @@ class Router(index_pb2_grpc.IndexServiceServicer):
     def Search(
         self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.SearchResponse]:
-        top_k = self._top_k(request.top_k, context)
+        top_k = check_top_k(request.top_k, self.config.max_top_k)
         if not request.database:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
-        value = self._value(request.signature, context)
+            raise InvalidArgument("database is required")
+        value = self._value(request.signature)
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
+        missing: Sequence[Outcome[object]]
         if self._word_layout(request.signature.kind):
-            assert isinstance(value, BagOfWords)
+            assert isinstance(value, BagOfWords)  # a bag-of-words signature decodes to a bag
             hits, missing = self._search_words(
-                request.database, request.signature, value, top_k, request.one_per_group, timeout, context
+                request.database, request.signature, value, top_k, request.one_per_group, timeout
             )
         else:
             results, missing = self._search_items(
-                request.database, [request.signature], top_k, request.one_per_group, timeout, context
+                request.database, [request.signature], top_k, request.one_per_group, timeout
             )
             hits = results[0]
         first = index_pb2.SearchResponse()
-        self._flag(first, missing, request.database, request.signature.kind, getattr(value, "vocabulary", 0))
+        vocabulary = value.vocabulary if isinstance(value, BagOfWords) else 0
+        self._flag(first, missing, request.database, request.signature.kind, vocabulary)
         chunks = [hits[i : i + self.config.chunk_size] for i in range(0, len(hits), self.config.chunk_size)] or [[]]
         for number, chunk in enumerate(chunks):
             response = first if number == 0 else index_pb2.SearchResponse()
@@ -499,26 +515,23 @@ class Router(index_pb2_grpc.IndexServiceServicer):
     def SearchBatch(
         self, request: index_pb2.SearchBatchRequest, context: grpc.ServicerContext
     ) -> index_pb2.SearchBatchResponse:
-        top_k = self._top_k(request.top_k, context)
+        top_k = check_top_k(request.top_k, self.config.max_top_k)
         if not request.database:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "database is required")
+            raise InvalidArgument("database is required")
         if not request.signatures:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "signatures is empty: send at least one query")
+            raise InvalidArgument("signatures is empty: send at least one query")
         if len(request.signatures) > self.config.max_batch:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"{len(request.signatures)} queries are above the router's batch limit of "
                 f"{self.config.max_batch}: split the batch",
+                quota=[("max_batch", f"at most {self.config.max_batch} queries per SearchBatch")],
             )
         several = len(request.signatures) > 1
-        values = [
-            self._value(s, context, f"signature #{i}: " if several else "") for i, s in enumerate(request.signatures)
-        ]
+        values = [self._value(s, f"signature #{i}: " if several else "") for i, s in enumerate(request.signatures)]
         kinds = {s.kind for s in request.signatures}
         if len(kinds) > 1:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the signatures of a batch are of several kinds: every query must be of the database's kind",
+            raise InvalidArgument(
+                "the signatures of a batch are of several kinds: every query must be of the database's kind"
             )
         kind = request.signatures[0].kind
         response = index_pb2.SearchBatchResponse()
@@ -527,9 +540,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             deadline = time.monotonic() + timeout_from(
                 context, self.config.default_timeout_s, self.config.reply_reserve_s
             )
-            missed: dict[int, Outcome] = {}
+            missed: dict[int, Outcome[object]] = {}
+            vocabulary = 0
             for signature, bag in zip(request.signatures, values):
-                assert isinstance(bag, BagOfWords)
+                assert isinstance(bag, BagOfWords)  # a bag-of-words signature decodes to a bag
+                vocabulary = bag.vocabulary
                 hits, missing = self._search_words(
                     request.database,
                     signature,
@@ -537,59 +552,58 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     top_k,
                     request.one_per_group,
                     max(deadline - time.monotonic(), 0.001),
-                    context,
                 )
                 response.results.add().items.extend(scored_item(h) for h in hits)
                 missed.update((o.shard.number, o) for o in missing)
-            self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind, values[0].vocabulary)  # type: ignore[union-attr]
-            self._check_size(response, context)
+            self._flag(response, [missed[n] for n in sorted(missed)], request.database, kind, vocabulary)
+            self._check_size(response)
             return response
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
-        results, missing = self._search_items(
-            request.database, list(request.signatures), top_k, request.one_per_group, timeout, context
+        results, missed_items = self._search_items(
+            request.database, list(request.signatures), top_k, request.one_per_group, timeout
         )
         for hits in results:
             response.results.add().items.extend(scored_item(h) for h in hits)
-        self._flag(response, missing, request.database, kind, 0)
-        self._check_size(response, context)
+        self._flag(response, missed_items, request.database, kind, 0)
+        self._check_size(response)
         return response
 
-    def _check_size(self, response: index_pb2.SearchBatchResponse, context: grpc.ServicerContext) -> None:
+    def _check_size(self, response: index_pb2.SearchBatchResponse) -> None:
+        """ResourceExhausted when the answer would be above max_message_bytes (it would fail in
+        transit), saying how to ask for less."""
         size = response.ByteSize()
         if size > self.config.max_message_bytes:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"the answer is {size} bytes, above the message limit of {self.config.max_message_bytes}: "
                 "send fewer queries per batch or ask for a smaller top_k",
+                quota=[("max_message_bytes", f"answers of at most {self.config.max_message_bytes} bytes")],
             )
 
-    def _answered(
-        self, outcomes: list[Outcome], request_database: str, context: grpc.ServicerContext
-    ) -> tuple[list[Outcome], list[Outcome]]:
-        """Splits outcomes into answers and missing shards; the caller's own errors abort, and a
-        database that no answering shard has is NOT_FOUND."""
-        answered, missing, absent = [], [], 0
+    def _answered(self, outcomes: list[Outcome[T]], request_database: str) -> tuple[list[Outcome[T]], list[Outcome[T]]]:
+        """Splits outcomes into answers and missing shards. A shard's refusal that is the caller's
+        fault is raised with its code and details, and a database that no answering shard has is
+        NotFound; no answer at all is Unavailable."""
+        answered, missing, absent = [], [], []
         for outcome in outcomes:
             if outcome.error is None:
                 answered.append(outcome)
             elif outcome.error.code() in _CALLER_ERRORS:
-                context.abort(outcome.error.code(), outcome.error.details())
+                raise error_from_rpc(outcome.error)
             elif outcome.error.code() == grpc.StatusCode.NOT_FOUND:
-                absent += 1
+                absent.append(outcome)
             else:
                 missing.append(outcome)
         if not answered and not missing:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
+            message = (
                 f"database {quote(request_database)} does not exist on any "
-                "shard; a database is created by the first Add of an item to it",
+                "shard; a database is created by the first Add of an item to it"
             )
-        if not answered and absent == 0:
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE,
+            raise error_from_rpc(absent[0].failure, message) if absent else NotFound(message)
+        if not answered and not absent:
+            raise Unavailable(
                 "no shard answered: "
-                + "; ".join(f"shard {o.shard.number}: {o.error.code().name} {o.error.details()}" for o in missing),
-            )  # type: ignore[union-attr]
+                + "; ".join(f"shard {o.shard.number}: {o.failure.code().name} {o.failure.details()}" for o in missing)
+            )
         return answered, missing
 
     def _search_items(
@@ -599,8 +613,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         top_k: int,
         one_per_group: bool,
         timeout: float,
-        context: grpc.ServicerContext,
-    ) -> tuple[list[list[Hit]], list[Outcome]]:
+    ) -> tuple[list[list[Hit]], list[Outcome[list[list[Hit]]]]]:
         """Per query, the merged top k of every shard's top k (with one_per_group: top k groups);
         one Search (one query) or one SearchBatch (several) per shard."""
 
@@ -627,11 +640,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             return [[hit_of(i) for i in hits.items] for hits in response.results]
 
         answered, missing = self._answered(
-            self._fan_out([(s, lambda s=s: search(s)) for s in self.shards]), database, context
+            self._fan_out([(s, functools.partial(search, s)) for s in self.shards]), database
         )
         return [
-            merge_top_k([o.value[query] for o in answered], top_k, one_per_group)  # type: ignore[index]
-            for query in range(len(signatures))
+            merge_top_k([o.answer[query] for o in answered], top_k, one_per_group) for query in range(len(signatures))
         ], missing
 
     def _search_words(
@@ -642,30 +654,30 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         top_k: int,
         one_per_group: bool,
         timeout: float,
-        context: grpc.ServicerContext,
-    ) -> tuple[list[Hit], list[Outcome]]:
+    ) -> tuple[list[Hit], list[Outcome[tuple[np.ndarray, np.ndarray, np.ndarray]]]]:
+        """The exact top k of the query over every answering shard's words: the shards' streamed
+        partial scores summed per item, the winners named by a Lookup."""
         partial = index_pb2.PartialScoresRequest(database=database, signature=signature, with_groups=one_per_group)
 
         def scores(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            # Runs in a worker thread: a shard that cannot be merged raises (for the caller's thread).
             keys, sums, groups = [], [], []
             for number, chunk in enumerate(shard.read.PartialScores(partial, timeout=timeout)):
                 if number == 0:
                     expected = word_range_of(shard.number, len(self.shards), bag.vocabulary)
                     if (chunk.word_range.first, chunk.word_range.end) != expected:
-                        context.abort(
-                            grpc.StatusCode.FAILED_PRECONDITION,
+                        raise FailedPrecondition(
                             f"shard {shard.number} holds words [{chunk.word_range.first}, "
-                            f"{chunk.word_range.end}) but the router expects {list(expected)}: "
+                            f"{chunk.word_range.end}) but the router expects [{expected[0]}, {expected[1]}): "
                             "list the shards in word_shard_index order, with word_shard_count "
-                            f"{len(self.shards)}",
+                            f"{len(self.shards)}"
                         )
                 keys.append(np.frombuffer(chunk.keys, "<u8"))
                 sums.append(np.frombuffer(chunk.sums, "<f4"))
                 groups.append(np.frombuffer(chunk.groups, "<u8"))
                 if one_per_group and len(groups[-1]) != len(keys[-1]):
-                    context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"shard {shard.number} sent no group keys: it predates one_per_group searches; upgrade it",
+                    raise FailedPrecondition(
+                        f"shard {shard.number} sent no group keys: it predates one_per_group searches; upgrade it"
                     )
             return np.concatenate(keys), np.concatenate(sums), np.concatenate(groups)
 
@@ -673,10 +685,8 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         # vocabulary and few words per query, that is the word layout's saving).
         ranges = [word_range_of(s.number, len(self.shards), bag.vocabulary) for s in self.shards]
         needed = [s for s, (lo, hi) in zip(self.shards, ranges) if np.any((bag.words >= lo) & (bag.words < hi))]
-        answered, missing = self._answered(
-            self._fan_out([(s, lambda s=s: scores(s)) for s in needed]), database, context
-        )
-        values: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [o.value for o in answered]  # type: ignore[misc]
+        answered, missing = self._answered(self._fan_out([(s, functools.partial(scores, s)) for s in needed]), database)
+        values = [o.answer for o in answered]
         if one_per_group:
             keys, totals, groups = sum_partials([v[0] for v in values], [v[1] for v in values], [v[2] for v in values])
             # Each group's best item(s) first, then the top k groups: the lookup names only those.
@@ -684,7 +694,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         else:
             keys, totals = sum_partials([v[0] for v in values], [v[1] for v in values])
             best = top_with_ties(totals, top_k)
-        found = self._lookup(database, keys[best], answered, timeout, context)
+        found = self._lookup(database, keys[best], [o.shard for o in answered], timeout)
         hits = [
             dataclasses.replace(found[int(k)], score=float(t) / 2.0)
             for k, t in zip(keys[best], totals[best])
@@ -692,53 +702,44 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         ]
         return merge_top_k([hits], top_k, one_per_group), missing
 
-    def _lookup(
-        self, database: str, keys: np.ndarray, answered: list[Outcome], timeout: float, context: grpc.ServicerContext
-    ) -> dict[int, Hit]:
+    def _lookup(self, database: str, keys: np.ndarray, shards: list[Shard], timeout: float) -> dict[int, Hit]:
         """Ids, metadata, groups and boxes of the winning keys (as Hits scoring 0), from the first
-        answering shard that gives them (every word-range shard holds every item)."""
+        of `shards` (those that answered) that gives them (every word-range shard holds every item)."""
         if len(keys) == 0:
             return {}
         request = index_pb2.LookupRequest(database=database, keys=keys.tolist())
         errors = []
-        for outcome in answered:
+        for shard in shards:
             try:
-                response = outcome.shard.read.Lookup(request, timeout=timeout)
+                response = shard.read.Lookup(request, timeout=timeout)
                 return {i.key: hit_of(i, 0.0) for i in response.items}
             except grpc.RpcError as exc:
-                errors.append(f"shard {outcome.shard.number}: {exc.code().name} {exc.details()}")
-        context.abort(grpc.StatusCode.UNAVAILABLE, "no shard could name the results: " + "; ".join(errors))
-        raise AssertionError("context.abort returns only by raising")
+                errors.append(f"shard {shard.number}: {exc.code().name} {exc.details()}")
+        raise Unavailable("no shard could name the results: " + "; ".join(errors))
 
     def PartialScores(
         self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.PartialScoresResponse]:
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "PartialScores is a shard's RPC: a router's Search already merges them"
-        )
+        raise Unimplemented("PartialScores is a shard's RPC: a router's Search already merges them")
 
     def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext) -> index_pb2.LookupResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Lookup is a shard's RPC: a router's Search already names items")
+        raise Unimplemented("Lookup is a shard's RPC: a router's Search already names items")
 
     def Replicate(
         self, request: index_pb2.ReplicateRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.ReplicateResponse]:
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Replicate is a shard replica's RPC: give a replica's --peers the other replicas' addresses",
+        raise Unimplemented(
+            "Replicate is a shard replica's RPC: give a replica's --peers the other replicas' addresses"
         )
 
     def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext) -> index_pb2.StatsResponse:
         timeout = timeout_from(context, self.config.default_timeout_s)
-        outcomes = self._fan_out([(s, lambda s=s: s.read.Stats(request, timeout=timeout)) for s in self.shards])
+        outcomes = self._fan_out([(s, functools.partial(s.read.Stats, request, timeout=timeout)) for s in self.shards])
         merged: dict[str, index_pb2.DatabaseStats] = {}
         for outcome in outcomes:
             if outcome.error is not None:
-                context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"shard {outcome.shard.number} ({', '.join(outcome.shard.addresses)}): {outcome.error.details()}",
-                )
-            for database in outcome.value.databases:  # type: ignore[attr-defined]
+                raise Unavailable(f"{outcome.shard.where}: {outcome.error.details()}")
+            for database in outcome.answer.databases:
                 held = merged.setdefault(
                     database.name,
                     index_pb2.DatabaseStats(name=database.name, kind=database.kind, dimension=database.dimension),

@@ -30,17 +30,12 @@ POLICY = method_policy(SERVICE, Add=Access.INTERNAL, Delete=Access.INTERNAL, Rep
 
 
 def open_catalogue(config: IndexConfig) -> Catalogue:
-    """The shard's databases, recovered from config.data_dir (relative to the repository root)."""
+    """The shard's databases, recovered from config.data_dir (relative to the repository root).
+    The settings' ranges (word shard, stop-word share) were checked when the config was built."""
     store = None
     if config.data_dir:
         path = Path(config.data_dir)
         store = ShardStore(path if path.is_absolute() else REPO_ROOT / path, config.store_map_bytes)
-    if not 0 <= config.word_shard_index < config.word_shard_count:
-        raise ValueError(
-            f"word_shard_index {config.word_shard_index} is not in [0, word_shard_count {config.word_shard_count})"
-        )
-    if not 0.0 < config.max_word_share <= 1.0:
-        raise ValueError(f"max_word_share {config.max_word_share} is not in (0, 1]")
     settings = DatabaseSettings(
         config.word_shard_index,
         config.word_shard_count,

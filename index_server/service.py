@@ -1,22 +1,25 @@
-"""IndexService servicer of one shard: protobuf <-> numpy, errors -> status codes."""
+"""IndexService servicer of one shard: messages -> domain values (index_server.convert) for the
+catalogue and back. Refusals are domain errors (common.errors), raised here or by the logic
+called; the server's interceptor (common.interceptors) turns each into its status and details."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import grpc
 import numpy as np
 
-from common.errors import quote
+from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable, quote
 from common.names import check_name
-from common.serving import abort_on
-from common.streams import StreamEnd
+from common.streams import client_stream
 from common.telemetry import BATCH_SIZE
-from index_server.catalogue import Catalogue, Database, Value, signature_value
-from index_server.convert import looked_up_item, scored_item
-from index_server.domain import SignatureError
+from index_server.catalogue import Catalogue, Database, refused_item
+from index_server.convert import item_of, looked_up_item, scored_item, signature_value
+from index_server.domain import SignatureError, Value
 from index_server.inverted import BowIndex
-from index_server.limits import check_top_k
+from index_server.limits import check_stream_length, check_top_k
+from index_server.log_codec import add_record
 from index_server.replication import ReplicaStatus, WriteTracker, replication_stream, tracked_write
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -57,27 +60,27 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     ) -> index_pb2.AddResponse:
         """All or nothing: each item is checked as it arrives (the first refused one ends the call,
         naming it), and the stream is committed, in one fsynced log transaction, only once the
-        client has ended it; a cancel or a broken connection stores nothing."""
-        end = StreamEnd(context)
-        with abort_on(context):
-            stream = self.catalogue.stream()
+        client has ended it; a cancel or a broken connection stores nothing (client_stream raises
+        Cancelled: nobody waits for that answer)."""
+        limits = self.catalogue.limits
+        stream = self.catalogue.stream()
+        for request in client_stream(request_iterator, context, self.cancel_settle_s):
+            check_stream_length(len(stream) + 1, limits)
             try:
-                for request in request_iterator:  # on a cancel: raises grpc.RpcError, or ends (streams.py)
-                    stream.stage(request)
-            except grpc.RpcError:
-                return index_pb2.AddResponse()  # cancelled: nothing stored, and nobody waits for this
-            if not end.completed(self.cancel_settle_s):
-                return index_pb2.AddResponse()  # cancelled: nothing stored, and nobody waits for this
-            added, replaced = self.catalogue.commit(stream)
+                # A database stored before names were checked stays writable by its name.
+                item = item_of(request, limits, check_database_name=not self.catalogue.holds(request.database))
+            except ServiceError as exc:
+                raise refused_item(len(stream), request.item_id, exc) from None
+            stream.stage(item, add_record(request))
+        added, replaced = self.catalogue.commit(stream)
         BATCH_SIZE.labels("index", "add_stream_items").observe(added)
         return index_pb2.AddResponse(added=added, replaced=replaced)
 
     @tracked_write
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext) -> index_pb2.DeleteResponse:
         if not self.catalogue.deferring:  # catching up: logged whole, whatever is held here
-            self._database(request.database, context)
-        with abort_on(context):
-            deleted = self.catalogue.delete(request.database, list(request.item_ids), list(request.group_ids))
+            self._database(request.database)
+        deleted = self.catalogue.delete(request.database, list(request.item_ids), list(request.group_ids))
         return index_pb2.DeleteResponse(
             deleted=deleted.deleted, not_found=deleted.not_found, groups_not_found=deleted.groups_not_found
         )
@@ -85,10 +88,10 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     def Search(
         self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.SearchResponse]:
-        self._serve_reads(context)
-        top_k = self._top_k(request.top_k, context)
-        database, value = self._query(request.database, request.signature, context)
-        hits = database.search(value, top_k, request.one_per_group)  # type: ignore[arg-type]
+        self._serve_reads()
+        top_k = check_top_k(request.top_k, self.max_top_k)
+        database, value = self._query(request.database, request.signature)
+        hits = database.search(value, top_k, request.one_per_group)  # type: ignore[arg-type]  # _checked: its kind
         # At least one message, even with no hits (a router's first message carries its flags).
         for start in range(0, max(len(hits), 1), self.chunk_size):
             yield index_pb2.SearchResponse(items=[scored_item(h) for h in hits[start : start + self.chunk_size]])
@@ -96,55 +99,52 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     def SearchBatch(
         self, request: index_pb2.SearchBatchRequest, context: grpc.ServicerContext
     ) -> index_pb2.SearchBatchResponse:
-        self._serve_reads(context)
-        top_k = self._top_k(request.top_k, context)
+        self._serve_reads()
+        top_k = check_top_k(request.top_k, self.max_top_k)
         if not request.signatures:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "signatures is empty: send at least one query")
+            raise InvalidArgument("signatures is empty: send at least one query")
         if len(request.signatures) > self.max_batch:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"{len(request.signatures)} queries are above this shard's batch limit of "
                 f"{self.max_batch}: split the batch",
+                quota=[("max_batch", f"at most {self.max_batch} queries per SearchBatch")],
             )
-        kind, database = self._database(request.database, context)
+        kind, database = self._database(request.database)
         values = [
             self._checked(
                 request.database,
                 kind,
                 database,
                 signature,
-                context,
                 f"signature #{i}: " if len(request.signatures) > 1 else "",
             )
             for i, signature in enumerate(request.signatures)
         ]
         BATCH_SIZE.labels("index", "search_batch_queries").observe(len(values))
         # A dense database answers the whole batch with one FAISS search (a matrix product).
-        results = database.search_batch(values, top_k, request.one_per_group)  # type: ignore[arg-type]
+        results = database.search_batch(values, top_k, request.one_per_group)  # type: ignore[arg-type]  # _checked: its kind
         response = index_pb2.SearchBatchResponse(
             results=[index_pb2.SearchHits(items=[scored_item(h) for h in hits]) for hits in results]
         )
-        self._check_size(response, "send fewer queries per batch or ask for a smaller top_k", context)
+        self._check_size(response, "send fewer queries per batch or ask for a smaller top_k")
         return response
 
     def PartialScores(
         self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.PartialScoresResponse]:
-        self._serve_reads(context)
-        database, value = self._query(request.database, request.signature, context)
+        self._serve_reads()
+        database, value = self._query(request.database, request.signature)
         if not isinstance(database, BowIndex):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidArgument(
                 f"database {quote(request.database)} is dense: partial scores exist only for "
-                "bag-of-words databases (use Search)",
+                "bag-of-words databases (use Search)"
             )
-            raise AssertionError("context.abort returns only by raising")
         groups = None
         if request.with_groups:
-            keys, sums, groups = database.partial_scores_with_groups(value)  # type: ignore[arg-type]
+            keys, sums, groups = database.partial_scores_with_groups(value)  # type: ignore[arg-type]  # _checked: its kind
             groups = groups.astype("<u8")
         else:
-            keys, sums = database.partial_scores_by_key(value)  # type: ignore[arg-type]
+            keys, sums = database.partial_scores_by_key(value)  # type: ignore[arg-type]  # _checked: its kind
         keys, sums = keys.astype("<u8"), sums.astype("<f4")
         word_range = common_pb2.WordRange(first=database.word_range[0], end=database.word_range[1])
         for start in range(0, max(len(keys), 1), self.partial_chunk):
@@ -157,25 +157,27 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
             )
 
     def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext) -> index_pb2.LookupResponse:
-        self._serve_reads(context)
-        _, database = self._database(request.database, context)
+        self._serve_reads()
+        _, database = self._database(request.database)
         if not isinstance(database, BowIndex):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"database {quote(request.database)} is dense: items are named by key only in bag-of-words databases",
+            raise InvalidArgument(
+                f"database {quote(request.database)} is dense: items are named by key only in bag-of-words databases"
             )
-            raise AssertionError("context.abort returns only by raising")
         found = database.lookup(np.fromiter(request.keys, np.uint64, len(request.keys)))
         response = index_pb2.LookupResponse(items=[looked_up_item(key, hit) for key, hit in found.items()])
-        self._check_size(response, "send fewer keys per Lookup", context)
+        self._check_size(response, "send fewer keys per Lookup")
         return response
 
     def Stats(self, request: index_pb2.StatsRequest, context: grpc.ServicerContext) -> index_pb2.StatsResponse:
-        self._serve_reads(context)
+        self._serve_reads()
         return index_pb2.StatsResponse(
             databases=[
                 index_pb2.DatabaseStats(
-                    name=d.name, kind=d.kind, dimension=d.dimension, items=d.items, broken_reason=d.broken_reason
+                    name=d.name,
+                    kind=cast(common_pb2.SignatureKind, d.kind),  # a SignatureKind number
+                    dimension=d.dimension,
+                    items=d.items,
+                    broken_reason=d.broken_reason,
                 )
                 for d in self.catalogue.stats()
             ]
@@ -185,20 +187,18 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         self, request: index_pb2.ReplicateRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.ReplicateResponse]:
         if self.catalogue.deferring:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this replica is catching up from {self.replica.source or 'its peers'} itself: copy another one",
+            raise FailedPrecondition(
+                f"this replica is catching up from {self.replica.source or 'its peers'} itself: copy another one"
             )
         settings = self.catalogue.settings
         if request.word_shard_count and (request.word_shard_index, request.word_shard_count) != (
             settings.word_shard_index,
             settings.word_shard_count,
         ):
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise FailedPrecondition(
                 f"this shard holds word range {settings.word_shard_index} of {settings.word_shard_count}, "
                 f"not {request.word_shard_index} of {request.word_shard_count}: "
-                f"{request.replica or 'the caller'} is not a replica of this shard (check --peers)",
+                f"{request.replica or 'the caller'} is not a replica of this shard (check --peers)"
             )
         min_tail_s = min(request.min_tail_ms / 1000, self.replicate_settle_s)
         yield from replication_stream(
@@ -210,54 +210,39 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
             context.is_active,
         )
 
-    def _serve_reads(self, context: grpc.ServicerContext) -> None:
+    def _serve_reads(self) -> None:
         refusal = self.replica.read_refusal()
         if refusal is not None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+            raise Unavailable(refusal)
 
-    def _top_k(self, requested: int, context: grpc.ServicerContext) -> int:
-        with abort_on(context):
-            return check_top_k(requested, self.max_top_k)
-        raise AssertionError("context.abort returns only by raising")
-
-    def _check_size(
-        self,
-        response: index_pb2.SearchBatchResponse | index_pb2.LookupResponse,
-        remedy: str,
-        context: grpc.ServicerContext,
-    ) -> None:
+    def _check_size(self, response: index_pb2.SearchBatchResponse | index_pb2.LookupResponse, remedy: str) -> None:
+        """ResourceExhausted when the answer would be above max_message_bytes (it would fail in
+        transit), saying how to ask for less."""
         size = response.ByteSize()
         if size > self.max_message_bytes:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"the answer is {size} bytes, above the message limit of {self.max_message_bytes}: {remedy}",
+                quota=[("max_message_bytes", f"answers of at most {self.max_message_bytes} bytes")],
             )
 
-    def _database(self, name: str, context: grpc.ServicerContext) -> tuple[int, Database]:
-        """(kind, database): INVALID_ARGUMENT for a name no database could have, NOT_FOUND (saying
-        how a database is created, never which ones exist), FAILED_PRECONDITION for one that could
-        not be loaded."""
-        with abort_on(context):
-            if not self.catalogue.holds(name):  # a database stored before names were checked stays reachable
-                check_name("database", name)
-            return self.catalogue.get(name)
-        raise AssertionError("context.abort returns only by raising")
+    def _database(self, name: str) -> tuple[int, Database]:
+        """(kind, database): InvalidArgument for a name no database could have, NotFound (saying how
+        a database is created, never which ones exist), FailedPrecondition for one that could not
+        be loaded."""
+        if not self.catalogue.holds(name):  # a database stored before names were checked stays reachable
+            check_name("database", name)
+        return self.catalogue.get(name)
 
-    def _query(self, name: str, signature: common_pb2.Signature, context: grpc.ServicerContext):
+    def _query(self, name: str, signature: common_pb2.Signature) -> tuple[Database, Value]:
         """The database and the decoded query signature, checked against each other."""
-        kind, database = self._database(name, context)
-        return database, self._checked(name, kind, database, signature, context)
+        kind, database = self._database(name)
+        return database, self._checked(name, kind, database, signature)
 
     def _checked(
-        self,
-        name: str,
-        kind: int,
-        database: Database,
-        signature: common_pb2.Signature,
-        context: grpc.ServicerContext,
-        prefix: str = "",
+        self, name: str, kind: int, database: Database, signature: common_pb2.Signature, prefix: str = ""
     ) -> Value:
-        """The decoded signature, checked against its database; INVALID_ARGUMENT otherwise."""
+        """The decoded signature, checked against its database; InvalidArgument otherwise, its
+        message after `prefix` (which query of a batch)."""
         try:
             value = signature_value(signature)
             if signature.kind != kind:
@@ -265,7 +250,7 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
                     f"database {quote(name)} holds {common_pb2.SignatureKind.Name(kind)} "
                     f"signatures, not {common_pb2.SignatureKind.Name(signature.kind)}"
                 )
-            database.check(value)  # type: ignore[arg-type]
-        except SignatureError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, prefix + str(exc))
+            database.check(value)  # type: ignore[arg-type]  # a value of the database's kind
+        except InvalidArgument as exc:
+            raise exc.reworded(prefix + exc.message) from None
         return value

@@ -21,6 +21,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -76,10 +77,6 @@ class ShardStore:
                 for key, value in cursor:
                     yield _SEQ.unpack(key)[0], value
 
-    def log_length(self) -> int:
-        with self._log.begin() as txn:
-            return txn.stat()["entries"]
-
     def snapshot_seq(self) -> int:
         with self._snapshot.begin() as txn:
             raw = txn.get(b"meta")
@@ -104,7 +101,7 @@ class ShardStore:
     def read_snapshot(self) -> tuple[int, dict[str, dict[str, bytes]]]:
         with self._snapshot.begin() as txn:
             raw = txn.get(b"meta")
-        meta = json.loads(raw) if raw else {"seq": 0, "databases": []}
+        meta: dict[str, Any] = json.loads(raw) if raw else {"seq": 0, "databases": []}
         databases: dict[str, dict[str, bytes]] = {name: {} for name in meta["databases"]}
         with self._snapshot.begin(db=self._blobs) as txn:
             for key, value in txn.cursor():

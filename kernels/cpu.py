@@ -114,18 +114,6 @@ class CpuKernels:
         distances = codebook_norms[None, :] - 2 * (descriptors @ codebook.T)
         return distances.argmin(axis=1).astype(np.int32)
 
-    def chi2_distances(self, queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """(Q, V), (M, V) float32 L1-normalised histograms -> (Q, M) float32 chi-squared distances
-        sum_w (q_w - x_w)^2 / (q_w + x_w), in [0, 2]; a word absent from both adds 0."""
-        out = np.empty((len(queries), len(items)), np.float32)
-        for i, query in enumerate(queries):
-            total = query[None, :] + items
-            diff = query[None, :] - items
-            with np.errstate(invalid="ignore", divide="ignore"):
-                terms = np.where(total > 0, diff * diff / total, 0)
-            out[i] = terms.sum(axis=1)
-        return out
-
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _patch_histograms_level(lab, responses, ys, xs, level, out):  # pragma: no cover - compiled

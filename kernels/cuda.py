@@ -8,15 +8,18 @@ as -D flags; descriptor.cuh is inlined into each source so NVRTC and nvcc see th
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from kernels import KernelUnavailable, spec
 
 SOURCES = Path(__file__).resolve().parent
-MODULES = ("colour", "filters", "orientation", "keypoints", "histograms", "assign", "chi2")
+MODULES = ("colour", "filters", "orientation", "keypoints", "histograms", "assign")
+
+_T = TypeVar("_T")
 
 
 def defines() -> list[str]:
@@ -166,7 +169,7 @@ class CudaKernels:
         finally:
             g.leave()
 
-    def _run(self, body):  # type: ignore[no-untyped-def]
+    def _run(self, body: Callable[[Any], _T]) -> _T:
         with self._lock:
             self._gpu.enter()
             try:
@@ -177,7 +180,7 @@ class CudaKernels:
     def rgb_to_lab(self, rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             src, dst = g.upload(rgb.astype(np.uint8)), g.zeros((height, width, 3), np.float32)
             grid, block = _grid1(height * width)
             g.launch(
@@ -195,7 +198,9 @@ class CudaKernels:
 
         return self._run(body)
 
-    def _separable(self, g, src, height: int, width: int, channels: int, taps_x, taps_y, count: int):  # type: ignore[no-untyped-def]
+    def _separable(
+        self, g: Any, src: Any, height: int, width: int, channels: int, taps_x: Any, taps_y: Any, count: int
+    ) -> Any:
         grid, block = _grid2(width, height)
         rows, out = g.zeros((height, width, channels), np.float32), g.zeros((height, width, channels), np.float32)
         args = (np.int32(height), np.int32(width), np.int32(channels))
@@ -207,7 +212,7 @@ class CudaKernels:
         height, width, channels = image.shape
         half = ((height + 1) // 2, (width + 1) // 2, channels)
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             blurred = self._separable(
                 g,
                 g.upload(image.astype(np.float32)),
@@ -237,7 +242,7 @@ class CudaKernels:
     def filter_basis(self, image: np.ndarray) -> np.ndarray:
         height, width, channels = image.shape
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             src = g.upload(image.astype(np.float32))
             return np.stack(
                 [
@@ -256,7 +261,7 @@ class CudaKernels:
         _, height, width, channels = basis.shape
         pixels = height * width
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> tuple[np.ndarray, np.ndarray]:
             responses = g.zeros((height, width, channels, spec.RESPONSES), np.float32)
             amplitude = g.zeros((spec.ORIENTATIONS, height, width), np.float32)
             grid, block = _grid1(pixels)
@@ -280,7 +285,7 @@ class CudaKernels:
     def saliency(self, amplitudes: list[np.ndarray]) -> np.ndarray:
         height, width = amplitudes[0].shape[1:]
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             total = g.zeros((height, width), np.float32)
             grid, block = _grid2(width, height)
             for level, amp in enumerate(amplitudes):
@@ -307,7 +312,7 @@ class CudaKernels:
         height, width = saliency.shape
         capacity = height * width
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             found, count = g.zeros((capacity,), np.int32), g.zeros((1,), np.int32)
             grid, block = _grid2(width, height)
             g.launch(
@@ -340,7 +345,7 @@ class CudaKernels:
         if count == 0:
             return np.zeros((0, spec.DIMENSION), np.float32)
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             out = g.zeros(shape, np.float32)
             for level, (lab, resp) in enumerate(zip(labs, responses)):
                 ys = g.upload((keypoints[:, 0] >> level).astype(np.int32))
@@ -369,7 +374,7 @@ class CudaKernels:
         if count == 0:
             return np.zeros(0, np.int32)
 
-        def body(g):  # type: ignore[no-untyped-def]
+        def body(g: Any) -> np.ndarray:
             words = g.zeros((count,), np.int32)
             g.launch(
                 g.function("assign", "assign_words"),
@@ -385,29 +390,9 @@ class CudaKernels:
 
         return self._run(body)
 
-    def _centres(self, g, codebook: np.ndarray):  # type: ignore[no-untyped-def]
+    def _centres(self, g: Any, codebook: np.ndarray) -> Any:
         # The codebook (11 MB) is uploaded once and kept while the same array is passed.
         cached = getattr(self, "_codebook", None)
         if cached is None or cached[0] is not codebook:
             self._codebook = (codebook, g.upload(codebook.astype(np.float32)))
         return self._codebook[1]
-
-    def chi2_distances(self, queries: np.ndarray, items: np.ndarray) -> np.ndarray:
-        nq, ni = len(queries), len(items)
-
-        def body(g):  # type: ignore[no-untyped-def]
-            out = g.zeros((nq, ni), np.float32)
-            if nq and ni:
-                g.launch(
-                    g.function("chi2", "chi2_distances"),
-                    (ni, nq),
-                    (256, 1, 1),
-                    g.upload(queries.astype(np.float32)),
-                    g.upload(items.astype(np.float32)),
-                    np.int32(ni),
-                    np.int32(queries.shape[1]),
-                    out,
-                )
-            return g.download(out, (nq, ni), np.float32)
-
-        return self._run(body)

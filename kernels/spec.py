@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Descriptor geometry (seed 000, section 3.1): 3 colour channels x 6 bins x 4 scales x 4 orientations
+# Descriptor geometry (the paper, section 3.1): 3 colour channels x 6 bins x 4 scales x 4 orientations
 # x 2 values (even = bar/line, odd = edge) = 576.
 CHANNELS = 3
 BINS = 6

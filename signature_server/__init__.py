@@ -1,1 +1,2 @@
-"""Image signature service: the deep global descriptor (and, later, the colour-texture bag of words)."""
+"""Image signature service: the deep global descriptor, the colour-texture bag of words, and the salient
+objects of a photo (LocateObjects)."""

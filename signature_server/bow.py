@@ -1,4 +1,4 @@
-"""The paper's colour-texture signature (seed 000, section 3.1): keypoints, 576-d descriptors, words.
+"""The Cortexica paper's colour-texture signature (section 3.1): keypoints, 576-d descriptors, words.
 
 image -> resize (longer side = working_size) -> CIE Lab in [0, 1] -> 4-level pyramid -> per level the
 G2/H2 steerable basis, steered to 4 orientations (even and odd) -> saliency from the lightness
@@ -95,7 +95,6 @@ class Described:
     keypoints: np.ndarray
     saliency: np.ndarray
     descriptors: np.ndarray
-    working_shape: tuple[int, int]
 
 
 def working_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -148,11 +147,12 @@ class BowExtractor:
         if len(points) < max(1, self.spec.min_keypoints):
             # A plain or nearly plain crop: describe it on a regular grid so it still gets a signature
             # (never an empty bag: the codec refuses one, and the kernels have nothing to work on).
-            grid = grid_points(*saliency.shape, self.spec.grid_step)[: self.spec.max_keypoints - len(points)]
+            height, width = saliency.shape
+            grid = grid_points(height, width, self.spec.grid_step)[: self.spec.max_keypoints - len(points)]
             points = np.concatenate([points, grid])
             values = np.concatenate([values, saliency[grid[:, 0], grid[:, 1]]])
         raw = k.patch_histograms(labs, responses, points)
-        return Described(points, values, normalise_descriptors(raw), saliency.shape)
+        return Described(points, values, normalise_descriptors(raw))
 
     def bag(self, image: np.ndarray) -> BagOfWords:
         described = self.describe(image)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from common.config import MODELS_DIR, ServerConfig
+
+# The colour-texture kernels' backends (kernels.select_kernels).
+KernelBackend = Literal["auto", "cuda", "cpu"]
 
 
 @dataclass
@@ -16,7 +20,7 @@ class SignatureConfig(ServerConfig):
     # The colour-texture bag of words: its config.json and versioned codebook.
     bow_model_dir: str = str(MODELS_DIR / "colour-texture-bow")
     # Where its kernels run: "auto" (CUDA when a GPU and PyCUDA or CuPy start, else CPU), "cuda", "cpu".
-    kernels: str = "auto"
+    kernels: KernelBackend = "auto"
     # Crops described in parallel (the CPU path; the CUDA path serialises on one context).
     bow_threads: int = 2
     # Images per ComputeSignatures call; more is RESOURCE_EXHAUSTED.
@@ -38,3 +42,10 @@ class SignatureConfig(ServerConfig):
     # runs on one thread whatever this says, and concurrent calls already fill the cores, so 1 avoids
     # OpenCV's pool competing with ONNX Runtime's and the bag of words' threads.
     opencv_threads: int = 1
+
+    def _check(self) -> None:
+        super()._check()
+        self._at_least(1, "bow_threads", "max_images_per_request", "max_batch", "max_pixels", "inference_concurrency")
+        self._at_least(0, "max_salient", "max_segments")
+        self._at_least(0, "intra_op_threads", note="0 lets ONNX Runtime choose")
+        self._at_least(-1, "opencv_threads", note="-1 = OpenCV's default")

@@ -1,4 +1,5 @@
-"""SignatureService servicer: protobuf <-> numpy, errors -> status codes."""
+"""SignatureService servicer: protobuf <-> numpy; refusals are domain errors (common.errors), which
+the server's interceptor turns into status codes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import grpc
 import numpy as np
 
+from common.errors import InvalidArgument, ResourceExhausted
 from common.images import ImageError, Photo
 from common.proto_convert import box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
 from mps.common.v1 import common_pb2
@@ -41,45 +43,46 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         self.max_salient = max_salient
         self.max_segments = max_segments
 
-    def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest, context: grpc.ServicerContext) -> list[int]:
-        """The kinds asked for: `kinds`, or the one `kind`; each served, none twice."""
+    def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest) -> list[int]:
+        """The kinds asked for: `kinds`, or the one `kind`; each served, none twice (InvalidArgument)."""
         field = "kinds" if request.kinds else "kind"
         kinds = list(request.kinds) or [request.kind]
         for j, kind in enumerate(kinds):
             where = f"kinds[{j}]" if request.kinds else "kind"
             if kind not in SERVED_KINDS:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise InvalidArgument(
                     f"{where}: signature kind {_kind_name(kind)} is not served; set "
                     f"SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW in {field} (ListKinds lists what is served)",
+                    violations=[(where, f"{_kind_name(kind)} is not served")],
                 )
             if kind in kinds[:j]:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise InvalidArgument(
                     f"{where}: {_kind_name(kind)} is listed twice; list each kind once",
+                    violations=[(where, f"{_kind_name(kind)} is listed twice")],
                 )
         return kinds
 
     def ComputeSignatures(
         self, request: signature_pb2.ComputeSignaturesRequest, context: grpc.ServicerContext
     ) -> signature_pb2.ComputeSignaturesResponse:
-        kinds = self._check_kinds(request, context)
+        kinds = self._check_kinds(request)
         if not request.images:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"no images given: send 1 to {self.max_images} images in images"
+            raise InvalidArgument(
+                f"no images given: send 1 to {self.max_images} images in images",
+                violations=[("images", "empty")],
             )
         # The limit is on images (what is decoded and held), whatever the number of kinds.
         if len(request.images) > self.max_images:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"{len(request.images)} images are above the limit of {self.max_images} per call: split the call",
+                quota=[("images", f"at most {self.max_images} images per ComputeSignatures call")],
             )
         images = []
         for i, image in enumerate(request.images):
             try:
                 images.append(image_from_proto(image, self.max_pixels))
             except ImageError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images[{i}]: {exc}")
+                raise InvalidArgument(f"images[{i}]: {exc}", violations=[(f"images[{i}]", str(exc)[:300])]) from None
         start = time.perf_counter()
         # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
         per_kind = [self._sign(kind, images) for kind in kinds]
@@ -90,32 +93,32 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
 
     def _sign(self, kind: int, images: list[np.ndarray]) -> list[common_pb2.Signature]:
         if kind == common_pb2.SIGNATURE_KIND_BOW:
-            return [common_pb2.Signature(kind=kind, bow=b) for b in self.bow.compute(images)]
+            return [common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b) for b in self.bow.compute(images)]
         return [dense_to_proto(v) for v in self.deep.compute(images)]
 
     def LocateObjects(
         self, request: signature_pb2.LocateObjectsRequest, context: grpc.ServicerContext
     ) -> signature_pb2.LocateObjectsResponse:
         if request.max_salient == 0 and request.max_segments == 0:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidArgument(
                 "max_salient and max_segments are both 0: ask for at least one salient object or one segment",
+                violations=[("max_salient", "0 with max_segments 0"), ("max_segments", "0 with max_salient 0")],
             )
         if request.max_salient > self.max_salient:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"max_salient is {request.max_salient}; this server gives at most {self.max_salient}: ask for fewer",
+                quota=[("max_salient", f"at most {self.max_salient} salient objects per call")],
             )
         if request.max_segments > self.max_segments:
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 f"max_segments is {request.max_segments}; this server gives at most {self.max_segments}: ask for fewer",
+                quota=[("max_segments", f"at most {self.max_segments} segments per call")],
             )
         try:
             # Nothing finer than the feature map's size is looked at: a large photo is decoded small.
             photo = photo_from_proto(request.image, self.max_pixels, self.locator.spec.feature_long_side)
         except ImageError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image: {exc}")
+            raise InvalidArgument(f"image: {exc}", violations=[("image", str(exc)[:300])]) from None
         start = time.perf_counter()
         found = self.locator.locate(photo.rgb, request.max_salient, request.max_segments)
         return signature_pb2.LocateObjectsResponse(

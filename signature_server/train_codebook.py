@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         max_points_per_centroid=100_000,
     )
     kmeans.train(data)
+    if kmeans.centroids is None or kmeans.obj is None:
+        raise RuntimeError("faiss k-means returned no centres")
     codebook = Codebook(Codebook.quantise(kmeans.centroids).astype(np.float32) / np.float32(255))
 
     args.out.mkdir(parents=True, exist_ok=True)

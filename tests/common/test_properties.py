@@ -5,6 +5,7 @@ error, never anything else; valid inputs of any size, mode and bit depth decode 
 from __future__ import annotations
 
 import io
+import re
 
 import cv2
 import numpy as np
@@ -17,6 +18,27 @@ from common.images import ImageError, decode_image, decode_photo
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_PIXELS = 10**6
+
+# Every message the decoders give: each says what is wrong (and, for images, what to send).
+IMAGE_ERROR = re.compile(
+    r"image (is empty: send the encoded file bytes \(JPEG, PNG, WebP\.\.\.\)"
+    r"|has zero size \(\d+x\d+\): send an image with pixels"
+    r"|is \d+x\d+ = \d+ pixels, above the limit of \d+: downscale it before sending"
+    r"|cannot be decoded \(.+\); send a complete JPEG, PNG, WebP, BMP, GIF or TIFF file)",
+    re.DOTALL,
+)
+BOW_ERROR = re.compile(
+    r"signature (is \d+ bytes; a bag-of-words signature has at least 8"
+    r"|format version \d+; this build reads version 1"
+    r"|says its vocabulary has 0 words"
+    r"|ends inside (a number|its word bitmap): it is truncated"
+    r"|sets words beyond its vocabulary: it is corrupt"
+    r"|says \d+ words but its bitmap holds \d+"
+    r"|holds no words \(an empty bag cannot be compared\)"
+    r"|holds (a number longer than 5 bytes|a count above 2\*\*32|a number not in its shortest form): it is corrupt"
+    r"|has \d+ bytes after its last count: it is corrupt"
+    r"|gives a present word a count of 0: it is corrupt)"
+)
 
 # Valid headers of each format followed by garbage reach deeper into the decoders than random bytes.
 PREFIXES = [
@@ -37,7 +59,8 @@ def test_arbitrary_bytes_decode_or_raise_image_error(prefix, body, max_side):
     try:
         photo = decode_photo(prefix + body, MAX_PIXELS, max_side)
     except ImageError as error:
-        assert 0 < len(str(error)) <= 600  # says why, and never echoes the data whole
+        assert IMAGE_ERROR.fullmatch(str(error)), str(error)
+        assert len(str(error)) <= 600  # never echoes the data whole
         return
     height, width = photo.rgb.shape[:2]
     assert photo.rgb.dtype == np.uint8 and photo.rgb.shape[2] == 3 and width * height <= MAX_PIXELS
@@ -135,7 +158,7 @@ def test_arbitrary_bytes_decode_as_a_bag_or_raise_bow_format_error(data):
     try:
         bag = decode(data)
     except BowFormatError as error:
-        assert str(error)
+        assert BOW_ERROR.fullmatch(str(error)), str(error)
         return
     assert len(bag.words) == len(bag.counts) >= 1 and bag.counts.all()
     assert np.all(np.diff(bag.words) > 0) and bag.words[0] >= 0 and bag.words[-1] < bag.vocabulary

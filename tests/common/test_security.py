@@ -18,6 +18,7 @@ from common.config import load_config
 from common.proto_convert import dense_to_proto
 from common.security import load_tokens, token_digest
 from common.security import main as security_main
+from common.status import details_of
 from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -69,11 +70,20 @@ def code_of(call):
     return error.value.code(), error.value.details()
 
 
+def refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value
+
+
 def test_index_writes_need_the_internal_token_and_reads_stay_open(start):
     address = start(internal_token=INTERNAL)
-    code, details = code_of(lambda: add(stub(address)))
-    assert code == grpc.StatusCode.UNAUTHENTICATED and "internal token" in details
-    assert code_of(lambda: add(stub(address, "guess")))[0] == grpc.StatusCode.PERMISSION_DENIED
+    error = refusal(lambda: add(stub(address)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "internal token" in error.details()
+    assert details_of(error).reason == "UNAUTHENTICATED"
+    error = refusal(lambda: add(stub(address, "guess")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "only its services" in error.details()
+    assert details_of(error).reason == "PERMISSION_DENIED"
     assert add(stub(address, INTERNAL)).added == 1
     assert [d.items for d in stub(address).Stats(index_pb2.StatsRequest(), timeout=5).databases] == [1]
 
@@ -121,10 +131,14 @@ def test_rate_limit_answers_resource_exhausted_with_retry_after(start):
     index = stub(address)
     index.Stats(index_pb2.StatsRequest(), timeout=5)
     index.Stats(index_pb2.StatsRequest(), timeout=5)
-    with pytest.raises(grpc.RpcError) as error:
-        index.Stats(index_pb2.StatsRequest(), timeout=5)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in error.value.details()
-    assert int(dict(error.value.trailing_metadata())["retry-after"]) >= 1
+    error = refusal(lambda: index.Stats(index_pb2.StatsRequest(), timeout=5))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "0.5 requests per second (bursts of 2) is this client's limit: retry after" in error.details()
+    retry_after = int(dict(error.trailing_metadata())["retry-after"])
+    assert retry_after >= 1 and f"retry after {retry_after} s" in error.details()
+    details = details_of(error)
+    assert details.retry_after_s == retry_after
+    assert details.quota == [("client:ipv4:127.0.0.1", "0.5 requests per second (bursts of 2) is this client's limit")]
     # The suite's own services are not limited.
     for _ in range(5):
         stub(address, INTERNAL).Stats(index_pb2.StatsRequest(), timeout=5)
@@ -143,8 +157,11 @@ def test_concurrency_limit_counts_calls_in_flight_per_client(start):
     future = index.Add.future(slow(), timeout=20)
     assert started.wait(5)
     time.sleep(0.2)
-    code, details = code_of(lambda: stub(address).Stats(index_pb2.StatsRequest(), timeout=5))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 calls in flight" in details
+    error = refusal(lambda: stub(address).Stats(index_pb2.StatsRequest(), timeout=5))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 calls in flight" in error.details()
+    details = details_of(error)
+    assert details.quota == [("client:ipv4:127.0.0.1", "1 calls in flight is this client's limit")]
+    assert details.retry_after_s == 1.0 and dict(error.trailing_metadata())["retry-after"] == "1"
     release.set()
     assert future.result().added == 1
     index.Stats(index_pb2.StatsRequest(), timeout=5)  # the slot is free again

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.local_suite import free_port
 from common.proto_convert import dense_to_proto
 from common.telemetry import ContextThreadPoolExecutor, current_request_id, request_id_scope, setup_logging
 from gateway.client import VisualSearchClient
@@ -20,6 +19,7 @@ from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from tests.helpers import free_port
 
 
 def test_the_request_id_reaches_every_service_and_comes_back(suite, coffee_png, caplog):
@@ -109,8 +109,10 @@ def test_metrics_port_serves_rpc_counts_latency_and_index_items():
                 timeout=10,
             )
             index.Stats(index_pb2.StatsRequest(), timeout=5)
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as error:
                 list(index.Search(index_pb2.SearchRequest(database="missing"), timeout=5))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert error.value.details().startswith("database 'missing' does not exist on this shard")
             text = scrape(port)
         labels = {"server": "index", "grpc_service": "mps.index.v1.IndexService"}
         ok = sample(text, "grpc_server_handled_total", grpc_method="Stats", grpc_code="OK", **labels)
@@ -118,7 +120,7 @@ def test_metrics_port_serves_rpc_counts_latency_and_index_items():
             ("Stats" not in before)
             or ok > sample(before, "grpc_server_handled_total", grpc_method="Stats", grpc_code="OK", **labels) - 1
         )
-        assert sample(text, "grpc_server_handled_total", grpc_method="Search", **labels) >= 1
+        assert sample(text, "grpc_server_handled_total", grpc_method="Search", grpc_code="NOT_FOUND", **labels) >= 1
         assert sample(text, "grpc_server_handling_seconds_count", grpc_method="Stats", **labels) >= 1
         assert "process_resident_memory_bytes" in text
         assert sample(text, "mps_index_items", database="shoes") == 3

@@ -1,7 +1,7 @@
 import numpy as np
 
 from detector_server.nms import iou_matrix, nms
-from gateway.demo_catalogue import CUP_BOX
+from tests.helpers import CUP_BOX
 
 
 def test_finds_the_cup_in_the_coffee_photo(detector_model, coffee):

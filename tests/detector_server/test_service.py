@@ -1,11 +1,18 @@
+"""The detector servicer: in-process through grpcio-testing (its answers, and the domain errors it
+raises for the interceptor to map), then over a real server on loopback."""
+
+from unittest import mock
+
 import grpc
 import pytest
 
+from common.errors import InvalidArgument, NotFound, ServiceError
 from common.proto_convert import image_to_proto
+from common.status import details_of
 from detector_server.service import DetectorService
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2
-from tests.conftest import bad_images
+from tests.helpers import BAD_IMAGE_SAYS, bad_images
 from tests.servicer import unary
 
 SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
@@ -14,6 +21,13 @@ SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
 @pytest.fixture(scope="module")
 def servicer(detector_model):
     return DetectorService({"yolov3-tiny": detector_model}, "yolov3-tiny", 50_000_000, max_objects=200)
+
+
+def refused(servicer: DetectorService, request: detector_pb2.DetectRequest) -> ServiceError:
+    """The domain error Detect raises (the interceptor, not run here, maps it to a status)."""
+    with pytest.raises(ServiceError) as error:
+        servicer.Detect(request, mock.create_autospec(grpc.ServicerContext, instance=True))
+    return error.value
 
 
 def test_detect_encoded_and_raw(servicer, coffee, coffee_png):
@@ -28,19 +42,22 @@ def test_detect_encoded_and_raw(servicer, coffee, coffee_png):
 @pytest.mark.parametrize("name", ["empty", "truncated", "random", "zero_size_header", "bomb"])
 def test_bad_images_are_invalid_argument(servicer, coffee_png, name):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=bad_images(coffee_png)[name]))
-    _, code, details = unary(servicer, SERVICE, "Detect", request)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "image" in details
+    error = refused(servicer, request)
+    assert type(error) is InvalidArgument and BAD_IMAGE_SAYS[name] in error.message, error.message
+    assert [field for field, _ in error.violations] == ["image"]
 
 
 def test_unknown_model_is_not_found(servicer, coffee_png):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), model="rfcn")
-    _, code, details = unary(servicer, SERVICE, "Detect", request)
-    assert code == grpc.StatusCode.NOT_FOUND and "yolov3-tiny" in details
+    error = refused(servicer, request)
+    assert type(error) is NotFound and "model 'rfcn' is not loaded: use one of 'yolov3-tiny'" in error.message
 
 
 def test_out_of_range_threshold_is_invalid(servicer, coffee_png):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), min_confidence=2)
-    assert unary(servicer, SERVICE, "Detect", request)[1] == grpc.StatusCode.INVALID_ARGUMENT
+    error = refused(servicer, request)
+    assert type(error) is InvalidArgument and error.message.startswith("min_confidence 2 is outside (0, 1]")
+    assert error.violations == [("min_confidence", "2 is outside (0, 1]")]
 
 
 def test_list_models_reports_the_real_provider(servicer):
@@ -64,40 +81,51 @@ def test_objects_come_back_in_original_pixels(servicer, coffee_png):
 
 
 @pytest.mark.parametrize(
-    "field, value, code",
+    "field, value, says",
     [
-        ("objectness_threshold", 1.5, grpc.StatusCode.INVALID_ARGUMENT),
-        ("objectness_threshold", -0.1, grpc.StatusCode.INVALID_ARGUMENT),
-        ("max_objects", 10_000, grpc.StatusCode.INVALID_ARGUMENT),
+        ("objectness_threshold", 1.5, "objectness_threshold 1.5 is outside (0, 1]"),
+        ("objectness_threshold", -0.1, "objectness_threshold -0.1 is outside (0, 1]"),
+        ("max_objects", 10_000, "max_objects 10000 is above this server's limit of 200"),
     ],
 )
-def test_bad_object_requests(servicer, coffee_png, field, value, code):
+def test_bad_object_requests(servicer, coffee_png, field, value, says):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.1)
     setattr(request, field, value)
-    _, got, details = unary(servicer, SERVICE, "Detect", request)
-    assert got == code and field in details
+    error = refused(servicer, request)
+    assert type(error) is InvalidArgument and error.message.startswith(says), error.message
+    assert [f for f, _ in error.violations] == [field]
+
+
+def test_the_object_limit_carries_its_quota(servicer, coffee_png):
+    request = detector_pb2.DetectRequest(
+        image=common_pb2.Image(encoded=coffee_png), objectness_threshold=0.1, max_objects=201
+    )
+    error = refused(servicer, request)
+    assert error.quota == [("max_objects", "at most 200 objects per Detect call")]
+    assert error.violations == [("max_objects", "201 is above the limit of 200")]
 
 
 @pytest.mark.parametrize(
-    "model, code, says",
+    "model, kind, says",
     [
-        ("m" * 2**20, grpc.StatusCode.INVALID_ARGUMENT, "limit of 128"),
-        ("yolo\0", grpc.StatusCode.INVALID_ARGUMENT, "u+0000"),
-        (" yolov3-tiny", grpc.StatusCode.INVALID_ARGUMENT, "whitespace"),
-        ("r" * 128, grpc.StatusCode.NOT_FOUND, "'yolov3-tiny'"),
+        ("m" * 2**20, InvalidArgument, "limit of 128"),
+        ("yolo\0", InvalidArgument, "u+0000"),
+        (" yolov3-tiny", InvalidArgument, "whitespace"),
+        ("r" * 128, NotFound, "'yolov3-tiny'"),
     ],
 )
-def test_model_names_are_checked_and_never_echoed_whole(servicer, coffee_png, model, code, says):
+def test_model_names_are_checked_and_never_echoed_whole(servicer, coffee_png, model, kind, says):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), model=model)
-    _, got, details = unary(servicer, SERVICE, "Detect", request)
-    assert got == code and says in details.lower() and len(details) < 512
+    error = refused(servicer, request)
+    assert type(error) is kind and says in error.message.lower() and len(error.message) < 512
 
 
 @pytest.mark.parametrize("field", ["min_confidence", "objectness_threshold"])
 def test_nan_thresholds_are_invalid(servicer, coffee_png, field):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), **{field: float("nan")})
-    _, code, details = unary(servicer, SERVICE, "Detect", request)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and "(0, 1]" in details
+    error = refused(servicer, request)
+    assert type(error) is InvalidArgument and error.message.startswith(f"{field} is NaN: send a number in (0, 1]")
+    assert error.violations == [(field, "NaN")]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +138,24 @@ def detector_channel():
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel
     server.stop(None)
+
+
+def test_refusals_over_loopback_carry_their_code_and_details(detector_channel, coffee_png):
+    from mps.detector.v1 import detector_pb2_grpc
+
+    stub = detector_pb2_grpc.DetectorServiceStub(detector_channel)
+    image = common_pb2.Image(encoded=coffee_png)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Detect(detector_pb2.DetectRequest(image=image, objectness_threshold=0.1, max_objects=10_000), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_objects 10000 is above this server's limit of 200" in error.value.details()
+    details = details_of(error.value)
+    assert details.quota == [("max_objects", "at most 200 objects per Detect call")]
+    assert details.violations == [("max_objects", "10000 is above the limit of 200")]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Detect(detector_pb2.DetectRequest(image=image, model="rfcn"), timeout=30)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'yolov3-tiny'" in error.value.details()
+    assert details_of(error.value).reason == "NOT_FOUND"
 
 
 def brute_force_nms(boxes, scores, threshold, classes):

@@ -1,7 +1,6 @@
 """Services as their own processes: `python -m <service>`, health, graceful SIGTERM."""
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,15 +11,9 @@ import numpy as np
 import pytest
 
 from common.config import REPO_ROOT
-from common.local_suite import wait_serving
 from common.proto_convert import dense_to_proto
 from mps.index.v1 import index_pb2, index_pb2_grpc
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, wait_serving
 
 
 def test_sigterm_lets_an_in_flight_call_finish():

@@ -66,13 +66,21 @@ def test_scopes_decide_who_searches_and_who_ingests(locked):
     with gateway(locked, READER) as reader, gateway(locked, WRITER) as writer, gateway(locked, "") as nobody:
         with pytest.raises(grpc.RpcError) as error:
             reader.index_products(product)
-        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'write' scope" in error.value.details()
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error.value.details() == (
+            "/mps.gateway.v1.VisualSearchService/IndexProducts needs the 'write' scope; "
+            "the token of 'shop' has ['read']"
+        )
         assert writer.index_products(product).indexed == 1  # over mTLS to the back ends, with the internal token
         found = reader.search(encode_jpeg(cup), top_k=1, regions=[((0, 0, cup.shape[1], cup.shape[0]), "tableware")])
         assert found.items[0].matches[0].product_id == "cup"
         with pytest.raises(grpc.RpcError) as error:
             nobody.search(encode_jpeg(cup))
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error.value.details() == (
+            "/mps.gateway.v1.VisualSearchService/MultiProductSearch needs a token with the 'read' scope: "
+            "send metadata authorization: Bearer <token>"
+        )
 
 
 def test_a_plaintext_client_and_a_client_of_another_ca_are_refused(locked, tmp_path):

@@ -48,7 +48,8 @@ def crops(n: int) -> list[np.ndarray]:
 
 def sign_with(signer: LimitedSigner, n: int, **config) -> list:
     with ThreadPoolExecutor(8) as pool:
-        pipeline = Pipeline(GatewayConfig(**config), None, None, signer, None, pool)  # type: ignore[arg-type]
+        # Only the signer is used by _sign: no detector, locator or index.
+        pipeline = Pipeline(GatewayConfig(**config), None, None, signer, None, pool)  # type: ignore[arg-type]  # see above
         return pipeline._sign(crops(n), ["deep", "bow"], Deadline(10.0), Timings())
 
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
-from common.bow_codec import BagOfWords, chi2, encode
+from common.bow_codec import BagOfWords, encode
 from common.config import REPO_ROOT, load_config
-from common.local_suite import wait_serving
 from common.proto_convert import box_to_proto, dense_to_proto
 from index_server.config import IndexConfig, RouterConfig
+from index_server.domain import Item
 from index_server.server import create_bundle, create_router_bundle
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from tests.helpers import chi2, wait_serving
 
 # -- processes and servers ------------------------------------------------------------------------
 
@@ -46,7 +48,7 @@ def start_shard(data_dir: Path, port: int, *flags: str) -> subprocess.Popen:
 class Cluster:
     """Shard servers (in this process) and a router over them; `stubs` talk to each directly."""
 
-    def __init__(self, layout: str, shards: int, replicas: int = 1, **router: object):
+    def __init__(self, layout: str, shards: int, replicas: int = 1, **router: Any):
         self.bundles, addresses = [], []
         for number in range(shards):
             replica_addresses = []
@@ -79,7 +81,8 @@ class Cluster:
         for channel in self.channels:
             channel.close()
         self.router.server.stop(None)
-        self.router.on_stop()
+        if self.router.on_stop is not None:
+            self.router.on_stop()
         for bundle in self.bundles:
             bundle.server.stop(None)
 
@@ -116,6 +119,21 @@ def add_request(
     if box is not None:
         request.box.CopyFrom(box_to_proto(box))
     return request
+
+
+def item(
+    item_id: str,
+    database: str,
+    value: BagOfWords | np.ndarray,
+    group_id: str = "",
+    box: np.ndarray | None = None,
+    **metadata: str,
+) -> Item:
+    """The Item that add_request(...) with the same arguments adds, made directly (unchecked, so a
+    test may hand the catalogue an item the servicer would refuse)."""
+    if not isinstance(value, BagOfWords):
+        value = np.asarray(value, np.float32)
+    return Item(database, item_id, value, metadata, group_id, None if box is None else np.asarray(box, np.float32))
 
 
 def search(

@@ -2,8 +2,8 @@
 
 How grpc python shows a client's cancel to a stream-unary servicer, measured here rather than
 assumed: the request iterator either raises grpc.RpcError or simply ends as after a normal end of
-the stream, with context.is_active() still True for a moment (index_server/streams.py); the shard
-must not take the second for a completed stream.
+the stream, with context.is_active() still True for a moment (common/streams.py); the shard must not
+take the second for a completed stream (common.streams.client_stream raises Cancelled for both).
 """
 
 import threading

@@ -13,11 +13,14 @@ import pytest
 
 from common.bow_codec import BagOfWords, encode
 from common.config import REPO_ROOT
-from common.local_suite import free_port
 from common.proto_convert import dense_to_proto
+from index_server.catalogue import Catalogue
+from index_server.convert import item_of, signature_value
 from index_server.domain import item_key
+from index_server.store import ShardStore
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
+from tests.helpers import free_port
 from tests.index_server.helpers import start_shard
 
 VOCABULARY = 400
@@ -71,7 +74,13 @@ def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path):
 
     writer = threading.Thread(target=ingest)
     writer.start()
+    deadline = time.monotonic() + 60
     while len(acked) < 1500:
+        if not writer.is_alive() or time.monotonic() > deadline:
+            process.kill()
+            stop.set()
+            writer.join()
+            pytest.fail(f"only {len(acked)} of 1500 items were acknowledged before the kill was due (60 s)")
         time.sleep(0.05)
     process.kill()  # SIGKILL, mid-stream
     process.wait()
@@ -169,16 +178,13 @@ def test_a_second_process_on_the_same_data_dir_is_refused(tmp_path):
 @pytest.mark.parametrize("snapshot_every", [1, 1000])
 def test_catalogue_recovers_in_process(tmp_path, snapshot_every):
     """Snapshot + log tail, or log only: the same answers after reopening."""
-    from index_server.catalogue import Catalogue
-    from index_server.store import ShardStore
-
     rng = np.random.default_rng(2)
     catalogue = Catalogue(store=ShardStore(tmp_path, 1 << 30), snapshot_every=snapshot_every)
-    adds = [bag_add(i, rng) for i in range(200)]
-    catalogue.add(adds[:120])
+    items = [item_of(bag_add(i, rng)) for i in range(200)]
+    catalogue.add(items[:120])
     catalogue.delete("bags", ["b5", "b6", "missing"])
-    catalogue.add(adds[120:])
-    catalogue.add([bag_add(7, rng)])  # replaces b7
+    catalogue.add(items[120:])
+    catalogue.add([item_of(bag_add(7, rng))])  # replaces b7
     _, index = catalogue.get("bags")
     queries = [BagOfWords.from_words(rng.integers(0, VOCABULARY, 30), VOCABULARY, 3) for _ in range(5)]
     expected = [[(h.item_id, h.score, h.metadata) for h in index.search(q, 20)] for q in queries]
@@ -268,16 +274,13 @@ def test_a_delete_by_group_is_durable_across_kill_9(tmp_path):
 @pytest.mark.parametrize("snapshot_every", [1, 1000])
 def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_every):
     """Recovery goes through the live apply path: groups, boxes and deletes by group come back."""
-    from index_server.catalogue import Catalogue
-    from index_server.store import ShardStore
-
     catalogue = Catalogue(store=ShardStore(tmp_path, 1 << 30), snapshot_every=snapshot_every)
     adds, _group_of = product_adds(np.random.default_rng(4), products=10)
-    catalogue.add(adds[:30])
+    catalogue.add(map(item_of, adds[:30]))
     deleted = catalogue.delete("bags", ["p0-0", "nope"], ["p0", "p3", "p9"])
     assert deleted == (6, ["nope"], ["p9"])  # p0-0 is counted once; p9 has no image yet
-    catalogue.add(adds[30:])
-    catalogue.add([adds[6]])  # p1-0 again: replaced
+    catalogue.add(map(item_of, adds[30:]))
+    assert catalogue.add([item_of(adds[6])]) == (1, 1)  # p1-0 again: replaced
     expected = {}
     for name in ("bags", "dense"):
         _, database = catalogue.get(name)
@@ -303,6 +306,4 @@ def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_e
 
 
 def catalogue_value(add: index_pb2.AddRequest):
-    from index_server.catalogue import signature_value
-
     return signature_value(add.signature)

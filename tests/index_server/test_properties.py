@@ -15,10 +15,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.bow_codec import BagOfWords, chi2
+from common.bow_codec import BagOfWords
 from common.errors import InvalidArgument, NotFound
 from index_server.catalogue import Catalogue
-from tests.index_server.helpers import add_request
+from tests.helpers import chi2
+from tests.index_server.helpers import item as catalogue_item
 
 VOCABULARY, CODEBOOK, DIMENSION = 24, 5, 4
 TOLERANCE = 1e-5
@@ -109,17 +110,21 @@ def test_the_catalogue_answers_as_brute_force(ops):
     for op in ops:
         if op[0] == "add":
             batch = op[1]
-            requests = [add_request(item_id, database, value, group) for database, item_id, value, group in batch]
+            items = [catalogue_item(item_id, database, value, group) for database, item_id, value, group in batch]
             if not all(valid(database, value) for database, _, value, _ in batch):
                 try:
-                    catalogue.add(requests)
+                    catalogue.add(items)
                     raise AssertionError("a zero vector was accepted")
                 except InvalidArgument as error:
-                    assert "all zeros" in str(error) and "nothing of this stream was added" in str(error)
+                    first = next(n for n, (d, _, v, _) in enumerate(batch) if not valid(d, v))
+                    assert str(error) == (
+                        f"item #{first} ({batch[first][1]!r}): signature is all zeros: cosine similarity is "
+                        "undefined for it; nothing of this stream was added"
+                    )
                 continue  # all or nothing: the model is unchanged
             held = model.databases.setdefault(batch[0][0], {})
             before, keys = set(held), [item_id for _, item_id, _, _ in batch]
-            added, replaced = catalogue.add(requests)
+            added, replaced = catalogue.add(items)
             assert added == len(set(keys))
             assert replaced == len({k for n, k in enumerate(keys) if k in before or k in keys[:n]})
             for _, item_id, value, group in batch:

@@ -18,15 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.bow_codec import BagOfWords
 from common.config import REPO_ROOT, load_config
-from common.local_suite import free_port
 from common.proto_convert import dense_to_proto
 from index_server.catalogue import Catalogue
 from index_server.config import IndexConfig
 from index_server.domain import item_key
-from index_server.replication import WriteTracker, receive_copy, replication_stream
+from index_server.replication import IncompleteCopy, WriteTracker, receive_copy, replication_stream
 from index_server.server import create_bundle
 from mps.index.v1 import index_pb2, index_pb2_grpc
-from tests.index_server.helpers import Cluster, add_request, bow, search, search_batch
+from tests.helpers import free_port
+from tests.index_server.helpers import Cluster, add_request, bow, item, search, search_batch
 
 DIMENSION = 32
 VOCABULARY = 500
@@ -70,7 +70,7 @@ def health(address: str, service: str = SERVICE) -> int | None:
 
 
 def wait_caught_up(address: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """Until the replica's health is SERVING (common.local_suite.wait_serving would poll a
+    """Until the replica's health is SERVING (tests.helpers.wait_serving would poll a
     NOT_SERVING replica without pausing)."""
     deadline = time.monotonic() + timeout_s
     while health(address, "") != health_pb2.HealthCheckResponse.SERVING:
@@ -227,10 +227,8 @@ def test_a_replica_killed_while_writes_go_on_catches_up_before_it_serves_reads(t
 
 def filled_catalogue() -> Catalogue:
     catalogue = Catalogue()
-    catalogue.add(
-        [add_request(f"d{i}", "shoes", v, group_id=f"g{i % 7}", n=str(i)) for i, v in enumerate(vectors(10, 300))]
-    )
-    catalogue.add([add_request(f"b{i}", "bags", b) for i, b in enumerate(bags(11, 200))])
+    catalogue.add([item(f"d{i}", "shoes", v, group_id=f"g{i % 7}", n=str(i)) for i, v in enumerate(vectors(10, 300))])
+    catalogue.add([item(f"b{i}", "bags", b) for i, b in enumerate(bags(11, 200))])
     catalogue.delete("shoes", ["d3", "d4"])
     return catalogue
 
@@ -250,7 +248,7 @@ def test_a_copy_is_streamed_in_bounded_chunks_and_rebuilds_the_same_databases():
         _, ours = replica.get(name)
         _, theirs = source.get(name)
         assert ours.state() == theirs.state()
-    with pytest.raises(Exception, match="done"):
+    with pytest.raises(IncompleteCopy, match=r"^the stream ended before its done message$"):
         receive_copy(iter(messages[:-1]))  # cut short: never installed
 
 
@@ -260,15 +258,15 @@ def test_writes_during_the_copy_reach_it_and_writes_deferred_on_the_replica_win(
     stream = replication_stream(source, writes, min_tail_s=0.3, chunk_bytes=1 << 16, settle_timeout_s=5.0)
     first = next(stream)  # the copy is taken: later writes go to its tail
     fresh = vectors(12, 3)
-    source.add([add_request("d0", "shoes", fresh[0], tag="from the source")])
-    source.add([add_request("late", "shoes", fresh[1])])
+    source.add([item("d0", "shoes", fresh[0], tag="from the source")])
+    source.add([item("late", "shoes", fresh[1])])
     source.delete("shoes", ["d5"])
     states, records = receive_copy(iter([first, *stream]))
     assert len(records) == 3
 
     replica = Catalogue()
     replica.begin_deferral()
-    replica.add([add_request("d0", "shoes", fresh[2], tag="newest")])  # logged, not applied yet
+    replica.add([item("d0", "shoes", fresh[2], tag="newest")])  # logged, not applied yet
     replica.delete("shoes", ["d6", "never-there"])
     assert replica.stats() == []  # nothing applied while catching up
     replica.install(states, records)
@@ -286,7 +284,7 @@ def test_a_copy_waits_for_the_writes_in_flight_when_it_began():
     def slow_write() -> None:
         with writes.track():  # began before the copy, commits after it
             release.wait()
-            source.add([add_request("slow", "shoes", vectors(13, 1)[0])])
+            source.add([item("slow", "shoes", vectors(13, 1)[0])])
 
     writer = threading.Thread(target=slow_write)
     writer.start()
@@ -366,12 +364,17 @@ def test_router_writes_succeed_while_one_replica_of_each_shard_answers():
         cluster.bundles[0].server.stop(None)
         with pytest.raises(grpc.RpcError) as error:
             cluster.stub.Add(iter([add_request(f"e{i}", "shoes", v) for i, v in enumerate(items)]), timeout=10)
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "re-send" in error.value.details()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Names the shard whose replicas all failed, and what to do.
+        assert error.value.details().startswith(f"shard 0 ({', '.join(cluster.addresses[0])}) failed (UNAVAILABLE)")
+        assert "re-send" in error.value.details(), error.value.details()
         # min_write_replicas=2: one replica down refuses the write.
         strict.bundles[1].server.stop(None)
         with pytest.raises(grpc.RpcError) as error:
             strict.stub.Add(iter([add_request("x", "shoes", items[0])]), timeout=10)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error.value.details().startswith(f"shard 0 ({', '.join(strict.addresses[0])}) failed (UNAVAILABLE)")
+        assert "re-send" in error.value.details(), error.value.details()
         with pytest.raises(grpc.RpcError) as error:
             list(cluster.stub.Replicate(index_pb2.ReplicateRequest(), timeout=10))
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED

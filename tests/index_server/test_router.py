@@ -19,6 +19,7 @@ from common.bow_codec import BagOfWords
 from common.config import REPO_ROOT, load_config
 from common.local_suite import free_port, wait_serving
 from common.proto_convert import dense_to_proto
+from common.status import details_of
 from index_server.config import IndexConfig, RouterConfig
 from index_server.domain import item_key, word_range_of
 from index_server.merge import shard_of
@@ -461,3 +462,111 @@ def test_a_search_batch_with_a_shard_down_is_flagged_like_search(layout):
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "256" in error.value.details()
     finally:
         cluster.close()
+
+
+def shard_bundle(**settings):
+    """One in-memory shard with the given IndexConfig settings."""
+    return create_bundle(load_config(IndexConfig, "index", environ={}, port=0, data_dir="", **settings))
+
+
+def test_a_shards_refusal_reaches_the_caller_with_its_details():
+    """A refusal that is the caller's fault is passed on with the shard's code and google.rpc
+    details (here a QuotaFailure naming the shard's own limit, lower than the router's)."""
+    shard = shard_bundle(max_batch=2, max_items_per_stream=3)
+    address = f"127.0.0.1:{shard.port}"
+    router = create_router_bundle(
+        load_config(RouterConfig, "index_router", environ={}, port=0, layout="item", shards=[[address]])
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{router.port}")
+    stub = index_pb2_grpc.IndexServiceStub(channel)
+    try:
+        queries = [dense_to_proto(np.full(4, i + 1, np.float32)) for i in range(3)]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.SearchBatch(index_pb2.SearchBatchRequest(database="dense", signatures=queries), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 queries are above this shard's batch limit of 2" in error.value.details()
+        details = details_of(error.value)
+        assert details.reason == "RESOURCE_EXHAUSTED"
+        assert details.quota == [("max_batch", "at most 2 queries per SearchBatch")]
+
+        adds = [
+            index_pb2.AddRequest(item_id=f"d{i}", database="dense", signature=dense_to_proto(np.full(4, i + 1.0)))
+            for i in range(4)
+        ]
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Add(iter(adds), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.value.details().startswith(f"shard 0 ({address}): send at most 3 items per Add stream")
+        assert details_of(error.value).quota == [("max_items_per_stream", "at most 3 items per Add stream")]
+        # All or nothing: the shard stored none of the stream, and says so through the router.
+        with pytest.raises(grpc.RpcError) as error:
+            search(stub, "dense", adds[0].signature)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "database 'dense' does not exist on any shard" in error.value.details()
+        assert details_of(error.value).reason == "NOT_FOUND"
+    finally:
+        channel.close()
+        router.server.stop(None)
+        router.on_stop()
+        shard.server.stop(None)
+
+
+def test_word_shards_listed_out_of_order_are_refused_not_merged():
+    """A word-range shard that holds other words than the router expects fails the search in the
+    worker thread that reads its partial scores; the caller gets FAILED_PRECONDITION, saying how
+    to list the shards, not a merge of the wrong words."""
+    shards = [shard_bundle(word_shard_index=n, word_shard_count=2) for n in (1, 0)]  # listed backwards
+    addresses = [[f"127.0.0.1:{s.port}"] for s in shards]
+    router = create_router_bundle(
+        load_config(RouterConfig, "index_router", environ={}, port=0, layout="word", shards=addresses)
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{router.port}")
+    stub = index_pb2_grpc.IndexServiceStub(channel)
+    try:
+        bag = bow(BagOfWords.from_words([1, 200], VOCABULARY, 7))
+        assert stub.Add(iter([index_pb2.AddRequest(item_id="a", database="bags", signature=bag)]), timeout=5).added == 1
+        with pytest.raises(grpc.RpcError) as error:
+            search(stub, "bags", bag)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error.value.details() == (
+            "shard 0 holds words [150, 300) but the router expects [0, 150): "
+            "list the shards in word_shard_index order, with word_shard_count 2"
+        )
+        # A shard's own RPCs are not a router's.
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Lookup(index_pb2.LookupRequest(database="bags", keys=[item_key("a")]), timeout=5)
+        assert (
+            error.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Lookup is a shard's RPC" in error.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.PartialScores(index_pb2.PartialScoresRequest(database="bags", signature=bag), timeout=5))
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "PartialScores is a shard's RPC" in error.value.details()
+    finally:
+        channel.close()
+        router.server.stop(None)
+        router.on_stop()
+        for shard in shards:
+            shard.server.stop(None)
+
+
+def test_the_router_loads_no_storage():
+    """The router is a stateless proxy: importing it loads neither the catalogue nor the storage
+    and search libraries a shard needs."""
+    code = (
+        "import json, sys, index_server.router; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('faiss', 'lmdb') "
+        "or m in ('index_server.catalogue', 'index_server.store', 'index_server.dense', 'index_server.inverted'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # The check itself sees such a module once it is loaded.
+    loaded = subprocess.run(
+        [sys.executable, "-c", code.replace("index_server.router;", "index_server.router, index_server.catalogue;")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "index_server.catalogue" in loaded.stdout and "lmdb" in loaded.stdout, loaded.stderr

@@ -6,9 +6,10 @@ import grpc
 import numpy as np
 import pytest
 
-from common.bow_codec import BagOfWords
+from common.bow_codec import BagOfWords, encode
 from common.config import load_config
 from common.proto_convert import dense_to_proto
+from common.status import details_of
 from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.common.v1 import common_pb2
@@ -83,7 +84,8 @@ def test_errors(stub):
     assert "first Add" in error.value.details() and "tops" not in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0, 0])
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3-d" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "signature has 4 values; this database holds 3-d vectors"
     with pytest.raises(grpc.RpcError) as error:
         list(
             stub.Search(
@@ -93,11 +95,17 @@ def test_errors(stub):
                 timeout=5,
             )
         )
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "signature is empty: a deep signature carries dense.values_f32le (D float32)"
     with pytest.raises(grpc.RpcError) as error:
         search(stub, [1, 0, 0], top_k=100_000)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "top_k 100000 is above the limit of 1000: ask for at most 1000" in error.value.details()
+    assert error.value.details() == "top_k 100000 is above the limit of 1000: ask for at most 1000"
+    # The field at fault and the limit, for a client to act on without parsing the message.
+    details = details_of(error.value)
+    assert details.reason == "INVALID_ARGUMENT"
+    assert details.violations == [("top_k", "100000 is above the limit of 1000")]
+    assert details.quota == [("max_top_k", "at most 1000 results per query")]
 
 
 def test_a_bad_item_mid_stream_stores_nothing_of_the_stream(stub):
@@ -111,8 +119,6 @@ def test_a_bad_item_mid_stream_stores_nothing_of_the_stream(stub):
 
 
 def bow_signature(words, counts=None, vocabulary=5000, codebook=11):
-    from common.bow_codec import BagOfWords, encode
-
     counts = counts or [1] * len(words)
     bag = BagOfWords(np.asarray(words, np.int32), np.asarray(counts, np.uint32), vocabulary, codebook)
     return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
@@ -144,11 +150,21 @@ def test_bag_of_words_databases_over_grpc(stub):
 @pytest.mark.parametrize(
     "signature, fragment",
     [
-        (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW), "empty"),
-        (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage"), "bag-of-words signature"),
-        (bow_signature([1, 2], codebook=12), "codebook"),
-        (bow_signature([1, 2], vocabulary=6000), "vocabulary"),
-        (dense_to_proto(np.ones(8, np.float32)), "BOW signatures, not SIGNATURE_KIND_DEEP"),
+        (
+            common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW),
+            "signature is empty: a bag-of-words signature carries bow bytes",
+        ),
+        (common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b"\x01garbage"), "bag-of-words signature: "),
+        (
+            bow_signature([1, 2], codebook=12),
+            "signature was made with codebook 0000000c; this database holds codebook 0000000b signatures",
+        ),
+        (
+            bow_signature([1, 2], vocabulary=6000),
+            "signature uses a 6000-word vocabulary; this database holds 5000-word bags",
+        ),
+        (dense_to_proto(np.ones(8, np.float32)), "holds SIGNATURE_KIND_BOW signatures, not SIGNATURE_KIND_DEEP"),
+        (bow_signature([1, 2], counts=[70_000, 1]), "a word count above 65535 does not fit a posting"),
     ],
 )
 def test_bad_bag_of_words_signatures_get_invalid_argument(stub, signature, fragment):
@@ -159,6 +175,8 @@ def test_bad_bag_of_words_signatures_get_invalid_argument(stub, signature, fragm
     with pytest.raises(grpc.RpcError) as error:
         stub.Add(iter([index_pb2.AddRequest(item_id="b", database="bags", signature=signature)]), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("item #0 ('b'): ") and fragment in error.value.details()
+    assert error.value.details().endswith("; nothing of this stream was added")
 
 
 def test_concurrent_adds_and_searches_under_load(tmp_path, monkeypatch):
@@ -352,7 +370,7 @@ def test_search_batch_errors(stub):
     stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
     good = dense_to_proto(np.array([1, 0, 0], np.float32))
     cases = [
-        ([], 5, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ([], 5, grpc.StatusCode.INVALID_ARGUMENT, "signatures is empty: send at least one query"),
         ([good] * 5, 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "batch limit of 4"),
         ([good, dense_to_proto(np.ones(4, np.float32))], 5, grpc.StatusCode.INVALID_ARGUMENT, "signature #1: "),
         ([good, bow_signature([1])], 5, grpc.StatusCode.INVALID_ARGUMENT, "not SIGNATURE_KIND_BOW"),
@@ -368,9 +386,57 @@ def test_search_batch_errors(stub):
     assert [i.item_id for i in helpers.search_batch(stub, "tops", [good] * 4).results[3].items] == ["a"]
 
 
+def test_limits_exceeded_name_the_limit_in_a_quota_failure(stub):
+    """RESOURCE_EXHAUSTED (and a top_k too large) carry google.rpc.QuotaFailure: which limit, how much."""
+    stub.Add(iter([add("a", [1, 0, 0])]), timeout=5)
+    good = dense_to_proto(np.array([1, 0, 0], np.float32))
+    with pytest.raises(grpc.RpcError) as error:
+        helpers.search_batch(stub, "tops", [good] * 5)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.details() == "5 queries are above this shard's batch limit of 4: split the batch"
+    details = details_of(error.value)
+    assert (details.reason, details.quota) == (
+        "RESOURCE_EXHAUSTED",
+        [("max_batch", "at most 4 queries per SearchBatch")],
+    )
+
+
+def test_an_answer_above_the_message_limit_is_refused_saying_how_to_ask_for_less():
+    server, port = create_server(
+        load_config(IndexConfig, "index", environ={}, port=0, data_dir="", max_message_bytes=20_000)
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = index_pb2_grpc.IndexServiceStub(channel)
+    try:
+        rng = np.random.default_rng(15)
+        vectors = rng.normal(size=(20, 8)).astype(np.float32)
+        # 20 items of ~1 kB of metadata: one query's top 10 fits, four queries' do not.
+        stub.Add(iter([add(f"p{i}", v, note="n" * 1000) for i, v in enumerate(vectors)]), timeout=5)
+        queries = [dense_to_proto(v) for v in vectors[:4]]
+        assert len(helpers.search_batch(stub, "tops", queries[:1], top_k=10).results[0].items) == 10
+        with pytest.raises(grpc.RpcError) as error:
+            helpers.search_batch(stub, "tops", queries, top_k=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = error.value.details()
+        assert message.startswith("the answer is ") and message.endswith(
+            " bytes, above the message limit of 20000: send fewer queries per batch or ask for a smaller top_k"
+        )
+        assert int(message.removeprefix("the answer is ").split(" ")[0]) > 40_000
+        details = details_of(error.value)
+        assert (details.reason, details.quota) == (
+            "RESOURCE_EXHAUSTED",
+            [("max_message_bytes", "answers of at most 20000 bytes")],
+        )
+    finally:
+        channel.close()
+        server.stop(None)
+
+
 def test_a_box_that_is_not_finite_is_refused(stub):
     request = add_request("a", "tops", np.ones(3, np.float32), "p", np.array([0, 0, np.inf, 1], np.float32))
     with pytest.raises(grpc.RpcError) as error:
         stub.Add(iter([add("ok", [1, 0, 0]), request]), timeout=5)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "box" in error.value.details()
-    assert "item #1 ('a')" in error.value.details() and "nothing of this stream was added" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == (
+        "item #1 ('a'): box has NaN or infinite coordinates; nothing of this stream was added"
+    )

@@ -9,6 +9,7 @@ from common.config import load_config
 from common.errors import InvalidArgument
 from common.names import MAX_NAME_BYTES, check_name
 from common.proto_convert import dense_to_proto
+from common.status import details_of
 from index_server.config import IndexConfig
 from index_server.server import create_server
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -77,10 +78,14 @@ def test_names_that_are_refused_say_the_rule(name, fragment):
 @pytest.mark.parametrize("via", ["shard", "router"])
 def test_bad_database_names_are_refused_before_anything_is_stored(stub, cluster, via):
     target = stub if via == "shard" else cluster.stub
-    for name in ("bad\0name", "n" * 600, " padded"):
+    for name, fragment in (
+        ("bad\0name", "database name 'bad\\x00name' has character '\\x00' (U+0000) at position 3"),
+        ("n" * 600, "is 600 UTF-8 bytes, above the limit of 128"),
+        (" padded", "database name ' padded' starts or ends with whitespace"),
+    ):
         error = refused(lambda name=name: target.Add(iter([dense("a", [1, 0], database=name)]), timeout=5))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "item #0" in error.details()
-        assert "database name" in error.details() and len(error.details()) < 600
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "item #0 ('a')" in error.details()
+        assert fragment in error.details() and len(error.details()) < 600, error.details()
     assert "bad" not in str(stats(target))
 
 
@@ -115,7 +120,10 @@ def test_a_dense_dimension_over_the_cap_is_refused(stub, cluster, via):
 def test_a_refused_first_add_creates_no_database(stub):
     """The refused item's dimension used to create the database, and a later valid Add was refused."""
     error = refused(lambda: stub.Add(iter([dense("a", [1, 0, 0]), dense("b", [0, 0, 0])]), timeout=5))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "all zeros" in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        "item #1 ('b'): signature is all zeros: cosine similarity is undefined for it; nothing of this stream was added"
+    )
     assert stats(stub) == {}
     assert (
         refused(lambda: search(stub, "tops", dense_to_proto(np.ones(3, np.float32)))).code()
@@ -140,9 +148,14 @@ def test_huge_and_tiny_values_are_normalised_not_zeroed(stub):
     assert items[0].item_id == "huge" and items[0].score == pytest.approx(1.0, abs=1e-5)
     _, items = search(stub, "tops", dense_to_proto(np.array([0, 1, 1], np.float32)), top_k=1)
     assert items[0].item_id == "tiny" and items[0].score == pytest.approx(1.0, abs=1e-5)
-    for values, fragment in (([np.nan, 1, 0], "NaN"), ([np.inf, 1, 0], "infinite"), ([0, 0, 0], "all zeros")):
+    for values, reason in (
+        ([np.nan, 1, 0], "signature has NaN or infinite values"),
+        ([np.inf, 1, 0], "signature has NaN or infinite values"),
+        ([0, 0, 0], "signature is all zeros: cosine similarity is undefined for it"),
+    ):
         error = refused(lambda values=values: stub.Add(iter([dense("bad", values)]), timeout=5))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == f"item #0 ('bad'): {reason}; nothing of this stream was added"
 
 
 @pytest.mark.parametrize("via", ["shard", "router"])
@@ -159,6 +172,8 @@ def test_top_k_over_the_limit_is_invalid_argument(stub, cluster, via):
         error = refused(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "top_k 1001 is above the limit of 1000: ask for at most 1000" in error.details()
+        # The limit, for a client to act on without parsing the message (the router passes it on).
+        assert details_of(error).quota == [("max_top_k", "at most 1000 results per query")]
 
 
 def test_not_found_names_no_other_database(stub):
@@ -181,6 +196,8 @@ def test_items_per_stream_are_capped_and_nothing_of_a_longer_stream_is_stored(st
     error = refused(lambda: target.Add(iter([dense(f"i{i}", [1, i], "capped") for i in range(51)]), timeout=10))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "send at most 50 items per Add stream; split the ingest into several streams" in error.details()
+    # The limit, for a client to act on without parsing the message (the router passes it on).
+    assert details_of(error).quota == [("max_items_per_stream", "at most 50 items per Add stream")]
     assert "capped" not in stats(target)
     assert target.Add(iter([dense(f"i{i}", [1, i], "capped") for i in range(50)]), timeout=10).added == 50
 

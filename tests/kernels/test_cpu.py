@@ -101,17 +101,3 @@ def test_assign_words_is_the_nearest_centre():
     brute = np.argmin(((descriptors[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
     np.testing.assert_array_equal(words, brute)
     assert K.assign_words(np.zeros((0, 576), np.float32), centres, (centres**2).sum(1)).shape == (0,)
-
-
-def test_chi2_distances_follow_the_definition():
-    rng = np.random.default_rng(4)
-    a = rng.random((3, 50)) * (rng.random((3, 50)) < 0.3)
-    b = rng.random((4, 50)) * (rng.random((4, 50)) < 0.3)
-    a, b = (a / a.sum(1, keepdims=True)).astype(np.float32), (b / b.sum(1, keepdims=True)).astype(np.float32)
-    got = K.chi2_distances(a, b)
-    for i in range(3):
-        for j in range(4):
-            s = a[i] + b[j]
-            mask = s > 0
-            assert got[i, j] == pytest.approx(float(((a[i] - b[j])[mask] ** 2 / s[mask]).sum()), abs=1e-5)
-    np.testing.assert_allclose(K.chi2_distances(a, a).diagonal(), 0, atol=1e-6)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gateway.demo_catalogue import CUP_BOX, cut, paste
+from gateway.demo_catalogue import cut, paste
+from tests.helpers import CUP_BOX
 
 
 def cup() -> np.ndarray:

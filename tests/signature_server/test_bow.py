@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from common.bow_codec import chi2, decode, encode
+from common.bow_codec import decode, encode
 from common.photos import load_photo
 from kernels import spec
+from tests.helpers import chi2
 
 
 def test_descriptors_are_576_finite_unit_vectors(bow_extractor, coffee):

@@ -1,10 +1,17 @@
+"""The signature servicer: in-process through grpcio-testing (its answers, and the domain errors it
+raises for the interceptor to map), then over a real server on loopback (codes and details)."""
+
+from unittest import mock
+
 import grpc
 import numpy as np
 import pytest
 
 from common.bow_codec import decode
+from common.errors import InvalidArgument, ResourceExhausted, ServiceError
 from common.images import encode_png
-from common.proto_convert import image_to_proto
+from common.proto_convert import dense_from_proto, image_to_proto
+from common.status import details_of
 from mps.common.v1 import common_pb2
 from mps.signature.v1 import signature_pb2
 from signature_server.service import SignatureService
@@ -24,6 +31,13 @@ def request(images, kind=common_pb2.SIGNATURE_KIND_DEEP):
     return signature_pb2.ComputeSignaturesRequest(images=images, kind=kind)
 
 
+def refused(method, message) -> ServiceError:
+    """The domain error a servicer method raises (the interceptor, not run here, maps it)."""
+    with pytest.raises(ServiceError) as error:
+        method(message, mock.create_autospec(grpc.ServicerContext, instance=True))
+    return error.value
+
+
 def test_one_signature_per_image_in_order(servicer, coffee, coffee_png, deep_descriptor):
     images = [image_to_proto(coffee[:200]), common_pb2.Image(encoded=coffee_png)]
     response, code, _ = unary(servicer, SERVICE, "ComputeSignatures", request(images))
@@ -31,30 +45,45 @@ def test_one_signature_per_image_in_order(servicer, coffee, coffee_png, deep_des
     expected = deep_descriptor.compute([coffee[:200], coffee])
     for signature, vector in zip(response.signatures, expected):
         assert signature.kind == common_pb2.SIGNATURE_KIND_DEEP
-        np.testing.assert_allclose(signature.dense.values, vector, atol=1e-5)
+        assert signature.dense.values_f32le and not signature.dense.values  # bytes on the wire
+        np.testing.assert_allclose(dense_from_proto(signature), vector, atol=1e-5)
 
 
-def test_limits_and_bad_input(servicer, coffee):
+def test_limits_and_bad_input_raise_domain_errors_naming_the_field(servicer, coffee):
     tiny = image_to_proto(coffee[:32, :32])
     cases = [
+        (request([]), InvalidArgument, "no images given: send 1 to 4 images", ("images", "empty")),
         (
-            request([tiny] * 5),
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "5 images are above the limit of 4 per call: split the call",
+            request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED),
+            InvalidArgument,
+            "kind: signature kind SIGNATURE_KIND_UNSPECIFIED is not served",
+            ("kind", "SIGNATURE_KIND_UNSPECIFIED is not served"),
         ),
-        (request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
-        (request([tiny], common_pb2.SIGNATURE_KIND_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "kind"),
-        (request([tiny], 9), grpc.StatusCode.INVALID_ARGUMENT, "kind 9"),
-        (request([tiny, common_pb2.Image(encoded=b"nope")]), grpc.StatusCode.INVALID_ARGUMENT, "images[1]"),
+        (request([tiny], 9), InvalidArgument, "kind: signature kind 9 is not served", ("kind", "9 is not served")),
+        (
+            request([tiny, common_pb2.Image(encoded=b"nope")]),
+            InvalidArgument,
+            "images[1]: ",
+            ("images[1]", "cannot be decoded"),
+        ),
         (
             request([common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"x"))]),
-            grpc.StatusCode.INVALID_ARGUMENT,
+            InvalidArgument,
             "RGB bytes",
+            ("images[0]", "RGB bytes"),
         ),
     ]
-    for message, expected_code, fragment in cases:
-        _, code, details = unary(servicer, SERVICE, "ComputeSignatures", message)
-        assert code == expected_code and fragment in details
+    for message, kind, fragment, (field, says) in cases:
+        error = refused(servicer.ComputeSignatures, message)
+        assert type(error) is kind and fragment in error.message, error.message
+        assert [f for f, _ in error.violations] == [field] and says in error.violations[0][1], error.violations
+
+
+def test_the_image_limit_is_a_quota_failure(servicer, coffee):
+    error = refused(servicer.ComputeSignatures, request([image_to_proto(coffee[:32, :32])] * 5))
+    assert type(error) is ResourceExhausted
+    assert error.message == "5 images are above the limit of 4 per call: split the call"
+    assert error.quota == [("images", "at most 4 images per ComputeSignatures call")]
 
 
 def test_list_kinds(servicer):
@@ -186,7 +215,7 @@ def test_locate_objects_answers_the_same_for_raw_and_encoded_photos(stub, coffee
 
 
 def test_locate_objects_bad_input_says_what_to_fix(stub, coffee, coffee_png):
-    from tests.conftest import bad_images
+    from tests.helpers import bad_images
 
     photo = common_pb2.Image(encoded=coffee_png)
     cases = [
@@ -213,6 +242,39 @@ def test_locate_objects_bad_input_says_what_to_fix(stub, coffee, coffee_png):
     for message, expected_code, fragment in cases:
         _, code, details = call_code(stub.LocateObjects, message)
         assert code == expected_code and fragment in details, (code, details)
+
+
+def test_limit_refusals_carry_their_quota_over_loopback(stub, coffee, coffee_png):
+    """What a client reads besides the message: the limit exceeded (google.rpc.QuotaFailure) and
+    the field at fault (google.rpc.BadRequest)."""
+    photo = common_pb2.Image(encoded=coffee_png)
+    cases = [
+        (
+            stub.ComputeSignatures,
+            request([image_to_proto(coffee[:32, :32])] * 5),
+            [("images", "at most 4 images per ComputeSignatures call")],
+        ),
+        (
+            stub.LocateObjects,
+            locate(photo, MAX_SALIENT + 1, 0),
+            [("max_salient", f"at most {MAX_SALIENT} salient objects per call")],
+        ),
+        (
+            stub.LocateObjects,
+            locate(photo, 1, MAX_SEGMENTS + 1),
+            [("max_segments", f"at most {MAX_SEGMENTS} segments per call")],
+        ),
+    ]
+    for method, message, quota in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            method(message, timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = details_of(error.value)
+        assert details.reason == "RESOURCE_EXHAUSTED" and details.quota == quota
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ComputeSignatures(request([image_to_proto(coffee[:32, :32])], 9), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(error.value).violations == [("kind", "9 is not served")]
 
 
 def thin_images():
@@ -243,7 +305,8 @@ def test_thin_images_get_a_signature_of_each_kind_and_locate_answers(stub, name)
         timeout=60,
     )
     deep, bow = response.signatures
-    assert len(deep.dense.values) == 1280 and np.isfinite(deep.dense.values).all()
+    vector = dense_from_proto(deep)
+    assert vector.shape == (1280,) and np.isfinite(vector).all()
     bag = decode(bow.bow)
     assert bag.vocabulary == 5000 and bag.counts.sum() >= 1
     located = stub.LocateObjects(locate(image, 2, 10), timeout=60)
@@ -260,4 +323,6 @@ def test_a_16_bit_png_is_signed_like_its_8_bit_truth(stub, coffee):
     wide = coffee.astype(np.uint16) * 257  # the same picture with 16 bits per channel
     png16 = cv2.imencode(".png", cv2.cvtColor(wide, cv2.COLOR_RGB2BGR))[1].tobytes()
     signed = stub.ComputeSignatures(request([common_pb2.Image(encoded=png16), image_to_proto(coffee)]), timeout=60)
-    np.testing.assert_allclose(signed.signatures[0].dense.values, signed.signatures[1].dense.values, atol=1e-5)
+    np.testing.assert_allclose(
+        dense_from_proto(signed.signatures[0]), dense_from_proto(signed.signatures[1]), atol=1e-5
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.images import encode_jpeg
 from common.local_suite import LocalSuite, start_local_suite
 from common.photos import load_photo
+from common.proto_convert import dense_from_proto
+from common.status import details_of
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -105,7 +108,7 @@ class Hostile:
         )
         return {
             "detect": sorted((d.class_name, round(d.confidence, 3)) for d in detected.detections),
-            "sign": [(sig.kind, list(sig.dense.values)[:8], len(sig.bow)) for sig in signed.signatures],
+            "sign": [(sig.kind, dense_from_proto(sig)[:8].tolist(), len(sig.bow)) for sig in signed.signatures],
             "search": searched,
             "gateway": sorted((i.category, [m.product_id for m in i.matches]) for i in found.items),
             "stats": sorted(
@@ -124,9 +127,11 @@ class Hostile:
     def check(self, case: Case) -> None:
         """Runs one case: the status code, a message that says what to fix, every service healthy."""
         started = time.monotonic()
+        refusal: grpc.RpcError | None = None
         try:
             case.call(self.stubs)
         except grpc.RpcError as error:
+            refusal = error
             code, details = error.code(), error.details() or ""
         else:
             code, details = grpc.StatusCode.OK, ""
@@ -134,6 +139,14 @@ class Hostile:
         assert len(details) <= MAX_MESSAGE_CHARS, f"{case.id}: a {len(details)}-character message"
         missing = [fragment for fragment in case.says if fragment.lower() not in details.lower()]
         assert not missing, f"{case.id}: the message {details[:300]!r} does not say {missing}"
+        if case.info or case.fields is not None or case.quota is not None:
+            assert refusal is not None, f"{case.id}: details expected from a call that succeeded"
+            sent = details_of(refusal)
+            assert dict(case.info).items() <= sent.info.items(), f"{case.id}: info {sent.info}"
+            if case.fields is not None:
+                assert tuple(f for f, _ in sent.violations) == case.fields, f"{case.id}: {sent.violations}"
+            if case.quota is not None:
+                assert tuple(s for s, _ in sent.quota) == case.quota, f"{case.id}: quota {sent.quota}"
         assert time.monotonic() - started < self.stubs.timeout, f"{case.id}: took {time.monotonic() - started:.1f} s"
         self.healthy()
 
@@ -147,7 +160,7 @@ class Hostile:
 
 
 @pytest.fixture(scope="session")
-def hostile(tmp_path_factory) -> Hostile:
+def hostile(tmp_path_factory) -> Iterator[Hostile]:
     data_dir = Path(tmp_path_factory.mktemp("hostile-index"))
     suite = start_local_suite({"index": ["--data-dir", str(data_dir)]})
     try:

@@ -29,12 +29,16 @@ Writing a case:
   response must be drained inside it (e.g. `list(s.index.Search(...))`).
 - `says`: lower-case fragments the status message must all contain, naming what is wrong and how
   to fix it (the field, the limit, the allowed form): not just "invalid".
+- `expecting(case, info=..., fields=..., quota=...)`: what the status's google.rpc details must
+  hold besides (common.status.details_of): ErrorInfo metadata entries, the fields of the
+  BadRequest violations and the subjects of the QuotaFailure violations, in order.
 - A case must not change the reference catalogue (the reference products and the `reference`
   databases): write to your own category or database names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +90,22 @@ class Case:
     call: Callable[[Stubs], Any]
     code: grpc.StatusCode
     says: tuple[str, ...] = ()
+    # The status's details, where given (see `expecting`).
+    info: tuple[tuple[str, str], ...] = ()
+    fields: tuple[str, ...] | None = None
+    quota: tuple[str, ...] | None = None
+
+
+def expecting(
+    case: Case,
+    *,
+    info: dict[str, str] | None = None,
+    fields: tuple[str, ...] | None = None,
+    quota: tuple[str, ...] | None = None,
+) -> Case:
+    """The case, whose refusal must also carry these details (ErrorInfo metadata entries, BadRequest
+    fields, QuotaFailure subjects)."""
+    return dataclasses.replace(case, info=tuple((info or {}).items()), fields=fields, quota=quota)
 
 
 def case_id(case: Case) -> str:

@@ -17,8 +17,8 @@ from common.images import encode_png
 from common.proto_convert import image_to_proto
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2
-from tests.conftest import png_bomb
-from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
+from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_name
+from tests.helpers import png_bomb
 
 DETECT, LIST_MODELS = (rpc_name(detector_pb2, "DetectorService", method) for method in ("Detect", "ListModels"))
 INVALID, NOT_FOUND, EXHAUSTED, OK = (
@@ -270,12 +270,16 @@ CASES = [
         ("objectness_threshold -0.001",) + FRACTION,
     ),
     # -- Detect: limits
-    Case(
-        "detect-max-objects-over-limit",
-        DETECT,
-        detect(objectness_threshold=0.1, max_objects=201),
-        INVALID,
-        ("max_objects 201", "ask for at most 200"),
+    expecting(
+        Case(
+            "detect-max-objects-over-limit",
+            DETECT,
+            detect(objectness_threshold=0.1, max_objects=201),
+            INVALID,
+            ("max_objects 201", "ask for at most 200"),
+        ),
+        fields=("max_objects",),
+        quota=("max_objects",),
     ),
     Case(
         "detect-max-objects-max-uint32",

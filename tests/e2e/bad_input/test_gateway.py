@@ -13,7 +13,7 @@ import pytest
 
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2
-from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
+from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_name
 
 SEARCH = rpc_name(gateway_pb2, "VisualSearchService", "MultiProductSearch")
 INDEX = rpc_name(gateway_pb2, "VisualSearchService", "IndexProducts")
@@ -109,11 +109,15 @@ SEARCH_CASES = [
         ("above the limit", "pixels"),
         image=common_pb2.Image(raw=common_pb2.RawImage(width=100_000, height=100_000, rgb=b"\x00")),
     ),
-    search_case(
-        "search-top-k-over-limit",
-        INVALID,
-        ("top_k 1000000 is above the limit of 100", "ask for at most 100"),
-        top_k=10**6,
+    expecting(
+        search_case(
+            "search-top-k-over-limit",
+            INVALID,
+            ("top_k 1000000 is above the limit of 100", "ask for at most 100"),
+            top_k=10**6,
+        ),
+        fields=("top_k",),
+        quota=("top_k",),
     ),
     search_case("gateway-search-top-k-max-uint32", INVALID, ("top_k", "ask for at most 100"), top_k=2**32 - 1),
     search_case("search-min-confidence-above-one", INVALID, ("min_confidence", "(0, 1]"), min_confidence=1.5),
@@ -124,8 +128,14 @@ SEARCH_CASES = [
     search_case(
         "search-unknown-signature-kind", INVALID, ("signature_kind 7", "signature_kind_deep"), signature_kind=7
     ),
-    search_case(
-        "search-too-many-regions", EXHAUSTED, ("65 regions", "at most 64"), regions=[region(box(0, 0, 10, 10))] * 65
+    expecting(
+        search_case(
+            "search-too-many-regions",
+            EXHAUSTED,
+            ("65 regions", "at most 64"),
+            regions=[region(box(0, 0, 10, 10))] * 65,
+        ),
+        quota=("regions",),
     ),
     search_case(
         "search-too-many-categories",
@@ -273,7 +283,13 @@ INDEX_CASES = [
         ("rgb bytes",),
         with_(image=common_pb2.Image(raw=common_pb2.RawImage(width=4, height=4, rgb=b"\x00"))),
     ),
-    index_case("index-empty-box", INVALID, ("box is empty", "x_max must exceed x_min"), with_(box=box(30, 30, 10, 10))),
+    expecting(
+        index_case(
+            "index-empty-box", INVALID, ("box is empty", "x_max must exceed x_min"), with_(box=box(30, 30, 10, 10))
+        ),
+        info={"stored_images": "0", "refused_request": "0"},
+        fields=("requests[0]", "requests[0].box"),
+    ),
     index_case("index-nan-box", INVALID, ("box", "finite"), with_(box=box(0, float("nan"), 10, 10))),
     index_case(
         "index-box-outside-the-image",
@@ -308,12 +324,16 @@ INDEX_CASES = [
     index_case(
         "index-huge-metadata-is-not-echoed", INVALID, ("limit of 4096",), with_(metadata={"x" * 64: "y" * 1_000_000})
     ),
-    index_case(
-        "index-second-image-bad-keeps-the-first",
-        INVALID,
-        ("product #1 ('bad-input-second')", "1 image of 1 product was stored", "re-send"),
-        with_(product_id="bad-input-first"),
-        with_(product_id="bad-input-second", category=""),
+    expecting(
+        index_case(
+            "index-second-image-bad-keeps-the-first",
+            INVALID,
+            ("product #1 ('bad-input-second')", "1 image of 1 product was stored", "re-send"),
+            with_(product_id="bad-input-first"),
+            with_(product_id="bad-input-second", category=""),
+        ),
+        info={"stored_images": "1", "stored_products": "1", "refused_request": "1"},
+        fields=("requests[1]",),
     ),
     index_case(
         "index-bad-image-after-bad-metadata-names-the-first-problem",
@@ -366,11 +386,14 @@ DELETE_CASES = [
         ("product_ids[0] is 100000 utf-8 bytes", "limit of 256"),
         product_ids=["p" * 100_000],
     ),
-    delete_case(
-        "delete-too-many-ids",
-        EXHAUSTED,
-        ("10001 product_ids", "at most 10000"),
-        product_ids=[f"bad-input-{i}" for i in range(10_001)],
+    expecting(
+        delete_case(
+            "delete-too-many-ids",
+            EXHAUSTED,
+            ("10001 product_ids", "at most 10000"),
+            product_ids=[f"bad-input-{i}" for i in range(10_001)],
+        ),
+        quota=("product_ids",),
     ),
     delete_case(
         "delete-category-bad-characters",

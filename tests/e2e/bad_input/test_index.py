@@ -5,14 +5,14 @@ signatures, limits, streams, and the inputs that used to break a shard or keep i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import pytest
 
 from common.bow_codec import BagOfWords, decode, encode
-from common.proto_convert import dense_to_proto
+from common.proto_convert import dense_from_proto, dense_to_proto
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2
 from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
@@ -28,6 +28,7 @@ INVALID, NOT_FOUND, EXHAUSTED, PRECONDITION, OK = (
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OK,
 )
+DEEP = common_pb2.SIGNATURE_KIND_DEEP
 # The corpus's own databases: names without a ".<kind>" suffix, so the gateway sees no category.
 OWN = "corpus_index"
 
@@ -183,7 +184,7 @@ CASES = [
     Case(
         "add-signature-kind-99",
         ADD,
-        add(item(signature=common_pb2.Signature(kind=99))),
+        add(item(signature=common_pb2.Signature(kind=cast(common_pb2.SignatureKind, 99)))),  # no such kind
         INVALID,
         ("signature kind 99 is unknown",),
     ),
@@ -193,6 +194,27 @@ CASES = [
         add(item(signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_DEEP))),
         INVALID,
         ("empty", "dense.values"),
+    ),
+    Case(
+        "add-deep-bytes-not-whole-float32",
+        ADD,
+        add(item(signature=common_pb2.Signature(kind=DEEP, dense=common_pb2.DenseVector(values_f32le=b"\0" * 15)))),
+        INVALID,
+        ("dense.values_f32le is 15 bytes, not a multiple of 4", "little-endian float32"),
+    ),
+    Case(
+        # The deprecated repeated float field is still read (an index's log written before holds it).
+        "add-deep-in-the-deprecated-repeated-float-field",
+        ADD,
+        add_expecting(
+            1,
+            0,
+            item(
+                f"{OWN}_legacy",
+                signature=common_pb2.Signature(kind=DEEP, dense=common_pb2.DenseVector(values=[0, 0, 1, 0])),
+            ),
+        ),
+        OK,
     ),
     Case(
         "add-bow-without-bytes",
@@ -435,21 +457,28 @@ CASES = [
     Case(
         "search-nan-query",
         SEARCH,
-        lambda s: search(signature=dense([np.nan] * len(s.deep.dense.values)))(s),
+        lambda s: search(signature=dense([np.nan] * len(dense_from_proto(s.deep))))(s),
         INVALID,
         ("nan",),
     ),
     Case(
+        "search-deep-bytes-not-whole-float32",
+        SEARCH,
+        search(signature=common_pb2.Signature(kind=DEEP, dense=common_pb2.DenseVector(values_f32le=b"\0" * 4098))),
+        INVALID,
+        ("dense.values_f32le is 4098 bytes, not a multiple of 4",),
+    ),
+    Case(
         "search-zero-query",
         SEARCH,
-        lambda s: search(signature=dense(np.zeros(len(s.deep.dense.values))))(s),
+        lambda s: search(signature=dense(np.zeros(len(dense_from_proto(s.deep)))))(s),
         INVALID,
         ("all zeros",),
     ),
     Case(
         "search-huge-valued-query",
         SEARCH,
-        lambda s: search(signature=dense(np.full(len(s.deep.dense.values), 3e38)))(s),
+        lambda s: search(signature=dense(np.full(len(dense_from_proto(s.deep)), 3e38)))(s),
         OK,
     ),
     Case("search-signature-unset", SEARCH, lambda s: search(s.databases["deep"], EMPTY)(s), INVALID, ("unspecified",)),

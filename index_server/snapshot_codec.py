@@ -1,4 +1,5 @@
-"""Byte encodings of the arrays and strings a database snapshot is made of."""
+"""Byte encodings of the arrays and strings a database snapshot is made of (DenseDatabase.state,
+BowIndex.state, GroupTable.state and their from_state readers)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def unpack_strings(blob: bytes) -> list[str]:
 
 def array_from(blob: bytes, dtype: type, spare: int = 0) -> np.ndarray:
     """A writable copy of a little-endian array, with `spare` zeroed elements after it."""
-    values = np.frombuffer(blob, dtype)
-    out = np.zeros(len(values) + spare, dtype)
+    values: np.ndarray = np.frombuffer(blob, dtype)
+    out: np.ndarray = np.zeros(len(values) + spare, dtype)
     out[: len(values)] = values
     return out

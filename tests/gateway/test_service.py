@@ -1,0 +1,539 @@
+"""The gateway's servicer itself (gateway/service.py), in-process through grpcio-testing, over fake
+back ends that implement gateway/ports.py: option and region validation (the domain error it raises,
+its message and details), a search's items, timings and failed categories, IndexProducts streaming,
+DeleteProducts. grpcio-testing runs no interceptor, so these read the error the servicer raised;
+the last tests run the same servicer on a real server on loopback, through the interceptor every
+service runs, and read the status a client gets (the mapping itself: tests/common/test_status.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+import grpc_testing
+import numpy as np
+import pytest
+
+from common.config import load_config
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from common.serving import start_bundle
+from common.status import details_of
+from gateway.config import GatewayConfig
+from gateway.pipeline import IngestError
+from gateway.ports import (
+    BatchAnswer,
+    CatalogueEntry,
+    CatalogueMatch,
+    CategoryFailure,
+    DetectorOutput,
+    LocatorOutput,
+    Signature,
+)
+from gateway.service import VisualSearchService
+from mps.common.v1 import common_pb2
+from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["VisualSearchService"]
+BACKEND = "fake-index:1"
+# Where the fake detector finds its cup, as fractions of the image it is sent: x0, y0, x1, y1.
+CUP = (0.25, 0.1, 0.7, 0.8)
+
+
+class FakeDetector:
+    """Finds one cup (category "tableware") at CUP, whatever the image."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def detect(
+        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
+    ) -> DetectorOutput:
+        self.calls += 1
+        height, width = rgb.shape[:2]
+        box = np.array([CUP[0] * width, CUP[1] * height, CUP[2] * width, CUP[3] * height], np.float32)
+        return DetectorOutput([(box, "cup", "tableware", 0.9)], [], inference_ms=1.0)
+
+
+class FakeLocator:
+    def locate(self, rgb: np.ndarray, max_salient: int, max_segments: int, timeout_s: float) -> LocatorOutput:
+        return LocatorOutput([], [])
+
+
+class FakeSigner:
+    """A crop's signature is (kind, its shape): what the fake index is sent is checkable."""
+
+    def images_per_call(self, timeout_s: float) -> int:
+        return 0
+
+    def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
+        return [[(kind, crop.shape) for kind in kinds] for crop in crops]
+
+
+class FakeWriter:
+    def __init__(self, index: FakeIndex):
+        self.index = index
+        self.pending: list[CatalogueEntry] = []
+        self.cancelled = False
+
+    def add(self, entries: Sequence[CatalogueEntry]) -> None:
+        self.pending += entries
+
+    def commit(self) -> dict[str, Exception]:
+        down = {e.category for e in self.pending if e.category in self.index.down}
+        self.index.stored += [e for e in self.pending if e.category not in down]
+        return {category: Unavailable(f"index at {BACKEND} failed (UNAVAILABLE): gone") for category in down}
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeIndex:
+    """Catalogue categories "tableware" (one mug) and "lamps", whose index is down."""
+
+    def __init__(self) -> None:
+        self.stored: list[CatalogueEntry] = []
+        self.writers: list[FakeWriter] = []
+        self.searched: list[tuple[str, str, int]] = []
+        self.down: set[str] = set()  # categories whose writes fail at commit
+
+    def categories(self, kind: str) -> set[str]:
+        return {"tableware", "lamps"}
+
+    def unreachable(self) -> list[CategoryFailure]:
+        return []
+
+    def backend_of(self, category: str) -> str:
+        return BACKEND
+
+    def search_batch(
+        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+    ) -> BatchAnswer:
+        self.searched.append((category, kind, len(signatures)))
+        if category == "lamps":
+            raise Unavailable("index at fake-index:1 ('lamps') service failed (UNAVAILABLE): connection refused")
+        if category != "tableware":
+            raise NotFound(f"no database {category}.{kind}")
+        mug = CatalogueMatch("mug-1", "front", 0.9, {"title": "white mug"}, np.array([1, 2, 30, 40], np.float32))
+        return BatchAnswer([[mug] for _ in signatures])
+
+    def writer(self, timeout_s: float) -> FakeWriter:
+        self.writers.append(FakeWriter(self))
+        return self.writers[-1]
+
+    def delete_products(
+        self, product_ids: Sequence[str], categories: Sequence[str] | None, timeout_s: float
+    ) -> tuple[int, list[str]]:
+        return 2 * len([p for p in product_ids if p.startswith("mug")]), [p for p in product_ids if p[:3] != "mug"]
+
+
+class FakePorts:
+    def __init__(self) -> None:
+        self.detector = FakeDetector()
+        self.locator = FakeLocator()
+        self.signer = FakeSigner()
+        self.index = FakeIndex()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Recording:
+    """The servicer as grpcio-testing calls it, keeping the domain error a method raised (without
+    the interceptor, grpcio-testing answers any exception with UNKNOWN)."""
+
+    def __init__(self, servicer: VisualSearchService):
+        self.servicer = servicer
+        self.raised: list[ServiceError] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.servicer, name)
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return method(request, context)
+            except ServiceError as error:
+                self.raised.append(error)
+                raise
+
+        return call
+
+
+@pytest.fixture
+def ports() -> FakePorts:
+    return FakePorts()
+
+
+@pytest.fixture
+def gateway(ports: FakePorts) -> Iterator[Recording]:
+    servicer = VisualSearchService(GatewayConfig(), ports)
+    yield Recording(servicer)
+    servicer.close()
+    assert ports.closed
+
+
+def unary(gateway: Recording, method: str, request: Any) -> tuple[Any, grpc.StatusCode]:
+    server = grpc_testing.server_from_dictionary({SERVICE: gateway}, grpc_testing.strict_real_time())
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name[method], (), request, 30)
+    response, _, code, _ = rpc.termination()
+    return response, code
+
+
+def refused(gateway: Recording, method: str, request: Any) -> ServiceError:
+    """The domain error the servicer raised for `request`."""
+    _, code = unary(gateway, method, request)
+    assert code == grpc.StatusCode.UNKNOWN and len(gateway.raised) == 1  # no interceptor here
+    return gateway.raised[0]
+
+
+def index_products(gateway: Recording, requests: list[gateway_pb2.IndexProductsRequest]) -> tuple[Any, grpc.StatusCode]:
+    server = grpc_testing.server_from_dictionary({SERVICE: gateway}, grpc_testing.strict_real_time())
+    rpc = server.invoke_stream_unary(SERVICE.methods_by_name["IndexProducts"], (), 30)
+    for request in requests:
+        rpc.send_request(request)
+    rpc.requests_closed()
+    response, _, code, _ = rpc.termination()
+    return response, code
+
+
+@pytest.fixture
+def photo(coffee_png: bytes) -> common_pb2.Image:
+    return common_pb2.Image(encoded=coffee_png)  # 600 x 400
+
+
+def search(photo: common_pb2.Image, **fields: Any) -> gateway_pb2.MultiProductSearchRequest:
+    return gateway_pb2.MultiProductSearchRequest(image=photo, **fields)
+
+
+def box(x0: float, y0: float, x1: float, y1: float) -> common_pb2.Box:
+    return common_pb2.Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
+
+
+# -- MultiProductSearch --------------------------------------------------------------------------
+
+
+def test_a_search_maps_items_matches_timings_and_failed_categories(gateway, ports, photo):
+    response, code = unary(gateway, "MultiProductSearch", search(photo, top_k=3))
+    assert code == grpc.StatusCode.OK and not gateway.raised
+    assert (response.image_width, response.image_height, response.proposals) == (600, 400, 1)
+    [item] = response.items
+    assert (item.category, item.class_name, item.source) == ("tableware", "cup", gateway_pb2.ITEM_SOURCE_DETECTOR)
+    assert item.confidence == pytest.approx(0.9)
+    # The detector's box, found on the 416-px copy, in pixels of the photo as sent.
+    np.testing.assert_allclose(
+        [item.box.x_min, item.box.y_min, item.box.x_max, item.box.y_max], [150, 40, 420, 320], atol=1
+    )
+    [match] = item.matches
+    assert (match.product_id, match.image_id, dict(match.metadata)) == ("mug-1", "front", {"title": "white mug"})
+    assert match.score == pytest.approx(0.9) and (match.box.x_max, match.box.y_max) == (30, 40)
+    assert not item.degraded and not item.warning
+    # The whole image was compared over every category, and "lamps" did not answer: said once.
+    [failure] = response.failed_categories
+    assert (failure.category, failure.code, failure.backend) == ("lamps", "UNAVAILABLE", BACKEND)
+    assert "connection refused" in failure.reason
+    timings = response.timings
+    assert timings.detect_ms > 0 and timings.sign_ms > 0 and timings.search_ms > 0 and timings.locate_ms > 0
+    stages = timings.decode_ms + timings.sign_ms + timings.search_ms + max(timings.detect_ms, timings.locate_ms)
+    assert timings.total_ms >= stages * 0.99
+    assert ("tableware", "deep", 2) in ports.index.searched  # the cup and the whole image, in one call
+
+
+def test_regions_are_searched_as_drawn_without_localising(gateway, ports, photo):
+    request = search(photo, regions=[gateway_pb2.Region(box=box(10, 20, 300, 380), category="tableware")])
+    response, code = unary(gateway, "MultiProductSearch", request)
+    assert code == grpc.StatusCode.OK and ports.detector.calls == 0
+    [item] = response.items
+    assert (item.source, item.category) == (gateway_pb2.ITEM_SOURCE_USER_REGION, "tableware")
+    assert (item.box.x_min, item.box.y_min, item.box.x_max, item.box.y_max) == (10, 20, 300, 380)
+    assert [m.product_id for m in item.matches] == ["mug-1"]
+    assert ports.index.searched == [("tableware", "deep", 1)]  # named: signed once, in its category
+    assert not response.failed_categories
+
+
+@pytest.mark.parametrize(
+    "region, says, field",
+    [
+        (box(700, 10, 800, 50), "regions[0].box lies outside the 600x400 image", "regions[0].box"),
+        (box(50, 50, 50, 90), "regions[0].box is empty: x_max must exceed x_min", "regions[0].box"),
+        (box(float("nan"), 0, 10, 10), "regions[0].box has NaN or infinite coordinates", "regions[0].box"),
+    ],
+)
+def test_a_bad_region_box_is_invalid_argument_naming_it(gateway, ports, photo, region, says, field):
+    error = refused(gateway, "MultiProductSearch", search(photo, regions=[gateway_pb2.Region(box=region)]))
+    assert type(error) is InvalidArgument and error.message.startswith(says), error.message
+    assert [f for f, _ in error.violations] == [field]
+    assert ports.detector.calls == 0 and not ports.index.searched
+
+
+def test_a_bad_region_category_is_invalid_argument_naming_it(gateway, photo):
+    request = search(photo, regions=[gateway_pb2.Region(box=box(0, 0, 10, 10), category=" cups")])
+    error = refused(gateway, "MultiProductSearch", request)
+    assert type(error) is InvalidArgument and error.message.startswith("regions[0].category: category name ' cups'")
+    assert [f for f, _ in error.violations] == ["regions[0].category"] and "whitespace" in error.violations[0][1]
+
+
+@pytest.mark.parametrize(
+    "fields, kind, says, violations, quota",
+    [
+        (
+            {"top_k": 101},
+            InvalidArgument,
+            "top_k 101 is above the limit of 100: ask for at most 100",
+            [("top_k", "101 is above the limit of 100")],
+            [("top_k", "at most 100 matches per item")],
+        ),
+        (
+            {"min_confidence": 1.5},
+            InvalidArgument,
+            "min_confidence 1.5 is outside (0, 1]",
+            [("min_confidence", "1.5 is outside (0, 1]")],
+            [],
+        ),
+        (
+            {"regions": [gateway_pb2.Region(box=box(0, 0, 1, 1))] * 65},
+            ResourceExhausted,
+            "65 regions; at most 64 per query",
+            [],
+            [("regions", "at most 64 regions per query")],
+        ),
+        (
+            {"categories": ["c"] * 257},
+            ResourceExhausted,
+            "257 categories; at most 256 per query",
+            [],
+            [("categories", "at most 256 categories per query")],
+        ),
+        ({"categories": ["shoes", "a\0"]}, InvalidArgument, "categories[1]: category name 'a\\x00'", None, []),
+        (
+            {"signature_kind": 7},
+            InvalidArgument,
+            "signature_kind 7 is not indexed here; the catalogue is indexed with ['SIGNATURE_KIND_DEEP', "
+            "'SIGNATURE_KIND_BOW']",
+            [("signature_kind", "7 is not indexed here")],
+            [],
+        ),
+        (
+            {"min_score": float("nan")},
+            InvalidArgument,
+            "min_score must be a finite number",
+            [("min_score", "nan is not finite")],
+            [],
+        ),
+        (
+            {"sources": [gateway_pb2.ITEM_SOURCE_DETECTOR, gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE]},
+            InvalidArgument,
+            "sources: ITEM_SOURCE_WHOLE_IMAGE cannot be asked for; choose among ['ITEM_SOURCE_DETECTOR'",
+            [("sources[1]", "ITEM_SOURCE_WHOLE_IMAGE cannot be asked for")],
+            [],
+        ),
+        (
+            {"max_items": 49},
+            InvalidArgument,
+            "max_items 49 is above the limit of 48",
+            [("max_items", "49 is above the limit of 48")],
+            [("max_items", "at most 48 items per photo")],
+        ),
+    ],
+)
+def test_options_are_checked_before_any_back_end_is_called(
+    gateway, ports, photo, fields, kind, says, violations, quota
+):
+    error = refused(gateway, "MultiProductSearch", search(photo, **fields))
+    assert type(error) is kind and error.message.startswith(says), error.message
+    if violations is not None:
+        assert error.violations == violations
+    else:
+        assert [f for f, _ in error.violations] == ["categories[1]"]
+    assert error.quota == quota
+    assert ports.detector.calls == 0 and not ports.index.searched
+
+
+def test_a_search_without_an_image_says_how_to_send_one(gateway):
+    error = refused(gateway, "MultiProductSearch", gateway_pb2.MultiProductSearchRequest(top_k=3))
+    assert type(error) is InvalidArgument
+    assert error.message == "image: no image given: set image.encoded (file bytes) or image.raw (RGB pixels)"
+
+
+def test_a_search_no_category_answers_is_unavailable(gateway, ports, photo):
+    request = search(photo, regions=[gateway_pb2.Region(box=box(10, 20, 300, 380), category="lamps")])
+    error = refused(gateway, "MultiProductSearch", request)
+    assert type(error) is Unavailable and error.message.startswith(
+        "no catalogue category could be searched: the index at fake-index:1 (UNAVAILABLE; categories 'lamps')"
+    )
+
+
+# -- IndexProducts -------------------------------------------------------------------------------
+
+
+def product(
+    product_id: str, photo: common_pb2.Image, category: str = "tableware", **fields: Any
+) -> gateway_pb2.IndexProductsRequest:
+    return gateway_pb2.IndexProductsRequest(product_id=product_id, category=category, image=photo, **fields)
+
+
+def test_index_products_streams_every_image_in_and_reports_each(gateway, ports, photo):
+    requests = [
+        product("mug-1", photo, image_id="front", metadata={"title": "white mug"}),
+        product("mug-1", photo, image_id="side", box=box(100, 50, 400, 350)),
+        product("mug-2", photo, image_id="front", category="cups"),
+    ]
+    response, code = index_products(gateway, requests)
+    assert code == grpc.StatusCode.OK and not gateway.raised
+    assert (response.indexed, response.products, dict(response.per_category)) == (3, 2, {"tableware": 2, "cups": 1})
+    assert not response.images_truncated
+    reported = [(i.product_id, i.image_id, i.category, i.source) for i in response.images]
+    assert reported == [
+        ("mug-1", "front", "tableware", gateway_pb2.ITEM_SOURCE_DETECTOR),
+        ("mug-1", "side", "tableware", gateway_pb2.ITEM_SOURCE_USER_REGION),
+        # The detector's cup is a "tableware" box: for a "cups" product it is not the product's own.
+        ("mug-2", "front", "cups", gateway_pb2.ITEM_SOURCE_WHOLE_IMAGE),
+    ]
+    side = response.images[1].box
+    assert (side.x_min, side.y_min, side.x_max, side.y_max) == (100, 50, 400, 350)
+    # Every image once per index kind, committed once, with its metadata.
+    stored = [(e.product_id, e.image_id, e.category, e.kind) for e in ports.index.stored]
+    assert stored == [
+        (p, i, c, kind)
+        for p, i, c in (("mug-1", "front", "tableware"), ("mug-1", "side", "tableware"), ("mug-2", "front", "cups"))
+        for kind in ("deep", "bow")
+    ]
+    assert ports.index.stored[0].metadata == {"title": "white mug"} and not ports.index.writers[0].cancelled
+
+
+def test_a_refused_image_stores_those_before_it_and_names_itself(gateway, ports, photo):
+    requests = [product("mug-1", photo, image_id="a"), product("mug-2", photo, image_id="b"), product("", photo)]
+    _, code = index_products(gateway, requests)
+    assert code == grpc.StatusCode.UNKNOWN  # no interceptor here: the raised error is read below
+    [error] = gateway.raised
+    assert type(error) is IngestError and error.status == "INVALID_ARGUMENT" and error.reason == "INVALID_ARGUMENT"
+    assert error.message == (
+        "product #2 (''): product_id is required; 2 images of 2 products were stored (those before it in "
+        "the stream): fix it and re-send from there (a re-sent image replaces itself)"
+    )
+    assert error.info == {"stored_images": "2", "stored_products": "2", "refused_request": "2"}
+    assert error.violations == [("requests[2]", "product_id is required")]
+    assert [(i.product_id, i.image_id) for i in error.indexed] == [("mug-1", "a"), ("mug-2", "b")]
+    assert [(e.product_id, e.kind) for e in ports.index.stored] == [
+        ("mug-1", "deep"),
+        ("mug-1", "bow"),
+        ("mug-2", "deep"),
+        ("mug-2", "bow"),
+    ]
+
+
+def test_a_bad_box_is_refused_with_its_field_under_the_request(gateway, ports, photo):
+    index_products(gateway, [product("mug-1", photo, box=box(700, 0, 800, 10))])
+    [error] = gateway.raised
+    assert type(error) is IngestError and error.status == "INVALID_ARGUMENT"
+    assert error.message.startswith("product #0 ('mug-1'): box lies outside the 600x400 image")
+    assert "0 images of 0 products were stored" in error.message
+    assert error.info == {"stored_images": "0", "stored_products": "0", "refused_request": "0"}
+    assert [f for f, _ in error.violations] == ["requests[0]", "requests[0].box"]
+    assert not ports.index.stored
+
+
+def test_too_many_images_in_a_stream_is_a_quota_failure(ports, photo):
+    servicer = VisualSearchService(GatewayConfig(max_images_per_stream=2), ports)
+    gateway = Recording(servicer)
+    try:
+        index_products(gateway, [product(f"mug-{i}", photo, image_id="a") for i in range(3)])
+    finally:
+        servicer.close()
+    [error] = gateway.raised
+    assert type(error) is IngestError and error.status == "RESOURCE_EXHAUSTED"
+    assert error.message.startswith("product #2 ('mug-2'): send at most 2 images per IndexProducts stream")
+    assert error.quota == [("images", "at most 2 per IndexProducts stream")]
+    assert error.info["stored_images"] == "2" and len(ports.index.stored) == 4
+
+
+def test_an_index_failing_at_commit_is_said_with_what_was_stored(gateway, ports, photo):
+    ports.index.down = {"tableware"}
+    index_products(gateway, [product("mug-1", photo), product("cup-1", photo, category="cups")])
+    [error] = gateway.raised
+    assert type(error) is IngestError and error.status == "UNAVAILABLE" and error.reason == "UNAVAILABLE"
+    assert error.message == (
+        "index at fake-index:1 failed (UNAVAILABLE): gone; 1 image of 1 product was stored: none of "
+        "categories ['tableware'], whose index failed: re-send those"
+    )
+    assert error.info == {"stored_images": "1", "stored_products": "1"} and not error.violations
+    assert [(e.product_id, e.kind) for e in ports.index.stored] == [("cup-1", "deep"), ("cup-1", "bow")]
+
+
+def test_a_cancelled_stream_stores_nothing(gateway, ports, photo):
+    server = grpc_testing.server_from_dictionary({SERVICE: gateway}, grpc_testing.strict_real_time())
+    rpc = server.invoke_stream_unary(SERVICE.methods_by_name["IndexProducts"], (), 30)
+    rpc.send_request(product("mug-1", photo))
+    rpc.cancel()  # (grpcio-testing gives a cancelled call no termination to read)
+    for _ in range(100):  # the servicer's thread sees the cancel after the call is over
+        if gateway.raised:
+            break
+        threading.Event().wait(0.05)
+    [error] = gateway.raised
+    assert type(error) is IngestError and error.status == "CANCELLED"
+    assert error.message == "the client cancelled the stream or its deadline passed: nothing of it was stored"
+    assert not ports.index.stored and ports.index.writers[0].cancelled
+
+
+# -- DeleteProducts ------------------------------------------------------------------------------
+
+
+def test_delete_products_reports_what_was_deleted_and_not_found(gateway):
+    request = gateway_pb2.DeleteProductsRequest(product_ids=["mug-1", "lamp-9", "mug-1"])
+    response, code = unary(gateway, "DeleteProducts", request)
+    assert code == grpc.StatusCode.OK
+    assert (response.images_deleted, list(response.not_found)) == (2, ["lamp-9"])  # each id once
+
+
+def test_delete_products_refusals_name_the_field(gateway):
+    error = refused(gateway, "DeleteProducts", gateway_pb2.DeleteProductsRequest())
+    assert type(error) is InvalidArgument and error.message == "product_ids is empty: name the products to delete"
+    assert error.violations == [("product_ids", "empty")]
+    gateway.raised.clear()
+    error = refused(gateway, "DeleteProducts", gateway_pb2.DeleteProductsRequest(product_ids=["mug-1", ""]))
+    assert error.violations == [("product_ids[1]", "empty")]
+
+
+# -- over a real server on loopback, through the interceptor ------------------------------------------
+
+
+@pytest.fixture
+def stub(ports: FakePorts) -> Iterator[gateway_pb2_grpc.VisualSearchServiceStub]:
+    config = load_config(GatewayConfig, "gateway", environ={}, port=0, max_regions=2)
+    servicer = VisualSearchService(config, ports)
+    bundle = start_bundle(
+        config,
+        lambda server: gateway_pb2_grpc.add_VisualSearchServiceServicer_to_server(servicer, server),
+        [SERVICE.full_name],
+        on_stop=servicer.close,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{bundle.port}") as channel:
+        yield gateway_pb2_grpc.VisualSearchServiceStub(channel)
+    bundle.server.stop(None)
+    assert bundle.on_stop is not None
+    bundle.on_stop()
+
+
+def test_a_client_reads_what_was_stored_before_a_refused_image(stub, photo):
+    requests = [product("mug-1", photo, image_id="a"), product("mug-1", photo, image_id="b", category=" cups")]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.IndexProducts(iter(requests), timeout=30)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("product #1 ('mug-1'): category name ' cups' starts or ends with whitespace")
+    assert "; 1 image of 1 product was stored (those before it in the stream)" in error.details()
+    details = details_of(error)
+    assert details.reason == "INVALID_ARGUMENT"
+    assert details.info == {"stored_images": "1", "stored_products": "1", "refused_request": "1"}
+    assert [field for field, _ in details.violations] == ["requests[1]"]
+
+
+def test_a_client_reads_the_quota_a_search_went_over(stub, photo):
+    request = search(photo, regions=[gateway_pb2.Region(box=box(0, 0, 5, 5))] * 3)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.MultiProductSearch(request, timeout=30)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == "3 regions; at most 2 per query: split them over several queries"
+    assert details_of(error).quota == [("regions", "at most 2 regions per query")]
