@@ -8,9 +8,13 @@ MAX_NAME_BYTES UTF-8 bytes. No gRPC here: callers map InvalidArgument to a statu
 
 from __future__ import annotations
 
+import re
+
 from common.errors import InvalidArgument, quote
 
 MAX_NAME_BYTES = 128
+# A model version names a folder models/<name>/<version>/: a positive integer (18 digits at most).
+_VERSION = re.compile(r"[0-9]{1,18}")
 ALLOWED_PUNCTUATION = "_-.:/@+"
 
 
@@ -37,3 +41,14 @@ def check_name(kind: str, value: str) -> None:
             continue
         what = "a second space in a row" if char == " " else f"character {char!r} (U+{ord(char):04X})"
         raise InvalidArgument(f"{kind} name {quote(value)} has {what} at position {position}: {rule}")
+
+
+def check_version(field: str, version: str) -> str:
+    """`version` (empty: the model's default) unless it is not a positive integer: InvalidArgument."""
+    if version and (not _VERSION.fullmatch(version) or int(version) == 0):
+        raise InvalidArgument(
+            f"{field} {quote(version)} is not a version: send a positive integer (a version folder "
+            "models/<name>/<version>/; ListModels lists them), or leave it empty for the default",
+            violations=[(field, "not a positive integer")],
+        )
+    return version

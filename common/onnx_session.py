@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,14 @@ class GatedSession:
 
 
 def create_session(
-    model_path: Path, preferred: tuple[str, ...] = PREFERENCE, intra_op_threads: int = 0, concurrency: int = 1
+    model_path: Path,
+    preferred: Sequence[str | tuple[str, dict[str, Any]]] = PREFERENCE,
+    intra_op_threads: int = 0,
+    concurrency: int = 1,
 ) -> GatedSession:
-    """Opens `model_path` on the first provider of `preferred` that initialises; at most
+    """Opens `model_path` on the first provider of `preferred` that initialises, each a name or
+    (name, provider options) (e.g. TensorRT's `trt_engine_cache_enable`, `trt_engine_cache_path`,
+    `trt_timing_cache_enable`, `trt_fp16_enable`; a `_path` option's folder is created); at most
     `concurrency` of its inferences run at once."""
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist: run `make models`")
@@ -54,10 +60,18 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     available = set(ort.get_available_providers())
     errors: list[str] = []
-    for provider in preferred:
+    for choice in preferred:
+        provider, provider_options = (choice, {}) if isinstance(choice, str) else choice
         if provider not in available:
             continue
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        for key, value in provider_options.items():
+            if key.endswith("_path") and isinstance(value, str) and value:
+                Path(value).mkdir(parents=True, exist_ok=True)
+        providers: list[str | tuple[str, dict[str, Any]]] = (
+            [(provider, provider_options)]
+            if provider == "CPUExecutionProvider"
+            else [(provider, provider_options), "CPUExecutionProvider"]
+        )
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
         except Exception as exc:  # a GPU provider that cannot start raises here on some builds

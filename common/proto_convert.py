@@ -6,7 +6,16 @@ import numpy as np
 
 from common.errors import InvalidArgument
 from common.images import ImageError, Photo, decode_photo, raw_photo
-from mps.common.v1 import common_pb2
+from mps.common.v1 import common_pb2, models_pb2
+
+# A model version's state (common.model_repository) as mps.common.v1.ModelState.
+MODEL_STATES = {
+    "LOADING": models_pb2.MODEL_STATE_LOADING,
+    "READY": models_pb2.MODEL_STATE_READY,
+    "DRAINING": models_pb2.MODEL_STATE_DRAINING,
+    "UNLOADED": models_pb2.MODEL_STATE_UNLOADED,
+    "FAILED": models_pb2.MODEL_STATE_FAILED,
+}
 
 # mps.common.v1.DenseVector.values_f32le: IEEE-754 float32, little-endian whatever the host's order.
 LITTLE_ENDIAN_F32 = np.dtype("<f4")

@@ -12,9 +12,18 @@ class DetectorConfig(ServerConfig):
     """Serves object detectors over gRPC (mps.detector.v1.DetectorService)."""
 
     port: int = 50051
-    # Model directories under models_dir (each with config.json); the first is the default.
+    # The model repository (common/model_repository.py): models/<name>/config.json and a folder per
+    # version. `models` are served from the start (the versions their version policy selects); the
+    # first is the default. LoadModel may load any other model folder of models_dir.
     models: list[str] = field(default_factory=lambda: ["yolov3-tiny"])
     models_dir: str = str(MODELS_DIR)
+    # Dynamic batching of concurrent Detect calls as each model's config.json sets it
+    # (`dynamic_batching`, common/batching.py); false runs every image as its own inference, for
+    # every model (the benchmark's "without batching" arm).
+    dynamic_batching: bool = True
+    # Seconds a replaced or unloaded version may take to finish its requests before it is
+    # released anyway.
+    drain_timeout_s: float = 120.0
     max_pixels: int = 50_000_000
     # Most class-agnostic objects one Detect may ask for.
     max_objects: int = 200
@@ -33,3 +42,4 @@ class DetectorConfig(ServerConfig):
         self._at_least(1, "max_pixels", "inference_concurrency")
         self._at_least(0, "max_objects")
         self._at_least(0, "intra_op_threads", note="0 lets ONNX Runtime choose")
+        self._above(0, "drain_timeout_s")

@@ -12,9 +12,17 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from common.channels import open_channel
+from common.channels import balanced_channel
 from common.config import ServerConfig
-from common.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
 from gateway.config import SignatureKind
 from gateway.ports import (
@@ -68,10 +76,17 @@ class GrpcDetector:
         self.stub = detector_pb2_grpc.DetectorServiceStub(channel)
 
     def detect(
-        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
+        self,
+        rgb: np.ndarray,
+        min_confidence: float,
+        objectness_threshold: float,
+        max_objects: int,
+        timeout_s: float,
+        model: str = "",
     ) -> DetectorOutput:
         request = detector_pb2.DetectRequest(
             image=image_to_proto(rgb),
+            model=model,
             min_confidence=min_confidence,
             objectness_threshold=objectness_threshold,
             max_objects=max_objects if objectness_threshold > 0 else 0,
@@ -79,6 +94,12 @@ class GrpcDetector:
         try:
             response = self.stub.Detect(request, timeout=timeout_s)
         except grpc.RpcError as exc:
+            if model and exc.code() == grpc.StatusCode.NOT_FOUND:
+                # Not the caller's to fix: the gateway is configured with a model the detector lacks.
+                raise FailedPrecondition(
+                    f"detector: {exc.details()}; the gateway's detector_models names {model!r}: serve that "
+                    "model on the detector service (its ListModels lists those it serves) or remove it"
+                ) from None
             raise_from("detector", exc)
         return DetectorOutput(
             [(box_from_proto(d.box), d.class_name, d.category, d.confidence) for d in response.detections],
@@ -464,8 +485,24 @@ def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
     )
 
 
+# Calls retried on UNAVAILABLE on another replica (common.channels.service_config): those that
+# change nothing. Never Add, Delete, LoadModel, UnloadModel: a write whose answer was lost may have
+# been applied, and the router (not round_robin) writes to every replica of an index shard.
+DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
+SIGNATURE_SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name
+INDEX_SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
+IDEMPOTENT: dict[str, tuple[str, ...]] = {
+    DETECTOR_SERVICE: ("Detect", "ListModels"),
+    SIGNATURE_SERVICE: ("ComputeSignatures", "ListKinds", "LocateObjects", "ListModels"),
+    INDEX_SERVICE: ("Search", "SearchBatch", "PartialScores", "Lookup", "Stats"),
+}
+
+
 class Backends:
-    """Every channel the gateway opens, and the ports over them."""
+    """Every channel the gateway opens, and the ports over them. The detector and the signature
+    service are stateless: each address may name several replicas, spread by round_robin over the
+    healthy ones with retries of idempotent calls (common.channels.balanced_channel). An index
+    address is one shard or router; its channel has the same health checking and read retries."""
 
     def __init__(
         self,
@@ -478,19 +515,20 @@ class Backends:
         index_ready_wait_s: float = 0.3,
     ):
         """`security`: the gateway's config, for TLS and the internal credential (common.channels)."""
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
 
-        def channel(address: str) -> grpc.Channel:
-            if address not in self._channels:
-                self._channels[address] = open_channel(address, security)
-            return self._channels[address]
+        def channel(service: str, address: str) -> grpc.Channel:
+            if (service, address) not in self._channels:
+                self._channels[service, address] = balanced_channel(address, security, service, IDEMPOTENT[service])
+            return self._channels[service, address]
 
-        self.detector = GrpcDetector(channel(detector_address))
-        self.locator = GrpcLocator(channel(signature_address))
-        self.signer = GrpcSigner(channel(signature_address))
-        for address in [index_address, *index_routes.values()]:
-            channel(address)
-        self.index = GrpcIndex(self._channels, index_address, index_routes, catalogue_refresh_s, index_ready_wait_s)
+        self.detector = GrpcDetector(channel(DETECTOR_SERVICE, detector_address))
+        self.locator = GrpcLocator(channel(SIGNATURE_SERVICE, signature_address))
+        self.signer = GrpcSigner(channel(SIGNATURE_SERVICE, signature_address))
+        index_channels = {
+            address: channel(INDEX_SERVICE, address) for address in [index_address, *index_routes.values()]
+        }
+        self.index = GrpcIndex(index_channels, index_address, index_routes, catalogue_refresh_s, index_ready_wait_s)
 
     def close(self) -> None:
         for channel in self._channels.values():

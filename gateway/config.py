@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.channels import channel_target, split_addresses
 from common.config import ConfigError, ServerConfig
 
 # Signature kinds by name (mps.common.v1.SignatureKind: SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW).
@@ -31,9 +32,18 @@ class GatewayConfig(ServerConfig):
     """The public VisualSearchService over gRPC (mps.gateway.v1)."""
 
     port: int = 50050
+    # Every address below may name several replicas of a stateless service: one dns:///name:port
+    # resolving to all of them, or IP:port,IP:port. Calls are spread by round_robin over those
+    # whose health is SERVING, and reads refused UNAVAILABLE (a replica gone) are retried on
+    # another (common.channels.balanced_channel).
     detector_address: str = "127.0.0.1:50051"
+    # Detector models asked about every photo, in parallel ("" = the detector service's default
+    # model; its ListModels names the others); their detections are merged (one box per object
+    # and category, the most confident: item_iou), their class-agnostic boxes too (proposal_iou).
+    detector_models: list[str] = field(default_factory=lambda: [""])
     signature_address: str = "127.0.0.1:50052"
-    # Shard holding every category not routed elsewhere.
+    # Shard (or router) holding every category not routed elsewhere. One address: an index
+    # shard's replicas take writes through a router (index_server.router), never round_robin.
     index_address: str = "127.0.0.1:50053"
     # Category -> shard address, for categories kept on their own servers.
     index_routes: dict[str, str] = field(default_factory=dict)
@@ -150,6 +160,24 @@ class GatewayConfig(ServerConfig):
 
     def _check(self) -> None:
         super()._check()
+        if not self.detector_models:
+            raise ConfigError('detector_models [] is empty: name at least one detector model ("" = its default)')
+        repeated = sorted({m for m in self.detector_models if self.detector_models.count(m) > 1})
+        if repeated:
+            raise ConfigError(f"detector_models names {repeated} more than once: each model is asked once")
+        for name in ("detector_address", "signature_address"):
+            try:
+                channel_target(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        for name, address in [("index_address", self.index_address)] + [
+            (f"index_routes[{category!r}]", a) for category, a in self.index_routes.items()
+        ]:
+            if len(split_addresses(address)) != 1:
+                raise ConfigError(
+                    f"{name} {address!r} is not one address: an index shard's replicas all take every "
+                    "write, so put a router (python -m index_server router) in front of them and name it"
+                )
         for name in ("default_signature_kind", "selection_kind"):
             if getattr(self, name) not in self.index_kinds:
                 raise ConfigError(

@@ -45,6 +45,7 @@ from gateway.ports import (
     CategoryFailure,
     Degraded,
     Detector,
+    DetectorOutput,
     Index,
     Locator,
     Signature,
@@ -225,6 +226,39 @@ def _stored(images: Iterable[IndexedImage]) -> str:
     )
 
 
+def merge_detections(
+    outputs: list[DetectorOutput], same_iou: float, objects_iou: float, max_objects: int
+) -> DetectorOutput:
+    """Several detector models' answers about one image as one: of detections of one category (or,
+    for a class that is not a product, of one class) overlapping by IoU >= same_iou, the most
+    confident stays (two models seeing one object make one item, named by that model's class);
+    of class-agnostic boxes overlapping by IoU >= objects_iou, the most object-like stays, at most
+    max_objects (0 = no cap), best first. One answer is returned as it is."""
+    if len(outputs) == 1:
+        return outputs[0]
+    detections = sorted((d for output in outputs for d in output.detections), key=lambda d: -d[3])
+    kept: list[tuple[np.ndarray, str, str, float]] = []
+    for detection in detections:
+        box, name, category, _ = detection
+        same = [k[0] for k in kept if (k[2] == category if category else not k[2] and k[1] == name)]
+        if same and _overlaps(box, same, same_iou):
+            continue
+        kept.append(detection)
+    objects: list[tuple[np.ndarray, float]] = []
+    for candidate in sorted((o for output in outputs for o in output.objects), key=lambda o: -o[1]):
+        if max_objects and len(objects) >= max_objects:
+            break
+        if not (objects and _overlaps(candidate[0], [o[0] for o in objects], objects_iou)):
+            objects.append(candidate)
+    return DetectorOutput(kept, objects, max(output.inference_ms for output in outputs))
+
+
+def _overlaps(box: np.ndarray, others: list[np.ndarray], threshold: float) -> bool:
+    """Whether (4,) xyxy `box` overlaps any of `others` by IoU >= threshold."""
+    ious = iou_matrix(box[None].astype(np.float64), np.stack(others).astype(np.float64))[0]
+    return bool((ious >= threshold).any())
+
+
 def image_id_of(data: bytes) -> str:
     """A catalogue image's id when the caller gives none: its content, so a re-send replaces it."""
     return hashlib.blake2b(data, digest_size=8).hexdigest()
@@ -333,19 +367,12 @@ class Pipeline:
         """Proposals of every source asked for, in pixels of `rgb`, merged and capped."""
         config = self.config
         calls: dict[str, Future] = {}
+        detect_calls: list[Future] = []
+        small = rgb
         if sources & {Source.DETECTOR, Source.OBJECTNESS}:
             small = shrink(rgb, config.detector_side)
             objectness = config.objectness_threshold if Source.OBJECTNESS in sources else 0.0
-
-            def detect():
-                start = time.perf_counter()
-                return (
-                    self.detector.detect(small, min_confidence, objectness, config.max_objects, deadline.remaining()),
-                    small,
-                    _ms(start),
-                )
-
-            calls["detect"] = self.pool.submit(detect)
+            detect_calls = self._detect_calls(small, min_confidence, objectness, config.max_objects, deadline)
         if sources & {Source.SALIENT, Source.SEGMENT}:
             small_l = shrink(rgb, config.locate_side)
             salient = config.max_salient if Source.SALIENT in sources else 0
@@ -358,9 +385,8 @@ class Pipeline:
             calls["locate"] = self.pool.submit(locate)
         proposals: list[Proposal] = []
         height, width = rgb.shape[:2]
-        if "detect" in calls:
-            found, small, ms = calls["detect"].result()
-            timings.detect_ms = ms
+        if detect_calls:
+            found, timings.detect_ms = self._detected(detect_calls, config.max_objects)
             factor = width / small.shape[1]
             if Source.DETECTOR in sources:
                 proposals += [
@@ -385,6 +411,35 @@ class Pipeline:
             ]
         proposals = [p for p in proposals if p.box[2] - p.box[0] >= 2 and p.box[3] - p.box[1] >= 2]
         return merge_proposals(proposals, config.proposal_iou, config.max_proposals)
+
+    def _detect_calls(
+        self, rgb: np.ndarray, min_confidence: float, objectness: float, max_objects: int, deadline: Deadline
+    ) -> list[Future]:
+        """One Detect per model of detector_models, started in parallel -> their futures, each of
+        (DetectorOutput, milliseconds)."""
+
+        def detect(model: str) -> tuple[DetectorOutput, float]:
+            start = time.perf_counter()
+            found = self.detector.detect(
+                rgb, min_confidence, objectness, max_objects, deadline.remaining(), model=model
+            )
+            return found, _ms(start)
+
+        return [self.pool.submit(detect, model) for model in self.config.detector_models]
+
+    def _detected(self, calls: list[Future], max_objects: int) -> tuple[DetectorOutput, float]:
+        """The detector models' answers as one (merge_detections), and the slowest call's
+        milliseconds; a model that failed fails the whole (the others are cancelled if not started)."""
+        try:
+            answers = [call.result() for call in calls]
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        found = merge_detections(
+            [output for output, _ in answers], self.config.item_iou, self.config.proposal_iou, max_objects
+        )
+        return found, max(ms for _, ms in answers)
 
     def _plan(self, proposals: list[Proposal], kind: str, restrict: Sequence[str]) -> list[_Candidate]:
         """Where each proposal is searched: its own category when it has a catalogue (or is a
@@ -680,11 +735,9 @@ class Pipeline:
         rgb = photo.rgb
         height, width = rgb.shape[:2]
         small, small_l = shrink(rgb, config.detector_side), shrink(rgb, config.locate_side)
-        detected = self.pool.submit(
-            self.detector.detect, small, 0.0, config.ingest_min_objectness, 5, deadline.remaining()
-        )
+        detected = self._detect_calls(small, 0.0, config.ingest_min_objectness, 5, deadline)
         located = self.pool.submit(self.locator.locate, small_l, 1, 0, deadline.remaining())
-        found = detected.result()
+        found, _ = self._detected(detected, 5)
         ours = [(confidence, box) for box, _, box_category, confidence in found.detections if box_category == category]
         if ours:
             box = max(ours, key=lambda pair: pair[0])[1] * (width / small.shape[1])

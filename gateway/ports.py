@@ -92,8 +92,16 @@ class CatalogueEntry:
 
 class Detector(Protocol):
     def detect(
-        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
-    ) -> DetectorOutput: ...
+        self,
+        rgb: np.ndarray,
+        min_confidence: float,
+        objectness_threshold: float,
+        max_objects: int,
+        timeout_s: float,
+        model: str = "",
+    ) -> DetectorOutput:
+        """`model`: a detector model by name ("" = the detector service's default)."""
+        ...
 
 
 class Locator(Protocol):

@@ -129,7 +129,7 @@ class RouterConfig(ServerConfig, ItemLimits):
         if not self.shards or not all(self.shards):
             raise ConfigError("shards must list at least one shard, each with at least one address")
         for i, replicas in enumerate(self.shards):
-            if len(replicas) > 1:  # one channel over them all (index_server.router.read_target)
+            if len(replicas) > 1:  # one channel over them all (common.channels.channel_target)
                 for j, address in enumerate(replicas):
                     _check_replica_address(f"shards[{i}][{j}]", address)
         self._above(0, "default_timeout_s", "add_timeout_s")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import ipaddress
 import itertools
 import json
 import logging
@@ -39,7 +38,7 @@ import grpc
 import numpy as np
 
 from common.bow_codec import BagOfWords
-from common.channels import open_channel
+from common.channels import channel_target, open_channel
 from common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -72,26 +71,6 @@ _CALLER_ERRORS = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION,
 )
-
-
-def read_target(addresses: list[str]) -> str:
-    """One channel target over all replicas of a shard, for round_robin."""
-    if len(addresses) == 1:
-        return addresses[0]
-    hosts = []
-    for address in addresses:
-        host, _, port = address.rpartition(":")
-        try:
-            hosts.append(ipaddress.ip_address(host.strip("[]")))
-        except ValueError:
-            raise ValueError(
-                f"replica address {address!r}: several replicas must be given as IP:port "
-                "(or as one dns:///name:port resolving to all of them)"
-            ) from None
-        if not port.isdigit():
-            raise ValueError(f"replica address {address!r} has no port")
-    scheme = "ipv4" if all(h.version == 4 for h in hosts) else "ipv6"
-    return f"{scheme}:" + ",".join(addresses)
 
 
 def read_options(replicas: int) -> list[tuple[str, object]]:
@@ -251,7 +230,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             Shard(
                 i,
                 list(addresses),
-                stub(read_target(addresses), read_options(len(addresses))),
+                stub(channel_target(addresses), read_options(len(addresses))),
                 [stub(a, []) for a in addresses],
             )
             for i, addresses in enumerate(config.shards)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
@@ -20,8 +21,10 @@ from index_server.replication import ReplicaStatus, start_catch_up
 from index_server.router import Router
 from index_server.service import IndexService
 from index_server.store import ShardStore
+from index_server.warmup import warm_up_merge, warm_up_once
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
+log = logging.getLogger(__name__)
 SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"]
 SERVICE_NAMES = [SERVICE.full_name]
 # Writes come only from the suite's own services (the gateway, a router): the internal credential.
@@ -48,6 +51,10 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
 
 def create_bundle(config: IndexConfig) -> ServiceBundle:
     catalogue = open_catalogue(config)
+    # Before the health check says SERVING: no user's first search compiles anything.
+    seconds = warm_up_once(catalogue.settings, limits_of(config))
+    if seconds is not None:
+        log.info("warm-up took %.0f ms", 1000 * seconds)
     peers = config.peer_list()
     # With peers, this replica catches up before it serves reads; writes are deferred from the start.
     replica = ReplicaStatus(catching_up=bool(peers), source=peers[0] if peers else "")
@@ -131,6 +138,7 @@ def serve(config: IndexConfig) -> None:
 
 
 def create_router_bundle(config: RouterConfig) -> ServiceBundle:
+    warm_up_merge()
     router = Router(config)
     watch = ReplicaWatch(config.shards, lambda address: open_channel(address, config))
 

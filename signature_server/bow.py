@@ -8,6 +8,11 @@ Euclidean k-means compares distributions) -> nearest of the codebook's centres -
 
 Each heavy step is a kernel of the chosen backend (kernels/: CUDA, or its CPU reference); this module
 only composes them and holds no grpc.
+
+Served from the model repository (common/model_repository.py): models/colour-texture-bow/<version>/
+holds the codebook (`codebook`, `provenance`), config.json the parameters above. Each version's
+codebook is its own vocabulary: its signatures carry the codebook's fingerprint, and an index built
+with another codebook refuses them rather than comparing words of different vocabularies.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import cv2
 import numpy as np
 
 from common.bow_codec import BagOfWords, encode
+from common.model_repository import ModelSource
 from kernels import Kernels, spec
+from signature_server.config import latest_source
 
 
 @dataclass(frozen=True)
@@ -41,20 +48,29 @@ class BowSpec:
 
     @staticmethod
     def load(model_dir: Path) -> BowSpec:
-        c = json.loads((model_dir / "config.json").read_text())
-        return BowSpec(
-            c["name"],
-            int(c["version"]),
-            int(c["working_size"]),
-            int(c["max_keypoints"]),
-            int(c["nms_radius"]),
-            float(c["relative_threshold"]),
-            float(c["absolute_threshold"]),
-            int(c["min_keypoints"]),
-            int(c["grid_step"]),
-            model_dir / c["codebook"],
-            model_dir / c["provenance"],
-        )
+        """The highest version on disk of models/<name>/ (tests, benches, train_codebook)."""
+        return BowSpec.from_source(latest_source(model_dir))
+
+    @staticmethod
+    def from_source(source: ModelSource) -> BowSpec:
+        """ValueError or FileNotFoundError saying what is missing or wrong in the version's settings."""
+        c = source.settings
+        try:
+            return BowSpec(
+                source.name,
+                int(source.version),
+                int(c["working_size"]),
+                int(c["max_keypoints"]),
+                int(c["nms_radius"]),
+                float(c["relative_threshold"]),
+                float(c["absolute_threshold"]),
+                int(c["min_keypoints"]),
+                int(c["grid_step"]),
+                source.path("codebook"),
+                source.folder / str(c.get("provenance", "provenance.json")),
+            )
+        except KeyError as exc:
+            raise ValueError(f"config.json of {source.name} version {source.version} has no {exc.args[0]!r}") from None
 
 
 class Codebook:
@@ -162,3 +178,53 @@ class BowExtractor:
     def compute(self, images: list[np.ndarray]) -> list[bytes]:
         """N images (H, W, 3) uint8 RGB -> N encoded signatures (common.bow_codec format)."""
         return [encode(b) for b in self._pool.map(self.bag, images)]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def warm_up_images() -> list[np.ndarray]:
+    """A textured image of a crop's usual size (keypoints fire at every pyramid level) and a plain
+    one (the grid path): together they run every kernel once, so numba compiles (or loads from its
+    cache) before the first request."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:224, 0:224]
+    stripes = (127 + 100 * np.sin(xs / 3.0 + ys / 5.0))[..., None] * np.array([1.0, 0.6, 0.3])
+    textured = np.clip(stripes + rng.normal(0, 20, stripes.shape), 0, 255).astype(np.uint8)
+    return [textured, np.full((48, 64, 3), 128, np.uint8)]
+
+
+class BowModel:
+    """The colour-texture model as the signature service serves it (common.model_repository.ServedModel):
+    one version's parameters and codebook on the server's kernels."""
+
+    def __init__(self, extractor: BowExtractor, max_batch: int = 1):
+        self.extractor = extractor
+        self._max_batch = max_batch
+
+    @staticmethod
+    def from_source(source: ModelSource, kernels: Kernels, threads: int = 2) -> BowModel:
+        """Builds one version (not yet warm); ValueError or FileNotFoundError if it cannot serve."""
+        bow_spec = BowSpec.from_source(source)
+        codebook = Codebook.load(bow_spec.codebook_path, bow_spec.provenance_path)
+        return BowModel(BowExtractor(bow_spec, codebook, kernels, threads), source.batching.max_batch)
+
+    @property
+    def provider(self) -> str:
+        return self.extractor.kernels.detail
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    def warm_up(self) -> None:
+        """Signs warm_up_images() (the kernels compile; a codebook the kernels cannot use raises),
+        then the textured one a few times more: the first runs at a size also pay for first-touch
+        memory and the interpreter's specialisation (measured: 1.6x a warm call after one run)."""
+        images = warm_up_images()
+        self.extractor.compute(images)
+        for _ in range(3):
+            self.extractor.compute(images[:1])
+
+    def close(self) -> None:
+        self.extractor.close()

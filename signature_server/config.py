@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from common.config import MODELS_DIR, ServerConfig
+from common.config import MODELS_DIR, ConfigError, ServerConfig
+from common.model_repository import ModelSource, read_source, versions_on_disk
 
 # The colour-texture kernels' backends (kernels.select_kernels).
 KernelBackend = Literal["auto", "cuda", "cpu"]
@@ -16,23 +18,32 @@ class SignatureConfig(ServerConfig):
     """Computes image signatures over gRPC (mps.signature.v1.SignatureService)."""
 
     port: int = 50052
-    deep_model_dir: str = str(MODELS_DIR / "efficientnet-lite0")
-    # The colour-texture bag of words: its config.json and versioned codebook.
-    bow_model_dir: str = str(MODELS_DIR / "colour-texture-bow")
+    # The model repository (common/model_repository.py: models/<name>/<version>/ beside a config.json).
+    models_dir: str = str(MODELS_DIR)
+    # The deep descriptor's model (SIGNATURE_KIND_DEEP, and LocateObjects on its feature map): the
+    # network, its input, max batch, dynamic batching and execution providers are its config.json's.
+    deep_model: str = "efficientnet-lite0"
+    # The colour-texture bag of words' model (SIGNATURE_KIND_BOW): its parameters and versioned codebook.
+    bow_model: str = "colour-texture-bow"
+    # Dynamic batching across concurrent calls where a model's config.json asks for it; false turns
+    # it off for every model (each call then runs its own images in chunks of the model's max_batch).
+    dynamic_batching: bool = True
+    # Seconds a replaced or unloaded model version may take to finish its requests before it is
+    # released anyway.
+    drain_timeout_s: float = 120.0
     # Where its kernels run: "auto" (CUDA when a GPU and PyCUDA or CuPy start, else CPU), "cuda", "cpu".
     kernels: KernelBackend = "auto"
     # Crops described in parallel (the CPU path; the CUDA path serialises on one context).
     bow_threads: int = 2
     # Images per ComputeSignatures call; more is RESOURCE_EXHAUSTED.
     max_images_per_request: int = 64
-    # Images per forward pass.
-    max_batch: int = 32
     max_pixels: int = 50_000_000
     intra_op_threads: int = 0
-    # Inferences of one model running at once (common.onnx_session.GatedSession). Each uses every
-    # core already; 2 overlaps one's single-threaded parts with another's, more only multiplies
-    # memory (bench/load.py, 32 clients: signature server peak RSS 5.4 GB ungated, 1.65 GB at 2,
-    # 1.42 GB at 1 with 15 % less throughput).
+    # Inferences of one model running at once (common.onnx_session.GatedSession), and so the deep
+    # model's dynamic batches in flight at once. Each uses every core already; 2 overlaps one's
+    # single-threaded parts with another's, more only multiplies memory (bench/load.py, 32
+    # clients: signature server peak RSS 5.4 GB ungated, 1.65 GB at 2, 1.42 GB at 1 with 15 % less
+    # throughput).
     inference_concurrency: int = 2
     # LocateObjects: most salient objects and segments one call may ask for; more is RESOURCE_EXHAUSTED.
     # (How it locates, e.g. the feature map's size, is the model's config.json `locate` section.)
@@ -45,7 +56,22 @@ class SignatureConfig(ServerConfig):
 
     def _check(self) -> None:
         super()._check()
-        self._at_least(1, "bow_threads", "max_images_per_request", "max_batch", "max_pixels", "inference_concurrency")
-        self._at_least(0, "max_salient", "max_segments")
+        if self.deep_model == self.bow_model:
+            raise ConfigError(f"deep_model and bow_model are both {self.deep_model!r}: each kind has its own model")
+        for name in ("deep_model", "bow_model"):
+            value = getattr(self, name)
+            if not value or "/" in value or "\\" in value or value.startswith("."):
+                raise ConfigError(f"{name} {value!r} is not a folder name under models_dir")
+        self._at_least(1, "bow_threads", "max_images_per_request", "max_pixels", "inference_concurrency")
+        self._at_least(0, "max_salient", "max_segments", "drain_timeout_s")
         self._at_least(0, "intra_op_threads", note="0 lets ONNX Runtime choose")
         self._at_least(-1, "opencv_threads", note="-1 = OpenCV's default")
+
+
+def latest_source(model_dir: Path) -> ModelSource:
+    """The highest version on disk of a model folder (models/<name>/), read as the repository reads
+    it: what tests, benchmarks and tools use where no server chooses a version."""
+    on_disk = versions_on_disk(model_dir)
+    if not on_disk:
+        raise FileNotFoundError(f"{model_dir} has no version folder (1/, 2/, ...): run `make models`")
+    return read_source(model_dir.parent, model_dir.name, on_disk[-1])

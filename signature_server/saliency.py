@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from common.images import shrink
+from common.model_repository import ModelSource
 from detector_server.nms import nms
-from signature_server.deep import DeepDescriptor
+from signature_server.config import latest_source
+from signature_server.deep import DeepDescriptor, textured_image
 
 # A located object: (4,) float32 xyxy box in pixels of the original image, and its score in (0, 1].
 Located = tuple[np.ndarray, float]
@@ -39,17 +41,28 @@ class LocateSpec:
 
     @staticmethod
     def load(model_dir: Path) -> LocateSpec:
-        c = json.loads((model_dir / "config.json").read_text())["locate"]
-        return LocateSpec(
-            int(c["input_multiple"]),
-            int(c["feature_long_side"]),
-            int(c["salient_upsample"]),
-            int(c["segment_long_side"]),
-            float(c["contrast_scale"]),
-            float(c["ring_growth"]),
-            float(c["nms_iou"]),
-            float(c["min_side"]),
-        )
+        """The highest version on disk of models/<name>/ (tests, benches)."""
+        return LocateSpec.from_source(latest_source(model_dir))
+
+    @staticmethod
+    def from_source(source: ModelSource) -> LocateSpec:
+        """ValueError naming what the version's `locate` section lacks."""
+        c: dict[str, Any] = source.settings.get("locate") or {}
+        try:
+            return LocateSpec(
+                int(c["input_multiple"]),
+                int(c["feature_long_side"]),
+                int(c["salient_upsample"]),
+                int(c["segment_long_side"]),
+                float(c["contrast_scale"]),
+                float(c["ring_growth"]),
+                float(c["nms_iou"]),
+                float(c["min_side"]),
+            )
+        except KeyError as exc:
+            raise ValueError(
+                f"config.json of {source.name} version {source.version} has no locate.{exc.args[0]}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -196,3 +209,43 @@ class ObjectLocator:
             salient_objects(activation, (width, height), max_salient, self.spec.salient_upsample),
             segment_proposals(image, activation, max_segments, self.spec),
         )
+
+    def warm_up(self) -> None:
+        """One locate of a synthetic 4:3 photo: the feature map at the locate size (its own engine
+        on TensorRT), and selective search's first run (OpenCV allocates its strategies' buffers)."""
+        long_side = self.spec.feature_long_side
+        self.locate(textured_image(long_side * 3 // 4, long_side, seed=1), 1, 1)
+
+
+class DeepModel:
+    """The deep model as the signature service serves it (common.model_repository.ServedModel): the
+    descriptor and the object locator over its one ONNX Runtime session."""
+
+    def __init__(self, descriptor: DeepDescriptor, locator: ObjectLocator):
+        self.descriptor = descriptor
+        self.locator = locator
+
+    @staticmethod
+    def from_source(
+        source: ModelSource, intra_op_threads: int = 0, inference_concurrency: int = 1, dynamic_batching: bool = True
+    ) -> DeepModel:
+        """Builds one version (not yet warm); ValueError or FileNotFoundError if it cannot serve."""
+        locate = LocateSpec.from_source(source)  # a config without its locate section fails before the session
+        descriptor = DeepDescriptor.from_source(source, intra_op_threads, inference_concurrency, dynamic_batching)
+        return DeepModel(descriptor, ObjectLocator(descriptor, locate))
+
+    @property
+    def provider(self) -> str:
+        return self.descriptor.provider
+
+    @property
+    def max_batch(self) -> int:
+        return self.descriptor.max_batch
+
+    def warm_up(self) -> None:
+        self.descriptor.warm_up()
+        self.locator.warm_up()
+        self.descriptor.settle()
+
+    def close(self) -> None:
+        self.descriptor.close()

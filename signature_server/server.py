@@ -3,49 +3,79 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import grpc
 
-from common.security import method_policy
+from common.model_repository import ModelRepository, ModelSource
+from common.security import Access, method_policy
 from common.serving import ServiceBundle, serve_forever, start_bundle
-from kernels import select_kernels
+from kernels import Kernels, select_kernels
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
-from signature_server.bow import BowExtractor, BowSpec, Codebook
+from signature_server.bow import BowModel
 from signature_server.config import SignatureConfig
-from signature_server.deep import DeepDescriptor, DeepSpec
-from signature_server.saliency import LocateSpec, ObjectLocator
-from signature_server.service import SignatureService
+from signature_server.saliency import DeepModel
+from signature_server.service import SignatureModel, SignatureService
 
 SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
+log = logging.getLogger("signature_server")
+
+
+def model_loader(config: SignatureConfig, kernels: Kernels) -> Callable[[ModelSource], SignatureModel]:
+    """Builds a version of the deep model or of the colour-texture model, by the model's name."""
+
+    def load(source: ModelSource) -> SignatureModel:
+        if source.name == config.deep_model:
+            return DeepModel.from_source(
+                source, config.intra_op_threads, config.inference_concurrency, config.dynamic_batching
+            )
+        if source.name == config.bow_model:
+            return BowModel.from_source(source, kernels, config.bow_threads)
+        raise ValueError(f"model {source.name!r} is neither {config.deep_model!r} nor {config.bow_model!r}")
+
+    return load
+
+
+def create_repository(config: SignatureConfig, kernels: Kernels | None = None) -> ModelRepository[SignatureModel]:
+    """The deep and colour-texture models, each version loaded and warmed up (see ModelRepository)."""
+    kernels = kernels or select_kernels(config.kernels)
+    return ModelRepository(
+        Path(config.models_dir),
+        [config.deep_model, config.bow_model],
+        model_loader(config, kernels),
+        any_model=False,
+        drain_timeout_s=config.drain_timeout_s,
+    )
 
 
 def create_bundle(config: SignatureConfig) -> ServiceBundle:
-    deep = DeepDescriptor(
-        DeepSpec.load(Path(config.deep_model_dir)),
-        config.max_batch,
-        config.intra_op_threads,
-        config.inference_concurrency,
-    )
-    locator = ObjectLocator(deep, LocateSpec.load(Path(config.deep_model_dir)))
-    bow_spec = BowSpec.load(Path(config.bow_model_dir))
-    kernels = select_kernels(config.kernels)
-    bow = BowExtractor(
-        bow_spec, Codebook.load(bow_spec.codebook_path, bow_spec.provenance_path), kernels, config.bow_threads
-    )
-    logging.getLogger("signature_server").info(
-        "deep descriptor on %s; colour-texture kernels on %s", deep.provider, kernels.detail
-    )
+    # Every model is loaded and warmed up before the server starts: health says SERVING only once
+    # no first call would be cold.
+    repository = create_repository(config)
+    for row in repository.status():
+        log.info("model %s version %s on %s, loaded in %.0f ms", row.name, row.version, row.provider, row.load_ms)
     service = SignatureService(
-        deep, bow, locator, config.max_images_per_request, config.max_pixels, config.max_salient, config.max_segments
+        repository,
+        config.deep_model,
+        config.bow_model,
+        config.max_images_per_request,
+        config.max_pixels,
+        config.max_salient,
+        config.max_segments,
     )
-    return start_bundle(
-        config,
-        lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
-        [SERVICE.full_name],
-        policy=method_policy(SERVICE),
-    )
+    try:
+        return start_bundle(
+            config,
+            lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
+            [SERVICE.full_name],
+            on_stop=repository.close,
+            policy=method_policy(SERVICE, LoadModel=Access.INTERNAL, UnloadModel=Access.INTERNAL),
+        )
+    except BaseException:
+        repository.close()
+        raise
 
 
 def create_server(config: SignatureConfig) -> tuple[grpc.Server, int]:

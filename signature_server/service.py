@@ -1,45 +1,72 @@
 """SignatureService servicer: protobuf <-> numpy; refusals are domain errors (common.errors), which
-the server's interceptor turns into status codes."""
+the server's interceptor turns into status codes.
+
+Each signature kind is one model of the server's model repository (common/model_repository.py):
+SIGNATURE_KIND_DEEP the deep descriptor's (which also serves LocateObjects), SIGNATURE_KIND_BOW the
+colour-texture codebook's. A call holds the version it uses until it ends, so a hot swap never
+takes a model away from a call in flight.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
 import numpy as np
 
-from common.errors import InvalidArgument, ResourceExhausted
+from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
 from common.images import ImageError, Photo
-from common.proto_convert import box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
-from mps.common.v1 import common_pb2
+from common.model_repository import ModelRepository, VersionStatus
+from common.names import check_version
+from common.proto_convert import MODEL_STATES, box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
+from mps.common.v1 import common_pb2, models_pb2
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
-from signature_server.bow import BowExtractor
-from signature_server.deep import DeepDescriptor
-from signature_server.saliency import Located, ObjectLocator
+from signature_server.bow import BowModel
+from signature_server.saliency import DeepModel, Located
 
 SERVED_KINDS = (common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW)
+# A loaded version of one of the signature service's models.
+SignatureModel = DeepModel | BowModel
 
 
 def _kind_name(kind: int) -> str:
     return common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else str(kind)
 
 
+def status_to_proto(row: VersionStatus) -> models_pb2.ModelStatus:
+    return models_pb2.ModelStatus(
+        name=row.name,
+        version=row.version,
+        state=MODEL_STATES[row.state],
+        execution_provider=row.provider,
+        reason=row.reason,
+        is_default=row.is_default,
+        max_batch=row.max_batch,
+        in_flight=row.in_flight,
+        load_ms=row.load_ms,
+    )
+
+
 class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
     def __init__(
         self,
-        deep: DeepDescriptor,
-        bow: BowExtractor,
-        locator: ObjectLocator,
+        repository: ModelRepository[SignatureModel],
+        deep_model: str,
+        bow_model: str,
         max_images: int,
         max_pixels: int,
         max_salient: int,
         max_segments: int,
     ):
-        self.deep = deep
-        self.bow = bow
+        self.repository = repository
+        # The model behind each kind.
+        self.models: dict[int, str] = {
+            common_pb2.SIGNATURE_KIND_DEEP: deep_model,
+            common_pb2.SIGNATURE_KIND_BOW: bow_model,
+        }
         self.max_images = max_images
         self.max_pixels = max_pixels
-        self.locator = locator
         self.max_salient = max_salient
         self.max_segments = max_segments
 
@@ -62,10 +89,40 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                 )
         return kinds
 
+    def _served_models(self) -> str:
+        deep, bow = (self.models[kind] for kind in SERVED_KINDS)
+        return f"{deep!r} (SIGNATURE_KIND_DEEP) or {bow!r} (SIGNATURE_KIND_BOW)"
+
+    def _check_models(self, request: signature_pb2.ComputeSignaturesRequest) -> dict[str, str]:
+        """The versions `models` asks for, by model name (InvalidArgument for a model not served
+        here, or named twice); a model not named gets its default (version "")."""
+        chosen: dict[str, str] = {}
+        for i, ref in enumerate(request.models):
+            where = f"models[{i}].name"
+            if not ref.name:
+                raise InvalidArgument(
+                    f"{where} is empty: name {self._served_models()}, or leave models empty for the defaults",
+                    violations=[(where, "empty")],
+                )
+            if ref.name not in self.models.values():
+                raise InvalidArgument(
+                    f"{where}: model {quote(ref.name)} is not served here: name {self._served_models()} "
+                    "(ListModels lists their versions)",
+                    violations=[(where, "not a model of this server")],
+                )
+            if ref.name in chosen:
+                raise InvalidArgument(
+                    f"{where}: model {quote(ref.name)} is named twice; name each model once",
+                    violations=[(where, "named twice")],
+                )
+            chosen[ref.name] = check_version(f"models[{i}].version", ref.version)
+        return chosen
+
     def ComputeSignatures(
         self, request: signature_pb2.ComputeSignaturesRequest, context: grpc.ServicerContext
     ) -> signature_pb2.ComputeSignaturesResponse:
         kinds = self._check_kinds(request)
+        versions = self._check_models(request)
         if not request.images:
             raise InvalidArgument(
                 f"no images given: send 1 to {self.max_images} images in images",
@@ -84,17 +141,29 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             except ImageError as exc:
                 raise InvalidArgument(f"images[{i}]: {exc}", violations=[(f"images[{i}]", str(exc)[:300])]) from None
         start = time.perf_counter()
-        # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
-        per_kind = [self._sign(kind, images) for kind in kinds]
+        with contextlib.ExitStack() as held:
+            # Every version this call uses is held until it ends (a swap drains, never cuts, it).
+            used = []
+            for kind in kinds:
+                name = self.models[kind]
+                used.append(held.enter_context(self.repository.use(name, versions.get(name, ""))))
+            # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
+            per_kind = [self._sign(kind, model, images) for kind, (_, _, model) in zip(kinds, used)]
         signatures = [signed[i] for i in range(len(images)) for signed in per_kind]
         return signature_pb2.ComputeSignaturesResponse(
-            signatures=signatures, compute_ms=(time.perf_counter() - start) * 1000
+            signatures=signatures,
+            compute_ms=(time.perf_counter() - start) * 1000,
+            served_by=[models_pb2.ModelRef(name=name, version=version) for name, version, _ in used],
         )
 
-    def _sign(self, kind: int, images: list[np.ndarray]) -> list[common_pb2.Signature]:
+    @staticmethod
+    def _sign(kind: int, model: SignatureModel, images: list[np.ndarray]) -> list[common_pb2.Signature]:
         if kind == common_pb2.SIGNATURE_KIND_BOW:
-            return [common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b) for b in self.bow.compute(images)]
-        return [dense_to_proto(v) for v in self.deep.compute(images)]
+            assert isinstance(model, BowModel)
+            signed = model.extractor.compute(images)
+            return [common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=b) for b in signed]
+        assert isinstance(model, DeepModel)
+        return [dense_to_proto(v) for v in model.descriptor.compute(images)]
 
     def LocateObjects(
         self, request: signature_pb2.LocateObjectsRequest, context: grpc.ServicerContext
@@ -114,13 +183,16 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                 f"max_segments is {request.max_segments}; this server gives at most {self.max_segments}: ask for fewer",
                 quota=[("max_segments", f"at most {self.max_segments} segments per call")],
             )
-        try:
-            # Nothing finer than the feature map's size is looked at: a large photo is decoded small.
-            photo = photo_from_proto(request.image, self.max_pixels, self.locator.spec.feature_long_side)
-        except ImageError as exc:
-            raise InvalidArgument(f"image: {exc}", violations=[("image", str(exc)[:300])]) from None
-        start = time.perf_counter()
-        found = self.locator.locate(photo.rgb, request.max_salient, request.max_segments)
+        with self.repository.use(self.models[common_pb2.SIGNATURE_KIND_DEEP]) as (_, _, model):
+            assert isinstance(model, DeepModel)
+            locator = model.locator
+            try:
+                # Nothing finer than the feature map's size is looked at: a large photo is decoded small.
+                photo = photo_from_proto(request.image, self.max_pixels, locator.spec.feature_long_side)
+            except ImageError as exc:
+                raise InvalidArgument(f"image: {exc}", violations=[("image", str(exc)[:300])]) from None
+            start = time.perf_counter()
+            found = locator.locate(photo.rgb, request.max_salient, request.max_segments)
         return signature_pb2.LocateObjectsResponse(
             salient=_located_to_proto(found.salient, photo),
             segments=_located_to_proto(found.segments, photo),
@@ -132,26 +204,61 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
     def ListKinds(
         self, request: signature_pb2.ListKindsRequest, context: grpc.ServicerContext
     ) -> signature_pb2.ListKindsResponse:
-        bow = self.bow
-        return signature_pb2.ListKindsResponse(
-            max_images_per_call=self.max_images,
-            kinds=[
-                signature_pb2.KindInfo(
-                    kind=common_pb2.SIGNATURE_KIND_DEEP,
-                    dimension=self.deep.spec.dimension,
-                    model=self.deep.spec.name,
-                    backend=self.deep.provider,
-                    metric="cosine",
-                ),
-                signature_pb2.KindInfo(
-                    kind=common_pb2.SIGNATURE_KIND_BOW,
-                    dimension=bow.codebook.vocabulary,
-                    model=f"{bow.spec.name} v{bow.spec.version} (codebook {bow.codebook.fingerprint:08x})",
-                    backend=bow.kernels.detail,
-                    metric="chi2",
-                ),
-            ],
+        """The kinds served now, from their models' default versions; a kind whose model has no
+        version loaded (UnloadModel) is left out until one is loaded again."""
+        kinds = []
+        for kind in SERVED_KINDS:
+            try:
+                with self.repository.use(self.models[kind]) as (_, version, model):
+                    kinds.append(_kind_info(kind, version, model))
+            except FailedPrecondition:  # no version loaded
+                continue
+        return signature_pb2.ListKindsResponse(max_images_per_call=self.max_images, kinds=kinds)
+
+    def ListModels(
+        self, request: signature_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.ListModelsResponse:
+        return signature_pb2.ListModelsResponse(models=[status_to_proto(row) for row in self.repository.status()])
+
+    def LoadModel(
+        self, request: signature_pb2.LoadModelRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.LoadModelResponse:
+        """Loads a version beside the serving one, warms it up and swaps it in (common/model_repository.py);
+        one that cannot load is FAILED_PRECONDITION and the old one keeps serving.
+
+        A colour-texture version with another codebook is another vocabulary: its signatures carry
+        the new codebook's fingerprint, and an index built with the old codebook refuses them (it
+        does not compare words of different vocabularies) until it is rebuilt from the new ones."""
+        rows = self.repository.load(request.name, check_version("version", request.version))
+        return signature_pb2.LoadModelResponse(models=[status_to_proto(row) for row in rows])
+
+    def UnloadModel(
+        self, request: signature_pb2.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> signature_pb2.UnloadModelResponse:
+        """Drains then releases a version (empty: every version); the deep model keeps one (it
+        serves LocateObjects too), and a kind whose model has none is refused until one is loaded."""
+        rows = self.repository.unload(request.name, check_version("version", request.version))
+        return signature_pb2.UnloadModelResponse(models=[status_to_proto(row) for row in rows])
+
+
+def _kind_info(kind: int, version: str, model: SignatureModel) -> signature_pb2.KindInfo:
+    if isinstance(model, BowModel):
+        extractor = model.extractor
+        return signature_pb2.KindInfo(
+            kind=common_pb2.SIGNATURE_KIND_BOW,
+            dimension=extractor.codebook.vocabulary,
+            model=f"{extractor.spec.name} v{version} (codebook {extractor.codebook.fingerprint:08x})",
+            backend=model.provider,
+            metric="chi2",
         )
+    spec = model.descriptor.spec
+    return signature_pb2.KindInfo(
+        kind=common_pb2.SIGNATURE_KIND_DEEP,
+        dimension=spec.dimension,
+        model=f"{spec.name} v{version}",
+        backend=model.provider,
+        metric="cosine",
+    )
 
 
 def _located_to_proto(located: list[Located], photo: Photo) -> list[signature_pb2.LocatedObject]:

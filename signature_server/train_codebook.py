@@ -1,11 +1,15 @@
 """Trains the colour-texture codebook: k-means (FAISS) over descriptors of real photos.
 
-    python -m signature_server.train_codebook --out models/colour-texture-bow/1
+    python -m signature_server.train_codebook --out models/colour-texture-bow/2
 
 Descriptors come from the bundled photos named in TRAINING_PHOTOS, whole and as random crops at
-several scales (mirrored half of the time), described exactly as the server describes a crop. The
-result is two files: codebook.npz (uint8 centres / 255) and provenance.json (sources, parameters,
-library versions, checksums, the command). The photos the benchmark searches are left out.
+several scales (mirrored half of the time), described exactly as the server describes a crop (with
+the parameters of the highest version on disk). The result is two files in a version folder:
+codebook.npz (uint8 centres / 255) and provenance.json (sources, parameters, library versions,
+checksums, the command). The photos the benchmark searches are left out.
+
+A new codebook is a new vocabulary: serve it as a new version (LoadModel), and rebuild the indexes
+that should use it; until then they refuse its signatures (the codebook's fingerprint differs).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / "codebook.npz"
     codebook.save(path)
     provenance = {
-        "artefact": f"{bow_spec.name} codebook, version {bow_spec.version}",
+        "artefact": f"{bow_spec.name} codebook, version {args.out.name}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m signature_server.train_codebook " + " ".join(argv if argv is not None else sys.argv[1:]),
         "centres": args.centres,

@@ -63,6 +63,20 @@ def bow_extractor():
 
 
 @pytest.fixture(scope="session")
+def signature_models():
+    """The signature service's model repository over the real models (CPU kernels), loaded and warm:
+    what a SignatureService in this process serves from."""
+    from common.config import load_config
+    from signature_server.config import SignatureConfig
+    from signature_server.server import create_repository
+
+    config = load_config(SignatureConfig, "signature", environ={}, intra_op_threads=2, kernels="cpu")
+    repository = create_repository(config)
+    yield repository
+    repository.close()
+
+
+@pytest.fixture(scope="session")
 def suite() -> Iterator[Suite]:
     started = start_suite()
     yield started

@@ -176,7 +176,6 @@ AT_LEAST: list[tuple[type[ServerConfig], str, float, str]] = [
         for name, low, note in [
             ("bow_threads", 1, ""),
             ("max_images_per_request", 1, ""),
-            ("max_batch", 1, ""),
             ("max_pixels", 1, ""),
             ("inference_concurrency", 1, ""),
             ("max_salient", 0, ""),
@@ -398,9 +397,9 @@ def test_a_bad_environment_variable_names_itself(capsys):
         load_config(RouterConfig, "index_router", environ={"MPS_INDEX_ROUTER_LAYOUT": "wrod"})
     assert str(error.value) == "MPS_INDEX_ROUTER_LAYOUT: layout 'wrod' is not one of 'item', 'word'"
     with pytest.raises(SystemExit) as exit_:
-        load_config(SignatureConfig, "signature", [], environ={"MPS_SIGNATURE_MAX_BATCH": "0"})
+        load_config(SignatureConfig, "signature", [], environ={"MPS_SIGNATURE_MAX_PIXELS": "0"})
     assert exit_.value.code == 2
-    assert "error: max_batch 0 is not >= 1" in capsys.readouterr().err
+    assert "error: max_pixels 0 is not >= 1" in capsys.readouterr().err
 
 
 def test_a_bad_override_raises_config_error_a_value_error():

@@ -10,7 +10,7 @@ from common.errors import InvalidArgument, NotFound, ServiceError
 from common.proto_convert import image_to_proto
 from common.status import details_of
 from detector_server.service import DetectorService
-from mps.common.v1 import common_pb2
+from mps.common.v1 import common_pb2, models_pb2
 from mps.detector.v1 import detector_pb2
 from tests.helpers import BAD_IMAGE_SAYS, bad_images
 from tests.servicer import unary
@@ -19,8 +19,16 @@ SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"]
 
 
 @pytest.fixture(scope="module")
-def servicer(detector_model):
-    return DetectorService({"yolov3-tiny": detector_model}, "yolov3-tiny", 50_000_000, max_objects=200)
+def servicer():
+    from common.config import MODELS_DIR
+    from common.model_repository import ModelRepository
+    from detector_server.model import DetectorModel
+
+    repository = ModelRepository(
+        MODELS_DIR, ["yolov3-tiny"], lambda source: DetectorModel(source, 2, batching=True), any_model=True
+    )
+    yield DetectorService(repository, 50_000_000, max_objects=200)
+    repository.close()
 
 
 def refused(servicer: DetectorService, request: detector_pb2.DetectRequest) -> ServiceError:
@@ -50,7 +58,7 @@ def test_bad_images_are_invalid_argument(servicer, coffee_png, name):
 def test_unknown_model_is_not_found(servicer, coffee_png):
     request = detector_pb2.DetectRequest(image=common_pb2.Image(encoded=coffee_png), model="rfcn")
     error = refused(servicer, request)
-    assert type(error) is NotFound and "model 'rfcn' is not loaded: use one of 'yolov3-tiny'" in error.message
+    assert type(error) is NotFound and "model 'rfcn' is not served here: use one of ['yolov3-tiny']" in error.message
 
 
 def test_out_of_range_threshold_is_invalid(servicer, coffee_png):
@@ -62,9 +70,11 @@ def test_out_of_range_threshold_is_invalid(servicer, coffee_png):
 
 def test_list_models_reports_the_real_provider(servicer):
     response, _code, _ = unary(servicer, SERVICE, "ListModels", detector_pb2.ListModelsRequest())
-    model = response.models[0]
+    [model] = response.models
     assert model.is_default and model.execution_provider == "CPUExecutionProvider"
     assert len(model.class_names) == 80 and model.categories["cup"] == "tableware"
+    assert (model.name, model.version, model.state) == ("yolov3-tiny", "1", models_pb2.MODEL_STATE_READY)
+    assert model.max_batch == 8 and model.load_ms > 0 and (model.input_width, model.input_height) == (416, 416)
 
 
 def test_objects_come_back_in_original_pixels(servicer, coffee_png):
@@ -132,12 +142,13 @@ def test_nan_thresholds_are_invalid(servicer, coffee_png, field):
 def detector_channel():
     from common.config import load_config
     from detector_server.config import DetectorConfig
-    from detector_server.server import create_server
+    from detector_server.server import start_detector
 
-    server, port = create_server(load_config(DetectorConfig, "detector", environ={}, port=0, intra_op_threads=2))
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    bundle, repository = start_detector(load_config(DetectorConfig, "detector", environ={}, port=0, intra_op_threads=2))
+    with grpc.insecure_channel(f"127.0.0.1:{bundle.port}") as channel:
         yield channel
-    server.stop(None)
+    bundle.server.stop(None)
+    repository.close()
 
 
 def test_refusals_over_loopback_carry_their_code_and_details(detector_channel, coffee_png):

@@ -180,9 +180,7 @@ def test_a_query_never_waits_on_a_database_it_does_not_need(suite, coffee_png):
         silent.close()
 
 
-def test_a_signature_service_that_loses_signatures_is_reported(
-    suite, deep_descriptor, bow_extractor, locator, coffee_png
-):
+def test_a_signature_service_that_loses_signatures_is_reported(suite, signature_models, coffee_png):
     """A mismatched signature server (fewer signatures than crops) must not silently drop items."""
     from concurrent import futures
 
@@ -196,7 +194,7 @@ def test_a_signature_service_that_loses_signatures_is_reported(
             return response
 
     faulty = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    loses_one = LosesOne(deep_descriptor, bow_extractor, locator, 64, 10**8, 8, 200)
+    loses_one = LosesOne(signature_models, "efficientnet-lite0", "colour-texture-bow", 64, 10**8, 8, 200)
     signature_pb2_grpc.add_SignatureServiceServicer_to_server(loses_one, faulty)
     port = faulty.add_insecure_port("127.0.0.1:0")
     faulty.start()
@@ -539,9 +537,7 @@ def test_a_shard_that_goes_away_is_reported_and_used_again_as_soon_as_it_is_back
             stop_shard(shard)
 
 
-def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(
-    suite, deep_descriptor, bow_extractor, locator, coffee_png
-):
+def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(suite, signature_models, coffee_png):
     """A signature service taking 4 images per call; the gateway splits 10 regions into calls it
     accepts: by the limit ListKinds advertises, else by its own configured one."""
     from concurrent import futures
@@ -552,7 +548,7 @@ def test_a_photo_with_more_items_than_the_signature_service_takes_per_call(
     advertised = "max_images_per_call" in signature_pb2.ListKindsResponse.DESCRIPTOR.fields_by_name
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     signature_pb2_grpc.add_SignatureServiceServicer_to_server(
-        SignatureService(deep_descriptor, bow_extractor, locator, 4, 10**8, 8, 200), server
+        SignatureService(signature_models, "efficientnet-lite0", "colour-texture-bow", 4, 10**8, 8, 200), server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

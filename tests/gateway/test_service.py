@@ -48,7 +48,13 @@ class FakeDetector:
         self.calls = 0
 
     def detect(
-        self, rgb: np.ndarray, min_confidence: float, objectness_threshold: float, max_objects: int, timeout_s: float
+        self,
+        rgb: np.ndarray,
+        min_confidence: float,
+        objectness_threshold: float,
+        max_objects: int,
+        timeout_s: float,
+        model: str = "",
     ) -> DetectorOutput:
         self.calls += 1
         height, width = rgb.shape[:2]

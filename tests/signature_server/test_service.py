@@ -21,9 +21,15 @@ SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"]
 
 
 @pytest.fixture(scope="module")
-def servicer(deep_descriptor, bow_extractor, locator):
+def servicer(signature_models):
     return SignatureService(
-        deep_descriptor, bow_extractor, locator, max_images=4, max_pixels=50_000_000, max_salient=8, max_segments=200
+        signature_models,
+        "efficientnet-lite0",
+        "colour-texture-bow",
+        max_images=4,
+        max_pixels=50_000_000,
+        max_salient=8,
+        max_segments=200,
     )
 
 
@@ -42,6 +48,7 @@ def test_one_signature_per_image_in_order(servicer, coffee, coffee_png, deep_des
     images = [image_to_proto(coffee[:200]), common_pb2.Image(encoded=coffee_png)]
     response, code, _ = unary(servicer, SERVICE, "ComputeSignatures", request(images))
     assert code == grpc.StatusCode.OK and len(response.signatures) == 2
+    assert [(m.name, m.version) for m in response.served_by] == [("efficientnet-lite0", "1")]
     expected = deep_descriptor.compute([coffee[:200], coffee])
     for signature, vector in zip(response.signatures, expected):
         assert signature.kind == common_pb2.SIGNATURE_KIND_DEEP
@@ -93,6 +100,9 @@ def test_list_kinds(servicer):
         (common_pb2.SIGNATURE_KIND_DEEP, 1280, "cosine"),
         (common_pb2.SIGNATURE_KIND_BOW, 5000, "chi2"),
     ]
+    # Each kind names the model version behind it.
+    assert response.kinds[0].model == "efficientnet-lite0 v1"
+    assert response.kinds[1].model.startswith("colour-texture-bow v1 (codebook ")
     # Where the colour-texture kernels run is reported.
     assert response.kinds[1].backend.startswith("cpu") and "codebook" in response.kinds[1].model
 

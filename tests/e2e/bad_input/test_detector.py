@@ -20,13 +20,17 @@ from mps.detector.v1 import detector_pb2
 from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_name
 from tests.helpers import png_bomb
 
-DETECT, LIST_MODELS = (rpc_name(detector_pb2, "DetectorService", method) for method in ("Detect", "ListModels"))
-INVALID, NOT_FOUND, EXHAUSTED, OK = (
+DETECT, LIST_MODELS, LOAD_MODEL, UNLOAD_MODEL = (
+    rpc_name(detector_pb2, "DetectorService", method) for method in ("Detect", "ListModels", "LoadModel", "UnloadModel")
+)
+INVALID, NOT_FOUND, EXHAUSTED, PRECONDITION, OK = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OK,
 )
+VERSION_RULE = ("is not a version", "positive integer")
 NAME_RULE = ("letters, digits",)
 FRACTION = ("(0, 1]",)
 RNG = np.random.default_rng(7)
@@ -88,6 +92,11 @@ def finds_the_cup(response: detector_pb2.DetectResponse) -> None:
     assert any(d.class_name == "cup" for d in response.detections), response.detections
 
 
+def served_by_version_one(response: detector_pb2.DetectResponse) -> None:
+    finds_the_cup(response)
+    assert (response.model, response.model_version) == ("yolov3-tiny", "1"), response.model_version
+
+
 def capped_detections(response: detector_pb2.DetectResponse) -> None:
     assert len(response.detections) == 100 and response.detections[0].class_name == "cup"
 
@@ -108,6 +117,26 @@ def list_models(metadata: tuple[tuple[str, str | bytes], ...] = ()) -> Callable[
         assert [m.name for m in response.models if m.is_default] == ["yolov3-tiny"], response
 
     return call
+
+
+def load_model(name: str, version: str = "", serving: str = "") -> Callable[[Stubs], Any]:
+    """One LoadModel; `serving`: the version the default model must serve afterwards."""
+
+    def call(s: Stubs) -> Any:
+        response = s.detector.LoadModel(detector_pb2.LoadModelRequest(name=name, version=version), timeout=s.timeout)
+        if serving:
+            assert [m.version for m in response.models if m.is_default] == [serving], response
+            detected = s.detector.Detect(detector_pb2.DetectRequest(image=s.photo), timeout=s.timeout)
+            assert detected.model_version == serving and detected.batch_size >= 1, detected
+        return response
+
+    return call
+
+
+def unload_model(name: str, version: str = "") -> Callable[[Stubs], Any]:
+    return lambda s: s.detector.UnloadModel(
+        detector_pb2.UnloadModelRequest(name=name, version=version), timeout=s.timeout
+    )
 
 
 def raw_bytes(method: str, data: bytes) -> Callable[[Stubs], Any]:
@@ -299,12 +328,41 @@ CASES = [
         DETECT,
         detect(model="rfcn-resnet101"),
         NOT_FOUND,
-        ("'rfcn-resnet101' is not loaded", "'yolov3-tiny'", "listmodels"),
+        ("'rfcn-resnet101' is not served here", "'yolov3-tiny'", "listmodels"),
     ),
     Case(
         "detect-model-unknown-128-bytes", DETECT, detect(model="r" * 128), NOT_FOUND, ("(128 bytes)", "'yolov3-tiny'")
     ),
     Case("detect-model-default-by-name", DETECT, detect(check=finds_the_cup, model="yolov3-tiny"), OK),
+    # -- Detect: model versions
+    Case(
+        "detect-version-unknown",
+        DETECT,
+        detect(model_version="99"),
+        NOT_FOUND,
+        ("version '99' of model 'yolov3-tiny' is not loaded", "listmodels"),
+    ),
+    expecting(
+        Case("detect-version-word", DETECT, detect(model_version="latest"), INVALID, VERSION_RULE),
+        fields=("model_version",),
+    ),
+    Case("detect-version-zero", DETECT, detect(model_version="0"), INVALID, VERSION_RULE),
+    Case("detect-version-negative", DETECT, detect(model_version="-1"), INVALID, VERSION_RULE),
+    Case("detect-version-1-mib", DETECT, detect(model_version="9" * 2**20), INVALID, VERSION_RULE + ("bytes)",)),
+    Case("detect-version-nul", DETECT, detect(model_version="1\0"), INVALID, VERSION_RULE),
+    Case(
+        "detect-version-of-unknown-model",
+        DETECT,
+        detect(model="rfcn", model_version="1"),
+        NOT_FOUND,
+        ("'rfcn' is not served here",),
+    ),
+    Case(
+        "detect-version-one",
+        DETECT,
+        detect(check=served_by_version_one, model="yolov3-tiny", model_version="1"),
+        OK,
+    ),
     # -- Detect: bytes that are not a DetectRequest
     Case(
         "detect-malformed-protobuf",
@@ -323,6 +381,101 @@ CASES = [
     ),
     Case(
         "detect-unknown-field", DETECT, unknown_fields(DETECT, lambda s: detector_pb2.DetectRequest(image=s.photo)), OK
+    ),
+    # -- LoadModel / UnloadModel (the swaps reload the model that serves: answers stay the same)
+    Case("detector-load-model-reload-version", LOAD_MODEL, load_model("yolov3-tiny", "1", serving="1"), OK),
+    Case("detector-load-model-reload-by-policy", LOAD_MODEL, load_model("yolov3-tiny", serving="1"), OK),
+    Case("detector-load-model-empty-name", LOAD_MODEL, load_model(""), INVALID, ("model is required",) + NAME_RULE),
+    Case("detector-load-model-1-mib-name", LOAD_MODEL, load_model("m" * 2**20), INVALID, ("limit of 128",) + NAME_RULE),
+    Case("detector-load-model-nul-name", LOAD_MODEL, load_model("yolov3-tiny\0"), INVALID, ("u+0000",) + NAME_RULE),
+    Case("detector-load-model-parent-folder", LOAD_MODEL, load_model("../models/yolov3-tiny"), INVALID, ("no '/'",)),
+    Case("detector-load-model-dot-folder", LOAD_MODEL, load_model(".."), INVALID, ("leading '.'",)),
+    Case(
+        "detector-load-model-absolute-path",
+        LOAD_MODEL,
+        load_model("/etc"),
+        INVALID,
+        ("is a folder name under the repository",),
+    ),
+    Case(
+        "detector-load-model-unknown",
+        LOAD_MODEL,
+        load_model("rfcn-resnet101"),
+        NOT_FOUND,
+        ("has no folder", "config.json"),
+    ),
+    Case(
+        "detector-load-model-unknown-version",
+        LOAD_MODEL,
+        load_model("yolov3-tiny", "99"),
+        NOT_FOUND,
+        ("no version '99' on disk", "its versions are ['1']"),
+    ),
+    expecting(
+        Case(
+            "detector-load-model-version-word", LOAD_MODEL, load_model("yolov3-tiny", "latest"), INVALID, VERSION_RULE
+        ),
+        fields=("version",),
+    ),
+    Case("detector-load-model-version-float", LOAD_MODEL, load_model("yolov3-tiny", "1.0"), INVALID, VERSION_RULE),
+    Case("detector-load-model-version-spaces", LOAD_MODEL, load_model("yolov3-tiny", " 1 "), INVALID, VERSION_RULE),
+    Case(
+        "detector-load-model-version-non-ascii-digit",
+        LOAD_MODEL,
+        load_model("yolov3-tiny", "\u0661"),
+        INVALID,
+        VERSION_RULE,
+    ),
+    Case(
+        "detector-load-model-version-huge",
+        LOAD_MODEL,
+        load_model("yolov3-tiny", "1" * 4096),
+        INVALID,
+        VERSION_RULE + ("bytes)",),
+    ),
+    Case(
+        "detector-load-model-malformed-protobuf",
+        LOAD_MODEL,
+        raw_bytes(LOAD_MODEL, b"\xff\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
+    Case(
+        "detector-unload-model-default-last-version",
+        UNLOAD_MODEL,
+        unload_model("yolov3-tiny"),
+        PRECONDITION,
+        ("this server's default", "keeps at least one version"),
+    ),
+    Case(
+        "detector-unload-model-default-by-version",
+        UNLOAD_MODEL,
+        unload_model("yolov3-tiny", "1"),
+        PRECONDITION,
+        ("this server's default", "load another version first"),
+    ),
+    Case(
+        "detector-unload-model-unknown",
+        UNLOAD_MODEL,
+        unload_model("rfcn-resnet101"),
+        NOT_FOUND,
+        ("has no version loaded",),
+    ),
+    Case(
+        "detector-unload-model-unknown-version",
+        UNLOAD_MODEL,
+        unload_model("yolov3-tiny", "99"),
+        NOT_FOUND,
+        ("version '99' of model 'yolov3-tiny' is not loaded", "loaded are ['1']"),
+    ),
+    Case("detector-unload-model-empty-name", UNLOAD_MODEL, unload_model(""), INVALID, ("model is required",)),
+    Case("detector-unload-model-version-word", UNLOAD_MODEL, unload_model("yolov3-tiny", "all"), INVALID, VERSION_RULE),
+    Case(
+        "detector-unload-model-malformed-protobuf",
+        UNLOAD_MODEL,
+        raw_bytes(UNLOAD_MODEL, b"\xff\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message",),
     ),
     # -- ListModels
     Case("list-models-plain", LIST_MODELS, list_models(), OK),

@@ -1,8 +1,10 @@
 """Bad input to the signature server (mps.signature.v1.SignatureService), every RPC: images that are
 empty, truncated, random, bombs, raw with the wrong byte count or no size; too many images; unknown,
-unspecified and repeated kinds; LocateObjects limits; hand-made bytes that are no protobuf message;
-and the inputs that used to break it or answer wrongly (100000x1 strips: "cannot reshape"; 16-bit
-PNGs: decoded white), which must now be answered."""
+unspecified and repeated kinds; models and versions that are not served or not loaded; LocateObjects
+limits; model control (LoadModel, UnloadModel) asked for what is not there, or to leave the server
+without its deep model; hand-made bytes that are no protobuf message; and the inputs that used to
+break it or answer wrongly (100000x1 strips: "cannot reshape"; 16-bit PNGs: decoded white), which
+must now be answered."""
 
 from __future__ import annotations
 
@@ -18,17 +20,18 @@ from common.bow_codec import decode
 from common.images import encode_png
 from common.photos import load_photo
 from common.proto_convert import dense_from_proto, image_to_proto
-from mps.common.v1 import common_pb2
+from mps.common.v1 import common_pb2, models_pb2
 from mps.signature.v1 import signature_pb2
 from signature_server.config import SignatureConfig
 from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_name
 from tests.helpers import png_bomb
 
-SIGN, KINDS, LOCATE = (
+SIGN, KINDS, LOCATE, LIST_MODELS, LOAD_MODEL, UNLOAD_MODEL = (
     rpc_name(signature_pb2, "SignatureService", method)
-    for method in ("ComputeSignatures", "ListKinds", "LocateObjects")
+    for method in ("ComputeSignatures", "ListKinds", "LocateObjects", "ListModels", "LoadModel", "UnloadModel")
 )
 INVALID, EXHAUSTED, OK = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK
+NOT_FOUND, PRECONDITION = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
 DEEP, BOW, UNSPECIFIED = (
     common_pb2.SIGNATURE_KIND_DEEP,
     common_pb2.SIGNATURE_KIND_BOW,
@@ -37,6 +40,7 @@ DEEP, BOW, UNSPECIFIED = (
 # The suite runs the server with its defaults.
 LIMITS = SignatureConfig()
 MAX_IMAGES, MAX_SALIENT, MAX_SEGMENTS = LIMITS.max_images_per_request, LIMITS.max_salient, LIMITS.max_segments
+DEEP_MODEL, BOW_MODEL = LIMITS.deep_model, LIMITS.bow_model
 
 COFFEE = load_photo("coffee")
 CROP = COFFEE[40:200, 100:300]
@@ -125,6 +129,50 @@ def list_kinds(s: Stubs) -> None:
     response = s.signature.ListKinds(signature_pb2.ListKindsRequest(), timeout=s.timeout)
     assert [k.kind for k in response.kinds] == [DEEP, BOW]
     assert response.max_images_per_call == MAX_IMAGES  # what the gateway splits its calls to
+
+
+def sign_with(models: list[tuple[str, str]], kinds: tuple[int, ...] = (DEEP,)) -> Callable[[Stubs], Any]:
+    """ComputeSignatures of a tiny crop naming (model, version) pairs."""
+    request = signature_pb2.ComputeSignaturesRequest(
+        images=[image_to_proto(COFFEE[:8, :8])],
+        kinds=[cast(common_pb2.SignatureKind, k) for k in kinds],
+        models=[models_pb2.ModelRef(name=name, version=version) for name, version in models],
+    )
+    return lambda s: s.signature.ComputeSignatures(request, timeout=s.timeout)
+
+
+def sign_naming_the_serving_versions(s: Stubs) -> None:
+    """Naming the versions that serve answers as naming none; served_by says which, kind by kind."""
+    named = sign_with([(BOW_MODEL, "1"), (DEEP_MODEL, "1")], kinds=(BOW, DEEP))(s)
+    unnamed = sign_with([], kinds=(BOW, DEEP))(s)
+    assert [(m.name, m.version) for m in named.served_by] == [(BOW_MODEL, "1"), (DEEP_MODEL, "1")]
+    assert named.signatures == unnamed.signatures and named.served_by == unnamed.served_by
+
+
+def list_models(s: Stubs) -> None:
+    """Both models, each with one READY default version that says where it runs."""
+    listed = s.signature.ListModels(signature_pb2.ListModelsRequest(), timeout=s.timeout).models
+    ready = [m for m in listed if m.state == models_pb2.MODEL_STATE_READY]
+    assert sorted(m.name for m in ready) == sorted([DEEP_MODEL, BOW_MODEL]), listed
+    assert all(m.is_default and m.execution_provider and m.max_batch >= 1 and m.load_ms > 0 for m in ready), ready
+
+
+def load_model(name: str, version: str = "") -> Callable[[Stubs], Any]:
+    request = signature_pb2.LoadModelRequest(name=name, version=version)
+    return lambda s: s.signature.LoadModel(request, timeout=120)
+
+
+def unload_model(name: str, version: str = "") -> Callable[[Stubs], Any]:
+    request = signature_pb2.UnloadModelRequest(name=name, version=version)
+    return lambda s: s.signature.UnloadModel(request, timeout=s.timeout)
+
+
+def reload_the_serving_codebook(s: Stubs) -> None:
+    """Loading the version that serves swaps in a fresh copy of it: the same answers afterwards
+    (the module's last test compares them), one READY default version, the old copy draining."""
+    rows = load_model(BOW_MODEL, "1")(s).models
+    ready = [m for m in rows if m.state == models_pb2.MODEL_STATE_READY]
+    assert [(m.version, m.is_default) for m in ready] == [("1", True)], rows
 
 
 TINY = image_to_proto(COFFEE[:8, :8])
@@ -248,6 +296,39 @@ SIGN_CASES = [
         sign_both_kinds_validly(encoded(png16(CROP, grey=True)), np.repeat(CROP[:, :, :1], 3, axis=2)),
         OK,
     ),
+    expecting(
+        Case(
+            "sign-model-not-served-here",
+            SIGN,
+            sign_with([("yolov3-tiny", "1")]),
+            INVALID,
+            ("models[0].name", "'yolov3-tiny' is not served here", DEEP_MODEL, BOW_MODEL, "listmodels"),
+        ),
+        fields=("models[0].name",),
+    ),
+    Case("sign-model-empty-name", SIGN, sign_with([("", "1")]), INVALID, ("models[0].name is empty", DEEP_MODEL)),
+    Case(
+        "sign-model-named-twice",
+        SIGN,
+        sign_with([(DEEP_MODEL, "1"), (DEEP_MODEL, "")]),
+        INVALID,
+        ("models[1].name", "named twice", "name each model once"),
+    ),
+    Case(
+        "sign-model-version-not-loaded",
+        SIGN,
+        sign_with([(DEEP_MODEL, "7")]),
+        NOT_FOUND,
+        ("version '7'", DEEP_MODEL, "not loaded", "listmodels"),
+    ),
+    Case(
+        "sign-model-version-100000-characters",
+        SIGN,
+        sign_with([(BOW_MODEL, "9" * 100_000)], kinds=(BOW,)),
+        INVALID,
+        ("models[0].version", "(100000 bytes)", "is not a version: send a positive integer"),
+    ),
+    Case("sign-naming-the-serving-versions", SIGN, sign_naming_the_serving_versions, OK),
     Case(
         "sign-malformed-protobuf",
         SIGN,
@@ -333,7 +414,104 @@ LOCATE_CASES = [
     ),
 ]
 
-CASES = SIGN_CASES + KINDS_CASES + LOCATE_CASES
+MODEL_CASES = [
+    Case("list-models-both-models-ready", LIST_MODELS, list_models, OK),
+    Case(
+        "signature-list-models-malformed-protobuf",
+        LIST_MODELS,
+        malformed(LIST_MODELS, b"\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message", "listmodels"),
+    ),
+    expecting(
+        Case("load-model-empty-name", LOAD_MODEL, load_model(""), INVALID, ("name is empty", "listmodels")),
+        fields=("name",),
+    ),
+    Case(
+        "load-model-not-served-here",
+        LOAD_MODEL,
+        load_model("yolov3-tiny"),
+        NOT_FOUND,
+        ("'yolov3-tiny'", "not one this server serves", DEEP_MODEL, BOW_MODEL),
+    ),
+    Case(
+        "load-model-a-path-for-a-name",
+        LOAD_MODEL,
+        load_model(f"../../models/{DEEP_MODEL}"),
+        NOT_FOUND,
+        ("not one this server serves",),
+    ),
+    Case(
+        "load-model-version-not-on-disk",
+        LOAD_MODEL,
+        load_model(DEEP_MODEL, "99"),
+        NOT_FOUND,
+        ("no version '99' on disk", "its versions are ['1']"),
+    ),
+    Case(
+        "load-model-version-a-word",
+        LOAD_MODEL,
+        load_model(BOW_MODEL, "latest"),
+        INVALID,
+        ("version 'latest' is not a version", "positive integer"),
+    ),
+    Case(
+        "load-model-version-a-path",
+        LOAD_MODEL,
+        load_model(BOW_MODEL, "../1"),
+        INVALID,
+        ("version '../1' is not a version", "positive integer"),
+    ),
+    Case(
+        "load-model-version-100000-characters",
+        LOAD_MODEL,
+        load_model(BOW_MODEL, "1" * 100_000),
+        INVALID,
+        ("(100000 bytes)", "is not a version: send a positive integer"),
+    ),
+    Case("load-model-reload-the-serving-codebook", LOAD_MODEL, reload_the_serving_codebook, OK),
+    Case(
+        "load-model-malformed-protobuf",
+        LOAD_MODEL,
+        malformed(LOAD_MODEL, b"\x0a\xff\xff\xff\x0f\x01"),
+        INVALID,
+        ("not a valid protobuf message", "loadmodel"),
+    ),
+    expecting(
+        Case("unload-model-empty-name", UNLOAD_MODEL, unload_model(""), INVALID, ("name is empty",)),
+        fields=("name",),
+    ),
+    Case(
+        "unload-model-not-served-here",
+        UNLOAD_MODEL,
+        unload_model("yolov3-tiny", "1"),
+        NOT_FOUND,
+        ("'yolov3-tiny'", "not one this server serves"),
+    ),
+    Case(
+        "unload-model-version-not-loaded",
+        UNLOAD_MODEL,
+        unload_model(DEEP_MODEL, "7"),
+        NOT_FOUND,
+        ("version '7'", "not loaded", "loaded are ['1']"),
+    ),
+    Case(
+        "unload-model-the-deep-models-last-version",
+        UNLOAD_MODEL,
+        unload_model(DEEP_MODEL),
+        PRECONDITION,
+        ("default", "keeps at least one version", "load another version first"),
+    ),
+    Case(
+        "unload-model-malformed-protobuf",
+        UNLOAD_MODEL,
+        malformed(UNLOAD_MODEL, b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
+        INVALID,
+        ("not a valid protobuf message", "unloadmodel"),
+    ),
+]
+
+CASES = SIGN_CASES + KINDS_CASES + LOCATE_CASES + MODEL_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
