@@ -13,7 +13,8 @@ exceeded, and, for an IndexProducts stream refused part-way, how many images wer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -146,6 +147,62 @@ class VisualSearchClient:
                 yield request
 
         return self._stub.IndexProducts(requests(), timeout=timeout_s or self.timeout_s)
+
+    def stream(
+        self,
+        frames: Iterable[tuple[int, bytes | np.ndarray] | tuple[int, bytes | np.ndarray, int]],
+        top_k: int = 10,
+        signature_kind: int = common_pb2.SIGNATURE_KIND_UNSPECIFIED,
+        categories: Sequence[str] = (),
+        min_score: float | None = None,
+        detection_interval: int = 0,
+        search_every_frame: bool = False,
+        lockstep: bool = False,
+        timeout_s: float | None = 3600.0,
+    ) -> Iterator[gateway_pb2.StreamMultiProductSearchResponse]:
+        """Streams video frames ((frame_number, image) or (frame_number, image, timestamp_ms); image:
+        encoded bytes or (H, W, 3) uint8 RGB pixels; numbers increasing) to StreamMultiProductSearch
+        -> one result per processed frame, then the summary (the last result, its `summary` set).
+
+        By default frames are sent as fast as `frames` yields them and the gateway drops those it has
+        no time for (the newest wins; each result's skipped_frames lists them): live video.
+        `lockstep` sends a frame only once the previous one's result is back, so every frame is
+        processed (a file, when every frame matters). Leaving the iterator early cancels the call."""
+        turn = threading.Semaphore(0)
+        done = threading.Event()
+
+        def requests() -> Iterator[gateway_pb2.StreamMultiProductSearchRequest]:
+            for position, frame in enumerate(frames):
+                if lockstep and position > 0:
+                    while not turn.acquire(timeout=0.1):
+                        if done.is_set():
+                            return
+                if done.is_set():
+                    return
+                request = gateway_pb2.StreamMultiProductSearchRequest(
+                    frame_number=frame[0], image=to_image(frame[1]), timestamp_ms=frame[2] if len(frame) > 2 else 0
+                )
+                if position == 0:
+                    options = gateway_pb2.VideoOptions(
+                        top_k=top_k,
+                        signature_kind=cast(common_pb2.SignatureKind, signature_kind),
+                        categories=list(categories),
+                        detection_interval=detection_interval,
+                        search_every_frame=search_every_frame,
+                    )
+                    if min_score is not None:
+                        options.min_score = min_score
+                    request.options.CopyFrom(options)
+                yield request
+
+        call = self._stub.StreamMultiProductSearch(requests(), timeout=timeout_s)
+        try:
+            for response in call:
+                turn.release()
+                yield response
+        finally:
+            done.set()
+            call.cancel()  # a no-op once the call is over; stops the gateway when the caller left early
 
     def delete_products(
         self, product_ids: Sequence[str], categories: Sequence[str] = (), timeout_s: float | None = None

@@ -158,6 +158,35 @@ class GatewayConfig(ServerConfig):
     # it (see gateway/service.py): a cancelled stream must store nothing.
     cancel_settle_s: float = 0.02
 
+    # -- video (StreamMultiProductSearch, gateway/stream.py) ------------------------------------------
+    # Run the detector on every Nth processed frame and only track in between (a stream's options
+    # may override it); a scene cut is always detected at once.
+    video_detection_interval: int = 1
+    # Class-agnostic boxes tracked per frame: fewer and surer than a photo's candidates, since each
+    # new track costs a search. Detector classes use the model's threshold (video_min_confidence 0).
+    video_objectness_threshold: float = 0.3
+    video_max_objects: int = 8
+    video_min_confidence: float = 0.0
+    # SORT tracker: IoU to match a box to a track, frames a lost track is kept, detections before a
+    # track gets an id (a track born right after the start or a cut gets one at once).
+    video_iou_threshold: float = 0.3
+    video_max_age: int = 30
+    video_min_hits: int = 2
+    # A track already searched is searched again when its box grew by this factor, its crop got this
+    # much sharper, or its appearance drifted this far (gateway.video.ReSearch), never twice within
+    # video_min_frames_between frames.
+    video_growth: float = 1.6
+    video_sharper: float = 1.5
+    video_drift: float = 0.35
+    video_min_frames_between: int = 5
+    # Scene cuts (colour histogram distance between consecutive frames) end every track.
+    video_cut_detection: bool = True
+    # Tracks searched on one frame at most (new tracks first); the others wait for a later frame.
+    video_max_searches_per_frame: int = 16
+    # A stream's deadline when the caller sets none, and the most one frame's work may take.
+    video_stream_timeout_s: float = 3600.0
+    video_frame_timeout_s: float = 10.0
+
     def _check(self) -> None:
         super()._check()
         if not self.detector_models:
@@ -198,4 +227,14 @@ class GatewayConfig(ServerConfig):
         self._at_least(1, "ingest_batch", "max_images_per_stream")
         self._at_least(0, "ingest_report_limit", "catalogue_refresh_s", "reply_reserve_s", "cancel_settle_s")
         self._at_least(0, "index_ready_wait_s", note="0 = fail at once")
-        self._above(0, "default_timeout_s")
+        self._above(0, "default_timeout_s", "video_stream_timeout_s", "video_frame_timeout_s")
+        self._within("video_objectness_threshold", 0, 1)
+        self._within("video_min_confidence", 0, 1)
+        self._within("video_iou_threshold", 0, 1, low_open=True)
+        self._at_least(1, "video_detection_interval", "video_min_hits", "video_max_searches_per_frame")
+        self._at_least(0, "video_max_objects", "video_max_age", "video_min_frames_between")
+        for name in ("video_growth", "video_sharper"):
+            if getattr(self, name) <= 1:
+                raise ConfigError(f"{name} {getattr(self, name)} must be above 1 (a factor over the last search)")
+        if not 0 < self.video_drift <= 2:
+            raise ConfigError(f"video_drift {self.video_drift} must be in (0, 2] (1 - correlation of histograms)")

@@ -23,6 +23,7 @@ from gateway.crops import valid_box
 from gateway.pipeline import CatalogueImage, FoundItem, IndexedImage, Pipeline, SearchOptions, Timings
 from gateway.ports import CatalogueMatch, Ports
 from gateway.proposals import Source
+from gateway.stream import FrameResult, StreamSettings, StreamSummary, TrackedItem, VideoStream
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -189,6 +190,41 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             out.append((box, region.category))
         return out
 
+    # --- StreamMultiProductSearch ---------------------------------------------------------------
+
+    def StreamMultiProductSearch(
+        self,
+        request_iterator: Iterator[gateway_pb2.StreamMultiProductSearchRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[gateway_pb2.StreamMultiProductSearchResponse]:
+        """The per-stream engine is gateway/stream.py; this only converts."""
+        remaining = context.time_remaining()
+        seconds = self.config.video_stream_timeout_s if remaining is None or remaining > 1e8 else remaining
+        stream = VideoStream(self.config, self.pipeline, self._video_settings, seconds)
+        if not context.add_callback(stream.cancel):
+            return
+        for result in stream.run(request_iterator):
+            if isinstance(result, StreamSummary):
+                yield gateway_pb2.StreamMultiProductSearchResponse(summary=_video_summary(result))
+            else:
+                yield _video_result(result)
+
+    def _video_settings(self, options: gateway_pb2.VideoOptions | None) -> StreamSettings:
+        """A stream's options, checked as a MultiProductSearch's are."""
+        options = options or gateway_pb2.VideoOptions()
+        request = gateway_pb2.MultiProductSearchRequest(
+            top_k=options.top_k, signature_kind=options.signature_kind, categories=list(options.categories)
+        )
+        if options.HasField("min_score"):
+            request.min_score = options.min_score
+        try:
+            search = self._options(request)
+        except InvalidArgument as exc:
+            raise exc.reworded(f"options.{exc.message}") from None
+        return StreamSettings(
+            search, options.detection_interval or self.config.video_detection_interval, options.search_every_frame
+        )
+
     # --- IndexProducts ------------------------------------------------------------------------
 
     def IndexProducts(
@@ -270,3 +306,54 @@ def _item(item: FoundItem) -> gateway_pb2.Item:
         )
         out.missing_shards.extend(item.degraded.missing_shards)
     return out
+
+
+def _video_item(item: TrackedItem) -> gateway_pb2.VideoItem:
+    return gateway_pb2.VideoItem(
+        track_id=item.track_id,
+        box=box_to_proto(item.box),
+        category=item.category,
+        class_name=item.class_name,
+        confidence=item.confidence,
+        matches=[_match(m) for m in item.matches],
+        searched=item.searched,
+        last_searched_frame=item.last_searched_frame,
+        warning=item.warning,
+    )
+
+
+def _video_result(result: FrameResult) -> gateway_pb2.StreamMultiProductSearchResponse:
+    return gateway_pb2.StreamMultiProductSearchResponse(
+        frame_number=result.number,
+        timestamp_ms=result.timestamp_ms,
+        searched=result.searched,
+        skipped_frames=result.skipped,
+        items=[_video_item(i) for i in result.items],
+        detected=result.detected,
+        cut=result.cut,
+        image_width=result.width,
+        image_height=result.height,
+        process_ms=result.process_ms,
+    )
+
+
+def _video_summary(summary: StreamSummary) -> gateway_pb2.VideoSummary:
+    return gateway_pb2.VideoSummary(
+        tracks=[
+            gateway_pb2.TrackSummary(
+                track_id=t.track_id,
+                category=t.category,
+                class_name=t.class_name,
+                first_frame=t.first_frame,
+                last_frame=t.last_frame,
+                searches=t.searches,
+                best_matches=[_match(m) for m in t.best_matches],
+            )
+            for t in summary.tracks
+        ],
+        frames_received=summary.received,
+        frames_processed=summary.processed,
+        frames_skipped=summary.skipped,
+        frames_detected=summary.detected,
+        searches=summary.searches,
+    )

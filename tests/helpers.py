@@ -29,6 +29,7 @@ from signature_server.config import SignatureConfig
 __all__ = [
     "BAD_IMAGE_SAYS",
     "CUP_BOX",
+    "MOTO_BOX",
     "Suite",
     "bad_images",
     "chi2",
@@ -36,8 +37,11 @@ __all__ = [
     "dense",
     "free_port",
     "png_bomb",
+    "shop_catalogue",
     "start_suite",
     "tiles",
+    "video_clip",
+    "video_scene",
     "wait_serving",
 ]
 
@@ -105,6 +109,79 @@ def tiles(name: str, grid: int = 2) -> list[np.ndarray]:
         for r in range(grid)
         for c in range(grid)
     ]
+
+
+MOTO_BOX = (55, 54, 697, 455)  # the motorbike in the "motorcycle_left" photo
+
+
+def shop_catalogue(distractors: bool = True) -> list[Any]:
+    """The products the end-to-end tests search for: "coffee-cup" (the cup of "coffee", mirrored) in
+    "tableware" and "moto-left" (the motorbike of "motorcycle_left") in "vehicles", and, with
+    `distractors`, centre crops of five other photos in both categories -> gateway.client.Product list."""
+    from common.images import encode_jpeg
+    from gateway.client import Product
+
+    coffee, left = load_photo("coffee"), load_photo("motorcycle_left")
+    x0, y0, x1, y1 = CUP_BOX
+    a, b, c, d = MOTO_BOX
+    products = [
+        Product("coffee-cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1][:, ::-1]), {"title": "cup"}),
+        Product("moto-left", "vehicles", encode_jpeg(left[b:d, a:c]), {"title": "bike"}),
+    ]
+    for name in ("chelsea", "astronaut", "rocket", "china.jpg", "flower.jpg") if distractors else ():
+        photo = load_photo(name)
+        h, w = photo.shape[:2]
+        crop = encode_jpeg(photo[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4])
+        products += [Product(f"{category}-{name}", category, crop, {}) for category in ("tableware", "vehicles")]
+    return products
+
+
+# -- a video clip of real photos ----------------------------------------------------------------------
+
+
+def video_scene() -> tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
+    """A 1280x720 shop scene of real photos: the cup and saucer of "coffee" and the motorbike of
+    "motorcycle_left" pasted on "china.jpg" -> (scene RGB, product -> its box in the scene)."""
+    import cv2
+
+    scene = cv2.resize(load_photo("china.jpg"), (1280, 720), interpolation=cv2.INTER_AREA)
+    x0, y0, x1, y1 = CUP_BOX
+    cup = load_photo("coffee")[y0:y1, x0:x1]
+    x0, y0, x1, y1 = MOTO_BOX
+    moto = cv2.resize(load_photo("motorcycle_left")[y0:y1, x0:x1], (449, 281), interpolation=cv2.INTER_AREA)
+    boxes = {"cup": (140, 330, 140 + cup.shape[1], 330 + cup.shape[0]), "moto": (700, 380, 1149, 661)}
+    for name, patch in (("cup", cup), ("moto", moto)):
+        a, b, c, d = boxes[name]
+        scene[b:d, a:c] = patch
+    return scene, boxes
+
+
+def video_clip(
+    size: tuple[int, int] = (640, 360), pan: int = 20, zoom: int = 10, after_cut: int = 10
+) -> tuple[list[np.ndarray], int]:
+    """Frames (H, W, 3) uint8 RGB of `size` (width, height): a pan across video_scene(), a zoom into
+    it, then a cut to the "motorcycle_right" photo, slowly panned -> (frames, index of the first
+    frame after the cut)."""
+    import cv2
+
+    scene, _ = video_scene()
+    frames = []
+    for i in range(pan):  # a 1000x560 window moving right by 160 pixels
+        x = round(160 * i / max(pan - 1, 1))
+        frames.append(cv2.resize(scene[100:660, x : x + 1000], size, interpolation=cv2.INTER_AREA))
+    for i in range(1, zoom + 1):  # then narrowing to 800x450 around the same centre
+        w = round(1000 - 200 * i / zoom)
+        h = round(w * 0.56)
+        cx, cy = 160 + 500, 380
+        frames.append(
+            cv2.resize(scene[cy - h // 2 : cy + h // 2, cx - w // 2 : cx + w // 2], size, interpolation=cv2.INTER_AREA)
+        )
+    other = load_photo("motorcycle_right")
+    cut = len(frames)
+    for i in range(after_cut):
+        x = 4 * i
+        frames.append(cv2.resize(other[20:480, x : x + 700], size, interpolation=cv2.INTER_AREA))
+    return [np.ascontiguousarray(f) for f in frames], cut
 
 
 # -- bad input --------------------------------------------------------------------------------------

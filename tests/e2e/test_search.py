@@ -12,27 +12,12 @@ from common.photos import load_photo
 from gateway.client import Product, VisualSearchClient
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
-from tests.helpers import BAD_IMAGE_SAYS, CUP_BOX, bad_images, free_port, start_suite
+from tests.helpers import BAD_IMAGE_SAYS, CUP_BOX, bad_images, free_port, shop_catalogue, start_suite
 
 
 @pytest.fixture(scope="module")
 def client(suite):
-    coffee = load_photo("coffee")
-    left = load_photo("motorcycle_left")
-    x0, y0, x1, y1 = CUP_BOX
-    products = [
-        Product("coffee-cup", "tableware", encode_jpeg(coffee[y0:y1, x0:x1][:, ::-1]), {"title": "cup"}),
-        Product("moto-left", "vehicles", encode_jpeg(left[54:455, 55:697]), {"title": "bike"}),
-    ]
-    for name in ("chelsea", "astronaut", "rocket", "china.jpg", "flower.jpg"):
-        photo = load_photo(name)
-        h, w = photo.shape[:2]
-        for category in ("tableware", "vehicles"):
-            products.append(
-                Product(
-                    f"{category}-{name}", category, encode_jpeg(photo[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]), {}
-                )
-            )
+    products = shop_catalogue()
     with VisualSearchClient(suite.addresses["gateway"]) as c:
         response = c.index_products(products)
         assert response.indexed == len(products)

@@ -18,6 +18,7 @@ from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_nam
 SEARCH = rpc_name(gateway_pb2, "VisualSearchService", "MultiProductSearch")
 INDEX = rpc_name(gateway_pb2, "VisualSearchService", "IndexProducts")
 DELETE = rpc_name(gateway_pb2, "VisualSearchService", "DeleteProducts")
+STREAM = rpc_name(gateway_pb2, "VisualSearchService", "StreamMultiProductSearch")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -430,7 +431,140 @@ DELETE_CASES = [
     ),
 ]
 
-CASES = SEARCH_CASES + INDEX_CASES + DELETE_CASES
+
+# --- StreamMultiProductSearch -----------------------------------------------------------------------
+
+
+def stream_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], *frames: dict, options=None) -> Case:
+    """A video stream whose frames are the reference photo (frame_number 1, 2...) with each
+    `frames` dict's fields set instead ("image": an Image, or None for none); `options` on the first."""
+
+    def call(s: Stubs):
+        requests = []
+        for n, fields in enumerate(frames, 1):
+            fields = dict(fields)
+            image = fields.pop("image", "photo")
+            request = gateway_pb2.StreamMultiProductSearchRequest(frame_number=fields.pop("frame_number", n), **fields)
+            if image == "photo":
+                request.image.CopyFrom(s.photo)
+            elif image is not None:
+                request.image.CopyFrom(image)
+            requests.append(request)
+        if options is not None and requests:
+            requests[0].options.CopyFrom(options)
+        return list(s.gateway.StreamMultiProductSearch(iter(requests), timeout=s.timeout))
+
+    return Case(case_id_, STREAM, call, code, says)
+
+
+PHOTO: dict = {}  # a frame of the reference photo, nothing else set
+
+STREAM_CASES = [
+    stream_case(
+        "stream-first-frame-no-image", INVALID, ("frame #0", "has no image", "set image.encoded"), {"image": None}
+    ),
+    stream_case("stream-later-frame-no-image", INVALID, ("frame #1", "has no image"), PHOTO, {"image": None}),
+    stream_case(
+        "stream-empty-encoded-image",
+        INVALID,
+        ("image.encoded is empty",),
+        {"image": common_pb2.Image(encoded=b"")},
+    ),
+    stream_case(
+        "stream-random-bytes",
+        INVALID,
+        ("frame_number 1", "image cannot be decoded"),
+        {"image": common_pb2.Image(encoded=bytes(range(256)) * 16)},
+    ),
+    stream_case(
+        "stream-decompression-bomb",
+        INVALID,
+        ("pixels", "above the limit", "downscale"),
+        {"image": common_pb2.Image(encoded=png_header(100_000, 100_000))},
+    ),
+    stream_case(
+        "stream-raw-wrong-byte-count",
+        INVALID,
+        ("frame #0", "needs 300 rgb bytes", "got 5"),
+        {"image": common_pb2.Image(raw=common_pb2.RawImage(width=10, height=10, rgb=b"\x00" * 5))},
+    ),
+    stream_case(
+        "stream-raw-zero-size",
+        INVALID,
+        ("zero size",),
+        {"image": common_pb2.Image(raw=common_pb2.RawImage(width=0, height=0, rgb=b""))},
+    ),
+    stream_case(
+        "stream-raw-too-many-pixels",
+        INVALID,
+        ("above the limit", "pixels"),
+        {"image": common_pb2.Image(raw=common_pb2.RawImage(width=100_000, height=100_000, rgb=b"\x00"))},
+    ),
+    stream_case(
+        "stream-frame-numbers-not-increasing",
+        INVALID,
+        ("frame numbers must increase", "follows frame_number 5"),
+        {"frame_number": 5},
+        {"frame_number": 5},
+    ),
+    stream_case(
+        "stream-options-on-a-later-frame",
+        INVALID,
+        ("frame #1 carries options", "only the first message"),
+        PHOTO,
+        {"options": gateway_pb2.VideoOptions(top_k=1)},
+    ),
+    expecting(
+        stream_case(
+            "stream-top-k-over-limit",
+            INVALID,
+            ("options.top_k 1000000 is above the limit of 100",),
+            PHOTO,
+            options=gateway_pb2.VideoOptions(top_k=10**6),
+        ),
+        fields=("top_k",),
+        quota=("top_k",),
+    ),
+    stream_case(
+        "stream-unknown-signature-kind",
+        INVALID,
+        ("signature_kind 7", "signature_kind_deep"),
+        PHOTO,
+        options=gateway_pb2.VideoOptions(signature_kind=7),  # type: ignore[arg-type]
+    ),
+    stream_case(
+        "stream-min-score-nan",
+        INVALID,
+        ("min_score", "finite"),
+        PHOTO,
+        options=gateway_pb2.VideoOptions(min_score=float("nan")),
+    ),
+    stream_case(
+        "stream-category-bad-characters",
+        INVALID,
+        ("options.categories[0]",) + NAME_RULE,
+        PHOTO,
+        options=gateway_pb2.VideoOptions(categories=["shoes;drop table"]),
+    ),
+    stream_case(
+        "stream-too-many-categories",
+        EXHAUSTED,
+        ("257 categories", "at most 256"),
+        PHOTO,
+        options=gateway_pb2.VideoOptions(categories=[f"c{i}" for i in range(257)]),
+    ),
+    # An empty stream is no error: its only message is an empty summary.
+    stream_case("stream-empty-is-fine", OK, ()),
+    Case(
+        "stream-malformed-protobuf",
+        STREAM,
+        lambda s: list(s.channels["gateway"].stream_stream(STREAM)(iter([b"\x0a\xff\xff\xff\xff"]), timeout=s.timeout)),
+        INVALID,
+        ("not a valid protobuf message",),
+    ),
+]
+
+CASES = SEARCH_CASES + INDEX_CASES + DELETE_CASES + STREAM_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
