@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 import numpy as np
@@ -28,13 +28,21 @@ from gateway.config import SignatureKind
 from gateway.ports import (
     BatchAnswer,
     CatalogueEntry,
+    CatalogueImageInfo,
     CatalogueMatch,
+    CatalogueProduct,
     CategoryFailure,
+    DatabaseInfo,
     Degraded,
     DetectorOutput,
     LocatorOutput,
+    ProductPage,
     Signature,
+    caller_metadata,
+    item_id_of,
 )
+from index_server.convert import attributes_to_proto, filter_to_proto, stored_attributes
+from index_server.domain import Filter, ProductAttributes
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 from mps.index.v1 import index_pb2, index_pb2_grpc
@@ -50,11 +58,6 @@ KIND_NAMES: dict[int, SignatureKind] = {value: name for name, value in KIND_VALU
 def database_name(category: str, kind: str) -> str:
     """The index database of one category's products signed with one kind."""
     return f"{category}.{kind}"
-
-
-def item_id_of(product_id: str, image_id: str) -> str:
-    """The index item of one image of a product (its group is the product)."""
-    return f"{product_id}/{image_id}"
 
 
 def raise_from(stage: str, error: grpc.RpcError) -> NoReturn:
@@ -298,11 +301,19 @@ class GrpcIndex:
                 backend.fetched = -np.inf
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+        self,
+        category: str,
+        kind: str,
+        signatures: Sequence[Signature],
+        top_k: int,
+        timeout_s: float,
+        filter: Filter | None = None,
     ) -> BatchAnswer:
         request = index_pb2.SearchBatchRequest(
             database=database_name(category, kind), signatures=signatures, top_k=top_k, one_per_group=True
         )
+        if filter is not None:
+            request.filter.CopyFrom(filter_to_proto(filter))
         backend = self._backend(category)
         end = time.monotonic() + timeout_s
         backend.wait_ready(min(self._ready_wait_s, timeout_s / 4))
@@ -365,6 +376,93 @@ class GrpcIndex:
             deleted_images += per_kind
         self.invalidate()
         return deleted_images, [p for p in product_ids if p not in found]
+
+    def _call(self, category: str, what: str, method: str, request: Any, timeout_s: float) -> Any:
+        """One unary call to the backend holding `category`, its failure as a domain error."""
+        backend = self._backend(category)
+        try:
+            return getattr(backend.stub, method)(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            self._failed(backend, exc)
+            raise_from(f"index at {backend.address} ({what})", exc)
+
+    def list_products(
+        self,
+        category: str,
+        kind: str,
+        product_ids: Sequence[str],
+        filter: Filter | None,
+        page_size: int,
+        page_token: str,
+        timeout_s: float,
+    ) -> ProductPage:
+        request = index_pb2.ListGroupsRequest(
+            database=database_name(category, kind),
+            group_ids=list(product_ids),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        if filter is not None:
+            request.filter.CopyFrom(filter_to_proto(filter))
+        response = self._call(category, f"{category!r}", "ListGroups", request, timeout_s)
+        return ProductPage([_product(group) for group in response.groups], response.next_page_token, response.total)
+
+    def update_products(
+        self, category: str, kind: str, attributes: dict[str, ProductAttributes], timeout_s: float
+    ) -> list[str]:
+        request = index_pb2.UpdateGroupsRequest(
+            database=database_name(category, kind),
+            groups=[
+                index_pb2.GroupAttributes(group_id=product_id, attributes=attributes_to_proto(value))
+                for product_id, value in attributes.items()
+            ],
+        )
+        response = self._call(category, f"{category!r}", "UpdateGroups", request, timeout_s)
+        return list(response.not_found)
+
+    def purge_products(
+        self, category: str, kind: str, filter: Filter | None, timeout_s: float
+    ) -> tuple[list[str], int]:
+        request = index_pb2.DeleteRequest(database=database_name(category, kind))
+        request.where.SetInParent()  # set, even empty: an empty filter passes every product
+        request.where.CopyFrom(filter_to_proto(filter))
+        try:
+            response = self._call(category, f"{category!r}", "Delete", request, timeout_s)
+        finally:
+            self.invalidate()
+        return list(response.groups_deleted), response.deleted
+
+    def thumbnails(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict[str, bytes]:
+        request = index_pb2.GetItemImagesRequest(database=database_name(category, kind), item_ids=list(item_ids))
+        response = self._call(category, f"{category!r}", "GetItemImages", request, timeout_s)
+        return {image.item_id: image.thumbnail for image in response.images}
+
+    def databases(self, timeout_s: float) -> list[DatabaseInfo]:
+        calls = [(b, b.stub.Stats.future(index_pb2.StatsRequest(), timeout=timeout_s)) for b in self._backends.values()]
+        out = []
+        for backend, call in calls:
+            try:
+                stats = call.result()
+            except grpc.RpcError as exc:
+                self._failed(backend, exc)
+                raise_from(f"index at {backend.address} (Stats)", exc)
+            for database in stats.databases:
+                category, _, kind = database.name.rpartition(".")
+                # A category routed elsewhere that this backend also holds is not the catalogue's.
+                if not category or kind not in KIND_VALUES or self._backend(category) is not backend:
+                    continue
+                out.append(
+                    DatabaseInfo(
+                        category,
+                        cast(SignatureKind, kind),
+                        database.items,
+                        database.groups,
+                        database.index_type,
+                        database.memory_bytes,
+                        backend.address,
+                    )
+                )
+        return out
 
 
 class _AddStream:
@@ -431,16 +529,18 @@ class GrpcCatalogueWriter:
         by_backend: dict[str, list[index_pb2.AddRequest]] = {}
         for entry in entries:
             backend = self._index._backend(entry.category)
-            by_backend.setdefault(backend.address, []).append(
-                index_pb2.AddRequest(
-                    item_id=item_id_of(entry.product_id, entry.image_id),
-                    database=database_name(entry.category, entry.kind),
-                    signature=entry.signature,
-                    metadata=entry.metadata,
-                    group_id=entry.product_id,
-                    box=box_to_proto(entry.box),
-                )
+            request = index_pb2.AddRequest(
+                item_id=item_id_of(entry.product_id, entry.image_id),
+                database=database_name(entry.category, entry.kind),
+                signature=entry.signature,
+                metadata=entry.metadata,
+                group_id=entry.product_id,
+                box=box_to_proto(entry.box),
+                thumbnail=entry.thumbnail,
             )
+            if entry.attributes is not None:
+                request.attributes.CopyFrom(attributes_to_proto(entry.attributes))
+            by_backend.setdefault(backend.address, []).append(request)
         for address in by_backend:  # nothing is sent when one of the streams has already failed
             if address in self._streams:
                 self._streams[address].check()
@@ -472,21 +572,37 @@ class GrpcCatalogueWriter:
         self._index.invalidate()
 
 
-def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
+def _image_id(item: index_pb2.ScoredItem | index_pb2.LookedUpItem) -> str:
     group = item.group_id
     prefix = group + "/"
-    image_id = item.item_id[len(prefix) :] if group and item.item_id.startswith(prefix) else ""
+    return item.item_id[len(prefix) :] if group and item.item_id.startswith(prefix) else ""
+
+
+def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
+    metadata, uri = caller_metadata(dict(item.metadata))
     return CatalogueMatch(
-        group or item.item_id,
-        image_id,
+        item.group_id or item.item_id,
+        _image_id(item),
         item.score,
-        dict(item.metadata),
+        metadata,
         box_from_proto(item.box) if item.HasField("box") else None,
+        stored_attributes(item.attributes),
+        uri,
     )
 
 
+def _product(group: index_pb2.GroupInfo) -> CatalogueProduct:
+    images = []
+    for item in group.items:
+        metadata, uri = caller_metadata(dict(item.metadata))
+        box = box_from_proto(item.box) if item.HasField("box") else None
+        images.append(CatalogueImageInfo(_image_id(item) or item.item_id, metadata, box, uri))
+    images.sort(key=lambda image: image.image_id)
+    return CatalogueProduct(group.group_id, stored_attributes(group.attributes), images)
+
+
 # Calls retried on UNAVAILABLE on another replica (common.channels.service_config): those that
-# change nothing. Never Add, Delete, LoadModel, UnloadModel: a write whose answer was lost may have
+# change nothing. Never Add, Delete, UpdateGroups, LoadModel, UnloadModel: a write whose answer was lost may have
 # been applied, and the router (not round_robin) writes to every replica of an index shard.
 DETECTOR_SERVICE = detector_pb2.DESCRIPTOR.services_by_name["DetectorService"].full_name
 SIGNATURE_SERVICE = signature_pb2.DESCRIPTOR.services_by_name["SignatureService"].full_name
@@ -494,7 +610,7 @@ INDEX_SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
 IDEMPOTENT: dict[str, tuple[str, ...]] = {
     DETECTOR_SERVICE: ("Detect", "ListModels"),
     SIGNATURE_SERVICE: ("ComputeSignatures", "ListKinds", "LocateObjects", "ListModels"),
-    INDEX_SERVICE: ("Search", "SearchBatch", "PartialScores", "Lookup", "Stats"),
+    INDEX_SERVICE: ("Search", "SearchBatch", "PartialScores", "Lookup", "Stats", "ListGroups", "GetItemImages"),
 }
 
 

@@ -1,9 +1,10 @@
-"""Command line: `mps search IMAGE`, `mps ingest FOLDER --category C`, `mps delete PRODUCT...`,
-`mps video FILE|FOLDER|-`."""
+"""Command line: `mps search IMAGE`, `mps ingest FOLDER --category C`, `mps import MANIFEST`,
+`mps delete PRODUCT...`, `mps products list|get|update|purge`, `mps stats`, `mps video FILE|FOLDER|-`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common.images import decode_image
-from gateway.client import Product, VisualSearchClient
-from gateway.report import draw_result, format_table
+from gateway.client import Attributes, Product, VisualSearchClient
+from gateway.filter_text import SYNTAX, FilterSyntaxError, parse_filter
+from gateway.importer import import_manifest
+from gateway.report import CatalogueThumbnails, ThumbnailSource, draw_result, format_table
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2
 
@@ -140,9 +143,11 @@ def _stdin_jpegs() -> Iterator[tuple[int, np.ndarray | bytes, int]]:
             buffer = buffer[end + 2 :]
 
 
-def annotate(rgb: np.ndarray, result: gateway_pb2.StreamMultiProductSearchResponse) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> a copy with each track's box, id, category and top match (with a
-    thumbnail of the match when its `path` metadata names a readable image)."""
+def annotate(
+    rgb: np.ndarray, result: gateway_pb2.StreamMultiProductSearchResponse, thumbnails: ThumbnailSource | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> a copy with each track's box, id, category and top match (with the
+    match's thumbnail from `thumbnails`, e.g. CatalogueThumbnails: the gateway's stored one)."""
     import cv2
 
     from gateway.report import PALETTE
@@ -160,7 +165,7 @@ def annotate(rgb: np.ndarray, result: gateway_pb2.StreamMultiProductSearchRespon
             + (" *" if item.searched else "")
         )
         cv2.putText(out, label, (x0 + 3, max(y0 - 6, 14)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, 2)
-        thumb = _match_thumbnail(top.metadata.get("path", "")) if top else None
+        thumb = _match_thumbnail(thumbnails, item, top) if top and thumbnails else None
         if thumb is not None:
             h, w = thumb.shape[:2]
             ty, tx = max(min(y0, out.shape[0] - h), 0), max(min(x1 - w, out.shape[1] - w), 0)
@@ -168,24 +173,16 @@ def annotate(rgb: np.ndarray, result: gateway_pb2.StreamMultiProductSearchRespon
     return out
 
 
-_THUMBNAILS: dict[str, np.ndarray | None] = {}
-
-
-def _match_thumbnail(path: str, side: int = 64) -> np.ndarray | None:
-    if not path:
-        return None
-    if path not in _THUMBNAILS:
-        try:
-            _THUMBNAILS[path] = np.asarray(decode_image(Path(path).read_bytes(), 10**8))
-        except (OSError, ValueError):
-            _THUMBNAILS[path] = None
-    image = _THUMBNAILS[path]
+def _match_thumbnail(
+    thumbnails: ThumbnailSource, item: gateway_pb2.VideoItem, match: gateway_pb2.Match, side: int = 64
+) -> np.ndarray | None:
+    """(h, w, 3) uint8 RGB of the match's picture, at most `side` pixels on its longer side."""
+    image = thumbnails(item, match)
     if image is None:
         return None
-    import cv2
-
-    factor = side / max(image.shape[:2])
-    return cv2.resize(image, (max(1, int(image.shape[1] * factor)), max(1, int(image.shape[0] * factor))))
+    image = image.copy()
+    image.thumbnail((side, side))
+    return np.asarray(image.convert("RGB"))
 
 
 class _AnnotatedOutput:
@@ -250,6 +247,7 @@ def video(client: VisualSearchClient, args: argparse.Namespace) -> int:
             yield number, image, timestamp
 
     summary = None
+    thumbnails = CatalogueThumbnails(client)
     with tqdm(total=count or None, unit="frame", desc="video") as progress:
         for result in client.stream(
             sending(),
@@ -259,6 +257,7 @@ def video(client: VisualSearchClient, args: argparse.Namespace) -> int:
             min_score=args.min_score,
             detection_interval=args.detection_interval,
             lockstep=not args.live,
+            filter=filter_of(args),
         ):
             if result.HasField("summary"):
                 summary = result.summary
@@ -270,13 +269,96 @@ def video(client: VisualSearchClient, args: argparse.Namespace) -> int:
                 image = sent.pop(result.frame_number, None)
                 if image is not None:
                     rgb = decode_image(image, 10**9) if isinstance(image, bytes) else image
-                    output.write(result.frame_number, annotate(rgb, result))
+                    output.write(result.frame_number, annotate(rgb, result, thumbnails))
     if output is not None:
         output.close()
         print(f"annotated frames: {args.out}")
     if summary is not None:
         print(format_summary(summary))
     return 0
+
+
+FILTER_HELP = (
+    "filter on the products' labels: " + SYNTAX + "; e.g. 'brand=acme,in_stock=true', 'colour=red|blue', "
+    "'brand!=acme'. Combined (AND) with --path and --tag"
+)
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--filter", default="", metavar="EXPRESSION", help=FILTER_HELP)
+    parser.add_argument(
+        "--path", dest="path_prefix", default="", metavar="PREFIX", help="only products under this taxonomy path"
+    )
+    parser.add_argument("--tag", action="append", default=[], help="only products with this tag (repeatable: all)")
+    parser.add_argument(
+        "--any-tag", action="append", default=[], help="only products with one of these tags (repeatable)"
+    )
+
+
+def filter_of(args: argparse.Namespace) -> common_pb2.Filter | None:
+    """The --filter, --path, --tag and --any-tag options as one Filter (None when none is given)."""
+    try:
+        spec = parse_filter(args.filter, args.path_prefix, args.tag, args.any_tag)
+    except FilterSyntaxError as exc:
+        raise SystemExit(f"--filter {args.filter!r}: {exc}") from None
+    return spec if spec.ByteSize() else None
+
+
+def _label(spec: str) -> tuple[str, str]:
+    key, equals, value = spec.partition("=")
+    if not equals or not key.strip():
+        raise SystemExit(f"--label {spec!r}: write KEY=VALUE, e.g. --label in_stock=false")
+    return key.strip(), value.strip()
+
+
+def update_product(client: VisualSearchClient, args: argparse.Namespace) -> gateway_pb2.Product:
+    """`mps products update`: the options given, as attributes and the update mask naming them."""
+    mask: list[str] = []
+    labels = dict(_label(spec) for spec in args.label)
+    mask += [f"labels.{key}" for key in labels]
+    mask += [f"labels.{key}" for key in args.unset_label if key not in labels]
+    if args.path is not None:
+        mask.append("path")
+    if args.tag or args.no_tags:
+        mask.append("tags")
+    if not mask:
+        raise SystemExit("nothing to update: give --path, --tag, --no-tags, --label KEY=VALUE or --unset-label KEY")
+    attributes = Attributes(args.path or "", args.tag, labels)
+    return client.update_product(args.product_id, attributes, mask, args.category)
+
+
+def format_product(product: gateway_pb2.Product, indent: int | None = 2) -> str:
+    """A product as JSON (field names as in the proto)."""
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(MessageToDict(product, preserving_proto_field_name=True), indent=indent, ensure_ascii=False)
+
+
+def format_products(products: list[gateway_pb2.Product], total: int) -> str:
+    lines = [f"{'product':<24} {'images':>6}  {'path':<28} tags / labels"]
+    for p in products:
+        a = p.attributes
+        labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
+        lines.append(
+            f"{p.product_id:<24} {len(p.images):>6}  {a.path or '-':<28} "
+            f"{' '.join(sorted(a.tags)) or '-'} / {labels or '-'}"
+        )
+    lines.append(f"{len(products)} of {total} products")
+    return "\n".join(lines)
+
+
+def format_stats(response: gateway_pb2.GetCatalogueStatsResponse) -> str:
+    lines = [f"{'category':<24} {'products':>9}  {'kind':<5} {'images':>9} {'memory':>10}  index"]
+    for c in response.categories:
+        for n, k in enumerate(c.kinds):
+            kind = common_pb2.SignatureKind.Name(k.kind).removeprefix("SIGNATURE_KIND_").lower()
+            lines.append(
+                f"{c.category if n == 0 else '':<24} {c.products if n == 0 else '':>9}  {kind:<5} {k.images:>9} "
+                f"{k.memory_bytes / 2**20:>8.1f} MB  {k.index_type}"
+            )
+    if not response.categories:
+        lines.append("    (no category)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,15 +397,60 @@ def main(argv: list[str] | None = None) -> int:
         metavar="X0,Y0,X1,Y1[:CATEGORY]",
         help="search this region instead of localising (repeatable)",
     )
-    search.add_argument("--picture", type=Path, help="write the photo with boxes and matches here")
+    add_filter_options(search)
+    search.add_argument(
+        "--picture", type=Path, help="write the photo with boxes and matches (thumbnails from the gateway) here"
+    )
     ingest_parser = commands.add_parser(
         "ingest", help="index every image under FOLDER (a sub-folder is one product with several images)"
     )
     ingest_parser.add_argument("folder", type=Path)
     ingest_parser.add_argument("--category", required=True)
+    importing = commands.add_parser(
+        "import",
+        help="index the images of a manifest (.jsonl or .csv, one row per image), resumably",
+        description="Each row: product_id, category, image (a local path, relative to the manifest, or file:// "
+        "URI), and optionally image_uri, image_id, path, tags (CSV: a;b), labels (CSV: k=v;k=v), metadata, box "
+        "(x0,y0,x1,y1). Rows acknowledged by the gateway are journaled in MANIFEST.progress: a re-run skips "
+        "them (after a crash or Ctrl-C). Failed rows are listed, all of them in MANIFEST.failed.jsonl.",
+    )
+    importing.add_argument("manifest", type=Path)
+    importing.add_argument("--batch", type=int, default=32, help="rows per IndexProducts call (default 32)")
+    importing.add_argument("--restart", action="store_true", help="ignore the journal: import every row again")
+    importing.add_argument("--limit", type=int, default=0, help="stop after the first N rows of the manifest (0: all)")
     delete = commands.add_parser("delete", help="delete every image of these products")
     delete.add_argument("product_ids", nargs="+")
     delete.add_argument("--category", action="append", default=[], help="only in this category (repeatable)")
+    products = commands.add_parser("products", help="the catalogue's products: list, get, update, purge")
+    product_commands = products.add_subparsers(dest="products_command", required=True)
+    listing = product_commands.add_parser("list", help="a category's products (passing a filter)")
+    listing.add_argument("category")
+    add_filter_options(listing)
+    listing.add_argument("--page-size", type=int, default=0, help="products per page (default: the gateway's, 100)")
+    listing.add_argument("--page-token", default="", help="the next page of an earlier listing")
+    listing.add_argument("--all", action="store_true", help="every page")
+    listing.add_argument("--json", action="store_true", help="one JSON object per product")
+    getting = product_commands.add_parser("get", help="one product: its attributes and images")
+    getting.add_argument("product_id")
+    getting.add_argument("--category", default="", help="(default: the one category holding it)")
+    updating = product_commands.add_parser(
+        "update", help="change a product's path, tags or labels (its images are not signed again)"
+    )
+    updating.add_argument("product_id")
+    updating.add_argument("--category", default="", help="(default: the one category holding it)")
+    updating.add_argument("--path", default=None, help='the taxonomy path ("" removes it)')
+    updating.add_argument("--tag", action="append", default=[], help="the tags, replacing them all (repeatable)")
+    updating.add_argument("--no-tags", action="store_true", help="remove every tag")
+    updating.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="set one label (repeatable)"
+    )
+    updating.add_argument("--unset-label", action="append", default=[], metavar="KEY", help="remove one label")
+    purging = product_commands.add_parser("purge", help="delete every product of a category passing a filter")
+    purging.add_argument("category")
+    add_filter_options(purging)
+    purging.add_argument("--force", action="store_true", help="with no filter: delete every product of the category")
+    stats = commands.add_parser("stats", help="per category: products, images per kind, index type, memory")
+    stats.add_argument("categories", nargs="*", help="(default: every category)")
     video_parser = commands.add_parser(
         "video", help="track and search every product of a video file, a folder of frames, or - (JPEGs on stdin)"
     )
@@ -332,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     video_parser.add_argument("--min-score", type=float, default=None, help="drop matches scoring below this")
     video_parser.add_argument("--kind", choices=sorted(KINDS), default=None, help="signature kind")
     video_parser.add_argument("--category", action="append", default=[], help="search only this category")
+    add_filter_options(video_parser)
     video_parser.add_argument(
         "--detection-interval", type=int, default=0, help="detect every Nth frame, track in between (0: gateway's)"
     )
@@ -351,37 +479,78 @@ def main(argv: list[str] | None = None) -> int:
         with VisualSearchClient(
             args.address, token=os.environ.get("MPS_TOKEN", ""), tls_ca=tls_ca, request_id=args.request_id
         ) as client:
-            if args.command == "ingest":
-                print(f"indexed {ingest(client, args.folder, args.category)} images into {args.category!r}")
-                return 0
-            if args.command == "video":
-                return video(client, args)
-            if args.command == "delete":
-                response = client.delete_products(args.product_ids, args.category)
-                print(
-                    f"deleted {response.images_deleted} images"
-                    + (f"; not found: {', '.join(response.not_found)}" if response.not_found else "")
-                )
-                return 0
-            regions = [parse_region(spec) for spec in args.region]
-            data = args.image.read_bytes()
-            result = client.search(
-                data,
-                top_k=args.top_k,
-                min_confidence=args.min_confidence,
-                regions=regions,
-                signature_kind=KINDS[args.kind] if args.kind else 0,
-                categories=args.category,
-                min_score=args.min_score,
-                sources=[SOURCES[s] for s in args.source],
-            )
-            print(format_table(result, args.top_k))
-            if args.picture:
-                print(f"picture: {draw_result(decode_image(data, 10**9), result, args.picture, args.top_k)}")
-            return 0
+            return _run(client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+
+
+def _run(client: VisualSearchClient, args: argparse.Namespace) -> int:
+    if args.command == "ingest":
+        print(f"indexed {ingest(client, args.folder, args.category)} images into {args.category!r}")
+        return 0
+    if args.command == "import":
+        return import_manifest(client, args.manifest, args.batch, args.restart, args.limit)
+    if args.command == "video":
+        return video(client, args)
+    if args.command == "delete":
+        response = client.delete_products(args.product_ids, args.category)
+        print(
+            f"deleted {response.images_deleted} images"
+            + (f"; not found: {', '.join(response.not_found)}" if response.not_found else "")
+        )
+        return 0
+    if args.command == "products":
+        return _products_command(client, args)
+    if args.command == "stats":
+        print(format_stats(client.catalogue_stats(args.categories)))
+        return 0
+    regions = [parse_region(spec) for spec in args.region]
+    data = args.image.read_bytes()
+    result = client.search(
+        data,
+        top_k=args.top_k,
+        min_confidence=args.min_confidence,
+        regions=regions,
+        signature_kind=KINDS[args.kind] if args.kind else 0,
+        categories=args.category,
+        min_score=args.min_score,
+        sources=[SOURCES[s] for s in args.source],
+        filter=filter_of(args),
+    )
+    print(format_table(result, args.top_k))
+    if args.picture:
+        drawn = draw_result(decode_image(data, 10**9), result, args.picture, args.top_k, CatalogueThumbnails(client))
+        print(f"picture: {drawn}")
+    return 0
+
+
+def _products_command(client: VisualSearchClient, args: argparse.Namespace) -> int:
+    command = args.products_command
+    if command == "get":
+        print(format_product(client.get_product(args.product_id, args.category)))
+    elif command == "update":
+        print(format_product(update_product(client, args)))
+    elif command == "purge":
+        spec = filter_of(args)
+        response = client.purge_products(args.category, spec, force=args.force)
+        print(f"deleted {response.products_deleted} products ({response.images_deleted} images) of {args.category!r}")
+    else:
+        spec, token = filter_of(args), args.page_token
+        shown: list[gateway_pb2.Product] = []
+        while True:
+            page = client.list_products(args.category, spec, args.page_size, token)
+            shown += page.products
+            token = page.next_page_token
+            if not (args.all and token):
+                break
+        if args.json:
+            print("\n".join(format_product(p, indent=None) for p in shown))
+        else:
+            print(format_products(shown, page.total))
+        if token:
+            print(f"next page: --page-token {token}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ with VisualSearchClient("127.0.0.1:50050") as client:
     for item in result.items:
         print(item.category, item.confidence, [m.product_id for m in item.matches])
 
+Filters (search, stream, list_products, purge_products) are an mps.common.v1.Filter or text in the
+command line's syntax (gateway/filter_text.py): client.search(photo, filter="brand=acme,in_stock=true").
+
 A refused call raises grpc.RpcError (its code and a message that says what to fix);
 common.status.details_of(error) reads its google.rpc details: the fields at fault, the limits
 exceeded, and, for an IndexProducts stream refused part-way, how many images were stored
@@ -23,10 +26,33 @@ import numpy as np
 
 from common.channels import OutgoingMetadata
 from common.serving import channel_options
+from gateway.filter_text import parse_filter
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 Box = tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """A product's attributes (mps.common.v1.ProductAttributes): taxonomy path, tags, labels."""
+
+    path: str = ""
+    tags: Sequence[str] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def to_proto(self) -> common_pb2.ProductAttributes:
+        return common_pb2.ProductAttributes(path=self.path, tags=list(self.tags), labels=dict(self.labels))
+
+
+FilterLike = common_pb2.Filter | str | None
+
+
+def to_filter(spec: FilterLike) -> common_pb2.Filter | None:
+    """A Filter, or filter text (gateway/filter_text.py's syntax), as a message; None for none."""
+    if spec is None or isinstance(spec, common_pb2.Filter):
+        return spec
+    return parse_filter(spec) if spec.strip() else None
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,10 @@ class Product:
     image_id: str = ""
     # Where the product is in the image; None lets the gateway localise it.
     box: Box | None = None
+    # The product's attributes (the latest set wins for the whole product); None keeps its own.
+    attributes: Attributes | None = None
+    # Where the caller keeps the image (https://, gs://...), returned with its matches.
+    image_uri: str = ""
 
 
 def to_image(image: bytes | np.ndarray) -> common_pb2.Image:
@@ -104,12 +134,14 @@ class VisualSearchClient:
         sources: Sequence[int] = (),
         max_items: int = 0,
         timeout_s: float | None = None,
+        filter: FilterLike = None,
     ) -> gateway_pb2.MultiProductSearchResponse:
         """Every product in `image` (encoded bytes or RGB pixels) with its top_k catalogue products.
 
         `regions`: optional (box, category) pairs searched instead of localising (category "" =
         the catalogue decides); `categories` restricts the search; `min_score` drops weaker
-        matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources.
+        matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources;
+        `filter` keeps only the products that pass it (applied inside the index).
         """
         # The generated enums are plain ints at runtime: any int is sent, the gateway refuses one it
         # does not know (INVALID_ARGUMENT naming the field).
@@ -125,6 +157,9 @@ class VisualSearchClient:
         )
         if min_score is not None:
             request.min_score = min_score
+        spec = to_filter(filter)
+        if spec is not None:
+            request.filter.CopyFrom(spec)
         return self._stub.MultiProductSearch(request, timeout=timeout_s or self.timeout_s)
 
     def index_products(
@@ -141,9 +176,12 @@ class VisualSearchClient:
                     image=to_image(p.image),
                     metadata=dict(p.metadata),
                     image_id=p.image_id,
+                    image_uri=p.image_uri,
                 )
                 if p.box is not None:
                     request.box.CopyFrom(to_box(p.box))
+                if p.attributes is not None:
+                    request.attributes.CopyFrom(p.attributes.to_proto())
                 yield request
 
         return self._stub.IndexProducts(requests(), timeout=timeout_s or self.timeout_s)
@@ -159,6 +197,7 @@ class VisualSearchClient:
         search_every_frame: bool = False,
         lockstep: bool = False,
         timeout_s: float | None = 3600.0,
+        filter: FilterLike = None,
     ) -> Iterator[gateway_pb2.StreamMultiProductSearchResponse]:
         """Streams video frames ((frame_number, image) or (frame_number, image, timestamp_ms); image:
         encoded bytes or (H, W, 3) uint8 RGB pixels; numbers increasing) to StreamMultiProductSearch
@@ -170,6 +209,7 @@ class VisualSearchClient:
         processed (a file, when every frame matters). Leaving the iterator early cancels the call."""
         turn = threading.Semaphore(0)
         done = threading.Event()
+        spec = to_filter(filter)
 
         def requests() -> Iterator[gateway_pb2.StreamMultiProductSearchRequest]:
             for position, frame in enumerate(frames):
@@ -192,6 +232,8 @@ class VisualSearchClient:
                     )
                     if min_score is not None:
                         options.min_score = min_score
+                    if spec is not None:
+                        options.filter.CopyFrom(spec)
                     request.options.CopyFrom(options)
                 yield request
 
@@ -212,3 +254,82 @@ class VisualSearchClient:
             gateway_pb2.DeleteProductsRequest(product_ids=list(product_ids), categories=list(categories)),
             timeout=timeout_s or self.timeout_s,
         )
+
+    # --- catalogue management -------------------------------------------------------------------
+
+    def get_product(self, product_id: str, category: str = "", timeout_s: float | None = None) -> gateway_pb2.Product:
+        """A product with its attributes and images (category "": the one category holding it)."""
+        request = gateway_pb2.GetProductRequest(product_id=product_id, category=category)
+        return self._stub.GetProduct(request, timeout=timeout_s or self.timeout_s).product
+
+    def list_products(
+        self,
+        category: str,
+        filter: FilterLike = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout_s: float | None = None,
+    ) -> gateway_pb2.ListProductsResponse:
+        """One page of a category's products passing `filter`, in product id order (its
+        next_page_token asks for the next; total counts every product passing)."""
+        request = gateway_pb2.ListProductsRequest(category=category, page_size=page_size, page_token=page_token)
+        spec = to_filter(filter)
+        if spec is not None:
+            request.filter.CopyFrom(spec)
+        return self._stub.ListProducts(request, timeout=timeout_s or self.timeout_s)
+
+    def all_products(
+        self, category: str, filter: FilterLike = None, page_size: int = 0, timeout_s: float | None = None
+    ) -> Iterator[gateway_pb2.Product]:
+        """Every product of a category passing `filter`, page after page."""
+        token = ""
+        while True:
+            page = self.list_products(category, filter, page_size, token, timeout_s)
+            yield from page.products
+            token = page.next_page_token
+            if not token:
+                return
+
+    def update_product(
+        self,
+        product_id: str,
+        attributes: Attributes,
+        update_mask: Sequence[str] = (),
+        category: str = "",
+        timeout_s: float | None = None,
+    ) -> gateway_pb2.Product:
+        """Sets the parts of the product's attributes named by `update_mask` ("path", "tags",
+        "labels", "labels.KEY"; empty: all three) -> the product as stored after the change."""
+        request = gateway_pb2.UpdateProductRequest(
+            product_id=product_id,
+            category=category,
+            attributes=attributes.to_proto(),
+            update_mask=list(update_mask),
+        )
+        return self._stub.UpdateProduct(request, timeout=timeout_s or self.timeout_s).product
+
+    def purge_products(
+        self, category: str, filter: FilterLike = None, force: bool = False, timeout_s: float | None = None
+    ) -> gateway_pb2.PurgeProductsResponse:
+        """Deletes every product of `category` passing `filter`; every product of it (an empty
+        filter) only with `force`."""
+        request = gateway_pb2.PurgeProductsRequest(category=category, force=force)
+        spec = to_filter(filter)
+        if spec is not None:
+            request.filter.CopyFrom(spec)
+        return self._stub.PurgeProducts(request, timeout=timeout_s or self.timeout_s)
+
+    def catalogue_stats(
+        self, categories: Sequence[str] = (), timeout_s: float | None = None
+    ) -> gateway_pb2.GetCatalogueStatsResponse:
+        """Per category (all when empty): products, and per kind images, index type and memory."""
+        request = gateway_pb2.GetCatalogueStatsRequest(categories=list(categories))
+        return self._stub.GetCatalogueStats(request, timeout=timeout_s or self.timeout_s)
+
+    def product_image(
+        self, product_id: str, image_id: str, category: str = "", timeout_s: float | None = None
+    ) -> gateway_pb2.GetProductImageResponse:
+        """The stored JPEG thumbnail of one catalogue image (e.g. a Match's product_id and
+        image_id), and its image_uri when it was given one."""
+        request = gateway_pb2.GetProductImageRequest(product_id=product_id, image_id=image_id, category=category)
+        return self._stub.GetProductImage(request, timeout=timeout_s or self.timeout_s)

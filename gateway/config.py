@@ -133,6 +133,9 @@ class GatewayConfig(ServerConfig):
     max_id_bytes: int = 256
     # Product ids per DeleteProducts call.
     max_delete_ids: int = 10_000
+    # ListProducts: products per page when the request says 0, and at most (mps.gateway.v1: 100, 1000).
+    default_page_size: int = 100
+    max_page_size: int = 1000
     # Used when the caller sets no deadline.
     default_timeout_s: float = 30.0
     # Kept back from the caller's deadline when searching, so a late shard yields a flagged
@@ -148,6 +151,14 @@ class GatewayConfig(ServerConfig):
     # image. Salient and object boxes smaller than ingest_min_area of the image are details.
     ingest_min_objectness: float = 0.02
     ingest_min_area: float = 0.05
+    # Each catalogue image is kept as a JPEG thumbnail (the whole image, at most thumbnail_side
+    # pixels on its longer side, at this JPEG quality) for GetProductImage: clients show matches
+    # without reaching the server's files. The index refuses one over its max_thumbnail_bytes
+    # (64 KiB by default); 160 px at quality 80 is about 5-10 KB.
+    thumbnail_side: int = 160
+    thumbnail_quality: int = 80
+    # IndexProductsRequest.image_uri, in UTF-8 bytes (mps.gateway.v1: at most 2048).
+    max_image_uri_bytes: int = 2048
     # IndexProductsResponse lists at most this many images.
     ingest_report_limit: int = 100_000
     # Images per IndexProducts stream; more is RESOURCE_EXHAUSTED (the images before are stored).
@@ -224,7 +235,11 @@ class GatewayConfig(ServerConfig):
         self._at_least(
             0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes"
         )
-        self._at_least(1, "ingest_batch", "max_images_per_stream")
+        self._at_least(1, "ingest_batch", "max_images_per_stream", "thumbnail_side", "max_image_uri_bytes")
+        self._within("thumbnail_quality", 1, 95)
+        self._at_least(1, "default_page_size", "max_page_size")
+        if self.default_page_size > self.max_page_size:
+            raise ConfigError(f"default_page_size {self.default_page_size} is above max_page_size {self.max_page_size}")
         self._at_least(0, "ingest_report_limit", "catalogue_refresh_s", "reply_reserve_s", "cancel_settle_s")
         self._at_least(0, "index_ready_wait_s", note="0 = fail at once")
         self._above(0, "default_timeout_s", "video_stream_timeout_s", "video_frame_timeout_s")

@@ -16,7 +16,7 @@ from gateway.cli import catalogue_files, ingest
 from gateway.client import VisualSearchClient
 from gateway.config import GatewayConfig
 from gateway.demo_catalogue import QUERY_PHOTOS, Detected, build, two_product_scene
-from gateway.report import draw_result, format_table
+from gateway.report import CatalogueThumbnails, draw_result, format_table
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 
@@ -55,12 +55,14 @@ def main() -> int:
             print(f"deleted {client.delete_products(stale).images_deleted} images of an earlier run")
             for category in sorted(counts):
                 ingest(client, catalogue / category, category)
+            thumbnails = CatalogueThumbnails(client)  # the matches' pictures as a remote client gets them
             for name, photo in queries.items():
                 for kind, label in ((common_pb2.SIGNATURE_KIND_DEEP, "deep"), (common_pb2.SIGNATURE_KIND_BOW, "bow")):
                     result = client.search(encode_png(photo), top_k=3, min_confidence=0.1, signature_kind=kind)
                     print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}), {label} signatures ==")
                     print(format_table(result))
-                    print(f"picture: {draw_result(photo, result, OUT / f'demo_{name}_{label}.png')}")
+                    drawn = draw_result(photo, result, OUT / f"demo_{name}_{label}.png", 3, thumbnails)
+                    print(f"picture: {drawn}")
         return 0
     finally:
         suite.stop()

@@ -29,15 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, quote
-from common.images import ImageError, Photo, decode_photo, raw_photo, shrink
+from common.images import ImageError, Photo, decode_photo, encode_jpeg, raw_photo, shrink
 from common.limits import check_id, check_metadata
 from common.names import check_name
 from common.serving import Deadline
 from detector_server.nms import iou_matrix
+from gateway.catalogue import check_image_uri
 from gateway.config import GatewayConfig, SignatureKind
 from gateway.crops import crop, plain_background, valid_box
 from gateway.exclusive import resolve_exclusive
 from gateway.ports import (
+    IMAGE_URI_KEY,
     BatchAnswer,
     CatalogueEntry,
     CatalogueMatch,
@@ -52,6 +54,7 @@ from gateway.ports import (
     Signer,
 )
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
+from index_server.domain import Filter, ProductAttributes
 
 
 @dataclass
@@ -66,6 +69,9 @@ class SearchOptions:
     min_score: float | None = None
     sources: frozenset[Source] | None = None
     max_items: int = 0
+    # Only products passing it are matched (and so chosen as candidates' best): the index applies
+    # it while it collects each search's top k.
+    filter: Filter | None = None
 
 
 @dataclass
@@ -115,6 +121,12 @@ class CatalogueImage:
     raw: tuple[int, int, bytes] | None  # (width, height, RGB bytes)
     box: np.ndarray | None  # (4,) float32 xyxy original pixels, when the caller gave one
     metadata: dict[str, str]
+    # The product's attributes from now on (every kind's database); None keeps those it has.
+    attributes: ProductAttributes | None = None
+    image_uri: str = ""  # the caller's URI of the image ("" = none)
+    # Why the servicer could not convert it (e.g. bad attributes): refused in its turn, as
+    # check_image's refusals are, so that the images before it are stored and it is named.
+    refusal: InvalidArgument | None = None
 
 
 @dataclass
@@ -327,6 +339,7 @@ class Pipeline:
             deadline,
             timings,
             answered,
+            options.filter,
         )
         for candidate in candidates:
             self._decide(candidate)
@@ -340,7 +353,16 @@ class Pipeline:
                 deadline,
                 timings,
             )
-            self._search(final, [s[0] for s in signatures], options.kind, options.top_k, deadline, timings, answered)
+            self._search(
+                final,
+                [s[0] for s in signatures],
+                options.kind,
+                options.top_k,
+                deadline,
+                timings,
+                answered,
+                options.filter,
+            )
             chosen = final
         failed = self._failures(candidates + chosen)
         if failed and not answered:
@@ -518,9 +540,11 @@ class Pipeline:
         deadline: Deadline,
         timings: Timings,
         answered: set[str],
+        filter: Filter | None = None,
     ) -> None:
-        """One SearchBatch per category holding every candidate searched there, all in parallel;
-        the categories whose index answered (a missing database is an answer) join `answered`."""
+        """One SearchBatch per category holding every candidate searched there, all in parallel,
+        among the products passing `filter`; the categories whose index answered (a missing
+        database is an answer) join `answered`."""
         start = time.perf_counter()
         by_category: dict[str, list[int]] = {}
         for number, candidate in enumerate(candidates):
@@ -530,7 +554,9 @@ class Pipeline:
 
         def run(category: str, numbers: list[int]) -> BatchAnswer | str | CategoryFailure:
             try:
-                return self.index.search_batch(category, kind, [signatures[n] for n in numbers], top_k, timeout)
+                return self.index.search_batch(
+                    category, kind, [signatures[n] for n in numbers], top_k, timeout, filter=filter
+                )
             except NotFound:
                 return f"no catalogue for category {quote(category)} yet"
             except ServiceError as exc:
@@ -766,7 +792,24 @@ class Pipeline:
         check_id("product_id", image.product_id, config.max_id_bytes, required=True)
         check_id("image_id", image.image_id, config.max_id_bytes, required=False)
         check_name("category", image.category)
+        if IMAGE_URI_KEY in image.metadata:
+            raise InvalidArgument(
+                f"metadata key {IMAGE_URI_KEY!r} is the gateway's own (where image_uri is kept): "
+                "use another key, and set image_uri for the image's URI",
+                violations=[("metadata", f"key {IMAGE_URI_KEY!r} is reserved")],
+            )
         check_metadata(image.metadata, config)
+        if image.image_uri:
+            check_image_uri(image.image_uri, config.max_image_uri_bytes)
+            try:
+                check_metadata({**image.metadata, IMAGE_URI_KEY: image.image_uri}, config)
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"{exc.message} (image_uri is stored with the metadata and counts in its limits)",
+                    violations=[("metadata", "with image_uri, over the metadata limits")],
+                ) from None
+        if image.refusal is not None:
+            raise image.refusal
 
     def ingest(self, images: Iterable[CatalogueImage], deadline: Deadline) -> list[IndexedImage]:
         """Localises, signs (every index kind in one call) and adds catalogue images in batches ->
@@ -864,22 +907,41 @@ class Pipeline:
                 return photo.to_shrunk(clip_box(image.box, photo.width, photo.height)), Source.USER_REGION
             return self.localise_product(photo, image.category, deadline)
 
+        # Thumbnails (~15 ms each from a 2000-px photo) are made beside the localisation.
+        thumbnails = [self.pool.submit(self.thumbnail, photo.rgb) for _, photo in batch]
         placed = list(self.pool.map(place, batch))
         crops = [crop(photo.rgb, box, config.crop_max_side) for (_, photo), (box, _) in zip(batch, placed)]
         kinds = list(config.index_kinds)
         signatures = self._sign(crops, kinds, deadline, Timings())
         entries, report = [], []
-        for (image, photo), (box, source), signed in zip(batch, placed, signatures):
+        for (image, photo), (box, source), signed, made in zip(batch, placed, signatures, thumbnails):
             original = photo.to_original(box).astype(np.float32)
             report.append(IndexedImage(image.product_id, image.image_id, image.category, original, source))
+            metadata = {**image.metadata, IMAGE_URI_KEY: image.image_uri} if image.image_uri else image.metadata
+            # The thumbnail goes with the first kind only (GetProductImage reads it there): every
+            # kind's database holds the same images, and once is enough on disk.
+            thumbnail = made.result()
             entries += [
                 CatalogueEntry(
-                    image.product_id, image.image_id, image.category, kind, signature, original, image.metadata
+                    image.product_id,
+                    image.image_id,
+                    image.category,
+                    kind,
+                    signature,
+                    original,
+                    metadata,
+                    image.attributes,
+                    thumbnail if number == 0 else b"",
                 )
-                for kind, signature in zip(kinds, signed)
+                for number, (kind, signature) in enumerate(zip(kinds, signed))
             ]
         writer.add(entries)
         return report
+
+    def thumbnail(self, rgb: np.ndarray) -> bytes:
+        """(H, W, 3) uint8 RGB of a whole catalogue image -> the JPEG kept with it: the whole image
+        (its box is returned beside it), at most thumbnail_side pixels on its longer side."""
+        return encode_jpeg(shrink(rgb, self.config.thumbnail_side), quality=self.config.thumbnail_quality)
 
     def delete_products(
         self, product_ids: Sequence[str], categories: Sequence[str], deadline: Deadline

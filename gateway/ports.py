@@ -14,9 +14,24 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway.config import SignatureKind
+from index_server.domain import EMPTY_ATTRIBUTES, Filter, ProductAttributes
 
 # A signature is opaque to the pipeline: it is computed by the signer and handed to the index.
 Signature = Any
+# The metadata key under which an image's image_uri is stored in the index (the caller's metadata
+# may not use it; it is never shown as metadata).
+IMAGE_URI_KEY = "mps:image_uri"
+
+
+def item_id_of(product_id: str, image_id: str) -> str:
+    """The index item of one image of a product (its group is the product)."""
+    return f"{product_id}/{image_id}"
+
+
+def caller_metadata(stored: dict[str, str]) -> tuple[dict[str, str], str]:
+    """An item's stored metadata -> (the caller's metadata, its image_uri or "")."""
+    uri = stored.pop(IMAGE_URI_KEY, "")
+    return stored, uri
 
 
 @dataclass
@@ -45,8 +60,10 @@ class CatalogueMatch:
     product_id: str
     image_id: str
     score: float
-    metadata: dict[str, str]
+    metadata: dict[str, str]  # the caller's, without the gateway's reserved keys
     box: np.ndarray | None  # (4,) float32 xyxy pixels of the catalogue image, when known
+    attributes: ProductAttributes = EMPTY_ATTRIBUTES  # the product's
+    image_uri: str = ""  # the caller's URI of the image, as given at ingest
 
 
 @dataclass
@@ -87,7 +104,52 @@ class CatalogueEntry:
     kind: str
     signature: Signature
     box: np.ndarray  # (4,) float32 xyxy original pixels
-    metadata: dict[str, str]
+    metadata: dict[str, str]  # as stored: the caller's and the gateway's reserved keys (image_uri)
+    # Set: the product's attributes from now on; None keeps those it has.
+    attributes: ProductAttributes | None = None
+    # A small JPEG of the image, stored with the entry (sent with one kind only: see Pipeline).
+    thumbnail: bytes = b""
+
+
+@dataclass
+class CatalogueImageInfo:
+    """One image of a catalogue product, as the index holds it (no signature)."""
+
+    image_id: str
+    metadata: dict[str, str]  # the caller's, without the gateway's reserved keys
+    box: np.ndarray | None  # (4,) float32 xyxy original pixels, when known
+    image_uri: str = ""
+
+
+@dataclass
+class CatalogueProduct:
+    """A product of one category's database: its attributes and its images (in image id order)."""
+
+    product_id: str
+    attributes: ProductAttributes
+    images: list[CatalogueImageInfo]
+
+
+@dataclass
+class ProductPage:
+    """One page of a database's products (group id order)."""
+
+    products: list[CatalogueProduct]
+    next_page_token: str  # "" on the last page
+    total: int  # products passing the filter in the whole database
+
+
+@dataclass
+class DatabaseInfo:
+    """One index database (a category and kind), as its Stats say."""
+
+    category: str
+    kind: SignatureKind
+    images: int
+    products: int
+    index_type: str
+    memory_bytes: int
+    backend: str
 
 
 class Detector(Protocol):
@@ -155,10 +217,17 @@ class Index(Protocol):
         ...
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+        self,
+        category: str,
+        kind: str,
+        signatures: Sequence[Signature],
+        top_k: int,
+        timeout_s: float,
+        filter: Filter | None = None,
     ) -> BatchAnswer:
-        """Each query's top_k products (one per product, its best image) in one category's
-        database; raises common.errors.NotFound when that database does not exist."""
+        """Each query's top_k products (one per product, its best image) among those passing
+        `filter` in one category's database; raises common.errors.NotFound when that database
+        does not exist."""
         ...
 
     def writer(self, timeout_s: float) -> CatalogueWriter:
@@ -169,6 +238,40 @@ class Index(Protocol):
         self, product_ids: Sequence[str], categories: Sequence[str] | None, timeout_s: float
     ) -> tuple[int, list[str]]:
         """Deletes every image of the products in every kind -> (images deleted, ids not found)."""
+        ...
+
+    def list_products(
+        self,
+        category: str,
+        kind: str,
+        product_ids: Sequence[str],
+        filter: Filter | None,
+        page_size: int,
+        page_token: str,
+        timeout_s: float,
+    ) -> ProductPage:
+        """A page of the products of one category's database (those named, when `product_ids` is
+        not empty; those passing `filter`); NotFound when the database does not exist."""
+        ...
+
+    def update_products(
+        self, category: str, kind: str, attributes: dict[str, ProductAttributes], timeout_s: float
+    ) -> list[str]:
+        """Replaces the products' attributes in one database -> the products it does not hold."""
+        ...
+
+    def purge_products(
+        self, category: str, kind: str, filter: Filter | None, timeout_s: float
+    ) -> tuple[list[str], int]:
+        """Deletes every product of one database passing `filter` -> (those products, images deleted)."""
+        ...
+
+    def thumbnails(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict[str, bytes]:
+        """The thumbnails stored with these items (item id -> JPEG bytes; b"" when stored without)."""
+        ...
+
+    def databases(self, timeout_s: float) -> list[DatabaseInfo]:
+        """Every category's databases on every index backend; Unavailable when one does not answer."""
         ...
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -56,20 +60,61 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
     return "\n".join(lines)
 
 
-def _thumbnail(path: str) -> Image.Image | None:
+# A match's picture: (the item, its match) -> an RGB image, or None when there is none.
+ThumbnailSource = Callable[[Any, gateway_pb2.Match], Image.Image | None]
+
+
+def local_thumbnail(item: Any, match: gateway_pb2.Match) -> Image.Image | None:
+    """The match's picture read from the file its `path` metadata names, on this machine (the
+    catalogue's own files: for runs beside the catalogue, e.g. the benchmarks)."""
     try:
-        image = Image.open(path).convert("RGB")
+        return Image.open(match.metadata.get("path", "")).convert("RGB")
     except (OSError, ValueError):
         return None
-    image.thumbnail((THUMB, THUMB))
+
+
+class CatalogueThumbnails:
+    """Match pictures from the gateway (GetProductImage: the thumbnail stored at ingest), cached:
+    what a client away from the catalogue's files can show. A match without one shows none."""
+
+    def __init__(self, client: Any):
+        """`client`: a gateway.client.VisualSearchClient."""
+        self.client = client
+        self._cache: dict[tuple[str, str, str], Image.Image | None] = {}
+
+    def __call__(self, item: Any, match: gateway_pb2.Match) -> Image.Image | None:
+        key = (item.category, match.product_id, match.image_id)
+        if key not in self._cache:
+            self._cache[key] = None
+            try:
+                stored = self.client.product_image(match.product_id, match.image_id, item.category)
+                if stored.thumbnail:
+                    self._cache[key] = Image.open(io.BytesIO(stored.thumbnail)).convert("RGB")
+            except grpc.RpcError:
+                pass  # no picture for it (deleted since, or indexed without one)
+            except (OSError, ValueError):
+                pass
+        return self._cache[key]
+
+
+def _thumbnail(source: ThumbnailSource, item: Any, match: gateway_pb2.Match, side: int) -> Image.Image | None:
+    image = source(item, match)
+    if image is None:
+        return None
+    image = image.copy()
+    image.thumbnail((side, side))
     return image
 
 
 def draw_result(
-    photo: np.ndarray, result: gateway_pb2.MultiProductSearchResponse, out: Path, matches_shown: int = 3
+    photo: np.ndarray,
+    result: gateway_pb2.MultiProductSearchResponse,
+    out: Path,
+    matches_shown: int = 3,
+    thumbnails: ThumbnailSource = local_thumbnail,
 ) -> Path:
     """Writes the photo with numbered boxes and, on the right, each item's top match thumbnails
-    (read from the `path` metadata of the matches)."""
+    (from `thumbnails`: CatalogueThumbnails(client) asks the gateway)."""
     base = Image.fromarray(photo)
     rows = max(len(result.items), 1)
     panel_w = 40 + matches_shown * (THUMB + 8)
@@ -92,7 +137,7 @@ def draw_result(
         draw.text((base.width + 8, y), f"{n} {item.category or '?'}", fill=colour, font=small)
         for m, match in enumerate(item.matches[:matches_shown]):
             x = base.width + 8 + m * (THUMB + 8)
-            thumb = _thumbnail(match.metadata.get("path", ""))
+            thumb = _thumbnail(thumbnails, item, match, THUMB)
             if thumb is not None:
                 canvas.paste(thumb, (x, y + 20))
             draw.text((x, y + 22 + THUMB), f"{match.score:.2f}", fill=(0, 0, 0), font=small)

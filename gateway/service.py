@@ -18,12 +18,15 @@ from common.serving import Deadline
 from common.streams import client_stream
 from common.telemetry import BATCH_SIZE, ContextThreadPoolExecutor
 from gateway.backends import KIND_NAMES, KIND_VALUES
+from gateway.catalogue import Catalogue, Product
 from gateway.config import GatewayConfig
 from gateway.crops import valid_box
 from gateway.pipeline import CatalogueImage, FoundItem, IndexedImage, Pipeline, SearchOptions, Timings
 from gateway.ports import CatalogueMatch, Ports
 from gateway.proposals import Source
 from gateway.stream import FrameResult, StreamSettings, StreamSummary, TrackedItem, VideoStream
+from index_server.convert import after_token, attributes_of, attributes_to_proto, filter_of
+from index_server.domain import Filter, ProductAttributes
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -55,6 +58,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         )
         self.default_kind = KIND_VALUES[config.default_signature_kind]
         self.index_kinds = [KIND_VALUES[name] for name in config.index_kinds]
+        self.catalogue = Catalogue(config, backends.index, self.pool, _check_attributes)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -170,6 +174,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             request.min_score if request.HasField("min_score") else None,
             frozenset(sources) or None,
             request.max_items,
+            _filter(request),
         )
 
     @staticmethod
@@ -217,6 +222,8 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         )
         if options.HasField("min_score"):
             request.min_score = options.min_score
+        if options.HasField("filter"):
+            request.filter.CopyFrom(options.filter)
         try:
             search = self._options(request)
         except InvalidArgument as exc:
@@ -233,18 +240,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         deadline = Deadline.of(context, self.config.default_timeout_s)
         # The client's cancel (or deadline) is Cancelled, never a normal end (common/streams.py);
         # an IngestError says exactly what was stored before it.
-        images = (
-            CatalogueImage(
-                r.product_id,
-                r.category,
-                r.image_id,
-                r.image.encoded if r.image.WhichOneof("source") == "encoded" else None,
-                (r.image.raw.width, r.image.raw.height, r.image.raw.rgb) if r.image.HasField("raw") else None,
-                box_from_proto(r.box) if r.HasField("box") else None,
-                dict(r.metadata),
-            )
-            for r in client_stream(request_iterator, context, self.config.cancel_settle_s)
-        )
+        images = (_catalogue_image(r) for r in client_stream(request_iterator, context, self.config.cancel_settle_s))
         return self._ingest_report(self.pipeline.ingest(images, deadline))
 
     def _ingest_report(self, indexed: list[IndexedImage]) -> gateway_pb2.IndexProductsResponse:
@@ -278,10 +274,138 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         )
         return gateway_pb2.DeleteProductsResponse(images_deleted=deleted, not_found=not_found)
 
+    # --- catalogue management (gateway/catalogue.py) --------------------------------------------
+
+    def GetProduct(
+        self, request: gateway_pb2.GetProductRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetProductResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        product = self.catalogue.get(request.product_id, request.category, deadline)
+        return gateway_pb2.GetProductResponse(product=_product(product))
+
+    def ListProducts(
+        self, request: gateway_pb2.ListProductsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListProductsResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        after_token(request.page_token)  # the index's own tokens, passed on: refused here, not there
+        products, token, total = self.catalogue.products(
+            request.category, _filter(request), request.page_size, request.page_token, deadline
+        )
+        return gateway_pb2.ListProductsResponse(
+            products=[_product(p) for p in products], next_page_token=token, total=total
+        )
+
+    def UpdateProduct(
+        self, request: gateway_pb2.UpdateProductRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.UpdateProductResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        product = self.catalogue.update(
+            request.product_id,
+            request.category,
+            attributes_of(request.attributes, "attributes"),
+            list(request.update_mask),
+            deadline,
+        )
+        return gateway_pb2.UpdateProductResponse(product=_product(product))
+
+    def PurgeProducts(
+        self, request: gateway_pb2.PurgeProductsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.PurgeProductsResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        products, images = self.catalogue.purge(request.category, _filter(request), request.force, deadline)
+        return gateway_pb2.PurgeProductsResponse(products_deleted=products, images_deleted=images)
+
+    def GetCatalogueStats(
+        self, request: gateway_pb2.GetCatalogueStatsRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetCatalogueStatsResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        if len(request.categories) > self.config.max_categories:
+            raise ResourceExhausted(
+                f"{len(request.categories)} categories; at most {self.config.max_categories} per call: "
+                "name fewer, or none for every category",
+                quota=[("categories", f"at most {self.config.max_categories} categories per call")],
+            )
+        figures = self.catalogue.stats(list(request.categories), deadline)
+        return gateway_pb2.GetCatalogueStatsResponse(
+            categories=[
+                gateway_pb2.CategoryStats(
+                    category=f.category,
+                    products=f.products,
+                    kinds=[
+                        gateway_pb2.KindStats(
+                            kind=KIND_VALUES[d.kind],
+                            images=d.images,
+                            index_type=d.index_type,
+                            memory_bytes=d.memory_bytes,
+                        )
+                        for d in f.databases
+                    ],
+                )
+                for f in figures
+            ]
+        )
+
+    def GetProductImage(
+        self, request: gateway_pb2.GetProductImageRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetProductImageResponse:
+        deadline = Deadline.of(context, self.config.default_timeout_s)
+        thumbnail, uri = self.catalogue.image(request.product_id, request.image_id, request.category, deadline)
+        return gateway_pb2.GetProductImageResponse(thumbnail=thumbnail, image_uri=uri)
+
+
+def _check_attributes(attributes: ProductAttributes, field: str) -> None:
+    """InvalidArgument, naming the field, for attributes the index would refuse."""
+    attributes_of(attributes_to_proto(attributes), field)
+
+
+def _filter(
+    request: gateway_pb2.MultiProductSearchRequest | gateway_pb2.ListProductsRequest | gateway_pb2.PurgeProductsRequest,
+) -> Filter | None:
+    """The request's filter, checked (InvalidArgument naming its field); None when unset or empty."""
+    return filter_of(request.filter, "filter") if request.HasField("filter") else None
+
+
+def _catalogue_image(request: gateway_pb2.IndexProductsRequest) -> CatalogueImage:
+    image = request.image
+    out = CatalogueImage(
+        request.product_id,
+        request.category,
+        request.image_id,
+        image.encoded if image.WhichOneof("source") == "encoded" else None,
+        (image.raw.width, image.raw.height, image.raw.rgb) if image.HasField("raw") else None,
+        box_from_proto(request.box) if request.HasField("box") else None,
+        dict(request.metadata),
+        image_uri=request.image_uri,
+    )
+    if request.HasField("attributes"):
+        try:
+            out.attributes = attributes_of(request.attributes, "attributes")
+        except InvalidArgument as exc:
+            out.refusal = exc  # refused in its turn (Pipeline.check_image)
+    return out
+
+
+def _product(product: Product) -> gateway_pb2.Product:
+    out = gateway_pb2.Product(
+        product_id=product.product_id,
+        category=product.category,
+        attributes=attributes_to_proto(product.attributes),
+    )
+    for image in product.images:
+        message = out.images.add(image_id=image.image_id, metadata=image.metadata, image_uri=image.image_uri)
+        if image.box is not None:
+            message.box.CopyFrom(box_to_proto(image.box))
+    return out
+
 
 def _match(match: CatalogueMatch) -> gateway_pb2.Match:
     out = gateway_pb2.Match(
-        product_id=match.product_id, score=match.score, metadata=match.metadata, image_id=match.image_id
+        product_id=match.product_id,
+        score=match.score,
+        metadata=match.metadata,
+        image_id=match.image_id,
+        attributes=attributes_to_proto(match.attributes),
+        image_uri=match.image_uri,
     )
     if match.box is not None:
         out.box.CopyFrom(box_to_proto(match.box))

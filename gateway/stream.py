@@ -466,7 +466,13 @@ class VideoStream:
 
 def _with_regions(options: SearchOptions, regions: list[tuple[np.ndarray, str]]) -> SearchOptions:
     return SearchOptions(
-        options.kind, options.top_k, options.min_confidence, regions, options.categories, options.min_score
+        options.kind,
+        options.top_k,
+        options.min_confidence,
+        regions,
+        options.categories,
+        options.min_score,
+        filter=options.filter,
     )
 
 

@@ -1,10 +1,14 @@
 """The databases of one shard, by name, each holding one signature kind; durable through a ShardStore.
 
-It takes domain values (index_server.domain: an Add stream's Items, a delete's ids and groups):
-the servicer converts messages to them (index_server.convert). Every change goes through here:
-checked against its database, written ahead to the store's log (one fsync per Add stream or
-Delete; records encoded by index_server.log_codec), then applied in memory by `_apply`, all under
-one write lock so the log order is the memory order. Start-up loads the last snapshot and replays
+It takes domain values (index_server.domain: an Add stream's Items, a delete's ids, groups and
+filter, an update's groups' attributes): the servicer converts messages to them
+(index_server.convert). Every change goes through here: checked against its database, written
+ahead to the store's log (one fsync per Add stream, Delete or UpdateGroups; records encoded by
+index_server.log_codec), then applied in memory by `_apply`, all under one write lock so the log
+order is the memory order. A Delete's `where` is resolved to the groups it matches before it is
+logged, so a replay deletes exactly those. Items' thumbnails are not in memory: they change in the
+store, in the log's transaction (a shard without a store keeps them in a dict), and a replica's
+copy carries them (as state blobs named THUMBNAIL_BLOB + item id). Start-up loads the last snapshot and replays
 the log after it through that same `_apply`, as does a replica installing a copy (replication).
 A database that cannot be loaded (a damaged snapshot blob, a logged operation that fails) does not
 keep the shard from starting: it is set aside, answered with FAILED_PRECONDITION and reported by
@@ -13,21 +17,34 @@ Stats, and its stored data is written back verbatim by every snapshot, so nothin
 
 from __future__ import annotations
 
+import heapq
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from common.bow_codec import BagOfWords
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
 from index_server import log_codec
-from index_server.dense import DenseDatabase
-from index_server.domain import Deletion, Item, Operation, SignatureError, Value, check_value
+from index_server.dense import DenseDatabase, DenseTuning
+from index_server.domain import (
+    EMPTY_ATTRIBUTES,
+    Deletion,
+    Filter,
+    Hit,
+    Item,
+    Operation,
+    ProductAttributes,
+    SignatureError,
+    Update,
+    Value,
+    check_value,
+)
 from index_server.inverted import BowIndex
 from index_server.limits import ItemLimits
-from index_server.store import ShardStore
+from index_server.store import ShardStore, ThumbnailChange
 from mps.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -39,6 +56,8 @@ Database = DenseDatabase | BowIndex
 PENDING_BLOB = "unreplayed_log"
 # How much of an exception's text a "could not be loaded" reason keeps.
 _REASON_CHARS = 400
+# A replica's copy (replication) carries each item's thumbnail as a state blob named this + its id.
+THUMBNAIL_BLOB = "thumbnail:"
 
 
 class UnknownDatabase(NotFound):
@@ -85,11 +104,22 @@ class Unloadable:
 
 
 class Deleted(NamedTuple):
-    """What a Delete did: items deleted (by id or by group, each once), and what was not there."""
+    """What a Delete did: items deleted (by id or by group, each once), what was not there, and
+    the groups its `where` matched (sorted)."""
 
     deleted: int
     not_found: list[str]
     groups_not_found: list[str]
+    groups_deleted: list[str]
+
+
+class GroupPage(NamedTuple):
+    """One page of ListGroups: (group id, attributes, its live items in item id order) in group id
+    order, the last group id when more follow ("" on the last page), and how many groups match."""
+
+    groups: list[tuple[str, ProductAttributes, list[Hit]]]
+    last: str
+    total: int
 
 
 @dataclass
@@ -100,6 +130,10 @@ class DatabaseInfo:
     items: int
     # Set when the database could not be loaded at start-up (and is not served): why.
     broken_reason: str = ""
+    # Groups with a live item, how the database is searched, and its bytes in memory.
+    groups: int = 0
+    index_type: str = ""
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,10 +143,12 @@ class DatabaseSettings:
     # Bag-of-words databases keep words [V*index/count, V*(index+1)/count) of a V-word vocabulary.
     word_shard_index: int = 0
     word_shard_count: int = 1
-    dense_factory: str = "Flat"
+    dense_factory: str = "auto"
     dense_train_size: int = 50_000
     # Bag-of-words stop-word variant (see BowIndex.max_word_share); 1.0 = exact.
     max_word_share: float = 1.0
+    # When a dense database turns approximate and how it searches then.
+    dense_tuning: DenseTuning = field(default_factory=DenseTuning)
 
     def word_range(self, vocabulary: int) -> tuple[int, int]:
         return (
@@ -200,6 +236,8 @@ class Catalogue:
         self._deferred: list[bytes] | None = None
         # Replication streams to fellow replicas: each gets every batch of records logged.
         self._followers: list[queue.SimpleQueue[list[bytes]]] = []
+        # Thumbnails by (database, item id) when there is no store (else the store holds them).
+        self._thumbnails: dict[tuple[str, str], bytes] = {}
         if store is not None:
             self._recover(store)
 
@@ -223,7 +261,10 @@ class Catalogue:
         return sorted(self._databases)
 
     def stats(self) -> list[DatabaseInfo]:
-        infos = [DatabaseInfo(name, kind, db.dimension, len(db)) for name, (kind, db) in self._databases.items()]
+        infos = [
+            DatabaseInfo(name, kind, db.dimension, len(db), "", db.groups_count(), db.index_type, db.memory_bytes)
+            for name, (kind, db) in self._databases.items()
+        ]
         infos += [DatabaseInfo(name, broken.kind(), 0, 0, broken.reason) for name, broken in self._broken.items()]
         return sorted(infos, key=lambda info: info.name)
 
@@ -279,7 +320,16 @@ class Catalogue:
                 except ServiceError as exc:
                     raise refused_item(position, item.item_id, exc) from None
             if stream.items:
-                self._log([log_codec.encode(item) if record is None else record for item, record in stream.items])
+                records = [log_codec.encode(item) if record is None else record for item, record in stream.items]
+                self._log(
+                    records,
+                    [(item.database, item.item_id, item.thumbnail or None) for item, _ in stream.items],
+                    # The store holds the thumbnails beside the log: its records leave them out.
+                    [
+                        log_codec.without_thumbnail(record) if item.thumbnail else record
+                        for (item, _), record in zip(stream.items, records, strict=True)
+                    ],
+                )
             stored: set[tuple[str, str]] = set()
             replaced: set[tuple[str, str]] = set()
             for item, _ in stream.items:
@@ -292,24 +342,34 @@ class Catalogue:
         self._maybe_snapshot()
         return len(stored), len(replaced)
 
-    def delete(self, name: str, item_ids: list[str], group_ids: list[str] | tuple[str, ...] = ()) -> Deleted:
-        """Deletes items and every item of groups, durably; says how many items went and which
-        ids and groups were not there."""
+    def delete(
+        self,
+        name: str,
+        item_ids: list[str],
+        group_ids: list[str] | tuple[str, ...] = (),
+        where: Filter | None = None,
+    ) -> Deleted:
+        """Deletes items, every item of groups and (where given) every item of the groups passing
+        `where` (an empty Filter: every group), durably; says how many items went, which ids and
+        groups were not there, and which groups `where` matched."""
         with self._write:
             if name in self._broken:
                 raise BrokenDatabase(name, self._broken[name].reason)
             if self._deferred is not None:
                 # Catching up: what is held here is stale, so the whole request is logged, and
                 # applied (what of it is there) once the copy is installed.
-                self._log([log_codec.encode(Deletion(name, tuple(item_ids), tuple(group_ids)))])
-                return Deleted(0, list(item_ids), list(group_ids))
+                deletion = Deletion(name, tuple(item_ids), tuple(group_ids), where)
+                self._log([log_codec.encode(deletion)], [(name, i, None) for i in item_ids])
+                return Deleted(0, list(item_ids), list(group_ids), [])
             _, database = self.get(name)
             present = [i for i in dict.fromkeys(item_ids) if i in database]
             groups = [g for g in dict.fromkeys(group_ids) if database.group_size(g) > 0]
-            # Only what is there is logged: a replay then does exactly what was acknowledged.
-            deletion = Deletion(name, tuple(present), tuple(groups))
-            if present or groups:
-                self._log([log_codec.encode(deletion)])
+            matched = sorted(database.group_names(where)) if where is not None else []
+            # Only what is there is logged, `where` as the groups it matched: a replay then does
+            # exactly what was acknowledged.
+            deletion = Deletion(name, tuple(present), tuple(dict.fromkeys(groups + matched)))
+            if deletion.item_ids or deletion.group_ids:
+                self._log([log_codec.encode(deletion)], self._thumbnail_changes(deletion))
             deleted = self._apply(deletion)
             self._since_snapshot += deleted
         self._maybe_snapshot()
@@ -318,16 +378,107 @@ class Catalogue:
             deleted,
             [i for i in dict.fromkeys(item_ids) if i not in present_set],
             [g for g in dict.fromkeys(group_ids) if g not in groups_set],
+            matched,
         )
 
+    def update(self, name: str, attributes: dict[str, ProductAttributes]) -> tuple[int, list[str]]:
+        """Replaces groups' attributes, durably; returns how many groups were updated and those
+        that have no item in the database (nothing is stored for them)."""
+        with self._write:
+            if name in self._broken:
+                raise BrokenDatabase(name, self._broken[name].reason)
+            if self._deferred is not None:  # catching up: logged whole, applied to what is there
+                self._log([log_codec.encode(Update(name, dict(attributes)))])
+                return 0, list(attributes)
+            _, database = self.get(name)
+            present = {group: a for group, a in attributes.items() if database.group_size(group) > 0}
+            if present:
+                self._log([log_codec.encode(Update(name, present))])
+                self._apply(Update(name, present))
+                self._since_snapshot += len(present)
+        self._maybe_snapshot()
+        return len(present), [group for group in attributes if group not in present]
+
+    # -- management reads -------------------------------------------------------------------------
+
+    def list_groups(
+        self, name: str, group_ids: list[str], filter: Filter | None, page_size: int, after: str = ""
+    ) -> GroupPage:
+        """The groups with an item that pass the filter (and are among group_ids, when given), in
+        group id order after `after`, at most page_size of them, with their attributes and items."""
+        _, database = self.get(name)
+        names = database.group_names(filter)
+        if group_ids:
+            wanted = set(group_ids)
+            names = [group for group in names if group in wanted]
+        following = [group for group in names if group > after] if after else names
+        page = heapq.nsmallest(page_size, following)
+        items = database.group_items(page)
+        # A group deleted since it was listed is left out; its items carry its attributes.
+        groups = [
+            (group, items[group][0].attributes or EMPTY_ATTRIBUTES, items[group]) for group in page if group in items
+        ]
+        more = len(following) > len(page)
+        return GroupPage(groups, page[-1] if more and page else "", len(names))
+
+    def thumbnails(self, name: str, item_ids: list[str]) -> list[tuple[str, bytes]]:
+        """(item id, thumbnail or b"") of the items of `item_ids` in the database, in that order."""
+        _, database = self.get(name)
+        present = [item_id for item_id in item_ids if item_id in database]
+        if self.store is not None:
+            return list(zip(present, self.store.thumbnails(name, present), strict=True))
+        return [(item_id, self._thumbnails.get((name, item_id), b"")) for item_id in present]
+
+    def thumbnails_of(self, name: str) -> Iterator[tuple[str, bytes]]:
+        """(item id, thumbnail) of every item of the database that has one (for a replica's copy)."""
+        if self.store is not None:
+            yield from self.store.thumbnails_of(name)
+            return
+        with self._write:
+            held = [(item_id, data) for (database, item_id), data in self._thumbnails.items() if database == name]
+        yield from held
+
+    # -- the one apply path -----------------------------------------------------------------------
+
+    def _thumbnail_changes(self, operation: Operation) -> list[ThumbnailChange]:
+        """The thumbnail changes an operation makes, as the state before it says (a group's items
+        are those it holds then): an Item sets its thumbnail (none: deletes the one it replaces),
+        a Deletion deletes those of the items it deletes."""
+        if isinstance(operation, Item):
+            return [(operation.database, operation.item_id, operation.thumbnail or None)]
+        if isinstance(operation, Update) or operation.database not in self._databases:
+            return []
+        _, database = self._databases[operation.database]
+        groups = list(operation.group_ids)
+        if operation.where is not None:
+            groups += database.group_names(operation.where)
+        members = [hit.item_id for hits in database.group_items(groups).values() for hit in hits] if groups else []
+        return [(operation.database, item_id, None) for item_id in [*operation.item_ids, *members]]
+
+    def _change_thumbnails(self, changes: list[ThumbnailChange]) -> None:
+        """Thumbnail changes outside a log append (replaying a replica's records)."""
+        if self.store is not None:
+            if changes:
+                self.store.change_thumbnails(changes)
+            return
+        for database, item_id, thumbnail in changes:
+            if thumbnail:
+                self._thumbnails[(database, item_id)] = thumbnail
+            else:
+                self._thumbnails.pop((database, item_id), None)
+
     def _apply(self, operation: Operation) -> int:
-        """One logged operation, in memory: the one apply path of live writes (commit, delete),
-        of start-up (_recover, _load_states) and of a replica's copy (install, end_deferral).
-        An Item: 1 when it replaced an item, else 0 (its database is created by its first item).
-        A Deletion: the items deleted, each counted once (ids go first, so a group counts only
-        what is left of it); 0 for a database not held (one logged while catching up)."""
+        """One logged operation, in memory: the one apply path of live writes (commit, delete,
+        update), of start-up (_recover, _load_states) and of a replica's copy (install,
+        end_deferral). An Item: 1 when it replaced an item, else 0 (its database is created by its
+        first item; its attributes, when set, replace its group's first). A Deletion: the items
+        deleted, each counted once (ids go first, so a group counts only what is left of it); 0 for
+        a database not held (one logged while catching up). An Update: the groups updated (those
+        with an item)."""
         if isinstance(operation, Item):
             database = self._get_or_create(operation.database, kind_of(operation.value), operation.value)
+            if operation.attributes is not None:
+                database.set_attributes(operation.group, operation.attributes)
             replaced = database.add(
                 operation.item_id,
                 operation.value,  # type: ignore[arg-type]  # _get_or_create checked its kind
@@ -339,8 +490,18 @@ class Catalogue:
         if not self.holds(operation.database):
             return 0
         _, database = self.get(operation.database)
+        if isinstance(operation, Update):
+            updated = 0
+            for group, attributes in operation.attributes.items():
+                if database.group_size(group) > 0:  # one a replica's stale request names may be gone
+                    database.set_attributes(group, attributes)
+                    updated += 1
+            return updated
         deleted = sum(database.delete(item_id) for item_id in operation.item_ids)
-        return deleted + database.delete_groups(list(operation.group_ids))
+        groups = list(operation.group_ids)
+        if operation.where is not None:  # logged as received by a replica catching up
+            groups += database.group_names(operation.where)
+        return deleted + database.delete_groups(groups)
 
     def _get_or_create(self, name: str, kind: int, value: Value) -> Database:
         """The database `name`, created for this signature's kind and shape by its first item."""
@@ -354,7 +515,9 @@ class Catalogue:
                     max_word_share=self.settings.max_word_share,
                 )
             else:
-                database = DenseDatabase(value.size, self.settings.dense_factory, self.settings.dense_train_size)
+                database = DenseDatabase(
+                    value.size, self.settings.dense_factory, self.settings.dense_train_size, self.settings.dense_tuning
+                )
             self._databases[name] = (kind, database)
         held_kind, database = self._databases[name]
         if held_kind != kind:
@@ -416,7 +579,7 @@ class Catalogue:
                     database: Database = (
                         BowIndex.from_state(blobs)
                         if kind == common_pb2.SIGNATURE_KIND_BOW
-                        else DenseDatabase.from_state(blobs)
+                        else DenseDatabase.from_state(blobs, self.settings.dense_tuning)
                     )
                     if isinstance(database, BowIndex):
                         database.max_word_share = self.settings.max_word_share  # configuration, not data
@@ -430,10 +593,12 @@ class Catalogue:
                 self._set_aside(name, f"{reason}: {_reason(exc)}", stored, [])
 
     def _replay(self, records: Iterable[bytes]) -> int:
-        """Applies logged records in order (the caller holds the write lock or owns the catalogue);
-        returns how many. A record that no longer fits (one logged while catching up, against a
-        database the copy holds with another kind or shape, or does not hold) is skipped."""
+        """Applies logged records in order, with their thumbnail changes (the caller holds the
+        write lock or owns the catalogue); returns how many. A record that no longer fits (one
+        logged while catching up, against a database the copy holds with another kind or shape,
+        or does not hold) is skipped."""
         replayed = 0
+        changes: list[ThumbnailChange] = []
         for record in records:
             name = log_codec.database_of(record)
             if name in self._broken:  # kept with it, as start-up does
@@ -441,17 +606,28 @@ class Catalogue:
                 replayed += 1
                 continue
             try:
-                self._apply(log_codec.decode(record))
+                operation = log_codec.decode(record)
+                changes += self._thumbnail_changes(operation)
+                self._apply(operation)
             except ServiceError as exc:
                 log.warning("skipped a logged operation on %s that does not apply here: %s", quote(name), exc)
             replayed += 1
+        self._change_thumbnails(changes)
         return replayed
 
-    def _log(self, records: list[bytes]) -> None:
-        """Writes records ahead (durably) and hands them to the replication streams; called
-        under the write lock, so every reader sees the log order."""
+    def _log(
+        self,
+        records: list[bytes],
+        thumbnails: list[ThumbnailChange] | None = None,
+        stored: list[bytes] | None = None,
+    ) -> None:
+        """Writes records ahead (durably; `stored`: the records as the log keeps them, when they
+        differ) with the thumbnail changes they make, in one transaction, and hands the records to
+        the replication streams; called under the write lock, so every reader sees the log order."""
         if self.store is not None:
-            self.store.append(records)
+            self.store.append(stored or records, thumbnails or ())
+        else:
+            self._change_thumbnails(thumbnails or [])
         if self._deferred is not None:
             self._deferred.extend(records)
         for follower in self._followers:
@@ -498,12 +674,20 @@ class Catalogue:
         it durably (a snapshot) before returning. Re-applying a write the copy has is harmless:
         an Add replaces, a Delete of what is not there does nothing."""
         fresh = Catalogue(self.settings, limits=self.limits)  # in memory: built off the write lock
+        for name, blobs in states.items():  # the thumbnails travel as blobs of their own
+            for blob in [b for b in blobs if b.startswith(THUMBNAIL_BLOB)]:
+                fresh._thumbnails[(name, blob[len(THUMBNAIL_BLOB) :])] = blobs.pop(blob)
         fresh._load_states(states)
         fresh._replay(records)
         with self._write:
             fresh._replay(self._deferred or [])
             self._databases = fresh._databases
             self._broken = fresh._broken  # the copy replaces what was set aside here too
+            if self.store is not None:
+                changes = [(name, item_id, data) for (name, item_id), data in fresh._thumbnails.items()]
+                self.store.change_thumbnails(changes, replace=True)
+            else:
+                self._thumbnails = fresh._thumbnails
             self._deferred = None
             self._since_snapshot = 0
         self.snapshot()

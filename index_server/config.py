@@ -18,6 +18,7 @@ def _check_item_limits(config: Validated) -> None:
     config._within("max_dense_dimension", 1, (1 << 20) - 1)
     config._within("max_bow_vocabulary", 1, 65535)
     config._at_least(1, "max_id_bytes", "max_items_per_stream")
+    config._at_least(0, "max_thumbnail_bytes")
     config._at_least(0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes")
 
 
@@ -42,11 +43,28 @@ class IndexConfig(ServerConfig, ItemLimits):
     # bag-of-words item; the router must list the shards in this order.
     word_shard_index: int = 0
     word_shard_count: int = 1
-    # FAISS index factory string for dense (deep) databases, inner product on unit vectors:
-    # "Flat" is exact; e.g. "IVF1024,Flat" trades recall for speed at millions of items.
-    dense_factory: str = "Flat"
-    # A factory that needs training searches exactly until this many vectors, then is trained.
+    # Dense (deep) databases, inner product on unit vectors (index_server/dense.py). "auto": exact
+    # FAISS Flat below dense_exact_below items, then an approximate index learned from the
+    # database's own vectors (PCA, IVF, PQ codes: ~100 bytes per item in memory) whose candidates
+    # are re-ranked exactly with the float32 vectors, kept in a file on disk (under data_dir, or
+    # the system's temporary directory for an in-memory shard). Any other FAISS factory string
+    # overrides it: "Flat" keeps every database exact (4 bytes per dimension per item in memory);
+    # e.g. "IVF1024,Flat" is that index alone, no re-rank.
+    dense_factory: str = "auto"
+    # An overriding factory that needs training searches exactly until this many vectors.
     dense_train_size: int = 50_000
+    # "auto": the approximate index from this many items in a database on (built in the
+    # background, searches answered meanwhile), rebuilt each time the database has grown 4x.
+    dense_exact_below: int = 100_000
+    # Candidates re-ranked exactly per query: max(dense_rerank_min, 4 * top_k). More: higher
+    # recall, slower (bench/dense.py measures both).
+    dense_rerank_min: int = 1000
+    # IVF lists probed per query; 0 = one in 32 (at least 16).
+    dense_nprobe: int = 0
+    # A filtered search of an approximate database where at most this many items pass scores them
+    # all exactly (reading ~4 bytes per dimension of each from disk); above, the IVF searches
+    # through the filter.
+    dense_filter_exact_rows: int = 20_000
     # Bag-of-words stop words: query words held by more than this share of a database's items are
     # skipped (faster, approximate: bench/index.py measures both); 1.0 keeps search exact.
     max_word_share: float = 1.0
@@ -81,6 +99,9 @@ class IndexConfig(ServerConfig, ItemLimits):
         super()._check()
         _check_item_limits(self)
         self._at_least(1, "store_map_bytes", "snapshot_every", "word_shard_count", "dense_train_size")
+        self._at_least(2, "dense_exact_below")
+        self._at_least(1, "dense_rerank_min")
+        self._at_least(0, "dense_nprobe", "dense_filter_exact_rows")
         self._at_least(1, "chunk_size", "partial_chunk", "max_top_k", "max_batch", "replicate_chunk_bytes")
         if not 0 <= self.word_shard_index < self.word_shard_count:
             raise ConfigError(

@@ -3,13 +3,26 @@ the router: the one place where index messages become domain values (index_serve
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 
 from common.bow_codec import BagOfWords, BowFormatError, decode, encode
+from common.errors import InvalidArgument, ResourceExhausted, quote
 from common.limits import check_id, check_metadata
 from common.names import check_name
 from common.proto_convert import box_from_proto, box_to_proto, dense_from_proto, dense_to_proto
-from index_server.domain import Hit, Item, SignatureError, Value, check_value
+from index_server.domain import (
+    EMPTY_ATTRIBUTES,
+    Filter,
+    Hit,
+    Item,
+    LabelClause,
+    ProductAttributes,
+    SignatureError,
+    Value,
+    check_value,
+)
 from index_server.limits import ItemLimits
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2
@@ -20,10 +33,187 @@ def box_of(message: index_pb2.AddRequest | index_pb2.ScoredItem | index_pb2.Look
     return box_from_proto(message.box) if message.HasField("box") else None
 
 
+# -- attributes and filters (mps.common.v1.ProductAttributes, Filter: limits in their comments) ------
+
+MAX_PATH_BYTES = 256
+MAX_TAGS = 64
+MAX_LABELS = 64
+# Levels of any_of under the top filter, and tags + values + clauses in a whole filter.
+MAX_FILTER_DEPTH = 4
+MAX_FILTER_TERMS = 256
+
+
+def _bad(field: str, problem: str) -> InvalidArgument:
+    return InvalidArgument(f"{field} {problem}", violations=[(field, problem)])
+
+
+def _check_term(field: str, kind: str, value: str) -> None:
+    """A tag, label key or label value: the rules of names (common.names), the field named."""
+    try:
+        check_name(kind, value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc.message}", violations=[(field, exc.message)]) from None
+
+
+def _check_path(field: str, path: str) -> None:
+    """A taxonomy path: at most MAX_PATH_BYTES, "/"-separated non-empty segments, each a name."""
+    size = len(path.encode("utf-8", "surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise _bad(field, f"{quote(path)} is {size} UTF-8 bytes, above the limit of {MAX_PATH_BYTES}")
+    for position, segment in enumerate(path.split("/")):
+        if not segment:
+            raise _bad(
+                field,
+                f"{quote(path)} has an empty segment (#{position}): segments are separated by single "
+                '"/", with no "/" at either end, e.g. "fashion/tops/shirt"',
+            )
+        _check_term(field, "path segment", segment)
+
+
+def attributes_of(message: common_pb2.ProductAttributes, field: str = "attributes") -> ProductAttributes:
+    """A message's attributes, checked (InvalidArgument naming the field otherwise)."""
+    if message.path:
+        _check_path(f"{field}.path", message.path)
+    if len(message.tags) > MAX_TAGS:
+        raise _bad(f"{field}.tags", f"has {len(message.tags)} tags, above the limit of {MAX_TAGS}")
+    for i, tag in enumerate(message.tags):
+        _check_term(f"{field}.tags[{i}]", "tag", tag)
+    if len(message.labels) > MAX_LABELS:
+        raise _bad(f"{field}.labels", f"has {len(message.labels)} labels, above the limit of {MAX_LABELS}")
+    for key, value in message.labels.items():
+        _check_term(f"{field}.labels[{quote(key)}] key", "label key", key)
+        _check_term(f"{field}.labels[{quote(key)}]", "label value", value)
+    return stored_attributes(message)
+
+
+def stored_attributes(message: common_pb2.ProductAttributes) -> ProductAttributes:
+    """A message's attributes without checks (as logged: they passed attributes_of when received)."""
+    if not (message.path or message.tags or message.labels):
+        return EMPTY_ATTRIBUTES
+    return ProductAttributes(message.path, frozenset(message.tags), dict(message.labels))
+
+
+def attributes_to_proto(attributes: ProductAttributes) -> common_pb2.ProductAttributes:
+    return common_pb2.ProductAttributes(
+        path=attributes.path, tags=sorted(attributes.tags), labels=dict(attributes.labels)
+    )
+
+
+def filter_of(message: common_pb2.Filter, field: str = "filter") -> Filter | None:
+    """A message's filter, checked (InvalidArgument naming the field otherwise); None when it is
+    empty (it keeps everything)."""
+    counted = [0]
+    compiled = _filter(message, field, 0, counted)
+    return None if compiled.is_empty() else compiled
+
+
+def _filter(message: common_pb2.Filter, field: str, depth: int, counted: list[int]) -> Filter:
+    counted[0] += len(message.all_tags) + len(message.any_tags) + len(message.labels)
+    counted[0] += sum(len(clause.values) for clause in message.labels)
+    if counted[0] > MAX_FILTER_TERMS:
+        raise _bad(
+            field,
+            f"holds more than {MAX_FILTER_TERMS} tags, label values and label clauses in all (the "
+            "limit): narrow it with a path_prefix or split the request",
+        )
+    if message.path_prefix:
+        _check_path(f"{field}.path_prefix", message.path_prefix)
+    for name in ("all_tags", "any_tags"):
+        for i, tag in enumerate(getattr(message, name)):
+            _check_term(f"{field}.{name}[{i}]", "tag", tag)
+    clauses = []
+    for i, clause in enumerate(message.labels):
+        _check_term(f"{field}.labels[{i}].key", "label key", clause.key)
+        for j, value in enumerate(clause.values):
+            _check_term(f"{field}.labels[{i}].values[{j}]", "label value", value)
+        clauses.append(LabelClause(clause.key, frozenset(clause.values), clause.negate))
+    if message.any_of and depth >= MAX_FILTER_DEPTH:
+        raise _bad(f"{field}.any_of", f"nests any_of deeper than {MAX_FILTER_DEPTH} levels (the limit)")
+    return Filter(
+        message.path_prefix,
+        frozenset(message.all_tags),
+        frozenset(message.any_tags),
+        tuple(clauses),
+        tuple(_filter(part, f"{field}.any_of[{i}]", depth + 1, counted) for i, part in enumerate(message.any_of)),
+    )
+
+
+def stored_filter(message: common_pb2.Filter) -> Filter:
+    """A message's filter without checks (as logged: it passed filter_of when received); an empty
+    one keeps everything."""
+    return Filter(
+        message.path_prefix,
+        frozenset(message.all_tags),
+        frozenset(message.any_tags),
+        tuple(LabelClause(c.key, frozenset(c.values), c.negate) for c in message.labels),
+        tuple(stored_filter(part) for part in message.any_of),
+    )
+
+
+def filter_to_proto(filter: Filter | None) -> common_pb2.Filter:
+    if filter is None:
+        return common_pb2.Filter()
+    return common_pb2.Filter(
+        path_prefix=filter.path_prefix,
+        all_tags=sorted(filter.all_tags),
+        any_tags=sorted(filter.any_tags),
+        labels=[common_pb2.LabelClause(key=c.key, values=sorted(c.values), negate=c.negate) for c in filter.labels],
+        any_of=[filter_to_proto(part) for part in filter.any_of],
+    )
+
+
+def request_filter(
+    request: index_pb2.SearchRequest | index_pb2.SearchBatchRequest | index_pb2.PartialScoresRequest,
+) -> Filter | None:
+    """A read request's filter, checked; None when it has none (or an empty one)."""
+    return filter_of(request.filter) if request.HasField("filter") else None
+
+
+# -- ListGroups paging -----------------------------------------------------------------------------
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def page_size_of(requested: int) -> int:
+    """ListGroups' page size (0 means DEFAULT_PAGE_SIZE); InvalidArgument above MAX_PAGE_SIZE."""
+    page_size = requested or DEFAULT_PAGE_SIZE
+    if page_size > MAX_PAGE_SIZE:
+        raise _bad("page_size", f"{page_size} is above the limit of {MAX_PAGE_SIZE} groups per page")
+    return page_size
+
+
+def page_token(last_group_id: str) -> str:
+    """The next_page_token of a page that ends with this group ("" for none: the last page). Opaque
+    to clients; it names the last group id returned (base64url), so a router can merge shards."""
+    if not last_group_id:
+        return ""
+    return base64.urlsafe_b64encode(last_group_id.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def after_token(token: str) -> str:
+    """The last group id of the previous page named by a page_token ("" for the first page);
+    InvalidArgument for a token no page gave."""
+    if not token:
+        return ""
+    try:
+        after = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        if not after:
+            raise ValueError("empty")
+        return after.decode("utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("page_token", "is not a token a ListGroups page gave: send next_page_token as received") from None
+
+
+# -- items ------------------------------------------------------------------------------------------
+
+
 def scored_item(hit: Hit) -> index_pb2.ScoredItem:
     item = index_pb2.ScoredItem(item_id=hit.item_id, score=hit.score, metadata=hit.metadata, group_id=hit.group_id)
     if hit.box is not None:  # unset, not a zero box, when the item has none
         item.box.CopyFrom(box_to_proto(hit.box))
+    if hit.attributes is not None and not hit.attributes.is_empty():
+        item.attributes.CopyFrom(attributes_to_proto(hit.attributes))
     return item
 
 
@@ -31,6 +221,8 @@ def looked_up_item(key: int, hit: Hit) -> index_pb2.LookedUpItem:
     item = index_pb2.LookedUpItem(key=key, item_id=hit.item_id, metadata=hit.metadata, group_id=hit.group_id)
     if hit.box is not None:
         item.box.CopyFrom(box_to_proto(hit.box))
+    if hit.attributes is not None and not hit.attributes.is_empty():
+        item.attributes.CopyFrom(attributes_to_proto(hit.attributes))
     return item
 
 
@@ -42,6 +234,7 @@ def hit_of(item: index_pb2.ScoredItem | index_pb2.LookedUpItem, score: float | N
         dict(item.metadata),
         item.group_id,
         box_of(item),
+        stored_attributes(item.attributes),
     )
 
 
@@ -93,7 +286,28 @@ def item_of(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(), ch
     box = box_of(request)
     if box is not None and not np.all(np.isfinite(box)):
         raise SignatureError("box has NaN or infinite coordinates")
-    return Item(request.database, request.item_id, value, dict(request.metadata), request.group_id, box)
+    attributes = attributes_of(request.attributes) if request.HasField("attributes") else None
+    check_thumbnail(len(request.thumbnail), limits)
+    return Item(
+        request.database,
+        request.item_id,
+        value,
+        dict(request.metadata),
+        request.group_id,
+        box,
+        attributes,
+        request.thumbnail,
+    )
+
+
+def check_thumbnail(size: int, limits: ItemLimits) -> None:
+    """ResourceExhausted for a thumbnail above max_thumbnail_bytes."""
+    if size > limits.max_thumbnail_bytes:
+        raise ResourceExhausted(
+            f"thumbnail is {size} bytes, above the limit of {limits.max_thumbnail_bytes}: store a "
+            "smaller image (a thumbnail, e.g. 256 pixels on its long side, JPEG)",
+            quota=[("max_thumbnail_bytes", f"thumbnails of at most {limits.max_thumbnail_bytes} bytes")],
+        )
 
 
 def item_value(
@@ -115,6 +329,8 @@ def stored_item(request: index_pb2.AddRequest) -> Item:
         dict(request.metadata),
         request.group_id,
         box_of(request),
+        stored_attributes(request.attributes) if request.HasField("attributes") else None,
+        request.thumbnail,
     )
 
 
@@ -134,4 +350,7 @@ def add_request(item: Item) -> index_pb2.AddRequest:
     )
     if item.box is not None:
         request.box.CopyFrom(box_to_proto(item.box))
+    if item.attributes is not None:
+        request.attributes.CopyFrom(attributes_to_proto(item.attributes))
+    request.thumbnail = item.thumbnail
     return request

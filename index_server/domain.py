@@ -1,12 +1,15 @@
 """The index's domain values, shared by the shard, its databases and the router (no gRPC, no
-storage): what is stored (`Item`) and deleted (`Deletion`), what a search finds (`Hit`), how items
-and groups are named across shards (`item_key`), which words a word-range shard holds
-(`word_range_of`), and the error for a signature that does not fit (`SignatureError`).
+storage): what is stored (`Item`), deleted (`Deletion`) and updated (`Update`), what a search finds
+(`Hit`), what a product is beyond its images (`ProductAttributes`) and how a search or a delete
+selects products by it (`Filter`), how items and groups are named across shards (`item_key`), which
+words a word-range shard holds (`word_range_of`), and the error for a signature that does not fit
+(`SignatureError`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +39,80 @@ def word_range_of(shard: int, shards: int, vocabulary: int) -> tuple[int, int]:
     return vocabulary * shard // shards, vocabulary * (shard + 1) // shards
 
 
+@dataclass(frozen=True, slots=True)  # slots: a shard may hold millions (one per group)
+class ProductAttributes:
+    """A group's (product's) attributes (mps.common.v1.ProductAttributes): its taxonomy path
+    ("" = none; segments joined by "/"), its tags and its key=value labels (a dict: read-only)."""
+
+    path: str = ""
+    tags: frozenset[str] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.tags, tuple(sorted(self.labels.items()))))
+
+    def is_empty(self) -> bool:
+        return not (self.path or self.tags or self.labels)
+
+
+EMPTY_ATTRIBUTES = ProductAttributes()
+
+
+@dataclass(frozen=True)
+class LabelClause:
+    """The label `key` has one of `values` (none: has the label at all); `negate` inverts it."""
+
+    key: str
+    values: frozenset[str] = frozenset()
+    negate: bool = False
+
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        found = value is not None and (not self.values or value in self.values)
+        return found != self.negate
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A compiled mps.common.v1.Filter: every part that is set must hold (AND); `any_of`, when
+    set, needs one of its filters to hold (OR). `matches` is the reference semantics (one product
+    at a time); GroupTable.passing answers the same for every group at once."""
+
+    path_prefix: str = ""
+    all_tags: frozenset[str] = frozenset()
+    any_tags: frozenset[str] = frozenset()
+    labels: tuple[LabelClause, ...] = ()
+    any_of: tuple[Filter, ...] = ()
+
+    def is_empty(self) -> bool:
+        """True when no part is set: the filter keeps everything."""
+        return not (self.path_prefix or self.all_tags or self.any_tags or self.labels or self.any_of)
+
+    def matches(self, attributes: ProductAttributes) -> bool:
+        if self.path_prefix and not path_under(attributes.path, self.path_prefix):
+            return False
+        if not self.all_tags <= attributes.tags:
+            return False
+        if self.any_tags and self.any_tags.isdisjoint(attributes.tags):
+            return False
+        if not all(clause.holds(attributes.labels) for clause in self.labels):
+            return False
+        return not self.any_of or any(f.matches(attributes) for f in self.any_of)
+
+
+def path_under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or lies under it, segment by segment."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def path_prefixes(path: str) -> list[str]:
+    """Every prefix of a path that a path_prefix filter can name: "a/b/c" -> ["a", "a/b", "a/b/c"]."""
+    if not path:
+        return []
+    segments = path.split("/")
+    return ["/".join(segments[: i + 1]) for i in range(len(segments))]
+
+
 class SignatureError(InvalidArgument, ValueError):
     """A signature does not fit the database (or is malformed); the message says why."""
 
@@ -43,8 +120,10 @@ class SignatureError(InvalidArgument, ValueError):
 @dataclass(frozen=True, eq=False)
 class Item:
     """One item to add to (or replace in) a database: its decoded signature, the metadata returned
-    with every hit, its group ("" = the group of its own, named by its id) and its box ((4,) float32
-    xyxy, or None when it has none)."""
+    with every hit, its group ("" = the group of its own, named by its id), its box ((4,) float32
+    xyxy, or None when it has none), its group's attributes (None: the group keeps those it has;
+    set: they replace the group's) and its thumbnail (encoded image bytes, stored on disk, not in
+    memory; b"" = none)."""
 
     database: str
     item_id: str
@@ -52,31 +131,55 @@ class Item:
     metadata: dict[str, str] = field(default_factory=dict)
     group_id: str = ""
     box: np.ndarray | None = None
+    attributes: ProductAttributes | None = None
+    thumbnail: bytes = b""
+
+    @property
+    def group(self) -> str:
+        return group_name(self.item_id, self.group_id)
 
 
 @dataclass(frozen=True)
 class Deletion:
-    """Items of a database to delete, by id and by group (every item of each group)."""
+    """Items of a database to delete, by id and by group (every item of each group), and every item
+    of the groups that pass `where` (None: no such part; an empty Filter: every group). A shard
+    resolves `where` to group_ids before it logs the deletion, so a replay deletes exactly what
+    was acknowledged; only a replica catching up (its state stale) logs a `where` as received."""
 
     database: str
     item_ids: tuple[str, ...] = ()
     group_ids: tuple[str, ...] = ()
+    where: Filter | None = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """New attributes for groups of a database (each replaces the group's attributes whole); only
+    groups that are in the database are logged."""
+
+    database: str
+    attributes: Mapping[str, ProductAttributes] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((self.database, tuple(sorted(self.attributes))))
 
 
 # What a shard's write-ahead log records, in order: the write path applies each of them.
-Operation = Item | Deletion
+Operation = Item | Deletion | Update
 
 
 @dataclass(eq=False)
 class Hit:
     """One found item. group_id is "" when the item is its own group; box is (4,) float32 xyxy or
-    None when it was added without one."""
+    None when it was added without one; attributes are its group's (None where not known, e.g.
+    from a shard that does not keep them)."""
 
     item_id: str
     score: float
     metadata: dict[str, str]
     group_id: str = ""
     box: np.ndarray | None = None
+    attributes: ProductAttributes | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Hit):
@@ -84,12 +187,10 @@ class Hit:
         same_box = (self.box is None and other.box is None) or (
             self.box is not None and other.box is not None and np.array_equal(self.box, other.box)
         )
-        return same_box and (self.item_id, self.score, self.metadata, self.group_id) == (
-            other.item_id,
-            other.score,
-            other.metadata,
-            other.group_id,
-        )
+        # No attributes and empty ones are the same answer (a group never given any).
+        mine = (self.item_id, self.score, self.metadata, self.group_id, self.attributes or EMPTY_ATTRIBUTES)
+        theirs = (other.item_id, other.score, other.metadata, other.group_id, other.attributes or EMPTY_ATTRIBUTES)
+        return same_box and mine == theirs
 
     @property
     def group(self) -> str:

@@ -13,6 +13,9 @@ Postings live in two parts, like a log-structured merge with one level:
 When the tail grows past a fraction of the base, merge() folds it into a new base without holding
 the lock (the old base and the frozen tail stay searchable meanwhile), dropping deleted rows'
 postings. A delete clears the row's live flag; compact() also renumbers rows densely.
+Groups carry attributes (groups.GroupTable); a filter becomes a mask over rows (the group mask taken
+at each row's group), ANDed with the live flags the kernels already skip on, so the top k is
+collected among the passing items only.
 An index may hold only a range of words (word-range sharding): its scores are then partial sums
 over that range, named by a 64-bit item key so that shards can be merged.
 
@@ -38,7 +41,7 @@ import numpy as np
 
 from common.bow_codec import BagOfWords
 from common.rwlock import ReadWriteLock
-from index_server.domain import Hit, SignatureError, group_name, item_key
+from index_server.domain import EMPTY_ATTRIBUTES, Filter, Hit, ProductAttributes, SignatureError, group_name, item_key
 from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.snapshot_codec import array_from, pack_strings, unpack_strings
 
@@ -162,10 +165,53 @@ class BowIndex:
     def dimension(self) -> int:
         return self.vocabulary
 
+    @property
+    def index_type(self) -> str:
+        return "inverted"
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.nbytes()
+
     def group_size(self, group_id: str) -> int:
         """Live items of a group (an item without a group_id is the group named by its id)."""
         with self._lock.read():
             return self._groups.size(group_id)
+
+    # -- groups' attributes ------------------------------------------------------------------------
+
+    def set_attributes(self, group_id: str, attributes: ProductAttributes) -> None:
+        """Replaces a group's attributes (the group is named as group_name names it); visible to
+        the next search."""
+        with self._lock.write():
+            self._groups.set_attributes(group_id, attributes)
+
+    def attributes_of_group(self, group_id: str) -> ProductAttributes:
+        with self._lock.read():
+            number = self._groups.number_of(group_id)
+            return EMPTY_ATTRIBUTES if number is None else self._groups.attributes_of(number)
+
+    def group_names(self, filter: Filter | None = None) -> list[str]:
+        """The groups with a live item that pass the filter (None: all), unordered."""
+        with self._lock.read():
+            return self._groups.live_names(filter)
+
+    def groups_count(self) -> int:
+        """Groups with a live item."""
+        with self._lock.read():
+            return self._groups.live_count()
+
+    def group_items(self, group_ids: list[str]) -> dict[str, list[Hit]]:
+        """The live items of these groups (score 0), each group's in item id order; a group with
+        none is left out."""
+        with self._lock.read():
+            numbers = self._groups.numbers(group_ids)
+            count = len(self._ids)
+            rows = np.flatnonzero(np.isin(self._group[:count], numbers) & self._live[:count])
+            out: dict[str, list[Hit]] = {}
+            for row in sorted(rows.tolist(), key=lambda r: self._ids[r]):
+                out.setdefault(self._groups.names[self._group[row]], []).append(self._hit(row, 0.0))
+            return out
 
     # -- updates ----------------------------------------------------------------------------------
 
@@ -180,7 +226,7 @@ class BowIndex:
         words, counts = bag.words[keep].astype(np.int32), bag.counts[keep].astype(np.uint16)
         box_values = box_row(box)
         with self._lock.write():
-            replaced = self._delete_locked(item_id)
+            old_group = self._delete_locked(item_id)
             row = len(self._ids)
             if row == len(self._live):
                 self._inv_total = grown(self._inv_total, row + 1)
@@ -214,14 +260,19 @@ class BowIndex:
             self._metadata.append(dict(metadata))
             self._row_of[item_id] = row
             self._live[row] = True
+            if old_group is not None and old_group != number:  # the item moved: its old group may be empty
+                self._groups.forget_if_empty(old_group)
             due = tail.postings > MERGE_FLOOR + MERGE_FRACTION * len(self._base)
         if due and self.background_merge and not self._merge_lock.locked():
             threading.Thread(target=self.merge, name="bow-merge", daemon=True).start()
-        return replaced
+        return old_group is not None
 
     def delete(self, item_id: str) -> bool:
         with self._lock.write():
-            return self._delete_locked(item_id)
+            old_group = self._delete_locked(item_id)
+            if old_group is not None:
+                self._groups.forget_if_empty(old_group)
+            return old_group is not None
 
     def delete_groups(self, group_ids: list[str]) -> int:
         """Deletes every item of these groups; returns how many items that was."""
@@ -234,16 +285,21 @@ class BowIndex:
             rows = np.flatnonzero(np.isin(self._group[:count], numbers) & self._live[:count])
             for row in rows.tolist():
                 self._delete_locked(self._ids[row])
+            for number in numbers.tolist():
+                self._groups.forget_if_empty(number)
             return len(rows)
 
-    def _delete_locked(self, item_id: str) -> bool:
+    def _delete_locked(self, item_id: str) -> int | None:
+        """Deletes the item; returns its group number, None when it was not there. The caller
+        forgets the group's attributes if that emptied it (unless the item is re-added to it)."""
         row = self._row_of.pop(item_id, None)
         if row is None:
-            return False
+            return None
         self._live[row] = False
         self._metadata[row] = None
-        self._groups.sizes[self._group[row]] -= 1
-        return True
+        number = int(self._group[row])
+        self._groups.sizes[number] -= 1
+        return number
 
     def dead_rows(self) -> int:
         return len(self._ids) - len(self._row_of)
@@ -273,7 +329,9 @@ class BowIndex:
             self._base = _merged(self._base, self._tail, renumber)
             self._tail = Postings.empty(self.vocabulary)
             spare = max(1024, len(live_rows))
-            self._groups, groups = GroupTable.of_rows(self._groups.names, self._group[:count], self._live[:count])
+            self._groups, groups = GroupTable.of_rows(
+                self._groups.names, self._group[:count], self._live[:count], previous=self._groups
+            )
             self._inv_total = np.concatenate([self._inv_total[live_rows], np.zeros(spare, np.float32)])
             self._live = np.concatenate([np.ones(len(live_rows), np.bool_), np.zeros(spare, np.bool_)])
             self._keys = np.concatenate([self._keys[live_rows], np.zeros(spare, np.uint64)])
@@ -325,52 +383,72 @@ class BowIndex:
         df = np.diff(self._base.offsets) + self._tail.df
         return df + self._frozen.df if self._frozen is not None else df
 
-    def partial_scores(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
-        """Live rows sharing at least one query word in this index's range, and their sums of
-        4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
+    def _live_locked(self, count: int, filter: Filter | None) -> np.ndarray:
+        """(count,) bool: the rows a search may return, live and (with a filter) of a passing
+        group. The caller holds the lock."""
+        live = self._live[:count]
+        passing = self._groups.passing(filter)
+        return live if passing is None else live & passing[self._group[:count]]
+
+    def partial_scores(self, bag: BagOfWords, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Live rows (of groups passing the filter) sharing at least one query word in this index's
+        range, and their sums of 4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
         self.check(bag)
         with self._lock.read():
             acc, count = self._overlap_locked(bag)
-            rows = np.flatnonzero((acc > 0) & self._live[:count]).astype(np.int32)
+            rows = np.flatnonzero((acc > 0) & self._live_locked(count, filter)).astype(np.int32)
         return rows, acc[rows]
 
-    def partial_scores_by_key(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray]:
+    def partial_scores_by_key(self, bag: BagOfWords, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """partial_scores named by item key instead of row: ((n,) uint64, (n,) float32)."""
-        keys, sums, _ = self._partial_by_key(bag, with_groups=False)
+        keys, sums, _ = self._partial_by_key(bag, False, filter)
         return keys, sums
 
-    def partial_scores_with_groups(self, bag: BagOfWords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def partial_scores_with_groups(
+        self, bag: BagOfWords, filter: Filter | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """partial_scores_by_key plus each item's group key ((n,) uint64, item_key of its group)."""
-        keys, sums, groups = self._partial_by_key(bag, with_groups=True)
+        keys, sums, groups = self._partial_by_key(bag, True, filter)
         assert groups is not None
         return keys, sums, groups
 
-    def _partial_by_key(self, bag: BagOfWords, with_groups: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _partial_by_key(
+        self, bag: BagOfWords, with_groups: bool, filter: Filter | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         self.check(bag)
         with self._lock.read():
             acc, count = self._overlap_locked(bag)
-            rows = np.flatnonzero((acc > 0) & self._live[:count])
+            rows = np.flatnonzero((acc > 0) & self._live_locked(count, filter))
             groups = self._groups.keys[self._group[rows]] if with_groups else None
             return self._keys[rows], acc[rows], groups
 
-    def search(self, bag: BagOfWords, top_k: int, one_per_group: bool = False) -> list[Hit]:
+    def search(
+        self, bag: BagOfWords, top_k: int, one_per_group: bool = False, filter: Filter | None = None
+    ) -> list[Hit]:
         """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
-        1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact)."""
-        self.check(bag)
-        with self._lock.read():
-            acc, count = self._overlap_locked(bag)
-            if top_k <= 0:
-                return []
-            live = self._live[:count]
-            rows = self._best_of_groups(acc, live, top_k) if one_per_group else _top_candidates(acc, live, top_k)
-            best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
-            return [self._hit(r, float(acc[r]) / 2.0) for r in best]
+        1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact). filter:
+        only items of groups passing it, the top k collected among them."""
+        return self.search_batch([bag], top_k, one_per_group, filter)[0]
 
-    def search_batch(self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False) -> list[list[Hit]]:
-        """search() of each bag (each query walks its own posting lists; nothing to share)."""
+    def search_batch(
+        self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False, filter: Filter | None = None
+    ) -> list[list[Hit]]:
+        """search() of each bag (each query walks its own posting lists), under one hold of the
+        lock, the filter's row mask built once."""
         for bag in bags:
             self.check(bag)
-        return [self.search(bag, top_k, one_per_group) for bag in bags]
+        with self._lock.read():
+            if top_k <= 0:
+                return [[] for _ in bags]
+            count = len(self._ids)
+            live = self._live_locked(count, filter)
+            results = []
+            for bag in bags:
+                acc, _ = self._overlap_locked(bag)  # rows only change under the write lock: count holds
+                rows = self._best_of_groups(acc, live, top_k) if one_per_group else _top_candidates(acc, live, top_k)
+                best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
+                results.append([self._hit(r, float(acc[r]) / 2.0) for r in best])
+            return results
 
     def _best_of_groups(self, acc: np.ndarray, live: np.ndarray, top_k: int) -> np.ndarray:
         """(n,) int64 rows: the best row of each group scoring at least the top_k-th best group's
@@ -393,12 +471,14 @@ class BowIndex:
 
     def _hit(self, row: int, score: float) -> Hit:
         item_id = self._ids[row]
+        number = self._group[row]
         return Hit(
             item_id,
             score,
             dict(self._metadata[row] or {}),
-            reported_group(item_id, self._groups.names[self._group[row]]),
+            reported_group(item_id, self._groups.names[number]),
             box_or_none(self._boxes[row]),
+            self._groups.attributes_of(number),
         )
 
     def lookup(self, keys: np.ndarray) -> dict[int, Hit]:
@@ -440,6 +520,7 @@ class BowIndex:
                 self._keys[:count].copy(),
             )
             groups, boxes, group_names = self._group[:count].copy(), self._boxes[:count].copy(), self._groups.state()
+            attributes = self._groups.attributes_state()
         if tail.postings:  # adds raced the merge: fold them in here, off the lock
             base = _merged(base, tail, np.arange(count, dtype=np.int32))
         return {
@@ -457,6 +538,7 @@ class BowIndex:
             "groups": groups.tobytes(),
             "group_names": group_names,
             "boxes": boxes.tobytes(),
+            "attributes": attributes,
         }
 
     @classmethod
@@ -484,6 +566,8 @@ class BowIndex:
             names, row_groups = index._ids, np.arange(count, dtype=np.int32)
             boxes = np.full((count, 4), np.nan, np.float32)
         index._groups, groups = GroupTable.of_rows(names, row_groups, index._live[:count])
+        if "attributes" in state:  # absent in snapshots from before attributes: none
+            index._groups.load_attributes(state["attributes"])
         index._group = np.concatenate([groups, np.zeros(spare, np.int32)])
         index._boxes = np.concatenate([boxes, np.full((spare, 4), np.nan, np.float32)])
         return index

@@ -29,6 +29,8 @@ class ItemLimits:
     max_metadata_bytes: int = 16384
     # A shard holds a whole Add stream until it ends (it commits all or nothing): this bounds that.
     max_items_per_stream: int = 20_000
+    # An item's thumbnail (AddRequest.thumbnail), stored on disk with it: bytes.
+    max_thumbnail_bytes: int = 64 << 10
 
 
 def limits_of(config: ItemLimits) -> ItemLimits:

@@ -1,31 +1,55 @@
-"""A shard's write-ahead log records: domain operations (index_server.domain Item, Deletion) <-> bytes.
+"""A shard's write-ahead log records: domain operations (index_server.domain Item, Deletion, Update) <-> bytes.
 
 The storage encoding, kept as it always was so that every data directory still loads: a record is
-one tag byte, b"A" then a serialized mps.index.v1.AddRequest or b"D" then a DeleteRequest. A
-replication stream carries the same records as LoggedOperation messages (to_message, from_message),
-and a database set aside at start-up keeps its records framed in one snapshot blob (pack, unpack).
+one tag byte, b"A" then a serialized mps.index.v1.AddRequest, b"D" then a DeleteRequest, or b"U"
+then an UpdateGroupsRequest. A replication stream carries the same records as LoggedOperation
+messages (to_message, from_message), and a database set aside at start-up keeps its records framed
+in one snapshot blob (pack, unpack). An Add's thumbnail is written to the store's thumbnails beside
+its record, so the record the log keeps leaves it out (without_thumbnail); the record a replication
+stream carries keeps it.
 """
 
 from __future__ import annotations
 
 import struct
 
-from index_server.convert import add_request, stored_item
-from index_server.domain import Deletion, Item, Operation
+from index_server.convert import (
+    add_request,
+    attributes_to_proto,
+    filter_to_proto,
+    stored_attributes,
+    stored_filter,
+    stored_item,
+)
+from index_server.domain import Deletion, Item, Operation, Update
 from mps.index.v1 import index_pb2
 
-_ADD, _DELETE = b"A", b"D"
+_ADD, _DELETE, _UPDATE = b"A", b"D", b"U"
+
+Message = index_pb2.AddRequest | index_pb2.DeleteRequest | index_pb2.UpdateGroupsRequest
 
 
 def encode(operation: Operation) -> bytes:
     """The log record of an operation."""
     if isinstance(operation, Item):
         return _ADD + add_request(operation).SerializeToString()
-    return (
-        _DELETE
-        + index_pb2.DeleteRequest(
-            database=operation.database, item_ids=operation.item_ids, group_ids=operation.group_ids
-        ).SerializeToString()
+    if isinstance(operation, Update):
+        return _UPDATE + update_request(operation).SerializeToString()
+    request = index_pb2.DeleteRequest(
+        database=operation.database, item_ids=operation.item_ids, group_ids=operation.group_ids
+    )
+    if operation.where is not None:
+        request.where.CopyFrom(filter_to_proto(operation.where))
+    return _DELETE + request.SerializeToString()
+
+
+def update_request(update: Update) -> index_pb2.UpdateGroupsRequest:
+    return index_pb2.UpdateGroupsRequest(
+        database=update.database,
+        groups=[
+            index_pb2.GroupAttributes(group_id=group, attributes=attributes_to_proto(attributes))
+            for group, attributes in update.attributes.items()
+        ],
     )
 
 
@@ -35,12 +59,25 @@ def add_record(request: index_pb2.AddRequest) -> bytes:
     return _ADD + request.SerializeToString()
 
 
-def _message(record: bytes) -> index_pb2.AddRequest | index_pb2.DeleteRequest:
+def without_thumbnail(record: bytes) -> bytes:
+    """The record as the log keeps it: an Add without its thumbnail (the store holds it beside)."""
+    if record[:1] != _ADD:
+        return record
+    request = index_pb2.AddRequest.FromString(record[1:])
+    if not request.thumbnail:
+        return record
+    request.ClearField("thumbnail")
+    return _ADD + request.SerializeToString()
+
+
+def _message(record: bytes) -> Message:
     tag, payload = record[:1], record[1:]
     if tag == _ADD:
         return index_pb2.AddRequest.FromString(payload)
     if tag == _DELETE:
         return index_pb2.DeleteRequest.FromString(payload)
+    if tag == _UPDATE:
+        return index_pb2.UpdateGroupsRequest.FromString(payload)
     raise ValueError(f"logged record with unknown tag {tag!r}")
 
 
@@ -55,7 +92,16 @@ def decode(record: bytes) -> Operation:
     message = _message(record)
     if isinstance(message, index_pb2.AddRequest):
         return stored_item(message)
-    return Deletion(message.database, tuple(message.item_ids), tuple(message.group_ids))
+    if isinstance(message, index_pb2.UpdateGroupsRequest):
+        return Update(
+            message.database, {group.group_id: stored_attributes(group.attributes) for group in message.groups}
+        )
+    return Deletion(
+        message.database,
+        tuple(message.item_ids),
+        tuple(message.group_ids),
+        stored_filter(message.where) if message.HasField("where") else None,
+    )
 
 
 def to_message(record: bytes) -> index_pb2.LoggedOperation:
@@ -63,13 +109,18 @@ def to_message(record: bytes) -> index_pb2.LoggedOperation:
     message = _message(record)
     if isinstance(message, index_pb2.AddRequest):
         return index_pb2.LoggedOperation(add=message)
+    if isinstance(message, index_pb2.UpdateGroupsRequest):
+        return index_pb2.LoggedOperation(update=message)
     return index_pb2.LoggedOperation(delete=message)
 
 
 def from_message(operation: index_pb2.LoggedOperation) -> bytes:
     """The record of an operation received in a replication stream."""
-    if operation.WhichOneof("operation") == "add":
+    kind = operation.WhichOneof("operation")
+    if kind == "add":
         return _ADD + operation.add.SerializeToString()
+    if kind == "update":
+        return _UPDATE + operation.update.SerializeToString()
     return _DELETE + operation.delete.SerializeToString()
 
 

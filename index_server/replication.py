@@ -12,7 +12,8 @@ Design, and why:
   have finished and (b) at least `min_tail` has passed (the router's reconnection backoff to the
   returning replica: writes it could not yet deliver there are in the tail). All of it in chunks
   of at most `replicate_chunk_bytes` (a blob is split; no message nears the message size limit).
-  The copy is complete rather than incremental: incremental would need that shared order (a
+  Items' thumbnails (on disk, not in the state) follow each database's state as blobs named
+  THUMBNAIL_BLOB + item id. The copy is complete rather than incremental: incremental would need that shared order (a
   router-assigned write id per write); a return costs one transfer of the shard's state.
 - The returning replica takes writes all along (the router sends each write to every replica):
   it writes them ahead (durable), but applies them only after the copy, in their own order: the
@@ -50,7 +51,7 @@ import grpc
 
 from common.errors import Unavailable
 from index_server import log_codec
-from index_server.catalogue import Catalogue
+from index_server.catalogue import THUMBNAIL_BLOB, Catalogue
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,12 @@ def replication_stream(
         databases = len(states)
         for name in sorted(states):
             blobs = states.pop(name)  # released as it goes: the copy is held once
-            for blob in sorted(blobs):
-                data = blobs.pop(blob)
+            # Then its items' thumbnails, read from the store now: any change since the state is
+            # in the tail below, and replaying it over them gives the same thumbnails.
+            for blob, data in itertools.chain(
+                ((blob, blobs.pop(blob)) for blob in sorted(blobs)),
+                ((THUMBNAIL_BLOB + item_id, data) for item_id, data in catalogue.thumbnails_of(name)),
+            ):
                 for start in range(0, max(len(data), 1), chunk_bytes):
                     yield index_pb2.ReplicateResponse(
                         state=index_pb2.StateChunk(database=name, blob=blob, data=data[start : start + chunk_bytes])

@@ -9,6 +9,11 @@ Layouts (RouterConfig.layout):
   (the paper, section 3.2); a Search sums the shards' streamed partial scores per item and takes
   the exact top k. A dead or late shard drops its words (missing_word_ranges): every item is still
   ranked, on the other words. Dense databases are spread by item as in the item layout.
+Product attributes (a group's path, tags and labels) live with the group's items: on its item-range
+shard, or on every word-range shard (each filters by its own copy). So a filtered search is filtered
+inside every shard while it collects its top k (or its partial sums), and the merge stays exact; an
+UpdateGroups goes where the groups are, a Delete by `where` everywhere (each shard resolves it over
+its own groups), a ListGroups merges the shards' pages by group id.
 Each shard may have replicas: searches are spread by gRPC round_robin over those whose health is
 SERVING (one catching up is not: index_server.replication), writes go to all. A write succeeds once
 min_write_replicas of each shard's replicas acknowledged it (default 1); a replica that missed it
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import heapq
 import itertools
 import json
 import logging
@@ -49,12 +55,24 @@ from common.errors import (
     Unimplemented,
     quote,
 )
+from common.limits import check_id
 from common.serving import timeout_from
 from common.status import error_from_rpc
 from common.streams import client_stream
 from common.telemetry import ContextThreadPoolExecutor
 from index_server.config import RouterConfig
-from index_server.convert import hit_of, item_value, scored_item, signature_value
+from index_server.convert import (
+    after_token,
+    attributes_of,
+    filter_of,
+    hit_of,
+    item_value,
+    page_size_of,
+    page_token,
+    request_filter,
+    scored_item,
+    signature_value,
+)
 from index_server.domain import Hit, Value, word_range_of
 from index_server.limits import check_stream_length, check_top_k, limits_of
 from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
@@ -71,6 +89,15 @@ _CALLER_ERRORS = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION,
 )
+
+
+def filter_in(
+    request: index_pb2.SearchRequest | index_pb2.SearchBatchRequest,
+) -> common_pb2.Filter | None:
+    """The request's filter as the shards get it, checked here first (a bad one is refused whichever
+    shards the query reaches): None when it has none or an empty one (it keeps everything), so such
+    a request reaches the shards as it did before filters existed."""
+    return request.filter if request_filter(request) is not None else None
 
 
 def read_options(replicas: int) -> list[tuple[str, object]]:
@@ -270,7 +297,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         shard for the bag-of-words items. A shard commits a stream when it ends (all or nothing),
         so the router ends them only once the caller ended its own; a refused item, a cancel
         (client_stream raises Cancelled) or a failing shard before then cancels them all, and
-        nothing is stored anywhere."""
+        nothing is stored anywhere. Attributes and thumbnails travel in the items as sent: a
+        word-range shard stores every bag-of-words item's thumbnail too (on disk), so that any
+        shard answers GetItemImages, at the cost of one copy per shard."""
         forward = _ForwardedAdd(self, timeout_from(context, self.config.add_timeout_s))
         try:
             for position, request in enumerate(client_stream(request_iterator, context, self.config.cancel_settle_s)):
@@ -368,25 +397,44 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             return error_from_rpc(error, f"{outcome.shard.where}: {error.details()}")
         return Unavailable(f"{outcome.shard.where} failed ({error.code().name}): {error.details()}; {tail}")
 
+    def _write(
+        self, calls: Sequence[tuple[Shard, Callable[[index_pb2_grpc.IndexServiceStub], T]]], tail: str
+    ) -> list[Outcome[T]]:
+        """Runs each shard's write on every replica of it, in parallel, and returns one
+        acknowledging replica's outcome per shard (an answer, or NOT_FOUND: the database is not
+        there), in the order of `calls`; raises as _acknowledged does (`tail` ends its message)."""
+        outcomes: list[Outcome[T]] = self._fan_out(
+            [(shard, functools.partial(call, stub)) for shard, call in calls for stub in shard.replicas]
+        )
+        starts = list(itertools.accumulate((len(shard.replicas) for shard, _ in calls), initial=0))
+        return self._acknowledged([outcomes[start:end] for start, end in itertools.pairwise(starts)], tail)
+
+    def _absent(self, acknowledged: Sequence[Outcome[object]], database: str) -> ServiceError:
+        """NotFound for a write that every shard answered NOT_FOUND: the shard's status, passed on
+        with the router's message."""
+        return error_from_rpc(
+            acknowledged[0].failure,
+            f"database {quote(database)} does not exist on any shard; a database is created by the first "
+            "Add of an item to it",
+        )
+
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext) -> index_pb2.DeleteResponse:
         if not request.database:
             raise InvalidArgument("database is required")
+        if request.HasField("where"):
+            filter_of(request.where, "where")  # refused here, before any shard deletes anything
         timeout = timeout_from(context, self.config.default_timeout_s)
         # Group deletes go everywhere too: a group lives on one item-range shard, but on every
-        # word-range shard, and the router does not know which items a group has.
-        calls = [
-            (shard, functools.partial(stub.Delete, request, timeout=timeout))
-            for shard in self.shards
-            for stub in shard.replicas
-        ]
-        outcomes: list[Outcome[index_pb2.DeleteResponse]] = self._fan_out(calls)
-        starts = list(itertools.accumulate((len(shard.replicas) for shard in self.shards), initial=0))
-        acknowledged = self._acknowledged(
-            [outcomes[start:end] for start, end in itertools.pairwise(starts)],
+        # word-range shard, and the router does not know which items a group has. So does a
+        # `where`: each shard resolves it over the groups it holds (on a word-range shard, every
+        # bag-of-words group with its attributes).
+        acknowledged: list[Outcome[index_pb2.DeleteResponse]] = self._write(
+            [(shard, lambda stub: stub.Delete(request, timeout=timeout)) for shard in self.shards],
             "deletes are idempotent: re-send this one",
         )
         found_ids: set[str] = set()
         found_groups: set[str] = set()
+        matched: set[str] = set()  # groups the `where` deleted, on any shard
         per_shard: dict[int, int] = {}  # items deleted, from one replica of each shard
         for outcome in acknowledged:
             if outcome.error is not None:  # NOT_FOUND: the database is not on this shard
@@ -396,13 +444,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             missing, missing_groups = set(response.not_found), set(response.groups_not_found)
             found_ids.update(i for i in request.item_ids if i not in missing)
             found_groups.update(g for g in request.group_ids if g not in missing_groups)
-        if not per_shard:  # every shard answered NOT_FOUND: passed on, with the router's message
-            raise error_from_rpc(
-                acknowledged[0].failure,
-                f"database {quote(request.database)} does not exist on any "
-                "shard; a database is created by the first Add of an item to it",
-            )
-        if not request.group_ids:
+            matched.update(response.groups_deleted)
+        if not per_shard:  # every shard answered NOT_FOUND
+            raise self._absent(acknowledged, request.database)
+        if not request.group_ids and not request.HasField("where"):
             deleted = len(found_ids)  # by id alone the router knows exactly which ones went
         elif self.config.layout == "word" and self._kind(request.database, timeout) in (
             common_pb2.SIGNATURE_KIND_BOW,
@@ -417,6 +462,71 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             deleted=deleted,
             not_found=[i for i in dict.fromkeys(request.item_ids) if i not in found_ids],
             groups_not_found=[g for g in dict.fromkeys(request.group_ids) if g not in found_groups],
+            groups_deleted=sorted(matched),
+        )
+
+    def UpdateGroups(
+        self, request: index_pb2.UpdateGroupsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.UpdateGroupsResponse:
+        """Each group's attributes go where its items are: in the item layout (and for a dense
+        database in the word layout) to the shard its name hashes to, as Add places its items; for a
+        bag-of-words database in the word layout to every shard (each holds every group, and filters
+        by its own copy of the attributes: all must apply the update, as all take an Add)."""
+        if not request.database:
+            raise InvalidArgument("database is required")
+        # Refused here, as a shard refuses it, before any shard stores anything (each shard may get
+        # only its share of the groups).
+        if len(request.groups) > self.limits.max_items_per_stream:
+            raise ResourceExhausted(
+                f"{len(request.groups)} groups are above the limit of {self.limits.max_items_per_stream} per "
+                "UpdateGroups: split the update (nothing of this one was stored)",
+                quota=[("max_items_per_stream", f"at most {self.limits.max_items_per_stream} groups per UpdateGroups")],
+            )
+        for i, group in enumerate(request.groups):
+            check_id(f"groups[{i}].group_id", group.group_id, self.limits.max_id_bytes, required=True)
+            attributes_of(group.attributes, f"groups[{i}].attributes")
+        timeout = timeout_from(context, self.config.default_timeout_s)
+        everywhere = self.config.layout == "word" and self._kind(request.database, timeout) in (
+            common_pb2.SIGNATURE_KIND_BOW,
+            common_pb2.SIGNATURE_KIND_UNSPECIFIED,  # no shard could tell: every shard, to be sure
+        )
+        parts: list[tuple[Shard, index_pb2.UpdateGroupsRequest]]
+        if everywhere or not request.groups:
+            parts = [(shard, request) for shard in self.shards]
+        else:
+            by_shard: dict[int, list[index_pb2.GroupAttributes]] = {}
+            for group in request.groups:
+                by_shard.setdefault(shard_of(group.group_id, len(self.shards)), []).append(group)
+            parts = [
+                (self.shards[n], index_pb2.UpdateGroupsRequest(database=request.database, groups=groups))
+                for n, groups in sorted(by_shard.items())
+            ]
+
+        def update(
+            part: index_pb2.UpdateGroupsRequest,
+        ) -> Callable[[index_pb2_grpc.IndexServiceStub], index_pb2.UpdateGroupsResponse]:
+            return lambda stub: stub.UpdateGroups(part, timeout=timeout)
+
+        acknowledged: list[Outcome[index_pb2.UpdateGroupsResponse]] = self._write(
+            [(shard, update(part)) for shard, part in parts],
+            "an update replaces the groups' attributes whole, so re-sending it is safe: re-send this one",
+        )
+        found: set[str] = set()
+        answered = False
+        for (_, part), outcome in zip(parts, acknowledged):
+            if outcome.error is not None:  # NOT_FOUND: the database is not on this shard
+                continue
+            answered = True
+            missing = set(outcome.answer.not_found)
+            found.update(g.group_id for g in part.groups if g.group_id not in missing)
+        if not answered and (
+            len(parts) == len(self.shards)
+            or self._kind(request.database, timeout) == common_pb2.SIGNATURE_KIND_UNSPECIFIED
+        ):
+            raise self._absent(acknowledged, request.database)
+        return index_pb2.UpdateGroupsResponse(
+            updated=len(found),
+            not_found=[g for g in dict.fromkeys(g.group_id for g in request.groups) if g not in found],
         )
 
     def _kind(self, database: str, timeout: float) -> int:
@@ -470,16 +580,17 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if not request.database:
             raise InvalidArgument("database is required")
         value = self._value(request.signature)
+        product_filter = filter_in(request)
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         missing: Sequence[Outcome[object]]
         if self._word_layout(request.signature.kind):
             assert isinstance(value, BagOfWords)  # a bag-of-words signature decodes to a bag
             hits, missing = self._search_words(
-                request.database, request.signature, value, top_k, request.one_per_group, timeout
+                request.database, request.signature, value, top_k, request.one_per_group, timeout, product_filter
             )
         else:
             results, missing = self._search_items(
-                request.database, [request.signature], top_k, request.one_per_group, timeout
+                request.database, [request.signature], top_k, request.one_per_group, timeout, product_filter
             )
             hits = results[0]
         first = index_pb2.SearchResponse()
@@ -513,6 +624,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 "the signatures of a batch are of several kinds: every query must be of the database's kind"
             )
         kind = request.signatures[0].kind
+        product_filter = filter_in(request)
         response = index_pb2.SearchBatchResponse()
         if self._word_layout(kind):
             # Per query (partial scores are per query); each gets what is left of the caller's time.
@@ -531,6 +643,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     top_k,
                     request.one_per_group,
                     max(deadline - time.monotonic(), 0.001),
+                    product_filter,
                 )
                 response.results.add().items.extend(scored_item(h) for h in hits)
                 missed.update((o.shard.number, o) for o in missing)
@@ -539,7 +652,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             return response
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         results, missed_items = self._search_items(
-            request.database, list(request.signatures), top_k, request.one_per_group, timeout
+            request.database, list(request.signatures), top_k, request.one_per_group, timeout, product_filter
         )
         for hits in results:
             response.results.add().items.extend(scored_item(h) for h in hits)
@@ -592,9 +705,12 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         top_k: int,
         one_per_group: bool,
         timeout: float,
+        product_filter: common_pb2.Filter | None = None,
     ) -> tuple[list[list[Hit]], list[Outcome[list[list[Hit]]]]]:
         """Per query, the merged top k of every shard's top k (with one_per_group: top k groups);
-        one Search (one query) or one SearchBatch (several) per shard."""
+        one Search (one query) or one SearchBatch (several) per shard. With a filter, each shard
+        collects its own top k among the items that pass it (it holds their groups' attributes), so
+        the merge stays exact: every item of the global filtered top k is in its shard's."""
 
         def search(shard: Shard) -> list[list[Hit]]:
             if len(signatures) == 1:
@@ -603,7 +719,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                         hit_of(i)
                         for chunk in shard.read.Search(
                             index_pb2.SearchRequest(
-                                database=database, signature=signatures[0], top_k=top_k, one_per_group=one_per_group
+                                database=database,
+                                signature=signatures[0],
+                                top_k=top_k,
+                                one_per_group=one_per_group,
+                                filter=product_filter,
                             ),
                             timeout=timeout,
                         )
@@ -612,7 +732,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 ]
             response = shard.read.SearchBatch(
                 index_pb2.SearchBatchRequest(
-                    database=database, signatures=signatures, top_k=top_k, one_per_group=one_per_group
+                    database=database,
+                    signatures=signatures,
+                    top_k=top_k,
+                    one_per_group=one_per_group,
+                    filter=product_filter,
                 ),
                 timeout=timeout,
             )
@@ -633,10 +757,16 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         top_k: int,
         one_per_group: bool,
         timeout: float,
+        product_filter: common_pb2.Filter | None = None,
     ) -> tuple[list[Hit], list[Outcome[tuple[np.ndarray, np.ndarray, np.ndarray]]]]:
         """The exact top k of the query over every answering shard's words: the shards' streamed
-        partial scores summed per item, the winners named by a Lookup."""
-        partial = index_pb2.PartialScoresRequest(database=database, signature=signature, with_groups=one_per_group)
+        partial scores summed per item, the winners named by a Lookup (which gives their groups'
+        attributes). With a filter, every shard leaves out the items whose group fails it: each
+        word-range shard holds every group's attributes, so such an item is absent from every
+        shard's partial sums, and the top k is the filtered one."""
+        partial = index_pb2.PartialScoresRequest(
+            database=database, signature=signature, with_groups=one_per_group, filter=product_filter
+        )
 
         def scores(shard: Shard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             # Runs in a worker thread: a shard that cannot be merged raises (for the caller's thread).
@@ -696,6 +826,98 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 errors.append(f"shard {shard.number}: {exc.code().name} {exc.details()}")
         raise Unavailable("no shard could name the results: " + "; ".join(errors))
 
+    # -- management reads -------------------------------------------------------------------------
+
+    def ListGroups(
+        self, request: index_pb2.ListGroupsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.ListGroupsResponse:
+        """One page of groups in group id order. Where each shard holds some of the groups (the
+        item layout, dense databases in both), every shard gives its page after the token and the
+        pages merge by id, cut at page_size: the next token is the last id returned, so no group is
+        skipped or repeated across pages. A bag-of-words database in the word layout is listed by
+        one shard, as each holds every group. No shard's answer may be missing from a page (the
+        answer has no degraded flag, and a listing that silently skipped a shard's groups would
+        look complete): a dead shard is Unavailable."""
+        if not request.database:
+            raise InvalidArgument("database is required")
+        if request.HasField("filter"):
+            filter_of(request.filter)
+        page_size = page_size_of(request.page_size)
+        after_token(request.page_token)  # a token no page gave is refused here, as by a shard
+        timeout = timeout_from(context, self.config.default_timeout_s)
+        if self._word_layout(self._kind(request.database, timeout)):
+            return self._from_any_shard(lambda stub: stub.ListGroups(request, timeout=timeout))
+        outcomes = self._fan_out(
+            [(s, functools.partial(s.read.ListGroups, request, timeout=timeout)) for s in self.shards]
+        )
+        answered, missing = self._answered(outcomes, request.database)
+        if missing:
+            raise Unavailable(
+                "; ".join(f"{o.shard.where}: {o.failure.code().name} {o.failure.details()}" for o in missing)
+                + ": the groups it holds cannot be listed; retry once it is back"
+            )
+        pages = [o.answer for o in answered]
+        groups: list[index_pb2.GroupInfo] = []
+        for group in heapq.merge(*(page.groups for page in pages), key=lambda g: g.group_id):
+            if groups and groups[-1].group_id == group.group_id:
+                continue  # never expected (a group's items all hash to its shard), but listed once
+            groups.append(group)
+        more = len(groups) > page_size or any(page.next_page_token for page in pages)
+        groups = groups[:page_size]
+        return index_pb2.ListGroupsResponse(
+            groups=groups,
+            next_page_token=page_token(groups[-1].group_id) if more and groups else "",
+            total=sum(page.total for page in pages),
+        )
+
+    def GetItemImages(
+        self, request: index_pb2.GetItemImagesRequest, context: grpc.ServicerContext
+    ) -> index_pb2.GetItemImagesResponse:
+        """Every shard is asked (the router knows an item's id, not the group that placed it), and
+        each item's thumbnail comes from a shard that holds it. In the word layout every shard holds
+        every bag-of-words item with its thumbnail (an Add reaches each shard as sent), so any one
+        answering shard is enough. A shard that did not answer is an error only when some asked
+        item was found nowhere else (it may be there: the answer cannot say so)."""
+        if not request.database:
+            raise InvalidArgument("database is required")
+        timeout = timeout_from(context, self.config.default_timeout_s)
+        outcomes = self._fan_out(
+            [(s, functools.partial(s.read.GetItemImages, request, timeout=timeout)) for s in self.shards]
+        )
+        answered, missing = self._answered(outcomes, request.database)
+        thumbnails: dict[str, bytes] = {}
+        for outcome in answered:
+            for image in outcome.answer.images:
+                if image.thumbnail or image.item_id not in thumbnails:
+                    thumbnails[image.item_id] = image.thumbnail
+        unresolved = [i for i in dict.fromkeys(request.item_ids) if i not in thumbnails]
+        if missing and unresolved:
+            raise Unavailable(
+                f"{len(unresolved)} item(s) (first {quote(unresolved[0])}) are on no shard that answered, and "
+                + "; ".join(f"{o.shard.where}: {o.failure.code().name} {o.failure.details()}" for o in missing)
+                + ": retry once it is back"
+            )
+        return index_pb2.GetItemImagesResponse(
+            images=[
+                index_pb2.ItemImage(item_id=i, thumbnail=thumbnails[i])
+                for i in dict.fromkeys(request.item_ids)
+                if i in thumbnails
+            ]
+        )
+
+    def _from_any_shard(self, call: Callable[[index_pb2_grpc.IndexServiceStub], T]) -> T:
+        """The answer of the first shard that gives one, for what every shard holds (a word-range
+        layout's bag-of-words groups); a refusal (the caller's fault, or NOT_FOUND) is passed on."""
+        errors = []
+        for shard in self.shards:
+            try:
+                return call(shard.read)
+            except grpc.RpcError as exc:
+                if exc.code() in _CALLER_ERRORS or exc.code() == grpc.StatusCode.NOT_FOUND:
+                    raise error_from_rpc(exc) from None
+                errors.append(f"{shard.where}: {exc.code().name} {exc.details()}")
+        raise Unavailable("no shard answered: " + "; ".join(errors))
+
     def PartialScores(
         self, request: index_pb2.PartialScoresRequest, context: grpc.ServicerContext
     ) -> Iterator[index_pb2.PartialScoresResponse]:
@@ -715,6 +937,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         timeout = timeout_from(context, self.config.default_timeout_s)
         outcomes = self._fan_out([(s, functools.partial(s.read.Stats, request, timeout=timeout)) for s in self.shards])
         merged: dict[str, index_pb2.DatabaseStats] = {}
+        index_types: dict[str, dict[int, str]] = {}  # per database, each shard's index type
         for outcome in outcomes:
             if outcome.error is not None:
                 raise Unavailable(f"{outcome.shard.where}: {outcome.error.details()}")
@@ -723,10 +946,17 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     database.name,
                     index_pb2.DatabaseStats(name=database.name, kind=database.kind, dimension=database.dimension),
                 )
-                # Word layout: every shard holds every bag-of-words item.
-                held.items = (
-                    max(held.items, database.items) if self._word_layout(database.kind) else held.items + database.items
-                )
+                # Word layout: every shard holds every bag-of-words item (and group), each its own
+                # range of their words (so memory adds up).
+                if self._word_layout(database.kind):
+                    held.items = max(held.items, database.items)
+                    held.groups = max(held.groups, database.groups)
+                else:
+                    held.items += database.items
+                    held.groups += database.groups
+                held.memory_bytes += database.memory_bytes
+                if database.index_type:
+                    index_types.setdefault(database.name, {})[outcome.shard.number] = database.index_type
                 # A shard that could not load it reports no kind or dimension, and why.
                 held.kind = held.kind or database.kind
                 held.dimension = max(held.dimension, database.dimension)
@@ -734,4 +964,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     held.broken_reason = "; ".join(
                         filter(None, [held.broken_reason, f"shard {outcome.shard.number}: {database.broken_reason}"])
                     )
+        for name, types in index_types.items():
+            # Shards choose their index by the size of what they hold, so they may differ.
+            distinct = set(types.values())
+            merged[name].index_type = (
+                distinct.pop() if len(distinct) == 1 else "; ".join(f"shard {n}: {t}" for n, t in sorted(types.items()))
+            )
         return index_pb2.StatsResponse(databases=[merged[name] for name in sorted(merged)])

@@ -15,6 +15,7 @@ from common.serving import ServiceBundle, serve_forever, start_bundle
 from common.telemetry import GAUGE_SOURCES
 from index_server.catalogue import Catalogue, DatabaseSettings
 from index_server.config import IndexConfig, RouterConfig
+from index_server.dense import DenseTuning
 from index_server.health_watch import ReplicaWatch
 from index_server.limits import limits_of
 from index_server.replication import ReplicaStatus, start_catch_up
@@ -29,7 +30,9 @@ SERVICE = index_pb2.DESCRIPTOR.services_by_name["IndexService"]
 SERVICE_NAMES = [SERVICE.full_name]
 # Writes come only from the suite's own services (the gateway, a router): the internal credential.
 # Replicate copies a replica's whole state to a fellow replica: internal too.
-POLICY = method_policy(SERVICE, Add=Access.INTERNAL, Delete=Access.INTERNAL, Replicate=Access.INTERNAL)
+POLICY = method_policy(
+    SERVICE, Add=Access.INTERNAL, Delete=Access.INTERNAL, UpdateGroups=Access.INTERNAL, Replicate=Access.INTERNAL
+)
 
 
 def open_catalogue(config: IndexConfig) -> Catalogue:
@@ -45,6 +48,13 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
         config.dense_factory,
         config.dense_train_size,
         config.max_word_share,
+        DenseTuning(
+            exact_below=config.dense_exact_below,
+            rerank_min=config.dense_rerank_min,
+            nprobe=config.dense_nprobe,
+            filter_exact_rows=config.dense_filter_exact_rows,
+            rows_dir=str(store.path / "dense-rows") if store is not None else "",
+        ),
     )
     return Catalogue(settings, store, config.snapshot_every, limits_of(config))
 

@@ -11,12 +11,25 @@ import grpc
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, Unavailable, quote
+from common.limits import check_id
 from common.names import check_name
 from common.streams import client_stream
 from common.telemetry import BATCH_SIZE
 from index_server.catalogue import Catalogue, Database, refused_item
-from index_server.convert import item_of, looked_up_item, scored_item, signature_value
-from index_server.domain import SignatureError, Value
+from index_server.convert import (
+    after_token,
+    attributes_of,
+    attributes_to_proto,
+    filter_of,
+    item_of,
+    looked_up_item,
+    page_size_of,
+    page_token,
+    request_filter,
+    scored_item,
+    signature_value,
+)
+from index_server.domain import Filter, ProductAttributes, SignatureError, Value
 from index_server.inverted import BowIndex
 from index_server.limits import check_stream_length, check_top_k
 from index_server.log_codec import add_record
@@ -80,10 +93,71 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     def Delete(self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext) -> index_pb2.DeleteResponse:
         if not self.catalogue.deferring:  # catching up: logged whole, whatever is held here
             self._database(request.database)
-        deleted = self.catalogue.delete(request.database, list(request.item_ids), list(request.group_ids))
+        # An empty `where` passes every group (it empties the database); unset deletes by it nothing.
+        where = (filter_of(request.where, "where") or Filter()) if request.HasField("where") else None
+        deleted = self.catalogue.delete(request.database, list(request.item_ids), list(request.group_ids), where)
         return index_pb2.DeleteResponse(
-            deleted=deleted.deleted, not_found=deleted.not_found, groups_not_found=deleted.groups_not_found
+            deleted=deleted.deleted,
+            not_found=deleted.not_found,
+            groups_not_found=deleted.groups_not_found,
+            groups_deleted=deleted.groups_deleted,
         )
+
+    @tracked_write
+    def UpdateGroups(
+        self, request: index_pb2.UpdateGroupsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.UpdateGroupsResponse:
+        if not self.catalogue.deferring:
+            self._database(request.database)
+        limits = self.catalogue.limits
+        if len(request.groups) > limits.max_items_per_stream:
+            raise ResourceExhausted(
+                f"{len(request.groups)} groups are above the limit of {limits.max_items_per_stream} per "
+                "UpdateGroups: split the update (nothing of this one was stored)",
+                quota=[("max_items_per_stream", f"at most {limits.max_items_per_stream} groups per UpdateGroups")],
+            )
+        attributes: dict[str, ProductAttributes] = {}
+        for i, group in enumerate(request.groups):
+            check_id(f"groups[{i}].group_id", group.group_id, limits.max_id_bytes, required=True)
+            attributes[group.group_id] = attributes_of(group.attributes, f"groups[{i}].attributes")  # the last wins
+        updated, not_found = self.catalogue.update(request.database, attributes)
+        return index_pb2.UpdateGroupsResponse(updated=updated, not_found=not_found)
+
+    def ListGroups(
+        self, request: index_pb2.ListGroupsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.ListGroupsResponse:
+        self._serve_reads()
+        self._database(request.database)
+        page_size = page_size_of(request.page_size)
+        after = after_token(request.page_token)
+        filter = filter_of(request.filter) if request.HasField("filter") else None
+        page = self.catalogue.list_groups(request.database, list(request.group_ids), filter, page_size, after)
+        response = index_pb2.ListGroupsResponse(
+            groups=[
+                index_pb2.GroupInfo(
+                    group_id=group,
+                    attributes=attributes_to_proto(attributes),
+                    items=[looked_up_item(0, hit) for hit in hits],
+                )
+                for group, attributes, hits in page.groups
+            ],
+            next_page_token=page_token(page.last),
+            total=page.total,
+        )
+        self._check_size(response, "ask for a smaller page_size")
+        return response
+
+    def GetItemImages(
+        self, request: index_pb2.GetItemImagesRequest, context: grpc.ServicerContext
+    ) -> index_pb2.GetItemImagesResponse:
+        self._serve_reads()
+        self._database(request.database)
+        found = self.catalogue.thumbnails(request.database, list(dict.fromkeys(request.item_ids)))
+        response = index_pb2.GetItemImagesResponse(
+            images=[index_pb2.ItemImage(item_id=item_id, thumbnail=data) for item_id, data in found]
+        )
+        self._check_size(response, "ask for fewer items per call")
+        return response
 
     def Search(
         self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
@@ -91,7 +165,8 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         self._serve_reads()
         top_k = check_top_k(request.top_k, self.max_top_k)
         database, value = self._query(request.database, request.signature)
-        hits = database.search(value, top_k, request.one_per_group)  # type: ignore[arg-type]  # _checked: its kind
+        filter = request_filter(request)
+        hits = database.search(value, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
         # At least one message, even with no hits (a router's first message carries its flags).
         for start in range(0, max(len(hits), 1), self.chunk_size):
             yield index_pb2.SearchResponse(items=[scored_item(h) for h in hits[start : start + self.chunk_size]])
@@ -122,7 +197,8 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         ]
         BATCH_SIZE.labels("index", "search_batch_queries").observe(len(values))
         # A dense database answers the whole batch with one FAISS search (a matrix product).
-        results = database.search_batch(values, top_k, request.one_per_group)  # type: ignore[arg-type]  # _checked: its kind
+        filter = request_filter(request)
+        results = database.search_batch(values, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
         response = index_pb2.SearchBatchResponse(
             results=[index_pb2.SearchHits(items=[scored_item(h) for h in hits]) for hits in results]
         )
@@ -140,11 +216,12 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
                 "bag-of-words databases (use Search)"
             )
         groups = None
+        filter = request_filter(request)
         if request.with_groups:
-            keys, sums, groups = database.partial_scores_with_groups(value)  # type: ignore[arg-type]  # _checked: its kind
+            keys, sums, groups = database.partial_scores_with_groups(value, filter)  # type: ignore[arg-type]  # _checked: its kind
             groups = groups.astype("<u8")
         else:
-            keys, sums = database.partial_scores_by_key(value)  # type: ignore[arg-type]  # _checked: its kind
+            keys, sums = database.partial_scores_by_key(value, filter)  # type: ignore[arg-type]  # _checked: its kind
         keys, sums = keys.astype("<u8"), sums.astype("<f4")
         word_range = common_pb2.WordRange(first=database.word_range[0], end=database.word_range[1])
         for start in range(0, max(len(keys), 1), self.partial_chunk):
@@ -178,6 +255,9 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
                     dimension=d.dimension,
                     items=d.items,
                     broken_reason=d.broken_reason,
+                    groups=d.groups,
+                    index_type=d.index_type,
+                    memory_bytes=d.memory_bytes,
                 )
                 for d in self.catalogue.stats()
             ]
@@ -215,7 +295,14 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         if refusal is not None:
             raise Unavailable(refusal)
 
-    def _check_size(self, response: index_pb2.SearchBatchResponse | index_pb2.LookupResponse, remedy: str) -> None:
+    def _check_size(
+        self,
+        response: index_pb2.SearchBatchResponse
+        | index_pb2.LookupResponse
+        | index_pb2.ListGroupsResponse
+        | index_pb2.GetItemImagesResponse,
+        remedy: str,
+    ) -> None:
         """ResourceExhausted when the answer would be above max_message_bytes (it would fail in
         transit), saying how to ask for less."""
         size = response.ByteSize()

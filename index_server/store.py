@@ -1,9 +1,16 @@
-"""A shard's durable state in LMDB: a write-ahead log of every Add/Delete, and snapshots.
+"""A shard's durable state in LMDB: a write-ahead log of every Add/Delete/Update, items' thumbnails,
+and snapshots.
 
 Two LMDB environments under the data directory:
 - `log/`: sequence number (u64 big-endian) -> one operation record. A batch of records is one
   transaction, committed with fsync before the operations are applied in memory and acknowledged,
-  so every acknowledged operation survives kill -9 (or power loss).
+  so every acknowledged operation survives kill -9 (or power loss). Its named sub-database
+  `thumbnails` holds items' thumbnails (key: blake2b of the database name, 8 bytes, then of the
+  item id, 16 bytes; value: u32 little-endian id length, the id, the image bytes), changed in the
+  same transaction as the records that add or delete the items: on disk only, never in memory,
+  and never truncated with the log (a snapshot does not hold them). The sub-database's name is a
+  key of the main database too (LMDB keeps it there), which is not a sequence number: every walk
+  over the records skips keys that are not 8 bytes.
 - `snapshot/`: the in-memory databases at some sequence number, as named byte strings, written in
   one transaction (all or nothing). After it commits, the log up to that number is deleted.
   A blob's key is the database's number (u64 big-endian, its place in the meta's `databases` list)
@@ -17,15 +24,39 @@ keeps a second process from opening the same shard.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 _SEQ = struct.Struct(">Q")
+_ID_SIZE = struct.Struct("<I")
+# (database, item id, thumbnail bytes or None to delete it): one change of the thumbnails.
+ThumbnailChange = tuple[str, str, bytes | None]
+
+
+def thumbnail_key(database: str, item_id: str) -> bytes:
+    """The thumbnail's LMDB key (24 bytes, whatever the lengths of the names: keys are at most 511)."""
+    return (
+        hashlib.blake2b(database.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        + hashlib.blake2b(item_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    )
+
+
+def _thumbnail_value(item_id: str, thumbnail: bytes) -> bytes:
+    encoded = item_id.encode("utf-8", "surrogatepass")
+    return _ID_SIZE.pack(len(encoded)) + encoded + thumbnail
+
+
+def _split_value(value: bytes) -> tuple[str, bytes]:
+    (size,) = _ID_SIZE.unpack_from(value)
+    return value[4 : 4 + size].decode("utf-8", "surrogatepass"), value[4 + size :]
+
+
 # The snapshot layout written by write_snapshot (see the module docstring); 1 = `name NUL blob` keys.
 SNAPSHOT_FORMAT = 2
 
@@ -45,12 +76,18 @@ class ShardStore:
             self._lock_file.close()
             raise StoreLocked(f"data directory {path} is in use by another index shard process") from None
         # sync + metasync (the defaults): a committed transaction is on disk.
-        self._log = lmdb.open(str(path / "log"), map_size=map_size, subdir=True, sync=True, metasync=True)
+        self._log = lmdb.open(str(path / "log"), map_size=map_size, subdir=True, sync=True, metasync=True, max_dbs=1)
+        self._thumbnails = self._log.open_db(b"thumbnails")
         self._snapshot = lmdb.open(str(path / "snapshot"), map_size=map_size, subdir=True, max_dbs=2)
         self._blobs = self._snapshot.open_db(b"blobs")
+        self._last = self.snapshot_seq()
         with self._log.begin() as txn:
             cursor = txn.cursor()
-            self._last = _SEQ.unpack(cursor.key())[0] if cursor.last() else self.snapshot_seq()
+            found = cursor.last()
+            while found and len(cursor.key()) != _SEQ.size:  # the sub-database's name
+                found = cursor.prev()
+            if found:
+                self._last = _SEQ.unpack(cursor.key())[0]
 
     def close(self) -> None:
         self._log.close()
@@ -61,13 +98,61 @@ class ShardStore:
     def last_seq(self) -> int:
         return self._last
 
-    def append(self, records: list[bytes]) -> int:
-        """Commits records durably, in order; returns the sequence number of the last one."""
+    def append(self, records: list[bytes], thumbnails: Iterable[ThumbnailChange] = ()) -> int:
+        """Commits records durably, in order, and the thumbnail changes they make, in one
+        transaction; returns the sequence number of the last record."""
         with self._log.begin(write=True) as txn:
             for record in records:
                 self._last += 1
-                txn.put(_SEQ.pack(self._last), record, append=True)
+                txn.put(_SEQ.pack(self._last), record)
+            self._change(txn, thumbnails)
         return self._last
+
+    def _change(self, txn: lmdb.Transaction, thumbnails: Iterable[ThumbnailChange]) -> None:
+        for database, item_id, thumbnail in thumbnails:
+            key = thumbnail_key(database, item_id)
+            if thumbnail:
+                txn.put(key, _thumbnail_value(item_id, thumbnail), db=self._thumbnails)
+            else:
+                txn.delete(key, db=self._thumbnails)
+
+    def change_thumbnails(self, thumbnails: Iterable[ThumbnailChange], replace: bool = False) -> None:
+        """Applies thumbnail changes durably (replace: after dropping every thumbnail held)."""
+        with self._log.begin(write=True) as txn:
+            if replace:
+                txn.drop(self._thumbnails, delete=False)
+            self._change(txn, thumbnails)
+
+    def thumbnails(self, database: str, item_ids: list[str]) -> list[bytes]:
+        """Each item's thumbnail, b"" where it has none."""
+        out = []
+        with self._log.begin(db=self._thumbnails, buffers=False) as txn:
+            for item_id in item_ids:
+                value = txn.get(thumbnail_key(database, item_id))
+                out.append(b"" if value is None else _split_value(value)[1])
+        return out
+
+    def thumbnails_of(self, database: str, batch_bytes: int = 4 << 20) -> Iterator[tuple[str, bytes]]:
+        """(item id, thumbnail) of every thumbnail of a database, read in transactions of about
+        `batch_bytes` each (none is held while the caller works on what it got)."""
+        prefix = thumbnail_key(database, "")[:8]
+        start = prefix
+        while True:
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+            with self._log.begin(db=self._thumbnails, buffers=False) as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(start):
+                    for key, value in cursor:
+                        if key[:8] != prefix or size >= batch_bytes:
+                            break
+                        batch.append((key, value))
+                        size += len(value)
+            for _, value in batch:
+                yield _split_value(value)
+            if size < batch_bytes:
+                return
+            start = batch[-1][0] + b"\0"  # the next key after the last one read
 
     def replay(self, after: int) -> Iterator[tuple[int, bytes]]:
         """(sequence, record) of every logged operation after `after`, in order."""
@@ -75,6 +160,8 @@ class ShardStore:
             cursor = txn.cursor()
             if cursor.set_range(_SEQ.pack(after + 1)):
                 for key, value in cursor:
+                    if len(key) != _SEQ.size:  # the thumbnails sub-database's name: no record
+                        break
                     yield _SEQ.unpack(key)[0], value
 
     def snapshot_seq(self) -> int:
@@ -95,7 +182,7 @@ class ShardStore:
         with self._log.begin(write=True) as txn:
             cursor = txn.cursor()
             if cursor.first():
-                while cursor.key() and _SEQ.unpack(cursor.key())[0] <= seq and cursor.delete():
+                while len(cursor.key()) == _SEQ.size and _SEQ.unpack(cursor.key())[0] <= seq and cursor.delete():
                     pass
 
     def read_snapshot(self) -> tuple[int, dict[str, dict[str, bytes]]]:

@@ -14,7 +14,7 @@ SERVICES = {
 }
 # Calls that change state (a retry of one whose answer was lost could apply it twice), and
 # Replicate, a replica's copy stream that the gateway never makes.
-WRITES = {"Add", "Delete", "LoadModel", "UnloadModel", "Replicate"}
+WRITES = {"Add", "Delete", "UpdateGroups", "LoadModel", "UnloadModel", "Replicate"}
 
 
 def test_only_reads_are_retried_and_every_read_is() -> None:

@@ -188,7 +188,7 @@ class Catalogue:
         return "in-process"
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float, filter=None
     ) -> BatchAnswer:
         return BatchAnswer([[CatalogueMatch(f"{category}-1", "", 0.9, {}, None)] for _ in signatures])
 

@@ -7,6 +7,7 @@ service runs, and read the status a client gets (the mapping itself: tests/commo
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 import grpc_testing
 import numpy as np
 import pytest
+from PIL import Image
 
 from common.config import load_config
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
@@ -27,11 +29,15 @@ from gateway.ports import (
     CatalogueEntry,
     CatalogueMatch,
     CategoryFailure,
+    DatabaseInfo,
     DetectorOutput,
     LocatorOutput,
+    ProductPage,
     Signature,
 )
 from gateway.service import VisualSearchService
+from index_server.convert import filter_of
+from index_server.domain import Filter, ProductAttributes
 from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -102,6 +108,8 @@ class FakeIndex:
         self.stored: list[CatalogueEntry] = []
         self.writers: list[FakeWriter] = []
         self.searched: list[tuple[str, str, int]] = []
+        self.filters: list[Any] = []  # each search_batch's filter
+        self.match_extra: dict[str, Any] = {}  # more fields of the mug's CatalogueMatch
         self.down: set[str] = set()  # categories whose writes fail at commit
 
     def categories(self, kind: str) -> set[str]:
@@ -114,14 +122,17 @@ class FakeIndex:
         return BACKEND
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float
+        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float, filter=None
     ) -> BatchAnswer:
         self.searched.append((category, kind, len(signatures)))
+        self.filters.append(filter)
         if category == "lamps":
             raise Unavailable("index at fake-index:1 ('lamps') service failed (UNAVAILABLE): connection refused")
         if category != "tableware":
             raise NotFound(f"no database {category}.{kind}")
-        mug = CatalogueMatch("mug-1", "front", 0.9, {"title": "white mug"}, np.array([1, 2, 30, 40], np.float32))
+        mug = CatalogueMatch(
+            "mug-1", "front", 0.9, {"title": "white mug"}, np.array([1, 2, 30, 40], np.float32), **self.match_extra
+        )
         return BatchAnswer([[mug] for _ in signatures])
 
     def writer(self, timeout_s: float) -> FakeWriter:
@@ -132,6 +143,36 @@ class FakeIndex:
         self, product_ids: Sequence[str], categories: Sequence[str] | None, timeout_s: float
     ) -> tuple[int, list[str]]:
         return 2 * len([p for p in product_ids if p.startswith("mug")]), [p for p in product_ids if p[:3] != "mug"]
+
+    # Catalogue management: tests/gateway/test_catalogue.py has its own fake; none here.
+
+    def list_products(
+        self,
+        category: str,
+        kind: str,
+        product_ids: Sequence[str],
+        filter: Filter | None,
+        page_size: int,
+        page_token: str,
+        timeout_s: float,
+    ) -> ProductPage:
+        return ProductPage([], "", 0)
+
+    def update_products(
+        self, category: str, kind: str, attributes: dict[str, ProductAttributes], timeout_s: float
+    ) -> list[str]:
+        return list(attributes)
+
+    def purge_products(
+        self, category: str, kind: str, filter: Filter | None, timeout_s: float
+    ) -> tuple[list[str], int]:
+        return [], 0
+
+    def thumbnails(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict[str, bytes]:
+        return {}
+
+    def databases(self, timeout_s: float) -> list[DatabaseInfo]:
+        return []
 
 
 class FakePorts:
@@ -499,6 +540,67 @@ def test_delete_products_refusals_name_the_field(gateway):
     gateway.raised.clear()
     error = refused(gateway, "DeleteProducts", gateway_pb2.DeleteProductsRequest(product_ids=["mug-1", ""]))
     assert error.violations == [("product_ids[1]", "empty")]
+
+
+# -- attributes, image URIs, thumbnails and filters ------------------------------------------------
+
+
+def test_a_search_filter_reaches_every_index_search_compiled(gateway, ports, photo):
+    spec = common_pb2.Filter(path_prefix="kitchen", labels=[common_pb2.LabelClause(key="brand", values=["acme"])])
+    response, code = unary(gateway, "MultiProductSearch", search(photo, filter=spec))
+    assert code == grpc.StatusCode.OK and response.items
+    assert ports.index.filters and all(f == filter_of(spec) for f in ports.index.filters)
+    ports.index.filters.clear()
+    unary(gateway, "MultiProductSearch", search(photo, filter=common_pb2.Filter()))
+    assert ports.index.filters and all(f is None for f in ports.index.filters)  # empty: no filter at all
+
+
+def test_a_bad_filter_is_refused_naming_its_field(gateway, ports, photo):
+    spec = common_pb2.Filter(any_of=[common_pb2.Filter(), common_pb2.Filter(any_tags=["a  b"])])
+    error = refused(gateway, "MultiProductSearch", search(photo, filter=spec))
+    assert type(error) is InvalidArgument and error.violations[0][0] == "filter.any_of[1].any_tags[0]"
+    assert not ports.index.searched and ports.detector.calls == 0
+
+
+def test_matches_carry_the_products_attributes_and_image_uri(gateway, ports, photo):
+    acme = ProductAttributes("kitchen/mugs", frozenset({"white"}), {"brand": "acme"})
+    ports.index.match_extra = {"attributes": acme, "image_uri": "https://shop.example/mug.jpg"}
+    response, _ = unary(gateway, "MultiProductSearch", search(photo))
+    match = response.items[0].matches[0]
+    assert match.attributes.path == "kitchen/mugs" and list(match.attributes.tags) == ["white"]
+    assert dict(match.attributes.labels) == {"brand": "acme"} and match.image_uri == "https://shop.example/mug.jpg"
+
+
+def test_ingest_sends_attributes_to_every_kind_and_one_thumbnail(gateway, ports, photo):
+    attributes = common_pb2.ProductAttributes(path="kitchen/mugs", tags=["white"], labels={"brand": "acme"})
+    requests = [
+        product("mug-1", photo, image_id="a", attributes=attributes, image_uri="https://shop.example/a.jpg"),
+        product("mug-1", photo, image_id="b"),
+    ]
+    _, code = index_products(gateway, requests)
+    assert code == grpc.StatusCode.OK and not gateway.raised
+    first, second = ports.index.stored[:2], ports.index.stored[2:]
+    assert [e.kind for e in first] == ["deep", "bow"]
+    assert all(
+        e.attributes == ProductAttributes("kitchen/mugs", frozenset({"white"}), {"brand": "acme"}) for e in first
+    )
+    assert all(e.attributes is None for e in second)  # unset: the product keeps its own
+    assert first[0].metadata == {"mps:image_uri": "https://shop.example/a.jpg"} == first[1].metadata
+    # The thumbnail: a JPEG of the whole image, 160 px on its longer side, with the first kind only.
+    assert [bool(e.thumbnail) for e in ports.index.stored] == [True, False, True, False]
+    with Image.open(io.BytesIO(first[0].thumbnail)) as thumbnail:
+        assert (thumbnail.format, thumbnail.size) == ("JPEG", (160, 107))
+
+
+def test_bad_attributes_are_refused_in_their_turn(gateway, ports, photo):
+    requests = [
+        product("mug-1", photo, image_id="a"),
+        product("mug-2", photo, attributes=common_pb2.ProductAttributes(labels={"brand": "a\nb"})),
+    ]
+    index_products(gateway, requests)
+    [error] = gateway.raised
+    assert error.info["refused_request"] == "1" and error.info["stored_images"] == "1"
+    assert [f for f, _ in error.violations] == ["requests[1]", "requests[1].attributes.labels['brand']"]
 
 
 # -- over a real server on loopback, through the interceptor ------------------------------------------

@@ -176,7 +176,7 @@ def test_groups_boxes_deletes_and_snapshots_old_and_new():
     copy = DenseDatabase.from_state(db.state())
     q = rng.normal(size=16).astype(np.float32)
     assert copy.search(q, 10, True) == db.search(q, 10, True) and copy.group_size("g2") == db.group_size("g2")
-    old = {k: v for k, v in db.state().items() if k not in ("groups", "group_names", "boxes")}
+    old = {k: v for k, v in db.state().items() if k not in ("groups", "group_names", "boxes", "attributes")}
     assert sorted(old) == ["config", "ids", "index", "labels", "metadata"]
     before_groups = DenseDatabase.from_state(old)
     hits = before_groups.search(q, 10, one_per_group=True)

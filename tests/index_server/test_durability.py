@@ -278,7 +278,7 @@ def test_catalogue_replays_group_deletes_as_it_applied_them(tmp_path, snapshot_e
     adds, _group_of = product_adds(np.random.default_rng(4), products=10)
     catalogue.add(map(item_of, adds[:30]))
     deleted = catalogue.delete("bags", ["p0-0", "nope"], ["p0", "p3", "p9"])
-    assert deleted == (6, ["nope"], ["p9"])  # p0-0 is counted once; p9 has no image yet
+    assert deleted == (6, ["nope"], ["p9"], [])  # p0-0 is counted once; p9 has no image yet
     catalogue.add(map(item_of, adds[30:]))
     assert catalogue.add([item_of(adds[6])]) == (1, 1)  # p1-0 again: replaced
     expected = {}

@@ -1,6 +1,7 @@
 """Bad input to the gateway (mps.gateway.v1.VisualSearchService): every RPC, as cases.
 
-Ingest cases write only to categories named "bad-input-gateway*" (never the reference catalogue).
+Ingest and purge cases write only to categories named "bad-input-gateway*" (never the reference
+catalogue); the catalogue cases read the reference catalogue at most.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ SEARCH = rpc_name(gateway_pb2, "VisualSearchService", "MultiProductSearch")
 INDEX = rpc_name(gateway_pb2, "VisualSearchService", "IndexProducts")
 DELETE = rpc_name(gateway_pb2, "VisualSearchService", "DeleteProducts")
 STREAM = rpc_name(gateway_pb2, "VisualSearchService", "StreamMultiProductSearch")
+GET_PRODUCT = rpc_name(gateway_pb2, "VisualSearchService", "GetProduct")
+LIST_PRODUCTS = rpc_name(gateway_pb2, "VisualSearchService", "ListProducts")
+UPDATE_PRODUCT = rpc_name(gateway_pb2, "VisualSearchService", "UpdateProduct")
+PURGE_PRODUCTS = rpc_name(gateway_pb2, "VisualSearchService", "PurgeProducts")
+STATS = rpc_name(gateway_pb2, "VisualSearchService", "GetCatalogueStats")
+PRODUCT_IMAGE = rpc_name(gateway_pb2, "VisualSearchService", "GetProductImage")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 OK = grpc.StatusCode.OK
 CATEGORY = "bad-input-gateway"
 NAME_RULE = ("category", "letters, digits")
@@ -63,6 +71,14 @@ def search_case(case_id_: str, code: grpc.StatusCode, says: tuple[str, ...], **f
 
 def region(b: common_pb2.Box, category: str = "") -> gateway_pb2.Region:
     return gateway_pb2.Region(box=b, category=category)
+
+
+def nested_filter(levels: int) -> common_pb2.Filter:
+    """A filter whose any_of nests `levels` deep."""
+    spec = common_pb2.Filter(all_tags=["x"])
+    for _ in range(levels):
+        spec = common_pb2.Filter(any_of=[spec])
+    return spec
 
 
 SEARCH_CASES = [
@@ -191,6 +207,47 @@ SEARCH_CASES = [
     ),
     search_case("search-unknown-source-value", INVALID, ("sources", "cannot be asked for"), sources=[99]),
     search_case("search-max-items-over-limit", INVALID, ("max_items 1000", "ask for at most 48"), max_items=1000),
+    expecting(
+        search_case(
+            "search-filter-label-key-with-newline",
+            INVALID,
+            ("filter.labels[0].key", "letters, digits"),
+            filter=common_pb2.Filter(labels=[common_pb2.LabelClause(key="brand\n<script>", values=["acme"])]),
+        ),
+        fields=("filter.labels[0].key",),
+    ),
+    search_case(
+        "search-filter-nested-too-deep",
+        INVALID,
+        ("any_of", "4 levels"),
+        filter=nested_filter(6),
+    ),
+    search_case(
+        "search-filter-too-many-terms",
+        INVALID,
+        ("more than 256",),
+        filter=common_pb2.Filter(any_tags=[f"t{i}" for i in range(300)]),
+    ),
+    search_case(
+        "search-filter-path-with-empty-segment",
+        INVALID,
+        ("filter.path_prefix", "empty segment"),
+        filter=common_pb2.Filter(path_prefix="fashion//tops"),
+    ),
+    search_case(
+        "search-filter-huge-value-is-not-echoed",
+        INVALID,
+        ("filter.labels[0].values[0]", "above the limit of 128"),
+        filter=common_pb2.Filter(labels=[common_pb2.LabelClause(key="k", values=["v" * 1_000_000])]),
+    ),
+    # A filter nothing passes is no error: no matches.
+    search_case(
+        "search-filter-nothing-passes-is-no-error",
+        OK,
+        (),
+        filter=common_pb2.Filter(labels=[common_pb2.LabelClause(key="brand", values=["nobody"])]),
+        categories=["reference"],
+    ),
     # Used to be answered as if fine; now fine for real: a category with no catalogue is no error.
     search_case("search-unknown-category-is-no-error", OK, (), categories=["no-such-category"], top_k=1),
     search_case(
@@ -219,7 +276,7 @@ def product(
     for name, value in fields.items():
         if name == "metadata":
             request.metadata.update(value)
-        elif isinstance(value, (common_pb2.Box, common_pb2.Image)):
+        elif isinstance(value, (common_pb2.Box, common_pb2.Image, common_pb2.ProductAttributes)):
             getattr(request, name).CopyFrom(value)
         elif value is None:
             request.ClearField(name)
@@ -342,6 +399,69 @@ INDEX_CASES = [
         ("product #0", "limit of 64"),
         with_(metadata={f"k{i}": "v" for i in range(100)}),
         with_(image=common_pb2.Image(encoded=b"junk")),
+    ),
+    expecting(
+        index_case(
+            "index-attributes-bad-tag",
+            INVALID,
+            ("product #0", "attributes.tags[1]", "letters, digits"),
+            with_(attributes=common_pb2.ProductAttributes(tags=["ok", "bad\ttag"])),
+        ),
+        info={"stored_images": "0", "refused_request": "0"},
+        fields=("requests[0]", "requests[0].attributes.tags[1]"),
+    ),
+    index_case(
+        "index-attributes-too-many-labels",
+        INVALID,
+        ("attributes.labels", "65 labels", "limit of 64"),
+        with_(attributes=common_pb2.ProductAttributes(labels={f"k{i}": "v" for i in range(65)})),
+    ),
+    index_case(
+        "index-attributes-path-with-leading-slash",
+        INVALID,
+        ("attributes.path", "empty segment"),
+        with_(attributes=common_pb2.ProductAttributes(path="/fashion/tops")),
+    ),
+    index_case(
+        "index-image-uri-without-scheme",
+        INVALID,
+        ("image_uri", "not an absolute uri", "https://"),
+        with_(image_uri="shop.example/a.jpg"),
+    ),
+    index_case(
+        "index-image-uri-too-long",
+        INVALID,
+        ("image_uri is 5008 utf-8 bytes", "limit of 2048"),
+        with_(image_uri="https://" + "u" * 5000),
+    ),
+    index_case(
+        "index-image-uri-with-newline",
+        INVALID,
+        ("image_uri", "control characters"),
+        with_(image_uri="https://shop.example/a.jpg\nX-Injected: 1"),
+    ),
+    index_case(
+        "index-reserved-metadata-key",
+        INVALID,
+        ("'mps:image_uri'", "gateway's own", "set image_uri"),
+        with_(metadata={"mps:image_uri": "https://shop.example/a.jpg"}),
+    ),
+    index_case(
+        "index-image-uri-over-the-metadata-limit-in-all",
+        INVALID,
+        ("limit of 16384", "image_uri is stored with the metadata"),
+        with_(metadata={f"k{i}": "v" * 4000 for i in range(4)}, image_uri="https://shop.example/" + "a" * 1000),
+    ),
+    # Attributes and a URI are kept: a second image of the same product keeps them.
+    index_case(
+        "index-attributes-and-uri-are-fine",
+        OK,
+        (),
+        with_(
+            product_id="bad-input-attributes",
+            attributes=common_pb2.ProductAttributes(path="a/b", tags=["t"], labels={"k": "v"}),
+            image_uri="https://shop.example/a.jpg",
+        ),
     ),
     # Used to report indexed: 2 for one stored image; now exact (and fine).
     index_case(
@@ -546,6 +666,16 @@ STREAM_CASES = [
         PHOTO,
         options=gateway_pb2.VideoOptions(categories=["shoes;drop table"]),
     ),
+    expecting(
+        stream_case(
+            "stream-filter-bad-tag",
+            INVALID,
+            ("options.filter.all_tags[0]", "letters, digits"),
+            PHOTO,
+            options=gateway_pb2.VideoOptions(filter=common_pb2.Filter(all_tags=["a\x00b"])),
+        ),
+        fields=("filter.all_tags[0]",),
+    ),
     stream_case(
         "stream-too-many-categories",
         EXHAUSTED,
@@ -564,7 +694,244 @@ STREAM_CASES = [
     ),
 ]
 
-CASES = SEARCH_CASES + INDEX_CASES + DELETE_CASES + STREAM_CASES
+# --- catalogue management -----------------------------------------------------------------------------
+
+REFERENCE = "reference"  # the reference catalogue's category (read here, never changed)
+
+
+def unary_case(case_id_: str, rpc: str, code: grpc.StatusCode, says: tuple[str, ...], request) -> Case:
+    """One unary call of `rpc` with `request` (a message, or a function of the stubs making one)."""
+    method = rpc.rsplit("/", 1)[1]
+
+    def call(s: Stubs):
+        message = request(s) if callable(request) else request
+        return getattr(s.gateway, method)(message, timeout=s.timeout)
+
+    return Case(case_id_, rpc, call, code, says)
+
+
+def malformed(case_id_: str, rpc: str) -> Case:
+    return Case(
+        case_id_,
+        rpc,
+        lambda s: s.channels["gateway"].unary_unary(rpc)(b"\x0a\xff\xff\xff\xff", timeout=s.timeout),
+        INVALID,
+        ("not a valid protobuf message",),
+    )
+
+
+def bad_tag_filter() -> common_pb2.Filter:
+    return common_pb2.Filter(all_tags=["tab\there"])
+
+
+CATALOGUE_CASES = [
+    unary_case("get-product-no-id", GET_PRODUCT, INVALID, ("product_id is required",), gateway_pb2.GetProductRequest()),
+    unary_case(
+        "get-product-id-too-long",
+        GET_PRODUCT,
+        INVALID,
+        ("product_id", "100000 utf-8 bytes", "limit of 256"),
+        gateway_pb2.GetProductRequest(product_id="p" * 100_000),
+    ),
+    unary_case(
+        "get-product-unknown",
+        GET_PRODUCT,
+        NOT_FOUND,
+        ("'bad-input-nowhere'", "not in the catalogue"),
+        gateway_pb2.GetProductRequest(product_id="bad-input-nowhere"),
+    ),
+    unary_case(
+        "get-product-unknown-category",
+        GET_PRODUCT,
+        NOT_FOUND,
+        ("category 'bad-input-gateway-nowhere' is not in the catalogue",),
+        gateway_pb2.GetProductRequest(product_id="ref-coffee", category="bad-input-gateway-nowhere"),
+    ),
+    unary_case(
+        "get-product-bad-category",
+        GET_PRODUCT,
+        INVALID,
+        NAME_RULE,
+        gateway_pb2.GetProductRequest(product_id="ref-coffee", category="shoes;drop table"),
+    ),
+    unary_case(
+        "get-product-reference-is-fine", GET_PRODUCT, OK, (), gateway_pb2.GetProductRequest(product_id="ref-coffee")
+    ),
+    malformed("get-product-malformed-protobuf", GET_PRODUCT),
+    unary_case(
+        "list-products-no-category",
+        LIST_PRODUCTS,
+        INVALID,
+        ("category is required",),
+        gateway_pb2.ListProductsRequest(),
+    ),
+    expecting(
+        unary_case(
+            "list-products-page-size-over-limit",
+            LIST_PRODUCTS,
+            INVALID,
+            ("page_size 5000 is above the limit of 1000",),
+            gateway_pb2.ListProductsRequest(category=REFERENCE, page_size=5000),
+        ),
+        fields=("page_size",),
+        quota=("page_size",),
+    ),
+    unary_case(
+        "list-products-unknown-category",
+        LIST_PRODUCTS,
+        NOT_FOUND,
+        ("'bad-input-gateway-nowhere'", "not in the catalogue"),
+        gateway_pb2.ListProductsRequest(category="bad-input-gateway-nowhere"),
+    ),
+    unary_case(
+        "list-products-bad-filter",
+        LIST_PRODUCTS,
+        INVALID,
+        ("filter.all_tags[0]",),
+        gateway_pb2.ListProductsRequest(category=REFERENCE, filter=bad_tag_filter()),
+    ),
+    unary_case(
+        "list-products-forged-page-token",
+        LIST_PRODUCTS,
+        INVALID,
+        ("page_token",),
+        gateway_pb2.ListProductsRequest(category=REFERENCE, page_token="not a token \x00"),
+    ),
+    unary_case(
+        "list-products-reference-is-fine", LIST_PRODUCTS, OK, (), gateway_pb2.ListProductsRequest(category=REFERENCE)
+    ),
+    malformed("list-products-malformed-protobuf", LIST_PRODUCTS),
+    expecting(
+        unary_case(
+            "update-product-unknown-mask",
+            UPDATE_PRODUCT,
+            INVALID,
+            ("update_mask[1] 'colour'", '"labels.key"'),
+            gateway_pb2.UpdateProductRequest(product_id="bad-input-nowhere", update_mask=["tags", "colour"]),
+        ),
+        fields=("update_mask[1]",),
+    ),
+    unary_case(
+        "update-product-bad-label-key-in-mask",
+        UPDATE_PRODUCT,
+        INVALID,
+        ("update_mask[0]", "label key"),
+        gateway_pb2.UpdateProductRequest(product_id="bad-input-nowhere", update_mask=["labels.a\nb"]),
+    ),
+    unary_case(
+        "update-product-bad-attributes",
+        UPDATE_PRODUCT,
+        INVALID,
+        ("attributes.path", "empty segment"),
+        gateway_pb2.UpdateProductRequest(
+            product_id="bad-input-nowhere", attributes=common_pb2.ProductAttributes(path="a/")
+        ),
+    ),
+    unary_case(
+        "update-product-unknown",
+        UPDATE_PRODUCT,
+        NOT_FOUND,
+        ("'bad-input-nowhere'",),
+        gateway_pb2.UpdateProductRequest(
+            product_id="bad-input-nowhere", attributes=common_pb2.ProductAttributes(tags=["x"]), update_mask=["tags"]
+        ),
+    ),
+    unary_case(
+        "update-product-no-id",
+        UPDATE_PRODUCT,
+        INVALID,
+        ("product_id is required",),
+        gateway_pb2.UpdateProductRequest(update_mask=["tags"]),
+    ),
+    malformed("update-product-malformed-protobuf", UPDATE_PRODUCT),
+    expecting(
+        unary_case(
+            "purge-empty-filter-without-force",
+            PURGE_PRODUCTS,
+            INVALID,
+            ("empty filter deletes every product", "set force"),
+            gateway_pb2.PurgeProductsRequest(category=REFERENCE),
+        ),
+        fields=("filter",),
+    ),
+    unary_case(
+        "purge-no-category", PURGE_PRODUCTS, INVALID, ("category is required",), gateway_pb2.PurgeProductsRequest()
+    ),
+    unary_case(
+        "purge-bad-filter",
+        PURGE_PRODUCTS,
+        INVALID,
+        ("filter.all_tags[0]",),
+        gateway_pb2.PurgeProductsRequest(category=REFERENCE, filter=bad_tag_filter()),
+    ),
+    unary_case(
+        "purge-unknown-category",
+        PURGE_PRODUCTS,
+        NOT_FOUND,
+        ("'bad-input-gateway-nowhere'", "not in the catalogue"),
+        gateway_pb2.PurgeProductsRequest(category="bad-input-gateway-nowhere", force=True),
+    ),
+    unary_case(
+        "purge-nothing-passes-is-no-error",
+        PURGE_PRODUCTS,
+        OK,
+        (),
+        gateway_pb2.PurgeProductsRequest(
+            category=CATEGORY, filter=common_pb2.Filter(labels=[common_pb2.LabelClause(key="k", values=["nobody"])])
+        ),
+    ),
+    malformed("purge-malformed-protobuf", PURGE_PRODUCTS),
+    unary_case(
+        "stats-unknown-category",
+        STATS,
+        NOT_FOUND,
+        ("'bad-input-gateway-nowhere'", "not in the catalogue"),
+        gateway_pb2.GetCatalogueStatsRequest(categories=[REFERENCE, "bad-input-gateway-nowhere"]),
+    ),
+    unary_case(
+        "stats-bad-category",
+        STATS,
+        INVALID,
+        ("categories[0]",) + NAME_RULE,
+        gateway_pb2.GetCatalogueStatsRequest(categories=["a\x1bb"]),
+    ),
+    expecting(
+        unary_case(
+            "stats-too-many-categories",
+            STATS,
+            EXHAUSTED,
+            ("257 categories", "at most 256"),
+            gateway_pb2.GetCatalogueStatsRequest(categories=[f"c{i}" for i in range(257)]),
+        ),
+        quota=("categories",),
+    ),
+    unary_case("stats-of-everything-is-fine", STATS, OK, (), gateway_pb2.GetCatalogueStatsRequest()),
+    malformed("stats-malformed-protobuf", STATS),
+    unary_case(
+        "image-no-image-id",
+        PRODUCT_IMAGE,
+        INVALID,
+        ("image_id is required",),
+        gateway_pb2.GetProductImageRequest(product_id="ref-coffee"),
+    ),
+    unary_case(
+        "image-unknown-product",
+        PRODUCT_IMAGE,
+        NOT_FOUND,
+        ("'bad-input-nowhere'",),
+        gateway_pb2.GetProductImageRequest(product_id="bad-input-nowhere", image_id="front"),
+    ),
+    unary_case(
+        "image-unknown-image",
+        PRODUCT_IMAGE,
+        NOT_FOUND,
+        ("has no image 'back'", "its images"),
+        gateway_pb2.GetProductImageRequest(product_id="ref-coffee", image_id="back", category=REFERENCE),
+    ),
+    malformed("image-malformed-protobuf", PRODUCT_IMAGE),
+]
+
+CASES = SEARCH_CASES + INDEX_CASES + DELETE_CASES + STREAM_CASES + CATALOGUE_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -21,6 +21,9 @@ ADD, DELETE, SEARCH, BATCH, PARTIAL, LOOKUP, STATS, REPLICATE = (
     rpc_name(index_pb2, "IndexService", method)
     for method in ("Add", "Delete", "Search", "SearchBatch", "PartialScores", "Lookup", "Stats", "Replicate")
 )
+UPDATE, LIST, IMAGES = (
+    rpc_name(index_pb2, "IndexService", method) for method in ("UpdateGroups", "ListGroups", "GetItemImages")
+)
 INVALID, NOT_FOUND, EXHAUSTED, PRECONDITION, OK = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -565,6 +568,120 @@ CASES = [
     Case("lookup-database-600-bytes", LOOKUP, lookup(database="n" * 600), INVALID, ("limit of 128",)),
     Case("lookup-unknown-keys", LOOKUP, lookup(keys=[1, 2, 3], expect_items=0), OK),
     Case("lookup-a-million-keys", LOOKUP, lookup(keys=list(range(1, 1_000_001)), expect_items=0), OK),
+    # -- UpdateGroups, ListGroups, GetItemImages
+    Case(
+        "update-unknown-database",
+        UPDATE,
+        lambda s: s.index.UpdateGroups(
+            index_pb2.UpdateGroupsRequest(
+                database="no_such_database", groups=[index_pb2.GroupAttributes(group_id="g")]
+            ),
+            timeout=s.timeout,
+        ),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
+    Case(
+        "update-bad-label-key",
+        UPDATE,
+        lambda s: s.index.UpdateGroups(
+            index_pb2.UpdateGroupsRequest(
+                database=s.databases["deep"],
+                groups=[
+                    index_pb2.GroupAttributes(
+                        group_id="g", attributes=common_pb2.ProductAttributes(labels={"bad\nkey": "v"})
+                    )
+                ],
+            ),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("labels",),
+    ),
+    Case(
+        "update-bad-path",
+        UPDATE,
+        lambda s: s.index.UpdateGroups(
+            index_pb2.UpdateGroupsRequest(
+                database=s.databases["deep"],
+                groups=[index_pb2.GroupAttributes(group_id="g", attributes=common_pb2.ProductAttributes(path="a//b"))],
+            ),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("path",),
+    ),
+    Case(
+        "list-page-size-over-limit",
+        LIST,
+        lambda s: s.index.ListGroups(
+            index_pb2.ListGroupsRequest(database=s.databases["deep"], page_size=10**6), timeout=s.timeout
+        ),
+        INVALID,
+        ("page_size",),
+    ),
+    Case(
+        "list-forged-page-token",
+        LIST,
+        lambda s: s.index.ListGroups(
+            index_pb2.ListGroupsRequest(database=s.databases["deep"], page_token="%%%not a token"),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("page_token",),
+    ),
+    Case(
+        "list-filter-too-deep",
+        LIST,
+        lambda s: s.index.ListGroups(
+            index_pb2.ListGroupsRequest(
+                database=s.databases["deep"],
+                filter=common_pb2.Filter(
+                    any_of=[
+                        common_pb2.Filter(
+                            any_of=[
+                                common_pb2.Filter(
+                                    any_of=[
+                                        common_pb2.Filter(
+                                            any_of=[common_pb2.Filter(any_of=[common_pb2.Filter(path_prefix="a")])]
+                                        )
+                                    ]
+                                )
+                            ]
+                        )
+                    ]
+                ),
+            ),
+            timeout=s.timeout,
+        ),
+        INVALID,
+        ("filter",),
+    ),
+    Case(
+        "list-unknown-database",
+        LIST,
+        lambda s: s.index.ListGroups(index_pb2.ListGroupsRequest(database="no_such_database"), timeout=s.timeout),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
+    Case(
+        "images-unknown-database",
+        IMAGES,
+        lambda s: s.index.GetItemImages(
+            index_pb2.GetItemImagesRequest(database="no_such_database", item_ids=["x"]), timeout=s.timeout
+        ),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
+    Case(
+        "images-unknown-items-are-left-out",
+        IMAGES,
+        lambda s: s.index.GetItemImages(
+            index_pb2.GetItemImagesRequest(database=s.databases["deep"], item_ids=["no-such-item"]),
+            timeout=s.timeout,
+        ),
+        OK,
+    ),
     # -- Stats: after all of the above, nothing broken, no name that breaks a snapshot
     Case("stats-after-the-corpus", STATS, stats_are_clean, OK),
     # -- Replicate (replica to replica)
