@@ -71,15 +71,13 @@ import numpy as np
 
 from common.rwlock import ReadWriteLock
 from index_server.domain import (
-    EMPTY_ATTRIBUTES,
     Filter,
     Hit,
-    ProductAttributes,
     SignatureError,
     group_name,
     unit_vector,
 )
-from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
+from index_server.groups import GroupAttributes, GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.snapshot_codec import pack_strings, unpack_strings
 from index_server.vector_rows import VectorRows
 
@@ -184,7 +182,7 @@ def _compacted(ivf: Any) -> None:
     fresh.this.disown()  # the IVF owns it now
 
 
-class DenseDatabase:
+class DenseDatabase(GroupAttributes):
     """Unit vectors (N, D) float32 with ids, metadata, groups and boxes; adds, deletes and searches
     are thread-safe."""
 
@@ -277,27 +275,6 @@ class DenseDatabase:
         """Live items of a group (an item without a group_id is the group named by its id)."""
         with self._lock.read():
             return self._groups.size(group_id)
-
-    def set_attributes(self, group_id: str, attributes: ProductAttributes) -> None:
-        """Replaces a group's attributes (the group named as group_name names it); visible to the
-        next search."""
-        with self._lock.write():
-            self._groups.set_attributes(group_id, attributes)
-
-    def attributes_of_group(self, group_id: str) -> ProductAttributes:
-        with self._lock.read():
-            number = self._groups.number_of(group_id)
-            return EMPTY_ATTRIBUTES if number is None else self._groups.attributes_of(number)
-
-    def group_names(self, filter: Filter | None = None) -> list[str]:
-        """The groups with a live item that pass the filter (None: all), unordered."""
-        with self._lock.read():
-            return self._groups.live_names(filter)
-
-    def groups_count(self) -> int:
-        """Groups with a live item."""
-        with self._lock.read():
-            return self._groups.live_count()
 
     def group_items(self, group_ids: list[str]) -> dict[str, list[Hit]]:
         """The live items of these groups (score 0), each group's in item id order; a group with

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -342,3 +342,32 @@ class GroupTable:
     @staticmethod
     def names_from(blob: bytes) -> list[str]:
         return unpack_strings(blob)
+
+
+class GroupAttributes:
+    """The group-attribute calls both kinds of database answer alike, from their GroupTable
+    (`self._groups`) under their reader-writer lock (`self._lock`)."""
+
+    _groups: GroupTable
+    _lock: Any  # common.rwlock.ReadWriteLock
+
+    def set_attributes(self, group_id: str, attributes: ProductAttributes) -> None:
+        """Replaces a group's attributes (the group named as group_name names it); visible to the
+        next search."""
+        with self._lock.write():
+            self._groups.set_attributes(group_id, attributes)
+
+    def attributes_of_group(self, group_id: str) -> ProductAttributes:
+        with self._lock.read():
+            number = self._groups.number_of(group_id)
+            return EMPTY_ATTRIBUTES if number is None else self._groups.attributes_of(number)
+
+    def group_names(self, filter: Filter | None = None) -> list[str]:
+        """The groups with a live item that pass the filter (None: all), unordered."""
+        with self._lock.read():
+            return self._groups.live_names(filter)
+
+    def groups_count(self) -> int:
+        """Groups with a live item."""
+        with self._lock.read():
+            return self._groups.live_count()

@@ -41,8 +41,8 @@ import numpy as np
 
 from common.bow_codec import BagOfWords
 from common.rwlock import ReadWriteLock
-from index_server.domain import EMPTY_ATTRIBUTES, Filter, Hit, ProductAttributes, SignatureError, group_name, item_key
-from index_server.groups import GroupTable, box_or_none, box_row, grown, reported_group
+from index_server.domain import Filter, Hit, SignatureError, group_name, item_key
+from index_server.groups import GroupAttributes, GroupTable, box_or_none, box_row, grown, reported_group
 from index_server.snapshot_codec import array_from, pack_strings, unpack_strings
 
 BLOCK = 64
@@ -107,7 +107,7 @@ class Postings:
         return self.used * BLOCK * 6 + self.used * 4 + self.head.nbytes * 4  # head, tail, fill, df
 
 
-class BowIndex:
+class BowIndex(GroupAttributes):
     """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
 
     def __init__(
@@ -179,27 +179,6 @@ class BowIndex:
             return self._groups.size(group_id)
 
     # -- groups' attributes ------------------------------------------------------------------------
-
-    def set_attributes(self, group_id: str, attributes: ProductAttributes) -> None:
-        """Replaces a group's attributes (the group is named as group_name names it); visible to
-        the next search."""
-        with self._lock.write():
-            self._groups.set_attributes(group_id, attributes)
-
-    def attributes_of_group(self, group_id: str) -> ProductAttributes:
-        with self._lock.read():
-            number = self._groups.number_of(group_id)
-            return EMPTY_ATTRIBUTES if number is None else self._groups.attributes_of(number)
-
-    def group_names(self, filter: Filter | None = None) -> list[str]:
-        """The groups with a live item that pass the filter (None: all), unordered."""
-        with self._lock.read():
-            return self._groups.live_names(filter)
-
-    def groups_count(self) -> int:
-        """Groups with a live item."""
-        with self._lock.read():
-            return self._groups.live_count()
 
     def group_items(self, group_ids: list[str]) -> dict[str, list[Hit]]:
         """The live items of these groups (score 0), each group's in item id order; a group with
