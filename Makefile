@@ -4,10 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PROTOS := $(shell find protos -name '*.proto')
+THIRD_PARTY_PROTOS := $(shell find third_party -name '*.proto')
 DETECTOR_MODEL  := models/yolov3-tiny/1/model.onnx
 DESCRIPTOR_MODEL := models/efficientnet-lite0/1/model.onnx
 
-.PHONY: run test setup proto models kernels lint bench clean
+.PHONY: run test setup proto models kernels lint bench clean browser
 .DELETE_ON_ERROR:
 
 run: setup
@@ -33,9 +34,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 proto: mps/.generated
-mps/.generated: $(PROTOS) $(VENV)/.installed
+mps/.generated: $(PROTOS) $(THIRD_PARTY_PROTOS) $(VENV)/.installed
 	rm -rf mps
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	mkdir -p mps
+	# google/api/*.proto (HTTP routes) are imported from third_party; their Python comes with
+	# googleapis-common-protos. The descriptor set keeps the comments for the OpenAPI description.
+	$(PY) -m grpc_tools.protoc -Iprotos -Ithird_party/googleapis --python_out=. --pyi_out=. --grpc_python_out=. \
+		--include_imports --include_source_info --descriptor_set_out=mps/descriptors.binpb $(PROTOS)
 	touch $@
 
 models: $(DETECTOR_MODEL) $(DESCRIPTOR_MODEL)
@@ -49,6 +54,12 @@ $(DESCRIPTOR_MODEL): signature_server/export_efficientnet.py $(VENV)/.installed
 # is skipped and says why. `make kernels` runs it alone.
 kernels: $(VENV)/.installed
 	$(PY) -m pytest -q -rs tests/kernels/test_sources.py
+
+# The search page's tests (tests/gateway/http/test_page.py) drive Debian's Chromium through its
+# chromedriver; without them they skip (unless MPS_REQUIRE_BROWSER=1, as in CI). Needs root.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver: present"; \
+	else apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; fi
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/buf lint

@@ -16,19 +16,18 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
 
 LogFormat = Literal["json", "text"]
 
-C = TypeVar("C", bound="ServerConfig")
+C = TypeVar("C", bound="Validated")
 
 
 class ConfigError(ValueError):
@@ -88,6 +87,15 @@ def validate(config: Any) -> None:
     config._check()
 
 
+# Python's own levels (a library may register more, e.g. uvicorn's TRACE: not a setting of ours).
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def check_log_level(level: str) -> None:
+    if level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level {level!r} is not one of {_listed(LOG_LEVELS)} (any case)")
+
+
 class Validated:
     """Base of the configurations: validated once built. A subclass's `_check()` holds its ranges
     and the fields that go together, and starts with `super()._check()`."""
@@ -141,6 +149,10 @@ class ServerConfig(Validated):
     metrics_port: int = 0
     # Server reflection (lets grpcurl and friends list the API); off hides the schema.
     reflection: bool = True
+    # Each client connection is closed after about this long (gracefully: calls in flight finish,
+    # streams included), so clients resolve the service's name again and reach replicas added
+    # since (an autoscaler's); 0 = never.
+    max_connection_age_s: float = 300.0
 
     # --- TLS. PEM files; "" = plaintext. See common/security.py.
     # This server's certificate chain and private key (both or neither).
@@ -175,9 +187,8 @@ class ServerConfig(Validated):
         self._within("metrics_port", 0, 65535)
         self._at_least(1, "max_workers", "max_message_bytes")
         self._at_least(0, "shutdown_grace_s")
-        if self.log_level.upper() not in logging.getLevelNamesMapping():
-            levels = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
-            raise ConfigError(f"log_level {self.log_level!r} is not one of {_listed(tuple(levels))} (any case)")
+        self._at_least(0, "max_connection_age_s", note="0 = never")
+        check_log_level(self.log_level)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca and not self.tls_cert:
@@ -232,8 +243,8 @@ def _allowed_text(kind: Any) -> str:
     return ""
 
 
-def _parser(cls: type, service: str, hints: dict[str, Any], prefix: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {service}", description=(cls.__doc__ or "").strip())
+def _parser(cls: type, prog: str, hints: dict[str, Any], prefix: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
     for field in dataclasses.fields(cls):
         if field.default is not dataclasses.MISSING:
             default = field.default
@@ -258,17 +269,19 @@ def load_config(
     service: str,
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    prog: str = "",
     **overrides: Any,
 ) -> C:
     """Builds `cls` from defaults, then `MPS_<SERVICE>_<FIELD>` variables, then flags, then overrides.
 
     A value its field does not allow raises ConfigError; with `argv` (a command line) it is an
-    argparse error instead: the usage and the message on stderr, exit status 2.
+    argparse error instead: the usage and the message on stderr, exit status 2. `prog` names the
+    command in the usage (default "python -m <service>").
     """
     environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     prefix = f"MPS_{service.upper()}_"
-    parser = None if argv is None else _parser(cls, service, hints, prefix)
+    parser = None if argv is None else _parser(cls, prog or f"python -m {service}", hints, prefix)
 
     def fail(message: str) -> NoReturn:
         if parser is not None:
@@ -276,7 +289,7 @@ def load_config(
         raise ConfigError(message)
 
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
+    for field in dataclasses.fields(cast(Any, cls)):  # every configuration is a dataclass
         env_name = prefix + field.name.upper()
         if env_name in environ:
             try:

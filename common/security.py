@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -82,9 +82,17 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def channel_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
+class TlsClientSettings(Protocol):
+    """What a caller of the suite's services needs for TLS (ServerConfig, the HTTP front's config)."""
+
+    tls_ca: str
+    tls_client_cert: str
+    tls_client_key: str
+
+
+def channel_credentials(config: TlsClientSettings) -> grpc.ChannelCredentials | None:
     """TLS for calls to the other services (with this service's certificate for their mTLS)."""
-    if not config.tls_ca:  # ServerConfig checks that the TLS settings go together
+    if not config.tls_ca:  # the configurations check that the TLS settings go together
         return None
     return grpc.ssl_channel_credentials(
         root_certificates=_read(config.tls_ca),

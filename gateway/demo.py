@@ -1,13 +1,19 @@
-"""`make run`: starts the four services, ingests the demo catalogue, searches real photos."""
+"""`make run`: starts the four services, ingests the demo catalogue, searches real photos, over gRPC
+and once over HTTP/JSON. `python -m gateway.demo --serve` then keeps the suite and the search page
+(http://127.0.0.1:8080/) up until Ctrl-C."""
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import sys
+import threading
+import urllib.request
 
 import grpc
 
-from common.config import REPO_ROOT
+from common.config import REPO_ROOT, load_config
 from common.images import encode_png
 from common.local_suite import start_local_suite
 from common.photos import load_photo
@@ -16,6 +22,8 @@ from gateway.cli import catalogue_files, ingest
 from gateway.client import VisualSearchClient
 from gateway.config import GatewayConfig
 from gateway.demo_catalogue import QUERY_PHOTOS, Detected, build, two_product_scene
+from gateway.http.config import HttpConfig
+from gateway.http.server import start as start_http
 from gateway.report import CatalogueThumbnails, draw_result, format_table
 from mps.common.v1 import common_pb2
 from mps.detector.v1 import detector_pb2, detector_pb2_grpc
@@ -23,7 +31,18 @@ from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 OUT = REPO_ROOT / "out"
 
 
-def main() -> int:
+def search_over_http(url: str, photo: bytes) -> dict:
+    """One MultiProductSearch as a plain HTTP client makes it: JSON in, JSON out."""
+    body = json.dumps({"image": {"encoded": base64.b64encode(photo).decode()}, "topK": 3, "minConfidence": 0.1})
+    request = urllib.request.Request(
+        f"{url}/v1/search", data=body.encode(), headers={"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    serve = "--serve" in (sys.argv[1:] if argv is None else argv)
     # The services' own logs in text, warnings and errors only: the demo's report is what to read.
     quiet = ["--log-format", "text", "--access-log", "false", "--log-level", "WARNING"]
     suite = start_local_suite({name: list(quiet) for name in ("detector", "signature", "index", "gateway")})
@@ -63,6 +82,23 @@ def main() -> int:
                     print(format_table(result))
                     drawn = draw_result(photo, result, OUT / f"demo_{name}_{label}.png", 3, thumbnails)
                     print(f"picture: {drawn}")
+        http = start_http(
+            load_config(HttpConfig, "http", environ={}, port=8080 if serve else 0, gateway_address=addr["gateway"])
+        )
+        try:
+            reply = search_over_http(http.url, encode_png(queries["scene"]))
+            found = [
+                f"{i['category'] or '?'}: {i['matches'][0]['productId'] if i['matches'] else '-'}"
+                for i in reply["items"]
+            ]
+            print(f"\n== the same over HTTP/JSON: POST {http.url}/v1/search -> {', '.join(found)} ==")
+            if serve:
+                print(f"search page: {http.url}/   API: {http.url}/openapi.json   (Ctrl-C stops)")
+                threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            http.stop()
         return 0
     finally:
         suite.stop()

@@ -38,6 +38,7 @@ __all__ = [
     "free_port",
     "png_bomb",
     "shop_catalogue",
+    "start_gateway",
     "start_suite",
     "tiles",
     "video_clip",
@@ -64,7 +65,6 @@ def start_suite(**gateway_overrides: Any) -> Suite:
     """Detector, signature service, index (in memory) and a gateway over them; `gateway_overrides`
     are GatewayConfig fields, e.g. index_routes={"furniture": "127.0.0.1:50099"}."""
     from detector_server.server import create_server as detector_server
-    from gateway.server import create_server as gateway_server
     from index_server.server import create_server as index_server
     from signature_server.server import create_server as signature_server
 
@@ -78,19 +78,23 @@ def start_suite(**gateway_overrides: Any) -> Suite:
     )
     servers["index"], ports["index"] = index_server(load_config(IndexConfig, "index", environ={}, port=0, data_dir=""))
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    config = load_config(
-        GatewayConfig,
-        "gateway",
-        environ={},
-        port=0,
-        detector_address=addresses["detector"],
-        signature_address=addresses["signature"],
-        index_address=addresses["index"],
-        **gateway_overrides,
-    )
-    servers["gateway"], port = gateway_server(config)
+    servers["gateway"], port = start_gateway(addresses, **gateway_overrides)
     addresses["gateway"] = f"127.0.0.1:{port}"
     return Suite(servers, addresses)
+
+
+def start_gateway(addresses: dict[str, str], **overrides: Any) -> tuple[grpc.Server, int]:
+    """A gateway in this process over the back ends at `addresses` ("detector", "signature",
+    "index"); `overrides` are GatewayConfig fields (index_address among them)."""
+    from gateway.server import create_server as gateway_server
+
+    settings = {
+        "detector_address": addresses["detector"],
+        "signature_address": addresses["signature"],
+        "index_address": addresses.get("index", ""),
+        **overrides,
+    }
+    return gateway_server(load_config(GatewayConfig, "gateway", environ={}, port=0, **settings))
 
 
 # -- scenes of the bundled photos ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from common.photos import load_photo
 from gateway.client import Product, VisualSearchClient
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
-from tests.helpers import BAD_IMAGE_SAYS, CUP_BOX, bad_images, free_port, shop_catalogue, start_suite
+from tests.helpers import BAD_IMAGE_SAYS, CUP_BOX, bad_images, free_port, shop_catalogue, start_gateway, start_suite
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +211,6 @@ def test_a_signature_service_that_loses_signatures_is_reported(suite, signature_
 def test_a_dead_word_range_shard_behind_the_router_comes_back_as_a_flagged_item(suite, coffee_png):
     """Gateway -> router -> two word-range shards; one shard dies: matches still come, flagged."""
     from common.config import load_config
-    from gateway.config import GatewayConfig
-    from gateway.server import create_server
     from index_server.config import IndexConfig, RouterConfig
     from index_server.server import create_bundle, create_router_bundle
 
@@ -232,17 +230,7 @@ def test_a_dead_word_range_shard_behind_the_router_comes_back_as_a_flagged_item(
             shards=[[f"127.0.0.1:{s.port}"] for s in shards],
         )
     )
-    gateway, port = create_server(
-        load_config(
-            GatewayConfig,
-            "gateway",
-            environ={},
-            port=0,
-            detector_address=suite.addresses["detector"],
-            signature_address=suite.addresses["signature"],
-            index_address=f"127.0.0.1:{router.port}",
-        )
-    )
+    gateway, port = start_gateway(suite.addresses, index_address=f"127.0.0.1:{router.port}")
     coffee = load_photo("coffee")
     x0, y0, x1, y1 = CUP_BOX
     try:
