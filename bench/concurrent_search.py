@@ -32,7 +32,7 @@ from common.bow_codec import BagOfWords
 from index_server.dense import DenseDatabase
 from index_server.inverted import BowIndex
 from kernels import select_kernels
-from signature_server.bow import BowExtractor, BowSpec, Codebook
+from signature_server.bow import BowExtractor, BowSpec
 
 THREADS = (1, 2, 4)
 TOP_K = 10
@@ -84,7 +84,7 @@ def measure(name: str, search: Callable[[int], object], queries: int, seconds: f
 def bow_figures(items: int, queries: int, seconds: float, rng: np.random.Generator) -> dict[str, dict[str, float]]:
     started = time.perf_counter()
     spec = BowSpec.load(MODELS / "colour-texture-bow")
-    codebook = Codebook.load(spec.codebook_path)
+    codebook = spec.load_codebook()
     extractor = BowExtractor(spec, codebook, select_kernels("cpu"))
     resampler = Resampler(real_bags(extractor, rng), codebook.vocabulary)
     index = BowIndex(codebook.vocabulary, codebook.fingerprint)

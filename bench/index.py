@@ -45,7 +45,7 @@ from index_server.inverted import BowIndex
 from kernels import select_kernels
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
-from signature_server.bow import BowExtractor, BowSpec, Codebook
+from signature_server.bow import BowExtractor, BowSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_WORD_SHARES = (0.2, 0.1, 0.05)
@@ -76,19 +76,22 @@ class Resampler:
         self.sizes = np.array([int(b.counts.sum()) for b in bags])
 
     def sample(self, count: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """count items -> [(words int32 sorted, counts uint16)]."""
+        """count items -> [(words int32 sorted, counts uint16)]: each like a real bag (its template)
+        in distinct words and in counts (whatever the assignment: hard, one unit per keypoint, or
+        soft, several words and units per keypoint): 80% of its words drawn from the template's
+        (without replacement, by count), the rest from the catalogue-wide frequencies, each with
+        one of the template's counts."""
         out = []
         templates = rng.integers(0, len(self.bags), count)
         for t in templates:
             bag = self.bags[t]
-            draws = self.sizes[t]
-            own = rng.random(draws) < 0.8
-            words = np.empty(draws, np.int64)
-            cdf = np.cumsum(bag.counts / bag.counts.sum())
-            words[own] = bag.words[np.minimum(np.searchsorted(cdf, rng.random(own.sum())), len(bag.words) - 1)]
-            words[~own] = np.minimum(np.searchsorted(self.global_cdf, rng.random((~own).sum())), self.vocabulary - 1)
-            unique, counts = np.unique(words, return_counts=True)
-            out.append((unique.astype(np.int32), counts.astype(np.uint16)))
+            distinct = len(bag.words)
+            own = min(distinct, round(0.8 * distinct))
+            mine = rng.choice(bag.words, size=own, replace=False, p=bag.counts / bag.counts.sum())
+            others = np.minimum(np.searchsorted(self.global_cdf, rng.random(distinct - own)), self.vocabulary - 1)
+            words = np.unique(np.concatenate([mine, others]))
+            counts = rng.choice(bag.counts, size=len(words))
+            out.append((words.astype(np.int32), counts.astype(np.uint16)))
         return out
 
 
@@ -314,7 +317,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     spec = BowSpec.load(MODELS / "colour-texture-bow")
-    codebook = Codebook.load(spec.codebook_path)
+    codebook = spec.load_codebook()
     extractor = BowExtractor(spec, codebook, select_kernels("cpu"))
     bags = real_bags(extractor, rng)
     resampler = Resampler(bags, codebook.vocabulary)

@@ -28,7 +28,7 @@ from common.bow_codec import decode, encode
 from common.photos import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, load_photo
 from index_server.inverted import BowIndex
 from kernels import select_kernels
-from signature_server.bow import BowExtractor, BowSpec, Codebook
+from signature_server.bow import BowExtractor, BowSpec
 from signature_server.deep import DeepDescriptor, DeepSpec
 from signature_server.train_codebook import TRAINING_PHOTOS
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     bow_spec = BowSpec.load(MODELS / "colour-texture-bow")
     kernels = select_kernels(args.kernels)
-    bow = BowExtractor(bow_spec, Codebook.load(bow_spec.codebook_path), kernels)
+    bow = BowExtractor(bow_spec, bow_spec.load_codebook(), kernels)
     deep = DeepDescriptor(DeepSpec.load(MODELS / "efficientnet-lite0"))
 
     held = [t for name in HELD_OUT for t in tiles(load_photo(name))]
@@ -113,6 +113,11 @@ def main() -> None:
     print(
         f"catalogue {len(catalogue)} tiles ({len(held)} of held-out photos), {len(queries)} queries; "
         f"codebook trained on {', '.join(TRAINING_PHOTOS)}; kernels: {kernels.detail}"
+    )
+    a = bow.codebook.assignment
+    print(
+        f"colour-texture words: {bow_spec.name} version {bow_spec.version}, codebook {bow.codebook.fingerprint:08x}, "
+        + ("hard assignment" if a.hard else f"soft assignment: {a.nearest} nearest, sigma {a.sigma}, {a.units} units")
     )
 
     crop = cv2.resize(held[0], (256, 256), interpolation=cv2.INTER_AREA)
@@ -139,7 +144,8 @@ def main() -> None:
     deep_distances = 1 - query_deep @ cat_deep.T
 
     words = [len(b.words) for b in cat_bags + query_bags]
-    keypoints = [int(b.counts.sum()) for b in cat_bags + query_bags]
+    # Each keypoint shares out `units` (1 when hard-assigned).
+    keypoints = [int(b.counts.sum()) // bow.codebook.assignment.units for b in cat_bags + query_bags]
     print(
         f"signature bytes: median {int(np.median(sizes))}, max {max(sizes)}; distinct words per image: "
         f"median {int(np.median(words))} of {bow.codebook.vocabulary}; keypoints median {int(np.median(keypoints))}"

@@ -1,7 +1,8 @@
 """Bag-of-visual-words signatures: the bit-encoded wire format.
 
-Wire format, version 1 (all integers little-endian; at most 5 + 2 + 1 + ceil(V / 8) + 3n bytes, so
-1.9 kB for the 5000-word codebook and 512 keypoints, under the paper's 3.5 kB):
+Wire format, version 1 (all integers little-endian; 5 + 2 + 1 + ceil(V / 8) + (1 to 5 per count) bytes:
+1.9 kB at most for the 5000-word codebook hard-assigned from 512 keypoints; the soft-assigned
+vocabularies (signature_server/bow.py) cut a bag to fit the paper's 3.5 kB):
 
     byte  0       format version (1)
     bytes 1-4     codebook fingerprint (uint32): signatures of different codebooks never mix

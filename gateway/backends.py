@@ -3,6 +3,7 @@ gateway, per-category index routing, proto <-> domain conversion, and status -> 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -23,6 +24,9 @@ from common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from common.local_features import Features, LocalFeaturesError
+from common.local_features import from_proto as features_from_proto
+from common.local_features import to_proto as features_to_proto
 from common.proto_convert import box_from_proto, box_to_proto, image_to_proto
 from gateway.config import SignatureKind
 from gateway.ports import (
@@ -437,6 +441,20 @@ class GrpcIndex:
         response = self._call(category, f"{category!r}", "GetItemImages", request, timeout_s)
         return {image.item_id: image.thumbnail for image in response.images}
 
+    def local_features(
+        self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float
+    ) -> dict[str, Features]:
+        request = index_pb2.GetItemImagesRequest(
+            database=database_name(category, kind), item_ids=list(item_ids), local_features=True, no_thumbnails=True
+        )
+        response = self._call(category, f"{category!r}", "GetItemImages", request, timeout_s)
+        found = {}
+        for image in response.images:
+            if image.HasField("local_features"):
+                with contextlib.suppress(LocalFeaturesError):  # the index checked them at Add
+                    found[image.item_id] = features_from_proto(image.local_features)
+        return found
+
     def databases(self, timeout_s: float) -> list[DatabaseInfo]:
         calls = [(b, b.stub.Stats.future(index_pb2.StatsRequest(), timeout=timeout_s)) for b in self._backends.values()]
         out = []
@@ -538,6 +556,8 @@ class GrpcCatalogueWriter:
                 box=box_to_proto(entry.box),
                 thumbnail=entry.thumbnail,
             )
+            if entry.local_features is not None:
+                request.local_features.CopyFrom(features_to_proto(entry.local_features))
             if entry.attributes is not None:
                 request.attributes.CopyFrom(attributes_to_proto(entry.attributes))
             by_backend.setdefault(backend.address, []).append(request)

@@ -384,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--kind", choices=sorted(KINDS), default=None, help="signature kind (default: the gateway's)")
     search.add_argument("--category", action="append", default=[], help="search only this category (repeatable)")
     search.add_argument(
+        "--rerank-k",
+        type=int,
+        default=None,
+        help="re-rank each item's first K matches by local features (default: the gateway's; 0 = off)",
+    )
+    search.add_argument(
         "--source",
         action="append",
         default=[],
@@ -517,6 +523,7 @@ def _run(client: VisualSearchClient, args: argparse.Namespace) -> int:
         min_score=args.min_score,
         sources=[SOURCES[s] for s in args.source],
         filter=filter_of(args),
+        rerank_k=args.rerank_k,
     )
     print(format_table(result, args.top_k))
     if args.picture:

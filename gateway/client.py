@@ -135,13 +135,15 @@ class VisualSearchClient:
         max_items: int = 0,
         timeout_s: float | None = None,
         filter: FilterLike = None,
+        rerank_k: int | None = None,
     ) -> gateway_pb2.MultiProductSearchResponse:
         """Every product in `image` (encoded bytes or RGB pixels) with its top_k catalogue products.
 
         `regions`: optional (box, category) pairs searched instead of localising (category "" =
         the catalogue decides); `categories` restricts the search; `min_score` drops weaker
         matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources;
-        `filter` keeps only the products that pass it (applied inside the index).
+        `filter` keeps only the products that pass it (applied inside the index); `rerank_k`
+        re-ranks each item's first k matches by local features (None = the gateway's default, 0 = off).
         """
         # The generated enums are plain ints at runtime: any int is sent, the gateway refuses one it
         # does not know (INVALID_ARGUMENT naming the field).
@@ -157,6 +159,8 @@ class VisualSearchClient:
         )
         if min_score is not None:
             request.min_score = min_score
+        if rerank_k is not None:
+            request.rerank_k = rerank_k
         spec = to_filter(filter)
         if spec is not None:
             request.filter.CopyFrom(spec)

@@ -169,6 +169,24 @@ class GatewayConfig(ServerConfig):
     # it (see gateway/service.py): a cancelled stream must store nothing.
     cancel_settle_s: float = 0.02
 
+    # -- two-stage retrieval (gateway/rerank.py) ---------------------------------------------------
+    # The first rerank_k matches of each item are re-scored by local features and geometric
+    # verification when a request leaves rerank_k unset (0 = off); a request may ask for up to
+    # max_rerank_k. Catalogue images get their local features at ingest (ingest_local_features:
+    # described whole here, stored by the index with the thumbnail); images ingested without them
+    # are never verified (they keep their first score).
+    rerank_k: int = 20
+    max_rerank_k: int = 100
+    ingest_local_features: bool = True
+    # How catalogue images and query crops are described (common.local_features.ExtractorSettings).
+    rerank_side: int = 320
+    rerank_points: int = 256
+    # Fusion (common.local_features.fuse): a candidate with at least rerank_min_inliers RANSAC
+    # inliers scores its first score + rerank_weight x n / (n + rerank_half).
+    rerank_min_inliers: int = 12
+    rerank_weight: float = 0.5
+    rerank_half: int = 25
+
     # -- video (StreamMultiProductSearch, gateway/stream.py) ------------------------------------------
     # Run the detector on every Nth processed frame and only track in between (a stream's options
     # may override it); a scene cut is always detected at once.
@@ -237,6 +255,13 @@ class GatewayConfig(ServerConfig):
         )
         self._at_least(1, "ingest_batch", "max_images_per_stream", "thumbnail_side", "max_image_uri_bytes")
         self._within("thumbnail_quality", 1, 95)
+        self._at_least(0, "rerank_k", note="0 = off")
+        self._at_least(1, "max_rerank_k", "rerank_min_inliers", "rerank_half")
+        if self.rerank_k > self.max_rerank_k:
+            raise ConfigError(f"rerank_k {self.rerank_k} is above max_rerank_k {self.max_rerank_k}")
+        self._within("rerank_side", 32, 2048)
+        self._within("rerank_points", 1, 512)
+        self._at_least(0, "rerank_weight")
         self._at_least(1, "default_page_size", "max_page_size")
         if self.default_page_size > self.max_page_size:
             raise ConfigError(f"default_page_size {self.default_page_size} is above max_page_size {self.max_page_size}")

@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import local_features
 from common.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable, quote
 from common.images import ImageError, Photo, decode_photo, encode_jpeg, raw_photo, shrink
 from common.limits import check_id, check_metadata
+from common.local_features import Features
 from common.names import check_name
 from common.serving import Deadline
 from detector_server.nms import iou_matrix
+from gateway import rerank
 from gateway.catalogue import check_image_uri
 from gateway.config import GatewayConfig, SignatureKind
 from gateway.crops import crop, plain_background, valid_box
@@ -54,6 +57,7 @@ from gateway.ports import (
     Signer,
 )
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
+from gateway.rerank import RerankSettings
 from index_server.domain import Filter, ProductAttributes
 
 
@@ -72,6 +76,9 @@ class SearchOptions:
     # Only products passing it are matched (and so chosen as candidates' best): the index applies
     # it while it collects each search's top k.
     filter: Filter | None = None
+    # Two-stage retrieval: the first rerank_k matches of each item re-scored by local features
+    # (gateway/rerank.py); 0 = off.
+    rerank_k: int = 0
 
 
 @dataclass
@@ -87,6 +94,7 @@ class FoundItem:
     warning: str = ""
     degraded: Degraded | None = None
     category_margin: float = 0.0
+    reranked: bool = False
 
 
 @dataclass
@@ -96,6 +104,7 @@ class Timings:
     locate_ms: float = 0.0
     sign_ms: float = 0.0
     search_ms: float = 0.0
+    rerank_ms: float = 0.0
 
 
 @dataclass
@@ -185,6 +194,8 @@ class _Candidate:
     ambiguous: str = ""
     best: float = -np.inf  # its best match's score over the categories searched
     product: str = ""  # and that match's product
+    reranked: bool = False  # its first matches were re-scored by local features
+    rerank_warning: str = ""  # why they could not be
 
 
 def _ms(start: float) -> float:
@@ -290,6 +301,7 @@ class Pipeline:
         self.detector, self.locator, self.signer, self.index = detector, locator, signer, index
         self.pool = pool
         self.default_sources = frozenset(Source(s) for s in config.default_sources)
+        self.rerank_settings = RerankSettings.of(config)
 
     # -- decoding ------------------------------------------------------------------------------------
 
@@ -329,13 +341,15 @@ class Pipeline:
         crops = [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in candidates]
 
         same_kind = options.kind == selection
+        # Enough matches per item for the second stage to choose from.
+        depth = max(options.top_k, options.rerank_k)
         signatures = self._sign(crops, [selection], deadline, timings)
         answered: set[str] = set()
         self._search(
             candidates,
             [s[0] for s in signatures],
             selection,
-            options.top_k if same_kind else 1,
+            depth if same_kind else 1,
             deadline,
             timings,
             answered,
@@ -357,13 +371,15 @@ class Pipeline:
                 final,
                 [s[0] for s in signatures],
                 options.kind,
-                options.top_k,
+                depth,
                 deadline,
                 timings,
                 answered,
                 options.filter,
             )
             chosen = final
+        if options.rerank_k and chosen:
+            self._rerank(chosen, photo, options.rerank_k, deadline, timings)
         failed = self._failures(candidates + chosen)
         if failed and not answered:
             raise Unavailable(_unsearchable(failed))
@@ -574,6 +590,53 @@ class Pipeline:
                     candidates[number].answers[category] = BatchAnswer([answer.results[position]], answer.degraded)
         timings.search_ms += _ms(start)
 
+    def _rerank(self, chosen: list[_Candidate], photo: Photo, k: int, deadline: Deadline, timings: Timings) -> None:
+        """The second stage: each chosen item's first k matches in every category it was searched
+        in, re-scored by local features (gateway/rerank.py). The candidates' features come from
+        the index, one call per category (from the database of the first indexed kind, where
+        ingest stores them with the thumbnail), while the items' crops are described here."""
+        start = time.perf_counter()
+        stored_kind = self.config.index_kinds[0]
+        wanted: dict[str, set[str]] = {}
+        for candidate in chosen:
+            for category, answer in candidate.answers.items():
+                if isinstance(answer, BatchAnswer) and answer.results[0]:
+                    wanted.setdefault(category, set()).update(rerank.candidates(answer.results[0], k))
+        if not wanted:
+            return
+        timeout = deadline.remaining(self.config.reply_reserve_s)
+
+        def fetch(category: str, item_ids: list[str]) -> dict[str, Features] | ServiceError:
+            try:
+                return self.index.local_features(category, stored_kind, item_ids, timeout)
+            except ServiceError as exc:
+                return exc
+
+        # The fetches go first: each item's task (describe its crop, then verify) waits only on
+        # fetches already taken from the pool's queue, never on a task queued behind it.
+        fetches = {category: self.pool.submit(fetch, category, sorted(ids)) for category, ids in wanted.items()}
+        settings = self.rerank_settings
+
+        def second_stage(candidate: _Candidate) -> None:
+            features = local_features.extract(
+                crop(photo.rgb, candidate.proposal.box, self.config.crop_max_side), settings.extractor
+            )
+            for category, answer in candidate.answers.items():
+                if not isinstance(answer, BatchAnswer) or not answer.results[0] or category not in fetches:
+                    continue
+                got = fetches[category].result()
+                if isinstance(got, ServiceError):
+                    candidate.rerank_warning = f"not re-ranked in {quote(category)}: {got}"
+                    continue
+                if not any(item_id in got for item_id in rerank.candidates(answer.results[0], k)):
+                    continue  # ingested without local features: nothing to verify against
+                answer.results[0] = rerank.rerank(answer.results[0], features, got, k, settings)
+                candidate.reranked = True
+
+        for job in [self.pool.submit(second_stage, c) for c in chosen]:
+            job.result()
+        timings.rerank_ms += _ms(start)
+
     def _decide(self, candidate: _Candidate) -> None:
         """Its category (given, or the one whose best match is clearly best) and best score."""
         firsts = {
@@ -698,7 +761,10 @@ class Pipeline:
         )
         if proposal.source is Source.USER_REGION and proposal.category:
             item.category = proposal.category
+        item.reranked = candidate.reranked
         warnings = [a for a in candidate.answers.values() if isinstance(a, str)]
+        if candidate.rerank_warning:
+            warnings.append(candidate.rerank_warning)
         failures = [a for a in candidate.answers.values() if isinstance(a, CategoryFailure)] + candidate.unsearched
         answers = [
             a
@@ -907,19 +973,30 @@ class Pipeline:
                 return photo.to_shrunk(clip_box(image.box, photo.width, photo.height)), Source.USER_REGION
             return self.localise_product(photo, image.category, deadline)
 
-        # Thumbnails (~15 ms each from a 2000-px photo) are made beside the localisation.
+        # Thumbnails (~15 ms each from a 2000-px photo) and local features (the whole image: a
+        # localised box that misses part of the product must not cost the verification its
+        # keypoints) are made beside the localisation.
         thumbnails = [self.pool.submit(self.thumbnail, photo.rgb) for _, photo in batch]
+        described = [
+            self.pool.submit(local_features.extract, photo.rgb, self.rerank_settings.extractor)
+            if config.ingest_local_features
+            else None
+            for _, photo in batch
+        ]
         placed = list(self.pool.map(place, batch))
         crops = [crop(photo.rgb, box, config.crop_max_side) for (_, photo), (box, _) in zip(batch, placed)]
         kinds = list(config.index_kinds)
         signatures = self._sign(crops, kinds, deadline, Timings())
         entries, report = [], []
-        for (image, photo), (box, source), signed, made in zip(batch, placed, signatures, thumbnails):
+        for (image, photo), (box, source), signed, made, features in zip(
+            batch, placed, signatures, thumbnails, described
+        ):
             original = photo.to_original(box).astype(np.float32)
             report.append(IndexedImage(image.product_id, image.image_id, image.category, original, source))
             metadata = {**image.metadata, IMAGE_URI_KEY: image.image_uri} if image.image_uri else image.metadata
-            # The thumbnail goes with the first kind only (GetProductImage reads it there): every
-            # kind's database holds the same images, and once is enough on disk.
+            # The thumbnail and the local features go with the first kind only (GetProductImage and
+            # the re-ranking read them there): every kind's database holds the same images, and
+            # once is enough on disk.
             thumbnail = made.result()
             entries += [
                 CatalogueEntry(
@@ -932,6 +1009,7 @@ class Pipeline:
                     metadata,
                     image.attributes,
                     thumbnail if number == 0 else b"",
+                    features.result() if features is not None and number == 0 else None,
                 )
                 for number, (kind, signature) in enumerate(zip(kinds, signed))
             ]

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from common.local_features import Features
 from gateway.config import SignatureKind
 from index_server.domain import EMPTY_ATTRIBUTES, Filter, ProductAttributes
 
@@ -64,6 +65,10 @@ class CatalogueMatch:
     box: np.ndarray | None  # (4,) float32 xyxy pixels of the catalogue image, when known
     attributes: ProductAttributes = EMPTY_ATTRIBUTES  # the product's
     image_uri: str = ""  # the caller's URI of the image, as given at ingest
+    # Re-ranked matches: the geometric verification's inliers and the signature's own score
+    # (`score` is then the fused one); 0 and None when not re-ranked.
+    inliers: int = 0
+    first_stage_score: float | None = None
 
 
 @dataclass
@@ -109,6 +114,8 @@ class CatalogueEntry:
     attributes: ProductAttributes | None = None
     # A small JPEG of the image, stored with the entry (sent with one kind only: see Pipeline).
     thumbnail: bytes = b""
+    # The crop's local features (re-ranking), stored with the thumbnail's entry.
+    local_features: Features | None = None
 
 
 @dataclass
@@ -268,6 +275,12 @@ class Index(Protocol):
 
     def thumbnails(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict[str, bytes]:
         """The thumbnails stored with these items (item id -> JPEG bytes; b"" when stored without)."""
+        ...
+
+    def local_features(
+        self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float
+    ) -> dict[str, Features]:
+        """The local features stored with these items (those stored without are left out)."""
         ...
 
     def databases(self, timeout_s: float) -> list[DatabaseInfo]:

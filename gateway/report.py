@@ -39,7 +39,10 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
     for n, item in enumerate(result.items):
         b = item.box
         box = f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f}"
-        found = ", ".join(f"{m.product_id} ({m.score:.3f})" for m in item.matches[:matches_shown])
+        found = ", ".join(
+            f"{m.product_id} ({m.score:.3f}{f', {m.inliers} inliers' if m.inliers else ''})"
+            for m in item.matches[:matches_shown]
+        )
         note = f"  [{item.warning}]" if item.warning and found else ""
         lines.append(
             f"{n:>2}  {item.category or '?':<12} {source_name(item):<12} "

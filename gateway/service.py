@@ -94,6 +94,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                 locate_ms=t.locate_ms,
                 sign_ms=t.sign_ms,
                 search_ms=t.search_ms,
+                rerank_ms=t.rerank_ms,
                 total_ms=_ms(start),
             ),
             failed_categories=[
@@ -165,6 +166,13 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
                 violations=[("max_items", f"{request.max_items} is above the limit of {config.max_proposals}")],
                 quota=[("max_items", f"at most {config.max_proposals} items per photo")],
             )
+        rerank_k = request.rerank_k if request.HasField("rerank_k") else config.rerank_k
+        if rerank_k > config.max_rerank_k:
+            raise InvalidArgument(
+                f"rerank_k {rerank_k} is above the limit of {config.max_rerank_k}: re-rank at most "
+                f"{config.max_rerank_k} candidates per item, or 0 for none",
+                violations=[("rerank_k", f"{rerank_k} is above the limit of {config.max_rerank_k}")],
+            )
         return SearchOptions(
             KIND_NAMES[kind],
             top_k,
@@ -175,6 +183,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             frozenset(sources) or None,
             request.max_items,
             _filter(request),
+            rerank_k,
         )
 
     @staticmethod
@@ -406,6 +415,8 @@ def _match(match: CatalogueMatch) -> gateway_pb2.Match:
         image_id=match.image_id,
         attributes=attributes_to_proto(match.attributes),
         image_uri=match.image_uri,
+        inliers=match.inliers,
+        first_stage_score=match.score if match.first_stage_score is None else match.first_stage_score,
     )
     if match.box is not None:
         out.box.CopyFrom(box_to_proto(match.box))
@@ -422,6 +433,7 @@ def _item(item: FoundItem) -> gateway_pb2.Item:
         warning=item.warning,
         source=SOURCES[item.source],
         category_margin=item.category_margin,
+        reranked=item.reranked,
     )
     if item.degraded is not None:
         out.degraded = True

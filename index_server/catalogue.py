@@ -6,10 +6,11 @@ filter, an update's groups' attributes): the servicer converts messages to them
 ahead to the store's log (one fsync per Add stream, Delete or UpdateGroups; records encoded by
 index_server.log_codec), then applied in memory by `_apply`, all under one write lock so the log
 order is the memory order. A Delete's `where` is resolved to the groups it matches before it is
-logged, so a replay deletes exactly those. Items' thumbnails are not in memory: they change in the
-store, in the log's transaction (a shard without a store keeps them in a dict), and a replica's
-copy carries them (as state blobs named THUMBNAIL_BLOB + item id). Start-up loads the last snapshot and replays
-the log after it through that same `_apply`, as does a replica installing a copy (replication).
+logged, so a replay deletes exactly those. Items' thumbnails and local features are not in memory:
+they change in the store, in the log's transaction, as one blob per item (store.item_blob; a shard
+without a store keeps the blobs in a dict), and a replica's copy carries them (as state blobs named
+THUMBNAIL_BLOB + item id). Start-up loads the last snapshot and replays the log after it through
+that same `_apply`, as does a replica installing a copy (replication).
 A database that cannot be loaded (a damaged snapshot blob, a logged operation that fails) does not
 keep the shard from starting: it is set aside, answered with FAILED_PRECONDITION and reported by
 Stats, and its stored data is written back verbatim by every snapshot, so nothing of it is lost.
@@ -44,7 +45,7 @@ from index_server.domain import (
 )
 from index_server.inverted import BowIndex
 from index_server.limits import ItemLimits
-from index_server.store import ShardStore, ThumbnailChange
+from index_server.store import ShardStore, ThumbnailChange, blob_parts, item_blob
 from mps.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ Database = DenseDatabase | BowIndex
 PENDING_BLOB = "unreplayed_log"
 # How much of an exception's text a "could not be loaded" reason keeps.
 _REASON_CHARS = 400
-# A replica's copy (replication) carries each item's thumbnail as a state blob named this + its id.
+# A replica's copy (replication) carries each item's blob (store.item_blob: its thumbnail and local
+# features) as a state blob named this + its id.
 THUMBNAIL_BLOB = "thumbnail:"
 
 
@@ -236,7 +238,8 @@ class Catalogue:
         self._deferred: list[bytes] | None = None
         # Replication streams to fellow replicas: each gets every batch of records logged.
         self._followers: list[queue.SimpleQueue[list[bytes]]] = []
-        # Thumbnails by (database, item id) when there is no store (else the store holds them).
+        # Items' blobs (store.item_blob) by (database, item id) when there is no store (else the
+        # store holds them).
         self._thumbnails: dict[tuple[str, str], bytes] = {}
         if store is not None:
             self._recover(store)
@@ -323,10 +326,11 @@ class Catalogue:
                 records = [log_codec.encode(item) if record is None else record for item, record in stream.items]
                 self._log(
                     records,
-                    [(item.database, item.item_id, item.thumbnail or None) for item, _ in stream.items],
-                    # The store holds the thumbnails beside the log: its records leave them out.
+                    [change for item, _ in stream.items for change in self._thumbnail_changes(item)],
+                    # The store holds thumbnails and local features beside the log: its records
+                    # leave them out.
                     [
-                        log_codec.without_thumbnail(record) if item.thumbnail else record
+                        log_codec.without_thumbnail(record) if item.thumbnail or item.local_features else record
                         for (item, _), record in zip(stream.items, records, strict=True)
                     ],
                 )
@@ -423,14 +427,26 @@ class Catalogue:
 
     def thumbnails(self, name: str, item_ids: list[str]) -> list[tuple[str, bytes]]:
         """(item id, thumbnail or b"") of the items of `item_ids` in the database, in that order."""
+        return [(item_id, thumbnail) for item_id, thumbnail, _ in self.images(name, item_ids)]
+
+    def images(
+        self, name: str, item_ids: list[str], thumbnails: bool = True, local_features: bool = False
+    ) -> list[tuple[str, bytes, bytes]]:
+        """(item id, thumbnail, local features: a serialized mps.common.v1.LocalFeatures) of the
+        items of `item_ids` in the database, in that order; b"" for what an item has not, or was
+        not asked for. One read transaction of the store."""
         _, database = self.get(name)
         present = [item_id for item_id in item_ids if item_id in database]
         if self.store is not None:
-            return list(zip(present, self.store.thumbnails(name, present), strict=True))
-        return [(item_id, self._thumbnails.get((name, item_id), b"")) for item_id in present]
+            parts = self.store.images(name, present, thumbnails, local_features)
+        else:
+            held = [self._thumbnails.get((name, item_id)) for item_id in present]
+            parts = [(b"", b"") if blob is None else blob_parts(blob, thumbnails, local_features) for blob in held]
+        return [(item_id, thumbnail, features) for item_id, (thumbnail, features) in zip(present, parts, strict=True)]
 
     def thumbnails_of(self, name: str) -> Iterator[tuple[str, bytes]]:
-        """(item id, thumbnail) of every item of the database that has one (for a replica's copy)."""
+        """(item id, blob: store.item_blob) of every item of the database that has one (for a
+        replica's copy)."""
         if self.store is not None:
             yield from self.store.thumbnails_of(name)
             return
@@ -442,10 +458,10 @@ class Catalogue:
 
     def _thumbnail_changes(self, operation: Operation) -> list[ThumbnailChange]:
         """The thumbnail changes an operation makes, as the state before it says (a group's items
-        are those it holds then): an Item sets its thumbnail (none: deletes the one it replaces),
-        a Deletion deletes those of the items it deletes."""
+        are those it holds then): an Item sets its blob of thumbnail and local features (with
+        neither: deletes the one it replaces), a Deletion deletes those of the items it deletes."""
         if isinstance(operation, Item):
-            return [(operation.database, operation.item_id, operation.thumbnail or None)]
+            return [(operation.database, operation.item_id, item_blob(operation.thumbnail, operation.local_features))]
         if isinstance(operation, Update) or operation.database not in self._databases:
             return []
         _, database = self._databases[operation.database]

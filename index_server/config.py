@@ -18,7 +18,7 @@ def _check_item_limits(config: Validated) -> None:
     config._within("max_dense_dimension", 1, (1 << 20) - 1)
     config._within("max_bow_vocabulary", 1, 65535)
     config._at_least(1, "max_id_bytes", "max_items_per_stream")
-    config._at_least(0, "max_thumbnail_bytes")
+    config._at_least(0, "max_thumbnail_bytes", "max_local_features_bytes")
     config._at_least(0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes")
 
 

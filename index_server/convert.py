@@ -10,6 +10,7 @@ import numpy as np
 from common.bow_codec import BagOfWords, BowFormatError, decode, encode
 from common.errors import InvalidArgument, ResourceExhausted, quote
 from common.limits import check_id, check_metadata
+from common.local_features import LocalFeaturesError, from_proto
 from common.names import check_name
 from common.proto_convert import box_from_proto, box_to_proto, dense_from_proto, dense_to_proto
 from index_server.domain import (
@@ -297,7 +298,36 @@ def item_of(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(), ch
         box,
         attributes,
         request.thumbnail,
+        checked_local_features(request, limits),
     )
+
+
+def checked_local_features(request: index_pb2.AddRequest, limits: ItemLimits) -> bytes:
+    """An Add's local features as the shard stores them (serialized; b"" when unset), once they are
+    well formed (common.local_features.from_proto: InvalidArgument naming the field at fault) and
+    within max_local_features_bytes (ResourceExhausted)."""
+    if not request.HasField("local_features"):
+        return b""
+    message = request.local_features
+    size = len(message.points_u16le) + len(message.descriptors)
+    if size > limits.max_local_features_bytes:
+        raise ResourceExhausted(
+            f"local_features hold {size} bytes of keypoints and descriptors, above the limit of "
+            f"{limits.max_local_features_bytes}: keep fewer keypoints (e.g. 256 ORB keypoints take 9216 bytes)",
+            quota=[
+                (
+                    "max_local_features_bytes",
+                    f"local features of at most {limits.max_local_features_bytes} bytes",
+                )
+            ],
+        )
+    try:
+        from_proto(message)
+    except LocalFeaturesError as exc:
+        problem = str(exc)
+        field = problem.split()[0] if problem.startswith("local_features") else "local_features"
+        raise InvalidArgument(problem, violations=[(field, problem)]) from None
+    return message.SerializeToString()
 
 
 def check_thumbnail(size: int, limits: ItemLimits) -> None:
@@ -331,6 +361,7 @@ def stored_item(request: index_pb2.AddRequest) -> Item:
         box_of(request),
         stored_attributes(request.attributes) if request.HasField("attributes") else None,
         request.thumbnail,
+        request.local_features.SerializeToString() if request.HasField("local_features") else b"",
     )
 
 
@@ -353,4 +384,6 @@ def add_request(item: Item) -> index_pb2.AddRequest:
     if item.attributes is not None:
         request.attributes.CopyFrom(attributes_to_proto(item.attributes))
     request.thumbnail = item.thumbnail
+    if item.local_features:
+        request.local_features.ParseFromString(item.local_features)
     return request

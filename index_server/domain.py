@@ -122,8 +122,9 @@ class Item:
     """One item to add to (or replace in) a database: its decoded signature, the metadata returned
     with every hit, its group ("" = the group of its own, named by its id), its box ((4,) float32
     xyxy, or None when it has none), its group's attributes (None: the group keeps those it has;
-    set: they replace the group's) and its thumbnail (encoded image bytes, stored on disk, not in
-    memory; b"" = none)."""
+    set: they replace the group's), its thumbnail (encoded image bytes, stored on disk, not in
+    memory; b"" = none) and its local features (a serialized mps.common.v1.LocalFeatures, checked
+    when received, stored on disk beside the thumbnail; b"" = none)."""
 
     database: str
     item_id: str
@@ -133,6 +134,7 @@ class Item:
     box: np.ndarray | None = None
     attributes: ProductAttributes | None = None
     thumbnail: bytes = b""
+    local_features: bytes = b""
 
     @property
     def group(self) -> str:

@@ -31,6 +31,10 @@ class ItemLimits:
     max_items_per_stream: int = 20_000
     # An item's thumbnail (AddRequest.thumbnail), stored on disk with it: bytes.
     max_thumbnail_bytes: int = 64 << 10
+    # An item's local features (AddRequest.local_features), stored on disk with it like the
+    # thumbnail: bytes of keypoints and descriptors. The default fits the protocol's most, 512
+    # keypoints of 4 + 128 bytes (ORB's 256 keypoints of 4 + 32 bytes take 9 KiB).
+    max_local_features_bytes: int = 512 * (4 + 128)
 
 
 def limits_of(config: ItemLimits) -> ItemLimits:

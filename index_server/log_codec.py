@@ -4,9 +4,9 @@ The storage encoding, kept as it always was so that every data directory still l
 one tag byte, b"A" then a serialized mps.index.v1.AddRequest, b"D" then a DeleteRequest, or b"U"
 then an UpdateGroupsRequest. A replication stream carries the same records as LoggedOperation
 messages (to_message, from_message), and a database set aside at start-up keeps its records framed
-in one snapshot blob (pack, unpack). An Add's thumbnail is written to the store's thumbnails beside
-its record, so the record the log keeps leaves it out (without_thumbnail); the record a replication
-stream carries keeps it.
+in one snapshot blob (pack, unpack). An Add's thumbnail and local features are written to the
+store's thumbnails beside its record, so the record the log keeps leaves them out
+(without_thumbnail); the record a replication stream carries keeps them.
 """
 
 from __future__ import annotations
@@ -60,13 +60,15 @@ def add_record(request: index_pb2.AddRequest) -> bytes:
 
 
 def without_thumbnail(record: bytes) -> bytes:
-    """The record as the log keeps it: an Add without its thumbnail (the store holds it beside)."""
+    """The record as the log keeps it: an Add without its thumbnail and local features (the store
+    holds them beside)."""
     if record[:1] != _ADD:
         return record
     request = index_pb2.AddRequest.FromString(record[1:])
-    if not request.thumbnail:
+    if not request.thumbnail and not request.HasField("local_features"):
         return record
     request.ClearField("thumbnail")
+    request.ClearField("local_features")
     return _ADD + request.SerializeToString()
 
 

@@ -12,8 +12,9 @@ Design, and why:
   have finished and (b) at least `min_tail` has passed (the router's reconnection backoff to the
   returning replica: writes it could not yet deliver there are in the tail). All of it in chunks
   of at most `replicate_chunk_bytes` (a blob is split; no message nears the message size limit).
-  Items' thumbnails (on disk, not in the state) follow each database's state as blobs named
-  THUMBNAIL_BLOB + item id. The copy is complete rather than incremental: incremental would need that shared order (a
+  Items' thumbnails and local features (on disk, not in the state) follow each database's state
+  as blobs named THUMBNAIL_BLOB + item id (each the item's blob as stored: store.item_blob). The
+  copy is complete rather than incremental: incremental would need that shared order (a
   router-assigned write id per write); a return costs one transfer of the shard's state.
 - The returning replica takes writes all along (the router sends each write to every replica):
   it writes them ahead (durable), but applies them only after the copy, in their own order: the

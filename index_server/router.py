@@ -297,9 +297,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         shard for the bag-of-words items. A shard commits a stream when it ends (all or nothing),
         so the router ends them only once the caller ended its own; a refused item, a cancel
         (client_stream raises Cancelled) or a failing shard before then cancels them all, and
-        nothing is stored anywhere. Attributes and thumbnails travel in the items as sent: a
-        word-range shard stores every bag-of-words item's thumbnail too (on disk), so that any
-        shard answers GetItemImages, at the cost of one copy per shard."""
+        nothing is stored anywhere. Attributes, thumbnails and local features travel in the items
+        as sent: a word-range shard stores every bag-of-words item's thumbnail and local features
+        too (on disk), so that any shard answers GetItemImages, at the cost of one copy per shard."""
         forward = _ForwardedAdd(self, timeout_from(context, self.config.add_timeout_s))
         try:
             for position, request in enumerate(client_stream(request_iterator, context, self.config.cancel_settle_s)):
@@ -874,10 +874,12 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         self, request: index_pb2.GetItemImagesRequest, context: grpc.ServicerContext
     ) -> index_pb2.GetItemImagesResponse:
         """Every shard is asked (the router knows an item's id, not the group that placed it), and
-        each item's thumbnail comes from a shard that holds it. In the word layout every shard holds
-        every bag-of-words item with its thumbnail (an Add reaches each shard as sent), so any one
-        answering shard is enough. A shard that did not answer is an error only when some asked
-        item was found nowhere else (it may be there: the answer cannot say so)."""
+        each item's thumbnail and local features come from a shard that holds them. In the word
+        layout every shard holds every bag-of-words item with its thumbnail and local features (an
+        Add reaches each shard as sent), so any one answering shard is enough. A shard that did not
+        answer is an error only when some asked item was found nowhere else (it may be there: the
+        answer cannot say so). The request goes to the shards as sent (local_features,
+        no_thumbnails)."""
         if not request.database:
             raise InvalidArgument("database is required")
         timeout = timeout_from(context, self.config.default_timeout_s)
@@ -885,25 +887,23 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             [(s, functools.partial(s.read.GetItemImages, request, timeout=timeout)) for s in self.shards]
         )
         answered, missing = self._answered(outcomes, request.database)
-        thumbnails: dict[str, bytes] = {}
+        found: dict[str, index_pb2.ItemImage] = {}
         for outcome in answered:
             for image in outcome.answer.images:
-                if image.thumbnail or image.item_id not in thumbnails:
-                    thumbnails[image.item_id] = image.thumbnail
-        unresolved = [i for i in dict.fromkeys(request.item_ids) if i not in thumbnails]
+                held = found.setdefault(image.item_id, image)
+                if held is not image:  # what one shard has and another has not (never expected)
+                    if image.thumbnail and not held.thumbnail:
+                        held.thumbnail = image.thumbnail
+                    if image.HasField("local_features") and not held.HasField("local_features"):
+                        held.local_features.CopyFrom(image.local_features)
+        unresolved = [i for i in dict.fromkeys(request.item_ids) if i not in found]
         if missing and unresolved:
             raise Unavailable(
                 f"{len(unresolved)} item(s) (first {quote(unresolved[0])}) are on no shard that answered, and "
                 + "; ".join(f"{o.shard.where}: {o.failure.code().name} {o.failure.details()}" for o in missing)
                 + ": retry once it is back"
             )
-        return index_pb2.GetItemImagesResponse(
-            images=[
-                index_pb2.ItemImage(item_id=i, thumbnail=thumbnails[i])
-                for i in dict.fromkeys(request.item_ids)
-                if i in thumbnails
-            ]
-        )
+        return index_pb2.GetItemImagesResponse(images=[found[i] for i in dict.fromkeys(request.item_ids) if i in found])
 
     def _from_any_shard(self, call: Callable[[index_pb2_grpc.IndexServiceStub], T]) -> T:
         """The answer of the first shard that gives one, for what every shard holds (a word-range

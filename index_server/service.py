@@ -152,10 +152,17 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     ) -> index_pb2.GetItemImagesResponse:
         self._serve_reads()
         self._database(request.database)
-        found = self.catalogue.thumbnails(request.database, list(dict.fromkeys(request.item_ids)))
-        response = index_pb2.GetItemImagesResponse(
-            images=[index_pb2.ItemImage(item_id=item_id, thumbnail=data) for item_id, data in found]
+        found = self.catalogue.images(
+            request.database,
+            list(dict.fromkeys(request.item_ids)),
+            thumbnails=not request.no_thumbnails,
+            local_features=request.local_features,
         )
+        response = index_pb2.GetItemImagesResponse()
+        for item_id, thumbnail, features in found:
+            image = response.images.add(item_id=item_id, thumbnail=thumbnail)
+            if features:
+                image.local_features.ParseFromString(features)
         self._check_size(response, "ask for fewer items per call")
         return response
 

@@ -1,16 +1,16 @@
-"""A shard's durable state in LMDB: a write-ahead log of every Add/Delete/Update, items' thumbnails,
-and snapshots.
+"""A shard's durable state in LMDB: a write-ahead log of every Add/Delete/Update, items' thumbnails
+and local features, and snapshots.
 
 Two LMDB environments under the data directory:
 - `log/`: sequence number (u64 big-endian) -> one operation record. A batch of records is one
   transaction, committed with fsync before the operations are applied in memory and acknowledged,
   so every acknowledged operation survives kill -9 (or power loss). Its named sub-database
-  `thumbnails` holds items' thumbnails (key: blake2b of the database name, 8 bytes, then of the
-  item id, 16 bytes; value: u32 little-endian id length, the id, the image bytes), changed in the
-  same transaction as the records that add or delete the items: on disk only, never in memory,
-  and never truncated with the log (a snapshot does not hold them). The sub-database's name is a
-  key of the main database too (LMDB keeps it there), which is not a sequence number: every walk
-  over the records skips keys that are not 8 bytes.
+  `thumbnails` holds items' thumbnails and local features (key: blake2b of the database name, 8
+  bytes, then of the item id, 16 bytes; value: u32 little-endian id length, the id, the item's
+  blob: see item_blob), changed in the same transaction as the records that add or delete the
+  items: on disk only, never in memory, and never truncated with the log (a snapshot does not hold
+  them). The sub-database's name is a key of the main database too (LMDB keeps it there), which is
+  not a sequence number: every walk over the records skips keys that are not 8 bytes.
 - `snapshot/`: the in-memory databases at some sequence number, as named byte strings, written in
   one transaction (all or nothing). After it commits, the log up to that number is deleted.
   A blob's key is the database's number (u64 big-endian, its place in the meta's `databases` list)
@@ -35,8 +35,38 @@ import lmdb
 
 _SEQ = struct.Struct(">Q")
 _ID_SIZE = struct.Struct("<I")
-# (database, item id, thumbnail bytes or None to delete it): one change of the thumbnails.
+# (database, item id, its blob (item_blob) or None to delete it): one change of the thumbnails.
 ThumbnailChange = tuple[str, str, bytes | None]
+
+# An item's blob is its thumbnail as given (all that stores held before local features), or,
+# when it has local features (or a thumbnail that starts with this), this magic, the thumbnail's
+# length (u32 little-endian), the thumbnail, then the local features (a serialized
+# mps.common.v1.LocalFeatures) to the end. No image format starts with 0xff 0x4d (JPEG starts with
+# 0xff 0xd8, a JPEG XL codestream with 0xff 0x0a), so a stored thumbnail never reads as one.
+ITEM_BLOB_MAGIC = b"\xffMPSitem"
+_HEADER = len(ITEM_BLOB_MAGIC) + _ID_SIZE.size
+
+
+def item_blob(thumbnail: bytes, local_features: bytes) -> bytes | None:
+    """What the store keeps of an item's thumbnail and local features; None when it has neither."""
+    if not local_features:
+        if not thumbnail:
+            return None
+        if not thumbnail.startswith(ITEM_BLOB_MAGIC):
+            return thumbnail
+    return ITEM_BLOB_MAGIC + _ID_SIZE.pack(len(thumbnail)) + thumbnail + local_features
+
+
+def blob_parts(blob: bytes | memoryview, thumbnail: bool = True, local_features: bool = True) -> tuple[bytes, bytes]:
+    """(thumbnail, local features) of an item_blob (b"" for each one not asked for or not held),
+    copying only what is asked for (`blob` may be a buffer of a read transaction)."""
+    if bytes(blob[: len(ITEM_BLOB_MAGIC)]) != ITEM_BLOB_MAGIC:
+        return (bytes(blob) if thumbnail else b""), b""
+    (size,) = _ID_SIZE.unpack_from(blob, len(ITEM_BLOB_MAGIC))
+    return (
+        bytes(blob[_HEADER : _HEADER + size]) if thumbnail else b"",
+        bytes(blob[_HEADER + size :]) if local_features else b"",
+    )
 
 
 def thumbnail_key(database: str, item_id: str) -> bytes:
@@ -125,16 +155,27 @@ class ShardStore:
 
     def thumbnails(self, database: str, item_ids: list[str]) -> list[bytes]:
         """Each item's thumbnail, b"" where it has none."""
+        return [thumbnail for thumbnail, _ in self.images(database, item_ids)]
+
+    def images(
+        self, database: str, item_ids: list[str], thumbnails: bool = True, local_features: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        """Each item's (thumbnail, local features), b"" for what it has not or was not asked for,
+        read in one transaction, copying only what is asked for."""
         out = []
-        with self._log.begin(db=self._thumbnails, buffers=False) as txn:
+        with self._log.begin(db=self._thumbnails, buffers=True) as txn:
             for item_id in item_ids:
                 value = txn.get(thumbnail_key(database, item_id))
-                out.append(b"" if value is None else _split_value(value)[1])
+                if value is None:
+                    out.append((b"", b""))
+                    continue
+                (size,) = _ID_SIZE.unpack_from(value)
+                out.append(blob_parts(value[_ID_SIZE.size + size :], thumbnails, local_features))
         return out
 
     def thumbnails_of(self, database: str, batch_bytes: int = 4 << 20) -> Iterator[tuple[str, bytes]]:
-        """(item id, thumbnail) of every thumbnail of a database, read in transactions of about
-        `batch_bytes` each (none is held while the caller works on what it got)."""
+        """(item id, blob as stored: item_blob) of every item of a database that has one, read in
+        transactions of about `batch_bytes` each (none is held while the caller works on what it got)."""
         prefix = thumbnail_key(database, "")[:8]
         start = prefix
         while True:

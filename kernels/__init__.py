@@ -16,7 +16,7 @@ from kernels import spec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KernelUnavailable", "Kernels", "select_kernels", "spec"]
+__all__ = ["KernelUnavailable", "Kernels", "check_nearest", "select_kernels", "spec"]
 
 
 class KernelUnavailable(RuntimeError):
@@ -38,7 +38,19 @@ class Kernels(Protocol):
     def patch_histograms(
         self, labs: list[np.ndarray], responses: list[np.ndarray], keypoints: np.ndarray
     ) -> np.ndarray: ...
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray: ...
+    def nearest_words(
+        self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray, count: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_nearest(count: int, vocabulary: int) -> int:
+    """The number of nearest words a kernel may look for: 1..MAX_NEAREST and at most the vocabulary."""
+    if not 1 <= count <= min(spec.MAX_NEAREST, vocabulary):
+        raise ValueError(
+            f"{count} nearest words: the kernels find 1 to {min(spec.MAX_NEAREST, vocabulary)} "
+            f"(MAX_NEAREST {spec.MAX_NEAREST}, a {vocabulary}-word codebook)"
+        )
+    return count
 
 
 def select_kernels(name: str = "auto") -> Kernels:

@@ -10,7 +10,7 @@ import cv2
 import numba
 import numpy as np
 
-from kernels import spec
+from kernels import check_nearest, spec
 
 
 class CpuKernels:
@@ -106,13 +106,44 @@ class CpuKernels:
             _patch_histograms_level(lab, resp, ys >> level, xs >> level, level, out)
         return out.reshape(len(keypoints), -1)
 
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray:
-        """(K, D) float32, (V, D) float32 centres, (V,) their squared norms -> (K,) int32 nearest
-        centre by Euclidean distance (ties to the lowest index)."""
+    def nearest_words(
+        self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(K, D) float32 descriptors, (V, D) float32 centres, (V,) their squared norms, m ->
+        (K, m) int32 the m nearest centres of each descriptor by Euclidean distance, nearest first,
+        ties to the lowest index; (K, m) float32 their |c|^2 - 2 d.c (the squared distance less
+        |d|^2, which differences of distances to one descriptor do not need)."""
+        nearest = check_nearest(count, len(codebook))
         if len(descriptors) == 0:
-            return np.zeros(0, np.int32)
-        distances = codebook_norms[None, :] - 2 * (descriptors @ codebook.T)
-        return distances.argmin(axis=1).astype(np.int32)
+            return np.zeros((0, nearest), np.int32), np.zeros((0, nearest), np.float32)
+        distances = codebook_norms[None, :].astype(np.float32) - np.float32(2) * (
+            descriptors.astype(np.float32) @ codebook.astype(np.float32).T
+        )
+        words = np.empty((len(descriptors), nearest), np.int32)
+        best = np.empty((len(descriptors), nearest), np.float32)
+        _nearest(distances, words, best)
+        return words, best
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest(distances, words, best):  # pragma: no cover - compiled
+    # Per row, centres in index order into a sorted list of the m best: what kernels/assign.cu's
+    # threads do over their shares (an equal distance never displaces the lower index).
+    m = words.shape[1]
+    for k in range(distances.shape[0]):
+        for n in range(m):
+            best[k, n] = np.inf
+            words[k, n] = 0x7FFFFFFF
+        for j in range(distances.shape[1]):
+            d = distances[k, j]
+            if d < best[k, m - 1]:
+                n = m - 1
+                while n > 0 and best[k, n - 1] > d:
+                    best[k, n] = best[k, n - 1]
+                    words[k, n] = words[k, n - 1]
+                    n -= 1
+                best[k, n] = d
+                words[k, n] = j
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

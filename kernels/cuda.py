@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kernels import KernelUnavailable, spec
+from kernels import KernelUnavailable, check_nearest, spec
 
 SOURCES = Path(__file__).resolve().parent
 MODULES = ("colour", "filters", "orientation", "keypoints", "histograms", "assign")
@@ -32,6 +32,7 @@ def defines() -> list[str]:
         "BASIS_COUNT": len(spec.BASIS),
         "PATCH": spec.PATCH,
         "DIMENSION": spec.DIMENSION,
+        "MAX_NEAREST": spec.MAX_NEAREST,
     }
     return [f"-D{name}={value}" for name, value in values.items()]
 
@@ -369,24 +370,29 @@ class CudaKernels:
 
         return self._run(body).reshape(count, -1)
 
-    def assign_words(self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray) -> np.ndarray:
-        count = len(descriptors)
-        if count == 0:
-            return np.zeros(0, np.int32)
+    def nearest_words(
+        self, descriptors: np.ndarray, codebook: np.ndarray, codebook_norms: np.ndarray, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        nearest = check_nearest(count, len(codebook))
+        rows = len(descriptors)
+        if rows == 0:
+            return np.zeros((0, nearest), np.int32), np.zeros((0, nearest), np.float32)
 
-        def body(g: Any) -> np.ndarray:
-            words = g.zeros((count,), np.int32)
+        def body(g: Any) -> tuple[np.ndarray, np.ndarray]:
+            words, distances = g.zeros((rows, nearest), np.int32), g.zeros((rows, nearest), np.float32)
             g.launch(
-                g.function("assign", "assign_words"),
-                (count, 1),
+                g.function("assign", "nearest_words"),
+                (rows, 1),
                 (256, 1, 1),
                 g.upload(descriptors.astype(np.float32)),
                 self._centres(g, codebook),
                 g.upload(codebook_norms.astype(np.float32)),
                 np.int32(len(codebook)),
+                np.int32(nearest),
                 words,
+                distances,
             )
-            return g.download(words, (count,), np.int32)
+            return g.download(words, (rows, nearest), np.int32), g.download(distances, (rows, nearest), np.float32)
 
         return self._run(body)
 

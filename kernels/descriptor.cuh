@@ -22,6 +22,9 @@
 #ifndef DIMENSION
 #define DIMENSION 576
 #endif
+#ifndef MAX_NEAREST
+#define MAX_NEAREST 32
+#endif
 
 // OpenCV's BORDER_REFLECT_101: ... 2 1 | 0 1 2 ... n-1 | n-2 n-3 ...
 __device__ __forceinline__ int reflect101(int i, int n) {

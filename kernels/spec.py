@@ -23,6 +23,10 @@ PATCH = 32
 # uniform image gets a plain colour histogram rather than an all-zero descriptor.
 EPS = 1e-3
 SALIENCY_DELTA = 1e-4
+# Soft assignment: each descriptor's words are its `nearest` codebook centres, at most this many (the
+# CUDA kernel's per-thread list has this length; models/colour-texture-bow/<version>/config.json
+# chooses `nearest` within it).
+MAX_NEAREST = 32
 
 # sRGB (D65) -> XYZ, each row divided by the D65 white point so that white maps to (1, 1, 1).
 _RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.config import MODELS_DIR, ConfigError, ServerConfig
+from common.local_features import MAX_POINTS, MIN_SIDE, ExtractorSettings
 from common.model_repository import ModelSource, read_source, versions_on_disk
 
 # The colour-texture kernels' backends (kernels.select_kernels).
@@ -53,6 +54,14 @@ class SignatureConfig(ServerConfig):
     # runs on one thread whatever this says, and concurrent calls already fill the cores, so 1 avoids
     # OpenCV's pool competing with ONNX Runtime's and the bag of words' threads.
     opencv_threads: int = 1
+    # Local features (ComputeSignaturesRequest.local_features; common/local_features.py): the crop is
+    # described at local_feature_side pixels on its longer side, with at most local_feature_points
+    # ORB keypoints (the protocol allows 512; 256 are 9.2 kB an image), on local_feature_threads
+    # threads beside the signatures. Catalogue features are stored at ingest and compared with
+    # query features: change these only with a catalogue re-ingested under the new values.
+    local_feature_side: int = 320
+    local_feature_points: int = 256
+    local_feature_threads: int = 2
 
     def _check(self) -> None:
         super()._check()
@@ -66,6 +75,13 @@ class SignatureConfig(ServerConfig):
         self._at_least(0, "max_salient", "max_segments", "drain_timeout_s")
         self._at_least(0, "intra_op_threads", note="0 lets ONNX Runtime choose")
         self._at_least(-1, "opencv_threads", note="-1 = OpenCV's default")
+        self._within("local_feature_side", MIN_SIDE, 4096)
+        self._within("local_feature_points", 1, MAX_POINTS)
+        self._at_least(1, "local_feature_threads")
+
+    def local_feature_settings(self) -> ExtractorSettings:
+        """How the service describes crops' local features."""
+        return ExtractorSettings(side=self.local_feature_side, max_points=self.local_feature_points)
 
 
 def latest_source(model_dir: Path) -> ModelSource:

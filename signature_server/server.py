@@ -64,17 +64,24 @@ def create_bundle(config: SignatureConfig) -> ServiceBundle:
         config.max_pixels,
         config.max_salient,
         config.max_segments,
+        local_features=config.local_feature_settings(),
+        local_feature_threads=config.local_feature_threads,
     )
+
+    def close() -> None:
+        service.close()
+        repository.close()
+
     try:
         return start_bundle(
             config,
             lambda s: signature_pb2_grpc.add_SignatureServiceServicer_to_server(service, s),
             [SERVICE.full_name],
-            on_stop=repository.close,
+            on_stop=close,
             policy=method_policy(SERVICE, LoadModel=Access.INTERNAL, UnloadModel=Access.INTERNAL),
         )
     except BaseException:
-        repository.close()
+        close()
         raise
 
 

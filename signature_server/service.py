@@ -5,18 +5,25 @@ Each signature kind is one model of the server's model repository (common/model_
 SIGNATURE_KIND_DEEP the deep descriptor's (which also serves LocateObjects), SIGNATURE_KIND_BOW the
 colour-texture codebook's. A call holds the version it uses until it ends, so a hot swap never
 takes a model away from a call in flight.
+
+With `local_features`, a call also describes each image by its ORB keypoints and descriptors
+(common/local_features.py, for re-ranking by geometric verification): on the service's own thread
+pool, while the signatures are computed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
 from common.images import ImageError, Photo
+from common.local_features import ExtractorSettings, Features, extract
+from common.local_features import to_proto as features_to_proto
 from common.model_repository import ModelRepository, VersionStatus
 from common.names import check_version
 from common.proto_convert import MODEL_STATES, box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
@@ -58,6 +65,9 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         max_pixels: int,
         max_salient: int,
         max_segments: int,
+        *,
+        local_features: ExtractorSettings | None = None,
+        local_feature_threads: int = 2,
     ):
         self.repository = repository
         # The model behind each kind.
@@ -69,6 +79,13 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         self.max_pixels = max_pixels
         self.max_salient = max_salient
         self.max_segments = max_segments
+        # How local features are described (common.local_features' defaults unless the config says).
+        self.local_features = local_features or ExtractorSettings()
+        self._feature_pool = ThreadPoolExecutor(max(1, local_feature_threads), thread_name_prefix="local-features")
+
+    def close(self) -> None:
+        """Stops the local features' threads (after the calls in flight)."""
+        self._feature_pool.shutdown(wait=True, cancel_futures=True)
 
     def _check_kinds(self, request: signature_pb2.ComputeSignaturesRequest) -> list[int]:
         """The kinds asked for: `kinds`, or the one `kind`; each served, none twice (InvalidArgument)."""
@@ -147,13 +164,25 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             for kind in kinds:
                 name = self.models[kind]
                 used.append(held.enter_context(self.repository.use(name, versions.get(name, ""))))
-            # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
-            per_kind = [self._sign(kind, model, images) for kind, (_, _, model) in zip(kinds, used)]
+            # Local features on their own threads, image by image, while the kinds sign the batch.
+            pending: list[Future[Features]] = (
+                [self._feature_pool.submit(extract, rgb, self.local_features) for rgb in images]
+                if request.local_features
+                else []
+            )
+            try:
+                # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
+                per_kind = [self._sign(kind, model, images) for kind, (_, _, model) in zip(kinds, used)]
+                local = [features_to_proto(future.result()) for future in pending]
+            finally:
+                for future in pending:  # a failed call leaves no work queued behind it
+                    future.cancel()
         signatures = [signed[i] for i in range(len(images)) for signed in per_kind]
         return signature_pb2.ComputeSignaturesResponse(
             signatures=signatures,
             compute_ms=(time.perf_counter() - start) * 1000,
             served_by=[models_pb2.ModelRef(name=name, version=version) for name, version, _ in used],
+            local_features=local,
         )
 
     @staticmethod

@@ -56,10 +56,10 @@ def locator(deep_descriptor, locate_spec):
 @pytest.fixture(scope="session")
 def bow_extractor():
     from kernels import select_kernels
-    from signature_server.bow import BowExtractor, BowSpec, Codebook
+    from signature_server.bow import BowExtractor, BowSpec
 
     spec = BowSpec.load(MODELS_DIR / "colour-texture-bow")
-    return BowExtractor(spec, Codebook.load(spec.codebook_path, spec.provenance_path), select_kernels("cpu"))
+    return BowExtractor(spec, spec.load_codebook(), select_kernels("cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -230,6 +230,12 @@ AT_LEAST: list[tuple[type[ServerConfig], str, float, str]] = [
         ]
     ],
     (GatewayConfig, "index_ready_wait_s", 0, " (0 = fail at once)"),
+    (GatewayConfig, "rerank_k", 0, " (0 = off)"),
+    *[(GatewayConfig, name, 1, "") for name in ("rerank_min_inliers", "rerank_half")],
+    (GatewayConfig, "rerank_weight", 0, ""),
+    (GatewayConfig, "max_connection_age_s", 0, " (0 = never)"),
+    (IndexConfig, "max_local_features_bytes", 0, ""),
+    (RouterConfig, "max_local_features_bytes", 0, ""),
 ]
 
 
@@ -249,6 +255,10 @@ OTHER_RANGES: list[tuple[type[ServerConfig], dict[str, Any], str]] = [
     (DetectorConfig, {"port": 65536}, "port 65536 is not in [0, 65535]"),
     (DetectorConfig, {"port": -1}, "port -1 is not in [0, 65535]"),
     (GatewayConfig, {"metrics_port": 70000}, "metrics_port 70000 is not in [0, 65535]"),
+    (GatewayConfig, {"rerank_k": 30, "max_rerank_k": 20}, "rerank_k 30 is above max_rerank_k 20"),
+    (GatewayConfig, {"rerank_k": 0, "max_rerank_k": 0}, "max_rerank_k 0 is not >= 1"),
+    (GatewayConfig, {"rerank_side": 16}, "rerank_side 16 is not in [32, 2048]"),
+    (GatewayConfig, {"rerank_points": 513}, "rerank_points 513 is not in [1, 512]"),
     (
         SignatureConfig,
         {"log_level": "LOUD"},

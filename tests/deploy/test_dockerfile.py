@@ -252,6 +252,8 @@ def test_context_leaves_out_the_machines_own_files(path: str) -> None:
         "models/yolov3-tiny/config.json",
         "models/colour-texture-bow/config.json",
         "models/colour-texture-bow/1/codebook.npz",
+        "models/colour-texture-bow/2/codebook.npz",
+        "models/colour-texture-bow/2/config.json",
         "detector_server/darknet_onnx.py",
     ],
 )

@@ -192,6 +192,9 @@ class Catalogue:
     ) -> BatchAnswer:
         return BatchAnswer([[CatalogueMatch(f"{category}-1", "", 0.9, {}, None)] for _ in signatures])
 
+    def local_features(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict:
+        return {}  # stored without: nothing to re-rank by
+
 
 def pipeline_for(address: str, models: list[str]) -> tuple[Pipeline, Recording, Backends]:
     config = load_config(GatewayConfig, "gateway", environ={}, detector_models=models, box_vote_sharpness=0.0)

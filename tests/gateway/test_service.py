@@ -20,6 +20,7 @@ from PIL import Image
 
 from common.config import load_config
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from common.local_features import Features
 from common.serving import start_bundle
 from common.status import details_of
 from gateway.config import GatewayConfig
@@ -169,6 +170,11 @@ class FakeIndex:
         return [], 0
 
     def thumbnails(self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float) -> dict[str, bytes]:
+        return {}
+
+    def local_features(
+        self, category: str, kind: str, item_ids: Sequence[str], timeout_s: float
+    ) -> dict[str, Features]:
         return {}
 
     def databases(self, timeout_s: float) -> list[DatabaseInfo]:

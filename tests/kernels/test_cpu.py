@@ -93,11 +93,38 @@ def test_patch_histograms_equal_a_plain_loop():
             np.testing.assert_allclose(got[k, :, :, level], expected, rtol=1e-5)
 
 
-def test_assign_words_is_the_nearest_centre():
+def test_nearest_words_are_the_nearest_centres_in_order():
     rng = np.random.default_rng(3)
     centres = rng.random((300, 576)).astype(np.float32)
     descriptors = rng.random((50, 576)).astype(np.float32)
-    words = K.assign_words(descriptors, centres, (centres**2).sum(1))
-    brute = np.argmin(((descriptors[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    np.testing.assert_array_equal(words, brute)
-    assert K.assign_words(np.zeros((0, 576), np.float32), centres, (centres**2).sum(1)).shape == (0,)
+    squared = ((descriptors[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1)
+    for m in (1, 5, 32):
+        words, distances = K.nearest_words(descriptors, centres, (centres**2).sum(1), m)
+        assert words.shape == distances.shape == (50, m) and words.dtype == np.int32
+        # The m smallest distances in order, each word once; float32 sums may swap a near tie (1e-4).
+        np.testing.assert_allclose(
+            np.take_along_axis(squared, words, 1), np.sort(squared, axis=1)[:, :m], rtol=1e-6, atol=1e-4
+        )
+        assert all(len(set(row)) == m for row in words.tolist())
+        assert (words == np.argsort(squared, axis=1, kind="stable")[:, :m]).mean() > 0.99
+        # |c|^2 - 2 d.c: the squared distance less |d|^2.
+        expected = np.take_along_axis(squared, words, 1) - (descriptors.astype(np.float64) ** 2).sum(1)[:, None]
+        np.testing.assert_allclose(distances, expected, rtol=1e-4, atol=1e-3)
+    empty = K.nearest_words(np.zeros((0, 576), np.float32), centres, (centres**2).sum(1), 4)
+    assert empty[0].shape == empty[1].shape == (0, 4)
+
+
+def test_nearest_words_break_ties_to_the_lowest_index():
+    rng = np.random.default_rng(4)
+    base = rng.random((6, 576)).astype(np.float32)
+    centres = np.concatenate([base, base, base])  # every centre three times: indices j, j+6, j+12
+    words, _ = K.nearest_words(base[:2], centres, (centres**2).sum(1), 3)
+    assert words.tolist() == [[0, 6, 12], [1, 7, 13]]
+
+
+@pytest.mark.parametrize("count", [0, 33, 301])
+def test_nearest_words_refuses_a_count_it_cannot_find(count):
+    centres = np.zeros((300, 576), np.float32)
+    with pytest.raises(ValueError) as error:
+        K.nearest_words(np.zeros((1, 576), np.float32), centres, np.zeros(300, np.float32), count)
+    assert str(error.value) == f"{count} nearest words: the kernels find 1 to 32 (MAX_NEAREST 32, a 300-word codebook)"

@@ -66,9 +66,15 @@ def test_histograms_and_assignment(gpu, lab):
     rng = np.random.default_rng(1)
     centres, descriptors = rng.random((5000, 576)).astype(np.float32), rng.random((300, 576)).astype(np.float32)
     norms = (centres**2).sum(1)
-    assert (
-        gpu.assign_words(descriptors, centres, norms) == CPU.assign_words(descriptors, centres, norms)
-    ).mean() > 0.99
+    for m in (1, 20, 32):
+        (w_gpu, d_gpu), (w_cpu, d_cpu) = (k.nearest_words(descriptors, centres, norms, m) for k in (gpu, CPU))
+        assert w_gpu.shape == w_cpu.shape == (300, m)
+        assert (w_gpu == w_cpu).mean() > 0.99  # a near tie may fall the other way in another sum order
+        np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-4, atol=1e-3)
+    # Exact ties (duplicate centres) go to the lowest index on both.
+    twice = np.concatenate([centres[:100], centres[:100]])
+    words, _ = gpu.nearest_words(centres[:5], twice, (twice**2).sum(1), 2)
+    assert words.tolist() == [[j, j + 100] for j in range(5)]
 
 
 def test_end_to_end_same_words(gpu, bow_extractor):
@@ -79,5 +85,7 @@ def test_end_to_end_same_words(gpu, bow_extractor):
         photo = load_photo(name)
         a, b = on_gpu.bag(photo), bow_extractor.bag(photo)
         same = len(np.intersect1d(a.words, b.words)) / max(len(a.words), len(b.words))
-        assert same > 0.95 and abs(int(a.counts.sum()) - int(b.counts.sum())) <= 2
+        # Each descriptor shares out `units`: totals differ by the rare keypoint that falls the other way.
+        units = bow_extractor.codebook.assignment.units
+        assert same > 0.95 and abs(int(a.counts.sum()) - int(b.counts.sum())) <= 2 * units
         assert chi2(a, b) < 0.05

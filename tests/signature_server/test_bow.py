@@ -28,7 +28,8 @@ def test_a_uniform_image_still_gets_a_valid_signature(bow_extractor):
     # Smooth texture: every filter weighs the same single colour bin per channel.
     assert np.count_nonzero(described.descriptors[0]) == 3 * 4 * 8
     bag = bow_extractor.bag(flat)
-    assert decode(encode(bag)).counts.sum() == len(described.keypoints)
+    units = bow_extractor.codebook.assignment.units  # each descriptor shares out this many
+    assert decode(encode(bag)).counts.sum() == len(described.keypoints) * units
 
 
 def test_same_image_same_signature_and_small_shift_mostly_same_words(bow_extractor):
@@ -63,13 +64,14 @@ def test_codebook_is_the_versioned_artefact_with_provenance(bow_extractor):
     provenance = codebook.provenance
     assert provenance["fingerprint"] == codebook.fingerprint
     assert provenance["centres"] == 5000 and "train_codebook" in provenance["command"]
+    assert provenance["assignment"] == {"nearest": 20, "sigma": 0.2, "units": 40, "max_signature_bytes": 3500}
     assert {s["photo"] for s in provenance["sources"]}.isdisjoint({"china.jpg", "flower.jpg", "retina"})
     bag = bow_extractor.bag(load_photo("coffee"))
     assert bag.codebook == codebook.fingerprint and bag.vocabulary == 5000
 
 
 def test_training_command_builds_a_codebook(tmp_path):
-    from signature_server.bow import Codebook
+    from signature_server.bow import Assignment, Codebook
     from signature_server.train_codebook import main
 
     main(
@@ -78,6 +80,12 @@ def test_training_command_builds_a_codebook(tmp_path):
             str(tmp_path),
             "--centres",
             "20",
+            "--nearest",
+            "4",
+            "--sigma",
+            "0.3",
+            "--units",
+            "9",
             "--crops-per-photo",
             "2",
             "--iterations",
@@ -88,9 +96,22 @@ def test_training_command_builds_a_codebook(tmp_path):
         ]
     )
     provenance = json.loads((tmp_path / "provenance.json").read_text())
-    codebook = Codebook.load(tmp_path / "codebook.npz", tmp_path / "provenance.json")
+    own = json.loads((tmp_path / "config.json").read_text())
+    assignment = Assignment(**own["assignment"])
+    assert assignment == Assignment(4, 0.3, 9) and provenance["assignment"] == own["assignment"]
+    codebook = Codebook.load(tmp_path / "codebook.npz", tmp_path / "provenance.json", assignment)
     assert codebook.centres.shape == (20, 576) and provenance["fingerprint"] == codebook.fingerprint
+    assert provenance["centres_fingerprint"] == Codebook(codebook.centres).fingerprint != codebook.fingerprint
     assert [s["photo"] for s in provenance["sources"]] == ["coffee", "chelsea"]
+
+
+def test_training_refuses_an_assignment_the_codebook_cannot_serve(tmp_path):
+    from signature_server.train_codebook import main
+
+    with pytest.raises(ValueError) as error:
+        main(["--out", str(tmp_path), "--centres", "10", "--nearest", "12"])
+    assert str(error.value) == "12 nearest words: the kernels find 1 to 10 (MAX_NEAREST 32, a 10-word codebook)"
+    assert not any(tmp_path.iterdir())
 
 
 def test_grid_points_cover_a_strip_thinner_than_half_a_step():

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -90,7 +89,10 @@ def repository(tmp_path) -> Path:
     config["dynamic_batching"] = {"max_queue_delay_ms": 5, "preferred_batch_sizes": [4, 8]}
     config["locate"].update(feature_long_side=320, segment_long_side=128)
     (root / DEEP / "config.json").write_text(json.dumps(config))
-    shutil.copy(MODELS_DIR / BOW / "config.json", root / BOW / "config.json")
+    # One version served at a time, as the swaps below expect (the real model serves its last two).
+    bow_config = json.loads((MODELS_DIR / BOW / "config.json").read_text())
+    bow_config["version_policy"] = {"latest": 1}
+    (root / BOW / "config.json").write_text(json.dumps(bow_config))
     add_version(root, DEEP, "1", DEEP_FILES)
     add_version(root, BOW, "1", BOW_FILES)
     return root

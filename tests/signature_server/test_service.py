@@ -102,7 +102,7 @@ def test_list_kinds(servicer):
     ]
     # Each kind names the model version behind it.
     assert response.kinds[0].model == "efficientnet-lite0 v1"
-    assert response.kinds[1].model.startswith("colour-texture-bow v1 (codebook ")
+    assert response.kinds[1].model.startswith("colour-texture-bow v2 (codebook ")
     # Where the colour-texture kernels run is reported.
     assert response.kinds[1].backend.startswith("cpu") and "codebook" in response.kinds[1].model
 

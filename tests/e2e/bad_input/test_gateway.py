@@ -137,6 +137,16 @@ SEARCH_CASES = [
         quota=("top_k",),
     ),
     search_case("gateway-search-top-k-max-uint32", INVALID, ("top_k", "ask for at most 100"), top_k=2**32 - 1),
+    expecting(
+        search_case(
+            "search-rerank-k-over-limit",
+            INVALID,
+            ("rerank_k 101 is above the limit of 100", "or 0 for none"),
+            rerank_k=101,
+        ),
+        fields=("rerank_k",),
+    ),
+    search_case("search-rerank-k-max-uint32", INVALID, ("rerank_k", "above the limit"), rerank_k=2**32 - 1),
     search_case("search-min-confidence-above-one", INVALID, ("min_confidence", "(0, 1]"), min_confidence=1.5),
     search_case("search-min-confidence-negative", INVALID, ("min_confidence", "(0, 1]"), min_confidence=-0.2),
     search_case("search-min-confidence-nan", INVALID, ("min_confidence", "(0, 1]"), min_confidence=float("nan")),

@@ -15,7 +15,7 @@ from common.bow_codec import BagOfWords, decode, encode
 from common.proto_convert import dense_from_proto, dense_to_proto
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2
-from tests.e2e.bad_input.harness import Case, Stubs, case_id, rpc_name
+from tests.e2e.bad_input.harness import Case, Stubs, case_id, expecting, rpc_name
 
 ADD, DELETE, SEARCH, BATCH, PARTIAL, LOOKUP, STATS, REPLICATE = (
     rpc_name(index_pb2, "IndexService", method)
@@ -166,6 +166,33 @@ def stats_are_clean(s: Stubs) -> None:
 
 TOO_LONG = "n" * 129
 EMPTY = common_pb2.Signature()
+
+
+def local(count: int = 4, **fields: Any) -> common_pb2.LocalFeatures:
+    """ORB-like local features of `count` keypoints in a 64 x 48 region, fields overridden."""
+    xy = np.stack([np.arange(count) % 64, np.arange(count) % 48], axis=1).astype("<u2")
+    values: dict[str, Any] = {
+        "extractor": "orb-v1",
+        "width": 64,
+        "height": 48,
+        "points_u16le": xy.tobytes(),
+        "descriptors": bytes(range(32)) * count,
+        "descriptor_bytes": 32,
+    }
+    return common_pb2.LocalFeatures(**{**values, **fields})
+
+
+def features_read_back(s: Stubs) -> None:
+    """The features added by the case before, alone (no_thumbnails), and none where not asked for."""
+    request = index_pb2.GetItemImagesRequest(
+        database=f"{OWN}_features", item_ids=["f", "f", "no-such-item"], local_features=True, no_thumbnails=True
+    )
+    (image,) = s.index.GetItemImages(request, timeout=s.timeout).images
+    assert (image.item_id, image.thumbnail, image.local_features) == ("f", b"", local(256)), image.item_id
+    request.local_features, request.no_thumbnails = False, False
+    (image,) = s.index.GetItemImages(request, timeout=s.timeout).images
+    assert image.thumbnail == b"jpeg" and not image.HasField("local_features")
+
 
 CASES = [
     # -- Add: database names (a NUL split the snapshot key; over ~500 bytes no snapshot was written)
@@ -375,6 +402,92 @@ CASES = [
         "add-huge-values-are-normalised",
         ADD,
         add_expecting(1, 0, item(f"{OWN}_huge", "h", dense([3e38, 3e38, 0, 0]))),
+        OK,
+    ),
+    # -- Add: local features (re-ranking), checked and bounded like the thumbnail
+    expecting(
+        Case(
+            "add-local-features-without-extractor",
+            ADD,
+            add(item(f"{OWN}_features", "f", local_features=local(extractor=""))),
+            INVALID,
+            ("item #0 ('f')", "local_features.extractor must name the extractor"),
+        ),
+        fields=("local_features.extractor",),
+    ),
+    Case(
+        "add-local-features-unset-message-fields",
+        ADD,
+        add(item(f"{OWN}_features", "f"), item(f"{OWN}_features", "g", local_features=common_pb2.LocalFeatures())),
+        INVALID,
+        ("item #1 ('g')", "local_features.extractor", "nothing of this stream was added"),
+    ),
+    Case(
+        "add-local-features-odd-points",
+        ADD,
+        add(item(f"{OWN}_features", "f", local_features=local(points_u16le=b"\0" * 7))),
+        INVALID,
+        ("local_features.points_u16le", "4 bytes a keypoint"),
+    ),
+    expecting(
+        Case(
+            "add-local-features-descriptors-short",
+            ADD,
+            add(item(f"{OWN}_features", "f", local_features=local(descriptors=b"\0" * 100))),
+            INVALID,
+            ("local_features.descriptors holds 100 bytes", "4 keypoints of 32 bytes need 128"),
+        ),
+        fields=("local_features.descriptors",),
+    ),
+    Case(
+        "add-local-features-descriptor-bytes-0",
+        ADD,
+        add(item(f"{OWN}_features", "f", local_features=local(descriptor_bytes=0))),
+        INVALID,
+        ("local_features.descriptor_bytes 0 is not in 1..128",),
+    ),
+    Case(
+        "add-local-features-no-size",
+        ADD,
+        add(item(f"{OWN}_features", "f", local_features=local(width=0, height=0))),
+        INVALID,
+        ("local_features.width and height", "1..65535"),
+    ),
+    Case(
+        "add-local-features-keypoint-outside",
+        ADD,
+        add(item(f"{OWN}_features", "f", local_features=local(20, width=8, height=8))),
+        INVALID,
+        ("keypoint outside its width x height",),
+    ),
+    Case(
+        "add-local-features-600-keypoints",
+        ADD,
+        add(item(f"{OWN}_features", "f", local_features=local(600, width=64, height=48))),
+        INVALID,
+        ("600 keypoints", "at most 512"),
+    ),
+    expecting(
+        Case(
+            "add-local-features-1-mb",
+            ADD,
+            add(item(f"{OWN}_features", "f", local_features=local(descriptors=b"\0" * (1 << 20)))),
+            EXHAUSTED,
+            ("item #0 ('f')", "above the limit of 67584", "fewer keypoints"),
+        ),
+        quota=("max_local_features_bytes",),
+    ),
+    Case(
+        "search-the-refused-features-created-nothing",
+        SEARCH,
+        search(f"{OWN}_features", dense([1, 0, 0, 0])),
+        NOT_FOUND,
+        ("does not exist",),
+    ),
+    Case(
+        "add-local-features-256-keypoints-is-accepted",
+        ADD,
+        add_expecting(1, 0, item(f"{OWN}_features", "f", local_features=local(256), thumbnail=b"jpeg")),
         OK,
     ),
     # -- Delete
@@ -681,6 +794,17 @@ CASES = [
             timeout=s.timeout,
         ),
         OK,
+    ),
+    Case("images-local-features-without-thumbnails", IMAGES, features_read_back, OK),
+    Case(
+        "images-local-features-unknown-database",
+        IMAGES,
+        lambda s: s.index.GetItemImages(
+            index_pb2.GetItemImagesRequest(database="no_such_database", item_ids=["x"], local_features=True),
+            timeout=s.timeout,
+        ),
+        NOT_FOUND,
+        ("does not exist",),
     ),
     # -- Stats: after all of the above, nothing broken, no name that breaks a snapshot
     Case("stats-after-the-corpus", STATS, stats_are_clean, OK),

@@ -3,8 +3,8 @@ empty, truncated, random, bombs, raw with the wrong byte count or no size; too m
 unspecified and repeated kinds; models and versions that are not served or not loaded; LocateObjects
 limits; model control (LoadModel, UnloadModel) asked for what is not there, or to leave the server
 without its deep model; hand-made bytes that are no protobuf message; and the inputs that used to
-break it or answer wrongly (100000x1 strips: "cannot reshape"; 16-bit PNGs: decoded white), which
-must now be answered."""
+break it or answer wrongly (100000x1 strips: "cannot reshape"; 16-bit PNGs: decoded white; local
+features of a strip 1 pixel thin at the described size: cv2.error), which must now be answered."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 
 from common.bow_codec import decode
 from common.images import encode_png
+from common.local_features import EXTRACTOR, from_proto
 from common.photos import load_photo
 from common.proto_convert import dense_from_proto, image_to_proto
 from mps.common.v1 import common_pb2, models_pb2
@@ -51,6 +52,8 @@ JPEG_TRUNCATED = cv2.imencode(".jpg", CROP)[1].tobytes()[:500]
 # 1 pixel thick strips, textured and plain (no keypoint fires on a plain one).
 STRIP = RNG.integers(0, 256, (1, 100_000, 3), dtype=np.uint8)
 PLAIN_STRIP = np.full((1, 100_000, 3), 90, np.uint8)
+# 9 pixels thick: 1 pixel at the local features' 320 (ORB's pyramid used to fail on it).
+THIN_STRIP = RNG.integers(0, 256, (9, 5000, 3), dtype=np.uint8)
 
 
 def png16(rgb8: np.ndarray, grey: bool = False) -> bytes:
@@ -67,12 +70,15 @@ def raw(width: int, height: int, rgb: bytes) -> common_pb2.Image:
     return common_pb2.Image(raw=common_pb2.RawImage(width=width, height=height, rgb=rgb))
 
 
-def sign(*images: common_pb2.Image, kind: int = DEEP, kinds: tuple[int, ...] = ()) -> Callable[[Stubs], Any]:
+def sign(
+    *images: common_pb2.Image, kind: int = DEEP, kinds: tuple[int, ...] = (), local_features: bool = False
+) -> Callable[[Stubs], Any]:
     # Any int, unknown ones included: the generated enum types are plain ints at runtime.
     request = signature_pb2.ComputeSignaturesRequest(
         images=images,
         kind=cast(common_pb2.SignatureKind, kind),
         kinds=[cast(common_pb2.SignatureKind, k) for k in kinds],
+        local_features=local_features,
     )
     return lambda s: s.signature.ComputeSignatures(request, timeout=s.timeout)
 
@@ -94,6 +100,35 @@ def sign_both_kinds_validly(image: common_pb2.Image, like: np.ndarray | None = N
             assert signed[1].bow == signed[3].bow
 
     return call
+
+
+def sign_with_local_features(*images: common_pb2.Image, textured: tuple[int, ...] = ()) -> Callable[[Stubs], Any]:
+    """Both kinds and local features: one well-formed entry per image, in order, with keypoints
+    exactly on the `textured` images (none on a plain, tiny or thin one)."""
+
+    def call(s: Stubs) -> None:
+        response = s.signature.ComputeSignatures(
+            signature_pb2.ComputeSignaturesRequest(images=images, kinds=[DEEP, BOW], local_features=True),
+            timeout=s.timeout,
+        )
+        assert len(response.signatures) == 2 * len(images) and len(response.local_features) == len(images)
+        for i, message in enumerate(response.local_features):
+            features = from_proto(message)  # well formed, or LocalFeaturesError
+            assert features.extractor == EXTRACTOR
+            assert (len(features) > 0) == (i in textured), (i, len(features))
+
+    return call
+
+
+def sign_16_bit_png_features_are_the_8_bit_ones(s: Stubs) -> None:
+    response = s.signature.ComputeSignatures(
+        signature_pb2.ComputeSignaturesRequest(
+            images=[encoded(png16(CROP)), image_to_proto(CROP)], kind=DEEP, local_features=True
+        ),
+        timeout=s.timeout,
+    )
+    wide, narrow = response.local_features
+    assert len(from_proto(narrow)) > 0 and wide == narrow
 
 
 def locate(
@@ -143,9 +178,9 @@ def sign_with(models: list[tuple[str, str]], kinds: tuple[int, ...] = (DEEP,)) -
 
 def sign_naming_the_serving_versions(s: Stubs) -> None:
     """Naming the versions that serve answers as naming none; served_by says which, kind by kind."""
-    named = sign_with([(BOW_MODEL, "1"), (DEEP_MODEL, "1")], kinds=(BOW, DEEP))(s)
+    named = sign_with([(BOW_MODEL, "2"), (DEEP_MODEL, "1")], kinds=(BOW, DEEP))(s)
     unnamed = sign_with([], kinds=(BOW, DEEP))(s)
-    assert [(m.name, m.version) for m in named.served_by] == [(BOW_MODEL, "1"), (DEEP_MODEL, "1")]
+    assert [(m.name, m.version) for m in named.served_by] == [(BOW_MODEL, "2"), (DEEP_MODEL, "1")]
     assert named.signatures == unnamed.signatures and named.served_by == unnamed.served_by
 
 
@@ -170,9 +205,9 @@ def unload_model(name: str, version: str = "") -> Callable[[Stubs], Any]:
 def reload_the_serving_codebook(s: Stubs) -> None:
     """Loading the version that serves swaps in a fresh copy of it: the same answers afterwards
     (the module's last test compares them), one READY default version, the old copy draining."""
-    rows = load_model(BOW_MODEL, "1")(s).models
+    rows = load_model(BOW_MODEL, "2")(s).models
     ready = [m for m in rows if m.state == models_pb2.MODEL_STATE_READY]
-    assert [(m.version, m.is_default) for m in ready] == [("1", True)], rows
+    assert [(m.version, m.is_default) for m in ready] == [("2", True)], rows
 
 
 TINY = image_to_proto(COFFEE[:8, :8])
@@ -329,6 +364,60 @@ SIGN_CASES = [
         ("models[0].version", "(100000 bytes)", "is not a version: send a positive integer"),
     ),
     Case("sign-naming-the-serving-versions", SIGN, sign_naming_the_serving_versions, OK),
+    Case(
+        "sign-local-features-without-a-kind",
+        SIGN,
+        sign(TINY, kind=UNSPECIFIED, local_features=True),
+        INVALID,
+        ("kind:", "signature_kind_unspecified is not served", "signature_kind_deep"),
+    ),
+    Case(
+        "sign-local-features-bad-second-image",
+        SIGN,
+        sign(TINY, encoded(RANDOM), local_features=True),
+        INVALID,
+        ("images[1]", "cannot be decoded"),
+    ),
+    Case(
+        "sign-local-features-too-many-images",
+        SIGN,
+        sign(*[TINY] * (MAX_IMAGES + 1), local_features=True),
+        EXHAUSTED,
+        (f"limit of {MAX_IMAGES} per call", "split the call"),
+    ),
+    Case(
+        "sign-local-features-model-version-not-loaded",
+        SIGN,
+        lambda s: s.signature.ComputeSignatures(
+            signature_pb2.ComputeSignaturesRequest(
+                images=[TINY], kind=BOW, models=[models_pb2.ModelRef(name=BOW_MODEL, version="7")], local_features=True
+            ),
+            timeout=s.timeout,
+        ),
+        NOT_FOUND,
+        ("version '7'", BOW_MODEL, "not loaded"),
+    ),
+    Case(
+        "sign-local-features-one-per-image-in-order",
+        SIGN,
+        sign_with_local_features(
+            image_to_proto(CROP), TINY, raw(1, 1, b"\x10\x20\x30"), image_to_proto(CROP), textured=(0, 3)
+        ),
+        OK,
+    ),
+    Case(
+        "sign-local-features-of-strips",
+        SIGN,
+        sign_with_local_features(
+            image_to_proto(STRIP),
+            image_to_proto(PLAIN_STRIP.reshape(100_000, 1, 3)),
+            image_to_proto(THIN_STRIP),
+            image_to_proto(THIN_STRIP.transpose(1, 0, 2)),
+        ),
+        OK,
+    ),
+    Case("sign-local-features-the-limit-exactly", SIGN, sign(*[TINY] * MAX_IMAGES, local_features=True), OK),
+    Case("sign-local-features-16-bit-png", SIGN, sign_16_bit_png_features_are_the_8_bit_ones, OK),
     Case(
         "sign-malformed-protobuf",
         SIGN,

@@ -50,7 +50,7 @@ def on_screen(page: browser.Page, box: Box, image_size: tuple[int, int]) -> Box:
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("photos")
     paths = {}
-    for name in ("coffee", "motorcycle_left", "astronaut"):
+    for name in ("coffee", "motorcycle_left", "retina"):
         paths[name] = folder / f"{name}.jpg"
         paths[name].write_bytes(encode_jpeg(load_photo(name)))
     paths["broken"] = folder / "broken.jpg"
@@ -215,7 +215,7 @@ def test_the_signature_kind_goes_with_the_search(page, photos):
 
 
 def test_nothing_found_and_no_catalogue_say_so(page, photos):
-    status = page.upload(photos["astronaut"])
+    status = page.upload(photos["retina"])  # nothing of the shop catalogue
     assert status.startswith("No products found in this photo"), status
     assert not page.all("match")
     notice = page.one("notice")
