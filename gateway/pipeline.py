@@ -628,10 +628,9 @@ class Pipeline:
                 if isinstance(got, ServiceError):
                     candidate.rerank_warning = f"not re-ranked in {quote(category)}: {got}"
                     continue
-                if not any(item_id in got for item_id in rerank.candidates(answer.results[0], k)):
-                    continue  # ingested without local features: nothing to verify against
                 answer.results[0] = rerank.rerank(answer.results[0], features, got, k, settings)
-                candidate.reranked = True
+                # Re-ranked when some candidate had features (ingested without: nothing verified).
+                candidate.reranked |= any(m.first_stage_score is not None for m in answer.results[0])
 
         for job in [self.pool.submit(second_stage, c) for c in chosen]:
             job.result()

@@ -459,9 +459,7 @@ class Front:
         content_type = _content_type(request)
         if content_type in _NDJSON_TYPES:
             async for number, line in _lines(request, self.config.max_body_bytes):
-                yield transcoder.parse_json_message(
-                    transcoder.decode_json(line, f"line {number}"), cls, f"line {number}"
-                )
+                yield transcoder.line_message(line, number, cls)
             return
         raw = await _read_body(request, self.config.max_body_bytes)
         if content_type == "multipart/form-data":
@@ -474,13 +472,8 @@ class Front:
                 "application/json (an array of messages) or multipart/form-data (one image)",
                 415,
             )
-        body = transcoder.decode_json(raw) if raw.strip() else []
-        if isinstance(body, dict):
-            body = [body]
-        if not isinstance(body, list):
-            raise BadRequest(f"body: expected a JSON array of {cls.DESCRIPTOR.full_name}, got {type(body).__name__}")
-        for i, item in enumerate(body):
-            yield transcoder.parse_json_message(item, cls, f"body[{i}]")
+        for msg in transcoder.body_messages(raw, cls):
+            yield msg
 
     async def _feed(self, request: Request, route: transcoder.Route, pipe: _RequestPipe, call: Any) -> None:
         """The body's messages into the call, then the end of the client's stream; stops early

@@ -378,16 +378,19 @@ def _set_scalar_path(msg: message.Message, fields: Sequence[FieldDescriptor], va
     setattr(target, last.name, getattr(holder, last.name))
 
 
-def stream_messages(raw: bytes, cls: type[message.Message], content_type: str) -> list[message.Message]:
-    """A client stream's messages from a whole body: a JSON array, or newline-delimited JSON."""
-    if content_type == "application/x-ndjson" or not raw.lstrip().startswith(b"["):
-        return [
-            parse_json_message(decode_json(line, f"line {n}"), cls, f"line {n}")
-            for n, line in enumerate(raw.splitlines(), start=1)
-            if line.strip()
-        ]
-    items = decode_json(raw)
-    return [parse_json_message(item, cls, f"body[{i}]") for i, item in enumerate(items)]
+def line_message(line: bytes, number: int, cls: type[message.Message]) -> message.Message:
+    """Line `number` of a newline-delimited JSON stream as a message of `cls`."""
+    return parse_json_message(decode_json(line, f"line {number}"), cls, f"line {number}")
+
+
+def body_messages(raw: bytes, cls: type[message.Message]) -> list[message.Message]:
+    """A client stream's messages from a whole JSON body: an array of them, or one (empty: none)."""
+    body = decode_json(raw) if raw.strip() else []
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list):
+        raise BadRequest(f"body: expected a JSON array of {cls.DESCRIPTOR.full_name}, got {type(body).__name__}")
+    return [parse_json_message(item, cls, f"body[{i}]") for i, item in enumerate(body)]
 
 
 def image_fields(message_type: descriptor.Descriptor) -> list[str]:

@@ -127,12 +127,16 @@ def test_bodies_are_checked_against_the_message():
 
 def test_client_streams_are_arrays_or_lines():
     cls = gateway_pb2.IndexProductsRequest
-    lines = b'{"productId": "a", "category": "c"}\n\n{"product_id": "b", "category": "c"}\n'
-    assert [m.product_id for m in transcoder.stream_messages(lines, cls, "application/x-ndjson")] == ["a", "b"]
+    lines = [b'{"productId": "a", "category": "c"}', b'{"product_id": "b", "category": "c"}']
+    assert [transcoder.line_message(line, n, cls).product_id for n, line in enumerate(lines, 1)] == ["a", "b"]
     array = b'[{"productId": "a"}, {"productId": "b"}]'
-    assert [m.product_id for m in transcoder.stream_messages(array, cls, "application/json")] == ["a", "b"]
+    assert [m.product_id for m in transcoder.body_messages(array, cls)] == ["a", "b"]
+    assert [m.product_id for m in transcoder.body_messages(b'{"productId": "c"}', cls)] == ["c"]
+    assert transcoder.body_messages(b"  ", cls) == []
     with pytest.raises(BadRequest, match="line 2"):
-        transcoder.stream_messages(b'{"productId": "a"}\n{"productId": 5, "nope": 1}\n', cls, "application/x-ndjson")
+        transcoder.line_message(b'{"productId": 5, "nope": 1}', 2, cls)
+    with pytest.raises(BadRequest, match="expected a JSON array"):
+        transcoder.body_messages(b"7", cls)
 
 
 def test_multipart_puts_the_file_in_the_image_field():
