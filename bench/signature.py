@@ -87,6 +87,25 @@ def quality(rank: np.ndarray) -> tuple[float, float]:
     return float((rank == 1).mean()), float((1.0 / rank).mean())
 
 
+def changes_set() -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray], np.ndarray, list[str]]:
+    """The catalogue (the held-out photos' tiles first, then every other photo's), the instance each
+    catalogue tile is ((N,) int: its held-out tile's number, -1 for a distractor), the queries (each
+    held-out tile after each change), each query's instance ((Q,) int, also its catalogue row) and
+    its change."""
+    held = [t for name in HELD_OUT for t in tiles(load_photo(name))]
+    distractors = [
+        t for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS if name not in HELD_OUT for t in tiles(load_photo(name))
+    ]
+    queries, truth, change_of = [], [], []
+    for number, tile in enumerate(held):
+        for change, apply in CHANGES.items():
+            queries.append(np.ascontiguousarray(apply(tile)))
+            truth.append(number)
+            change_of.append(change)
+    instance_of = np.array(list(range(len(held))) + [-1] * len(distractors))
+    return held + distractors, instance_of, queries, np.array(truth), change_of
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="auto")
@@ -98,18 +117,8 @@ def main() -> None:
     bow = BowExtractor(bow_spec, bow_spec.load_codebook(), kernels)
     deep = DeepDescriptor(DeepSpec.load(MODELS / "efficientnet-lite0"))
 
-    held = [t for name in HELD_OUT for t in tiles(load_photo(name))]
-    distractors = [
-        t for name in SKIMAGE_PHOTOS + SKLEARN_PHOTOS if name not in HELD_OUT for t in tiles(load_photo(name))
-    ]
-    catalogue = held + distractors
-    queries, truth, change_of = [], [], []
-    for number, tile in enumerate(held):
-        for change, apply in CHANGES.items():
-            queries.append(np.ascontiguousarray(apply(tile)))
-            truth.append(number)
-            change_of.append(change)
-    truth_a = np.array(truth)
+    catalogue, instance_of, queries, truth_a, change_of = changes_set()
+    held = [tile for tile, number in zip(catalogue, instance_of) if number >= 0]
     print(
         f"catalogue {len(catalogue)} tiles ({len(held)} of held-out photos), {len(queries)} queries; "
         f"codebook trained on {', '.join(TRAINING_PHOTOS)}; kernels: {kernels.detail}"

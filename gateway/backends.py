@@ -4,6 +4,7 @@ gateway, per-category index routing, proto <-> domain conversion, and status -> 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any, NoReturn, cast
 import grpc
 import numpy as np
 
+from common import blcf_codec
 from common.channels import balanced_channel
 from common.config import ServerConfig
 from common.errors import (
@@ -42,6 +44,7 @@ from gateway.ports import (
     LocatorOutput,
     ProductPage,
     Signature,
+    SpatialRerank,
     caller_metadata,
     item_id_of,
 )
@@ -55,6 +58,7 @@ from mps.signature.v1 import signature_pb2, signature_pb2_grpc
 KIND_VALUES: dict[SignatureKind, common_pb2.SignatureKind] = {
     "deep": common_pb2.SIGNATURE_KIND_DEEP,
     "bow": common_pb2.SIGNATURE_KIND_BOW,
+    "blcf": common_pb2.SIGNATURE_KIND_BLCF,
 }
 KIND_NAMES: dict[int, SignatureKind] = {value: name for name, value in KIND_VALUES.items()}
 
@@ -178,6 +182,36 @@ class GrpcSigner:
             )
         signatures = list(response.signatures)
         return [signatures[i * per : (i + 1) * per] for i in range(len(crops))]
+
+    def sign_regions(self, rgb: np.ndarray, regions: Sequence[np.ndarray], timeout_s: float) -> list[Signature]:
+        request = signature_pb2.ComputeSignaturesRequest(
+            images=[image_to_proto(rgb)],
+            kinds=[common_pb2.SIGNATURE_KIND_BLCF],
+            regions=[box_to_proto(box) for box in regions],
+        )
+        try:
+            response = self.stub.ComputeSignatures(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._limit = None
+            raise_from("signature", exc)
+        if len(response.signatures) != len(regions):
+            raise Internal(
+                f"signature service returned {len(response.signatures)} signatures for {len(regions)} regions: "
+                "check that its version matches the gateway's (query by region needs SIGNATURE_KIND_BLCF)"
+            )
+        return list(response.signatures)
+
+    def covering(self, signature: Signature, width: int, height: int) -> Signature:
+        try:
+            assignment = blcf_codec.decode(signature.blcf)
+            data = blcf_codec.encode(dataclasses.replace(assignment, width=width, height=height))
+        except ValueError as exc:  # BlcfFormatError too
+            raise Internal(
+                f"signature service returned a BLCF signature the gateway cannot read ({exc}): check that "
+                "its version matches the gateway's"
+            ) from None
+        return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=data)
 
 
 class _IndexBackend:
@@ -312,12 +346,17 @@ class GrpcIndex:
         top_k: int,
         timeout_s: float,
         filter: Filter | None = None,
+        spatial: SpatialRerank | None = None,
     ) -> BatchAnswer:
         request = index_pb2.SearchBatchRequest(
             database=database_name(category, kind), signatures=signatures, top_k=top_k, one_per_group=True
         )
         if filter is not None:
             request.filter.CopyFrom(filter_to_proto(filter))
+        if spatial is not None:
+            request.spatial_rerank.CopyFrom(
+                index_pb2.SpatialRerank(top_k=spatial.top_k, query_expansion=spatial.query_expansion)
+            )
         backend = self._backend(category)
         end = time.monotonic() + timeout_s
         backend.wait_ready(min(self._ready_wait_s, timeout_s / 4))
@@ -608,6 +647,8 @@ def _match(item: index_pb2.ScoredItem) -> CatalogueMatch:
         box_from_proto(item.box) if item.HasField("box") else None,
         stored_attributes(item.attributes),
         uri,
+        first_stage_score=item.first_stage_score if item.reranked else None,
+        window=box_from_proto(item.window) if item.reranked and item.HasField("window") else None,
     )
 
 

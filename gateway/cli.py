@@ -24,7 +24,11 @@ from mps.common.v1 import common_pb2
 from mps.gateway.v1 import gateway_pb2
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-KINDS = {"deep": common_pb2.SIGNATURE_KIND_DEEP, "bow": common_pb2.SIGNATURE_KIND_BOW}
+KINDS = {
+    "deep": common_pb2.SIGNATURE_KIND_DEEP,
+    "bow": common_pb2.SIGNATURE_KIND_BOW,
+    "blcf": common_pb2.SIGNATURE_KIND_BLCF,
+}
 SOURCES = {
     "detector": gateway_pb2.ITEM_SOURCE_DETECTOR,
     "objectness": gateway_pb2.ITEM_SOURCE_OBJECTNESS,
@@ -390,6 +394,22 @@ def main(argv: list[str] | None = None) -> int:
         help="re-rank each item's first K matches by local features (default: the gateway's; 0 = off)",
     )
     search.add_argument(
+        "--spatial-rerank-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--kind blcf: re-rank each item's first K matches by their best window in the catalogue photo "
+        "(default: the gateway's; 0 = off)",
+    )
+    search.add_argument(
+        "--query-expansion",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--kind blcf: average query expansion over the first N re-ranked matches "
+        "(default: the gateway's; 0 = off)",
+    )
+    search.add_argument(
         "--source",
         action="append",
         default=[],
@@ -524,6 +544,8 @@ def _run(client: VisualSearchClient, args: argparse.Namespace) -> int:
         sources=[SOURCES[s] for s in args.source],
         filter=filter_of(args),
         rerank_k=args.rerank_k,
+        spatial_rerank_k=args.spatial_rerank_k,
+        query_expansion=args.query_expansion,
     )
     print(format_table(result, args.top_k))
     if args.picture:

@@ -136,6 +136,8 @@ class VisualSearchClient:
         timeout_s: float | None = None,
         filter: FilterLike = None,
         rerank_k: int | None = None,
+        spatial_rerank_k: int | None = None,
+        query_expansion: int | None = None,
     ) -> gateway_pb2.MultiProductSearchResponse:
         """Every product in `image` (encoded bytes or RGB pixels) with its top_k catalogue products.
 
@@ -143,7 +145,10 @@ class VisualSearchClient:
         the catalogue decides); `categories` restricts the search; `min_score` drops weaker
         matches; `sources` (mps.gateway.v1.ItemSource values) picks the localisation sources;
         `filter` keeps only the products that pass it (applied inside the index); `rerank_k`
-        re-ranks each item's first k matches by local features (None = the gateway's default, 0 = off).
+        re-ranks each item's first k matches by local features (None = the gateway's default, 0 = off);
+        with signature_kind SIGNATURE_KIND_BLCF, `spatial_rerank_k` re-ranks each item's first k
+        matches by their best window in the catalogue photo (Match.window) and `query_expansion`
+        expands the query over the first n of them (None = the gateway's defaults, 0 = off).
         """
         # The generated enums are plain ints at runtime: any int is sent, the gateway refuses one it
         # does not know (INVALID_ARGUMENT naming the field).
@@ -161,6 +166,10 @@ class VisualSearchClient:
             request.min_score = min_score
         if rerank_k is not None:
             request.rerank_k = rerank_k
+        if spatial_rerank_k is not None:
+            request.spatial_rerank_k = spatial_rerank_k
+        if query_expansion is not None:
+            request.query_expansion = query_expansion
         spec = to_filter(filter)
         if spec is not None:
             request.filter.CopyFrom(spec)

@@ -8,8 +8,9 @@ from typing import Literal
 from common.channels import channel_target, split_addresses
 from common.config import ConfigError, ServerConfig
 
-# Signature kinds by name (mps.common.v1.SignatureKind: SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW).
-SignatureKind = Literal["deep", "bow"]
+# Signature kinds by name (mps.common.v1.SignatureKind: SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW,
+# SIGNATURE_KIND_BLCF).
+SignatureKind = Literal["deep", "bow", "blcf"]
 # The sources that find candidate regions in a photo (gateway.proposals.LOCALISING).
 LocalisingSource = Literal["detector", "objectness", "salient", "segment"]
 
@@ -47,10 +48,13 @@ class GatewayConfig(ServerConfig):
     index_address: str = "127.0.0.1:50053"
     # Category -> shard address, for categories kept on their own servers.
     index_routes: dict[str, str] = field(default_factory=dict)
-    # Kind searched when a request leaves signature_kind unset: "deep" or "bow".
+    # Kind searched when a request leaves signature_kind unset: "deep", "bow" or "blcf".
     default_signature_kind: SignatureKind = "deep"
     # Every product is indexed with each of these kinds, one database per category and kind
-    # ("<category>.<kind>"), so a query may choose either.
+    # ("<category>.<kind>"), so a query may choose any of them. "blcf" (bags of local convolutional
+    # features) is indexed only when listed here: each catalogue image is then also signed whole
+    # (its assignment map covers the whole photo, so a query's window may find the product
+    # anywhere in it).
     index_kinds: list[SignatureKind] = field(default_factory=lambda: ["deep", "bow"])
     # The kind that picks, among a photo's candidate regions, those that are catalogue products
     # and their categories (cheap to compute for every candidate); the requested kind then signs
@@ -92,8 +96,10 @@ class GatewayConfig(ServerConfig):
     # Matches scoring below these are dropped, per kind (see mps.common.v1.SignatureKind), unless a
     # request sets min_score; per-category overrides as {"category": {"deep": 0.7}}. Calibrated on
     # bench/scenes.py (true boxes, 477 objects): deep 0.55 keeps ~96% of right first matches and
-    # drops ~30% of wrong ones (0.62: 86% / 86%); bow scores separate less (0.12: 96% / 5%).
-    min_score: dict[SignatureKind, float] = field(default_factory=lambda: {"deep": 0.55, "bow": 0.12})
+    # drops ~30% of wrong ones (0.62: 86% / 86%); bow scores separate less (0.12: 96% / 5%). blcf
+    # (tf-idf cosine, or the best window's once spatially re-ranked) starts at 0.05, a floor that
+    # only drops items sharing next to no word with the query: not calibrated yet.
+    min_score: dict[SignatureKind, float] = field(default_factory=lambda: {"deep": 0.55, "bow": 0.12, "blcf": 0.05})
     category_min_score: dict[str, dict[SignatureKind, float]] = field(default_factory=dict)
     exclusive_groups: list[list[str]] = field(default_factory=_default_exclusive_groups)
     exclusive_iou: float = 0.5
@@ -187,6 +193,22 @@ class GatewayConfig(ServerConfig):
     rerank_weight: float = 0.5
     rerank_half: int = 25
 
+    # -- bags of local convolutional features (SIGNATURE_KIND_BLCF) ----------------------------------
+    # A BLCF query is signed by region: the photo goes to the signature service once, shrunk to at
+    # most blcf_side pixels on its longer side, with every item's box (the service describes it at
+    # a scale where the largest region spans several cells, up to its model's region_max_side:
+    # sending more pixels than that adds nothing); a catalogue image is signed whole, at this side
+    # too (the service resizes it to its model's long_side).
+    blcf_side: int = 896
+    # The index re-scores each BLCF item's first spatial_rerank_k candidates by their best window
+    # over the catalogue photo's assignment map (mps.index.v1.SpatialRerank) when a request leaves
+    # spatial_rerank_k unset (0 = off); a request may ask for up to max_spatial_rerank_k (the index
+    # refuses more than its own max_rerank_k, 200 by default). query_expansion: the average query
+    # expansion over the first N re-ranked candidates when a request leaves it unset (0 = off).
+    spatial_rerank_k: int = 50
+    max_spatial_rerank_k: int = 200
+    query_expansion: int = 0
+
     # -- video (StreamMultiProductSearch, gateway/stream.py) ------------------------------------------
     # Run the detector on every Nth processed frame and only track in between (a stream's options
     # may override it); a scene cut is always detected at once.
@@ -260,6 +282,20 @@ class GatewayConfig(ServerConfig):
         if self.rerank_k > self.max_rerank_k:
             raise ConfigError(f"rerank_k {self.rerank_k} is above max_rerank_k {self.max_rerank_k}")
         self._within("rerank_side", 32, 2048)
+        self._within("blcf_side", 32, 8192)
+        self._at_least(0, "spatial_rerank_k", "query_expansion", note="0 = off")
+        self._at_least(1, "max_spatial_rerank_k")
+        if self.spatial_rerank_k > self.max_spatial_rerank_k:
+            raise ConfigError(
+                f"spatial_rerank_k {self.spatial_rerank_k} is above max_spatial_rerank_k "
+                f"{self.max_spatial_rerank_k}: lower it, or raise the limit"
+            )
+        if self.query_expansion > self.spatial_rerank_k:
+            raise ConfigError(
+                f"query_expansion {self.query_expansion} is above spatial_rerank_k {self.spatial_rerank_k}: "
+                "the query is expanded with the best windows of the re-ranked candidates, so expand over "
+                "at most spatial_rerank_k of them (or 0 for none)"
+            )
         self._within("rerank_points", 1, 512)
         self._at_least(0, "rerank_weight")
         self._at_least(1, "default_page_size", "max_page_size")

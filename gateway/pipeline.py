@@ -14,6 +14,11 @@ A search (the paper, section 4, widened beyond the detector's classes):
    searched in their categories; matches below min_score are dropped.
 An ingested catalogue image is localised the same way (unless it comes with a box) and only its
 product's region is signed, so a product shot in a room or on a model is not its background.
+
+Bags of local convolutional features (SIGNATURE_KIND_BLCF) are signed differently on both sides: a
+query photo is described once and each item is the cells of its map inside the item's box (query
+by region: one ComputeSignatures call with every box), and a catalogue image is signed whole, so
+that the index's spatial re-ranking may find the product in any window of the catalogue photo.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from gateway.ports import (
     Locator,
     Signature,
     Signer,
+    SpatialRerank,
 )
 from gateway.proposals import LOCALISING, Proposal, Source, clip_box, merge_proposals, overlap_of_smaller
 from gateway.rerank import RerankSettings
@@ -79,6 +85,10 @@ class SearchOptions:
     # Two-stage retrieval: the first rerank_k matches of each item re-scored by local features
     # (gateway/rerank.py); 0 = off.
     rerank_k: int = 0
+    # SIGNATURE_KIND_BLCF only: the index re-scores each item's first spatial_rerank_k candidates
+    # by their best window, with average query expansion over the first query_expansion; 0 = off.
+    spatial_rerank_k: int = 0
+    query_expansion: int = 0
 
 
 @dataclass
@@ -338,22 +348,25 @@ class Pipeline:
         named = bool(options.regions) and all(category for _, category in options.regions)
         selection = options.kind if named else config.selection_kind
         candidates = self._plan(proposals, selection, options.categories)
-        crops = [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in candidates]
 
         same_kind = options.kind == selection
         # Enough matches per item for the second stage to choose from.
         depth = max(options.top_k, options.rerank_k)
-        signatures = self._sign(crops, [selection], deadline, timings)
+        spatial = None
+        if options.kind == "blcf" and options.spatial_rerank_k:
+            spatial = SpatialRerank(options.spatial_rerank_k, options.query_expansion)
+        signatures = self._sign_boxes(photo, [c.proposal.box for c in candidates], selection, deadline, timings)
         answered: set[str] = set()
         self._search(
             candidates,
-            [s[0] for s in signatures],
+            signatures,
             selection,
             depth if same_kind else 1,
             deadline,
             timings,
             answered,
             options.filter,
+            spatial if same_kind else None,
         )
         for candidate in candidates:
             self._decide(candidate)
@@ -361,22 +374,8 @@ class Pipeline:
 
         if not same_kind and chosen:
             final = [self._replan(c, options.kind) for c in chosen]
-            signatures = self._sign(
-                [crop(photo.rgb, c.proposal.box, config.crop_max_side) for c in chosen],
-                [options.kind],
-                deadline,
-                timings,
-            )
-            self._search(
-                final,
-                [s[0] for s in signatures],
-                options.kind,
-                depth,
-                deadline,
-                timings,
-                answered,
-                options.filter,
-            )
+            signatures = self._sign_boxes(photo, [c.proposal.box for c in chosen], options.kind, deadline, timings)
+            self._search(final, signatures, options.kind, depth, deadline, timings, answered, options.filter, spatial)
             chosen = final
         if options.rerank_k and chosen:
             self._rerank(chosen, photo, options.rerank_k, deadline, timings)
@@ -547,6 +546,43 @@ class Pipeline:
         timings.sign_ms += _ms(start)
         return out
 
+    def _sign_boxes(
+        self, photo: Photo, boxes: list[np.ndarray], kind: SignatureKind, deadline: Deadline, timings: Timings
+    ) -> list[Signature]:
+        """One signature of `kind` per (4,) xyxy box in pixels of `photo.rgb`: its crop signed, or,
+        for SIGNATURE_KIND_BLCF, the cells of the photo's map inside it (_sign_regions)."""
+        if kind == "blcf":
+            return self._sign_regions(photo, boxes, deadline, timings)
+        crops = [crop(photo.rgb, box, self.config.crop_max_side) for box in boxes]
+        return [signed[0] for signed in self._sign(crops, [kind], deadline, timings)]
+
+    def _sign_regions(
+        self, photo: Photo, boxes: list[np.ndarray], deadline: Deadline, timings: Timings
+    ) -> list[Signature]:
+        """Query by region: the photo, shrunk to blcf_side, described once with every box as a
+        region (in calls of at most the signature service's limit of images, which bounds regions
+        too, in parallel) -> one BLCF signature per box."""
+        if not boxes:
+            return []
+        start = time.perf_counter()
+        small = Photo(shrink(photo.rgb, self.config.blcf_side), photo.width, photo.height)
+        regions = [small.to_shrunk(photo.to_original(box)).astype(np.float32) for box in boxes]
+        limit = self.signer.images_per_call(deadline.remaining()) or self.config.signature_call_images
+        calls = -(-len(regions) // max(limit, 1))
+        bounds = [len(regions) * i // calls for i in range(calls + 1)]
+        futures = [
+            self.pool.submit(self.signer.sign_regions, small.rgb, regions[first:end], deadline.remaining())
+            for first, end in itertools.pairwise(bounds)
+        ]
+        try:
+            out = [signature for future in futures for signature in future.result()]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        timings.sign_ms += _ms(start)
+        return out
+
     def _search(
         self,
         candidates: list[_Candidate],
@@ -557,11 +593,17 @@ class Pipeline:
         timings: Timings,
         answered: set[str],
         filter: Filter | None = None,
+        spatial: SpatialRerank | None = None,
     ) -> None:
         """One SearchBatch per category holding every candidate searched there, all in parallel,
-        among the products passing `filter`; the categories whose index answered (a missing
-        database is an answer) join `answered`."""
+        among the products passing `filter` (BLCF: the first `spatial.top_k` spatially re-ranked,
+        all of them returned); the categories whose index answered (a missing database is an
+        answer) join `answered`."""
         start = time.perf_counter()
+        if spatial is not None:
+            # Every re-ranked candidate comes back, whatever the index's first stage keeps beyond
+            # top_k: the re-ordering is among them all.
+            top_k = max(top_k, spatial.top_k)
         by_category: dict[str, list[int]] = {}
         for number, candidate in enumerate(candidates):
             for category in candidate.categories:
@@ -571,7 +613,7 @@ class Pipeline:
         def run(category: str, numbers: list[int]) -> BatchAnswer | str | CategoryFailure:
             try:
                 return self.index.search_batch(
-                    category, kind, [signatures[n] for n in numbers], top_k, timeout, filter=filter
+                    category, kind, [signatures[n] for n in numbers], top_k, timeout, filter=filter, spatial=spatial
                 )
             except NotFound:
                 return f"no catalogue for category {quote(category)} yet"
@@ -630,7 +672,7 @@ class Pipeline:
                     continue
                 answer.results[0] = rerank.rerank(answer.results[0], features, got, k, settings)
                 # Re-ranked when some candidate had features (ingested without: nothing verified).
-                candidate.reranked |= any(m.first_stage_score is not None for m in answer.results[0])
+                candidate.reranked |= any(m.verified for m in answer.results[0])
 
         for job in [self.pool.submit(second_stage, c) for c in chosen]:
             job.result()
@@ -877,9 +919,9 @@ class Pipeline:
             raise image.refusal
 
     def ingest(self, images: Iterable[CatalogueImage], deadline: Deadline) -> list[IndexedImage]:
-        """Localises, signs (every index kind in one call) and adds catalogue images in batches ->
-        the distinct images stored, in the order of their first appearance (an image sent twice is
-        stored once: the last one sent).
+        """Localises, signs (the product's crop with every index kind in one call; BLCF signs the
+        whole image) and adds catalogue images in batches -> the distinct images stored, in the
+        order of their first appearance (an image sent twice is stored once: the last one sent).
 
         Nothing is stored before the end: the index streams stay open and are ended normally (so
         the index stores them) only when the images end normally. `images` raising Cancelled (the
@@ -915,6 +957,13 @@ class Pipeline:
                         )
                     self.check_image(image)
                     photo = self.decode(image.encoded, image.raw)
+                    if "blcf" in config.index_kinds and max(photo.width, photo.height) > 0xFFFF:
+                        raise InvalidArgument(
+                            f"image is {photo.width}x{photo.height} pixels; a catalogue indexed with "
+                            "SIGNATURE_KIND_BLCF takes at most 65535 a side (its assignment map's format): "
+                            "downscale it",
+                            violations=[("image", f"{photo.width}x{photo.height}, above 65535 a side")],
+                        )
                     if image.box is not None:
                         problem = valid_box(image.box, photo.width, photo.height)
                         if problem:
@@ -983,9 +1032,25 @@ class Pipeline:
             for _, photo in batch
         ]
         placed = list(self.pool.map(place, batch))
-        crops = [crop(photo.rgb, box, config.crop_max_side) for (_, photo), (box, _) in zip(batch, placed)]
         kinds = list(config.index_kinds)
-        signatures = self._sign(crops, kinds, deadline, Timings())
+        # Every kind but BLCF signs the product's crop, all in one call; BLCF signs the whole image
+        # (the index's windows find the product in it), its map covering the original's pixels.
+        of_crops = [kind for kind in kinds if kind != "blcf"]
+        signed_crops: list[list[Signature]] = [[] for _ in batch]
+        if of_crops:
+            crops = [crop(photo.rgb, box, config.crop_max_side) for (_, photo), (box, _) in zip(batch, placed)]
+            signed_crops = self._sign(crops, of_crops, deadline, Timings())
+        maps: list[Signature] = [None] * len(batch)
+        if "blcf" in kinds:
+            wholes = [shrink(photo.rgb, config.blcf_side) for _, photo in batch]
+            maps = [
+                self.signer.covering(signed[0], photo.width, photo.height)
+                for signed, (_, photo) in zip(self._sign(wholes, ["blcf"], deadline, Timings()), batch)
+            ]
+        signatures = []  # [image][kind], in index_kinds order
+        for whole, of_crop in zip(maps, signed_crops):
+            by_crop = iter(of_crop)
+            signatures.append([whole if kind == "blcf" else next(by_crop) for kind in kinds])
         entries, report = [], []
         for (image, photo), (box, source), signed, made, features in zip(
             batch, placed, signatures, thumbnails, described

@@ -65,10 +65,25 @@ class CatalogueMatch:
     box: np.ndarray | None  # (4,) float32 xyxy pixels of the catalogue image, when known
     attributes: ProductAttributes = EMPTY_ATTRIBUTES  # the product's
     image_uri: str = ""  # the caller's URI of the image, as given at ingest
-    # Re-ranked matches: the geometric verification's inliers and the signature's own score
-    # (`score` is then the fused one); 0 and None when not re-ranked.
+    # Re-ranked matches: the geometric verification's inliers and the signature's own first-stage
+    # score (`score` is then the fused one, or the best window's); 0 and None when not re-ranked.
     inliers: int = 0
     first_stage_score: float | None = None
+    # Verified by local features (gateway/rerank.py), whatever the number of inliers.
+    verified: bool = False
+    # SIGNATURE_KIND_BLCF, spatially re-ranked by the index: (4,) float32 xyxy pixels of the
+    # catalogue image, the window where the product was found (`score` is that window's).
+    window: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SpatialRerank:
+    """SIGNATURE_KIND_BLCF: the index re-scores each query's first top_k items by their best window
+    over the item's assignment map, with average query expansion over the first query_expansion
+    re-ranked items (0 = off); mps.index.v1.SpatialRerank."""
+
+    top_k: int
+    query_expansion: int = 0
 
 
 @dataclass
@@ -184,6 +199,18 @@ class Signer(Protocol):
         """[crop][kind] signatures; raises common.errors on failure."""
         ...
 
+    def sign_regions(self, rgb: np.ndarray, regions: Sequence[np.ndarray], timeout_s: float) -> list[Signature]:
+        """Query by region (SIGNATURE_KIND_BLCF): (H, W, 3) uint8 RGB, described once, and (4,) float
+        xyxy boxes in its pixels (at most images_per_call of them) -> one signature per region, made
+        of the cells of the image's map inside it."""
+        ...
+
+    def covering(self, signature: Signature, width: int, height: int) -> Signature:
+        """A SIGNATURE_KIND_BLCF signature of a smaller copy of an image, as covering the image
+        itself (width x height pixels, each at most 65535): the same words, so that the windows the
+        index finds in it are in pixels of the image."""
+        ...
+
     def images_per_call(self, timeout_s: float) -> int:
         """The most images one `sign` call may carry, as the signature service advertises it;
         0 when it does not say (the caller then uses its own configured limit)."""
@@ -231,10 +258,11 @@ class Index(Protocol):
         top_k: int,
         timeout_s: float,
         filter: Filter | None = None,
+        spatial: SpatialRerank | None = None,
     ) -> BatchAnswer:
         """Each query's top_k products (one per product, its best image) among those passing
-        `filter` in one category's database; raises common.errors.NotFound when that database
-        does not exist."""
+        `filter` in one category's database, the first `spatial.top_k` spatially re-ranked (a BLCF
+        database only); raises common.errors.NotFound when that database does not exist."""
         ...
 
     def writer(self, timeout_s: float) -> CatalogueWriter:

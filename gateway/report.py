@@ -40,7 +40,7 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
         b = item.box
         box = f"{b.x_min:.0f},{b.y_min:.0f},{b.x_max:.0f},{b.y_max:.0f}"
         found = ", ".join(
-            f"{m.product_id} ({m.score:.3f}{f', {m.inliers} inliers' if m.inliers else ''})"
+            f"{m.product_id} ({m.score:.3f}{f', {m.inliers} inliers' if m.inliers else ''}{_window(m)})"
             for m in item.matches[:matches_shown]
         )
         note = f"  [{item.warning}]" if item.warning and found else ""
@@ -61,6 +61,14 @@ def format_table(result: gateway_pb2.MultiProductSearchResponse, matches_shown: 
         f" ({result.proposals} candidate regions)"
     )
     return "\n".join(lines)
+
+
+def _window(match: gateway_pb2.Match) -> str:
+    """', in 10,20,110,90' where a BLCF match was found in its catalogue image (spatial re-ranking)."""
+    if not match.HasField("window"):
+        return ""
+    w = match.window
+    return f", in {w.x_min:.0f},{w.y_min:.0f},{w.x_max:.0f},{w.y_max:.0f}"
 
 
 # A match's picture: (the item, its match) -> an RGB image, or None when there is none.

@@ -49,9 +49,11 @@ def rerank(
 ) -> list[CatalogueMatch]:
     """`matches` (best first by the signature's score) with the first k re-scored: each against
     its catalogue image's stored features (none stored: kept as it is), score = the fused score,
-    first_stage_score = the signature's, inliers = the verification's; then all of them sorted by
-    score (ties by the first-stage order). Fused scores only add to the first score, so a match
-    past the first k never overtakes one it was behind, unless that one was verified."""
+    first_stage_score = the signature's first-stage score (a BLCF match spatially re-ranked by the
+    index keeps the one it came with: its score is then its best window's), inliers = the
+    verification's, verified; then all of them sorted by score (ties by the first-stage order).
+    Fused scores only add to the first score, so a match past the first k never overtakes one it
+    was behind, unless that one was verified."""
     found = {position: stored[item_id] for position, item_id in enumerate(candidates(matches, k)) if item_id in stored}
     checks = dict(zip(found, local_features.verify_many(query, list(found.values()))))
     out: list[CatalogueMatch] = []
@@ -61,6 +63,9 @@ def rerank(
             out.append(match)
             continue
         fused = local_features.fuse(match.score, check, settings.min_inliers, settings.weight, settings.half)
-        out.append(dataclasses.replace(match, score=fused, first_stage_score=match.score, inliers=check.inliers))
+        first = match.score if match.first_stage_score is None else match.first_stage_score
+        out.append(
+            dataclasses.replace(match, score=fused, first_stage_score=first, inliers=check.inliers, verified=True)
+        )
     order = sorted(range(len(out)), key=lambda i: (-out[i].score, i))
     return [out[i] for i in order]

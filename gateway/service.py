@@ -136,11 +136,15 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             except InvalidArgument as exc:
                 raise InvalidArgument(f"categories[{i}]: {exc}", violations=[(f"categories[{i}]", str(exc))]) from None
         kind = request.signature_kind or self.default_kind
+        spatial_rerank_k, query_expansion = self._spatial_options(request, kind)
         if kind not in self.index_kinds:
+            name = common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind
             raise InvalidArgument(
-                f"signature_kind {kind} is not indexed here; the catalogue is indexed with "
-                f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}",
-                violations=[("signature_kind", f"{kind} is not indexed here")],
+                f"signature_kind {name} is not indexed here; the catalogue is indexed with "
+                f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}: ask for one of those "
+                "(a kind is searchable once the gateway's index_kinds lists it and the catalogue is "
+                "ingested with it)",
+                violations=[("signature_kind", f"{name} is not indexed here")],
             )
         if request.HasField("min_score") and not np.isfinite(request.min_score):
             raise InvalidArgument(
@@ -184,7 +188,43 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
             request.max_items,
             _filter(request),
             rerank_k,
+            spatial_rerank_k,
+            query_expansion,
         )
+
+    def _spatial_options(self, request: gateway_pb2.MultiProductSearchRequest, kind: int) -> tuple[int, int]:
+        """(spatial_rerank_k, query_expansion) of a search of `kind`: the request's, else the
+        gateway's defaults, for SIGNATURE_KIND_BLCF; (0, 0) for another kind, which may not set them."""
+        config = self.config
+        if kind != common_pb2.SIGNATURE_KIND_BLCF:
+            for name in ("spatial_rerank_k", "query_expansion"):
+                if request.HasField(name):
+                    kind_name = (
+                        common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind
+                    )
+                    raise InvalidArgument(
+                        f"{name} applies to SIGNATURE_KIND_BLCF only (spatial re-ranking of bags of local "
+                        f"convolutional features), not to {kind_name}: leave it unset, or set "
+                        "signature_kind SIGNATURE_KIND_BLCF",
+                        violations=[(name, f"set with signature_kind {kind_name}")],
+                    )
+            return 0, 0
+        k = request.spatial_rerank_k if request.HasField("spatial_rerank_k") else config.spatial_rerank_k
+        if k > config.max_spatial_rerank_k:
+            raise InvalidArgument(
+                f"spatial_rerank_k {k} is above the limit of {config.max_spatial_rerank_k}: re-rank at most "
+                f"{config.max_spatial_rerank_k} candidates per item, or 0 for none",
+                violations=[("spatial_rerank_k", f"{k} is above the limit of {config.max_spatial_rerank_k}")],
+            )
+        # The default expansion never exceeds a smaller spatial_rerank_k the request asked for.
+        expansion = request.query_expansion if request.HasField("query_expansion") else min(config.query_expansion, k)
+        if expansion > k:
+            raise InvalidArgument(
+                f"query_expansion {expansion} is above spatial_rerank_k {k}: the query is expanded with "
+                f"the best windows of the re-ranked candidates, so expand over at most {k} (or 0 for none)",
+                violations=[("query_expansion", f"{expansion} is above spatial_rerank_k {k}")],
+            )
+        return k, expansion
 
     @staticmethod
     def _regions(regions, width: int, height: int) -> list[tuple[np.ndarray, str]]:
@@ -420,6 +460,8 @@ def _match(match: CatalogueMatch) -> gateway_pb2.Match:
     )
     if match.box is not None:
         out.box.CopyFrom(box_to_proto(match.box))
+    if match.window is not None:
+        out.window.CopyFrom(box_to_proto(match.window))
     return out
 
 

@@ -473,6 +473,8 @@ def _with_regions(options: SearchOptions, regions: list[tuple[np.ndarray, str]])
         options.categories,
         options.min_score,
         filter=options.filter,
+        spatial_rerank_k=options.spatial_rerank_k,
+        query_expansion=options.query_expansion,
     )
 
 

@@ -26,9 +26,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from common.blcf_codec import AssignmentMap
 from common.bow_codec import BagOfWords
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, quote
 from index_server import log_codec
+from index_server.blcf import BlcfIndex
+from index_server.config import WindowSpec
 from index_server.dense import DenseDatabase, DenseTuning
 from index_server.domain import (
     EMPTY_ATTRIBUTES,
@@ -50,7 +53,7 @@ from mps.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-Database = DenseDatabase | BowIndex
+Database = DenseDatabase | BowIndex | BlcfIndex
 
 # The snapshot blob of a database set aside at start-up that holds its logged operations since its
 # snapshot (u32 little-endian length + record, repeated), replayed after its state once it loads.
@@ -142,7 +145,8 @@ class DatabaseInfo:
 class DatabaseSettings:
     """How this shard builds new databases."""
 
-    # Bag-of-words databases keep words [V*index/count, V*(index+1)/count) of a V-word vocabulary.
+    # Bag-of-words and BLCF databases keep the postings of words [V*index/count, V*(index+1)/count)
+    # of a V-word vocabulary.
     word_shard_index: int = 0
     word_shard_count: int = 1
     dense_factory: str = "auto"
@@ -151,6 +155,8 @@ class DatabaseSettings:
     max_word_share: float = 1.0
     # When a dense database turns approximate and how it searches then.
     dense_tuning: DenseTuning = field(default_factory=DenseTuning)
+    # The windows of BLCF spatial re-ranking (configuration, not data: applied to loaded databases too).
+    windows: WindowSpec = field(default_factory=WindowSpec)
 
     def word_range(self, vocabulary: int) -> tuple[int, int]:
         return (
@@ -161,13 +167,20 @@ class DatabaseSettings:
 
 def kind_of(value: Value) -> int:
     """The signature kind (mps.common.v1.SignatureKind, as stored and reported by Stats) of a value."""
-    return common_pb2.SIGNATURE_KIND_BOW if isinstance(value, BagOfWords) else common_pb2.SIGNATURE_KIND_DEEP
+    if isinstance(value, BagOfWords):
+        return common_pb2.SIGNATURE_KIND_BOW
+    if isinstance(value, AssignmentMap):
+        return common_pb2.SIGNATURE_KIND_BLCF
+    return common_pb2.SIGNATURE_KIND_DEEP
 
 
 def _shape(value: Value) -> tuple[int, int, int]:
-    """What every item of one database shares: (kind, dimension or vocabulary, codebook)."""
+    """What every item of one database shares: (kind, dimension or vocabulary, codebook or
+    vocabulary fingerprint)."""
     if isinstance(value, BagOfWords):
         return common_pb2.SIGNATURE_KIND_BOW, value.vocabulary, value.codebook
+    if isinstance(value, AssignmentMap):
+        return common_pb2.SIGNATURE_KIND_BLCF, value.vocabulary, value.fingerprint
     return common_pb2.SIGNATURE_KIND_DEEP, value.size, 0
 
 
@@ -175,6 +188,8 @@ def _describe(shape: tuple[int, int, int]) -> str:
     kind, size, codebook = shape
     if kind == common_pb2.SIGNATURE_KIND_BOW:
         return f"a bag-of-words signature of a {size}-word vocabulary and codebook {codebook:08x}"
+    if kind == common_pb2.SIGNATURE_KIND_BLCF:
+        return f"a BLCF signature of the {size}-word vocabulary {codebook:08x}"
     return f"a deep signature of {size} values"
 
 
@@ -530,6 +545,13 @@ class Catalogue:
                     self.settings.word_range(value.vocabulary),
                     max_word_share=self.settings.max_word_share,
                 )
+            elif isinstance(value, AssignmentMap):
+                database = BlcfIndex(
+                    value.vocabulary,
+                    value.fingerprint,
+                    self.settings.word_range(value.vocabulary),
+                    windows=self.settings.windows,
+                )
             else:
                 database = DenseDatabase(
                     value.size, self.settings.dense_factory, self.settings.dense_train_size, self.settings.dense_tuning
@@ -592,13 +614,15 @@ class Catalogue:
             try:
                 if "kind" in blobs or not pending:  # else it was created by its pending operations
                     kind = int(blobs.pop("kind"))
-                    database: Database = (
-                        BowIndex.from_state(blobs)
-                        if kind == common_pb2.SIGNATURE_KIND_BOW
-                        else DenseDatabase.from_state(blobs, self.settings.dense_tuning)
-                    )
-                    if isinstance(database, BowIndex):
+                    database: Database
+                    if kind == common_pb2.SIGNATURE_KIND_BOW:
+                        database = BowIndex.from_state(blobs)
                         database.max_word_share = self.settings.max_word_share  # configuration, not data
+                    elif kind == common_pb2.SIGNATURE_KIND_BLCF:
+                        database = BlcfIndex.from_state(blobs)
+                        database.windows = self.settings.windows  # configuration, not data
+                    else:
+                        database = DenseDatabase.from_state(blobs, self.settings.dense_tuning)
                     self._databases[name] = (kind, database)
                 reason = "its snapshot state"
                 for record in pending:
@@ -735,7 +759,7 @@ class Catalogue:
                     return  # logged writes are not applied yet: the log must stay as it is
                 seq = self.store.last_seq
                 for _, database in self._databases.values():
-                    if isinstance(database, BowIndex) and database.dead_rows() > len(database) // 4:
+                    if isinstance(database, BowIndex | BlcfIndex) and database.dead_rows() > len(database) // 4:
                         database.compact()
                 states = {
                     name: {**database.state(), "kind": str(kind).encode()}

@@ -13,11 +13,36 @@ from index_server.limits import ItemLimits
 Layout = Literal["item", "word"]
 
 
+@dataclass(frozen=True)
+class WindowSpec:
+    """The windows that spatial re-ranking (BLCF) slides over a candidate's assignment map: heights
+    are `fractions` of the map's rows and, independently, widths the same fractions of its columns
+    (so aspect ratios vary), each rounded to whole cells (at least one); windows move `stride`
+    cells at a time, and the whole map is always one of them (its score is the first stage's)."""
+
+    fractions: tuple[float, ...] = (0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ConfigError(
+                f"rerank_window_fractions {list(self.fractions)}: give at least one, each in (0, 1] "
+                "(a window side as a share of the map's rows or columns)"
+            )
+        if self.stride < 1:
+            raise ConfigError(f"rerank_window_stride {self.stride} is below 1 (cells a window moves by)")
+
+    def sizes(self, cells: int) -> list[int]:
+        """The distinct window sides, in cells, over a side of `cells` cells, smallest first."""
+        sides = {min(cells, max(1, int(f * cells + 0.5))) for f in self.fractions}
+        return sorted(sides | {cells})
+
+
 def _check_item_limits(config: Validated) -> None:
     """The ranges of the ItemLimits fields, shared by IndexConfig and RouterConfig."""
     config._within("max_dense_dimension", 1, (1 << 20) - 1)
     config._within("max_bow_vocabulary", 1, 65535)
-    config._at_least(1, "max_id_bytes", "max_items_per_stream")
+    config._at_least(1, "max_id_bytes", "max_items_per_stream", "max_blcf_cells")
     config._at_least(0, "max_thumbnail_bytes", "max_local_features_bytes")
     config._at_least(0, "max_metadata_keys", "max_metadata_key_bytes", "max_metadata_value_bytes", "max_metadata_bytes")
 
@@ -68,6 +93,12 @@ class IndexConfig(ServerConfig, ItemLimits):
     # Bag-of-words stop words: query words held by more than this share of a database's items are
     # skipped (faster, approximate: bench/index.py measures both); 1.0 keeps search exact.
     max_word_share: float = 1.0
+    # BLCF spatial re-ranking (SearchRequest.spatial_rerank): the most items one search re-scores
+    # by windows, and the windows (WindowSpec): side fractions of the map's rows and columns, and
+    # the stride in cells. More fractions or a stride of 1: finer boxes, slower re-ranking.
+    max_rerank_k: int = 200
+    rerank_window_fractions: list[float] = field(default_factory=lambda: list(WindowSpec().fractions))
+    rerank_window_stride: int = 2
     # Items per streamed SearchResponse message.
     chunk_size: int = 64
     # Partial scores per streamed PartialScoresResponse message (12 bytes each).
@@ -95,6 +126,9 @@ class IndexConfig(ServerConfig, ItemLimits):
     def peer_list(self) -> list[str]:
         return [peer.strip() for peer in self.peers.split(",") if peer.strip()]
 
+    def windows(self) -> WindowSpec:
+        return WindowSpec(tuple(self.rerank_window_fractions), self.rerank_window_stride)
+
     def _check(self) -> None:
         super()._check()
         _check_item_limits(self)
@@ -103,6 +137,8 @@ class IndexConfig(ServerConfig, ItemLimits):
         self._at_least(1, "dense_rerank_min")
         self._at_least(0, "dense_nprobe", "dense_filter_exact_rows")
         self._at_least(1, "chunk_size", "partial_chunk", "max_top_k", "max_batch", "replicate_chunk_bytes")
+        self._at_least(0, "max_rerank_k")
+        self.windows()  # raises ConfigError naming what is wrong
         if not 0 <= self.word_shard_index < self.word_shard_count:
             raise ConfigError(
                 f"word_shard_index {self.word_shard_index} is not in [0, word_shard_count {self.word_shard_count})"
@@ -131,6 +167,9 @@ class RouterConfig(ServerConfig, ItemLimits):
     reply_reserve_s: float = 0.05
     chunk_size: int = 64
     max_top_k: int = 1000
+    # BLCF spatial re-ranking: the most items one search re-scores (as IndexConfig.max_rerank_k;
+    # keep them equal, the shards refuse above theirs).
+    max_rerank_k: int = 200
     # Queries per SearchBatch; more is RESOURCE_EXHAUSTED.
     max_batch: int = 256
     # The deadline of an Add stream's calls to the shards when the caller set none (an ingest
@@ -156,6 +195,7 @@ class RouterConfig(ServerConfig, ItemLimits):
         self._above(0, "default_timeout_s", "add_timeout_s")
         self._at_least(0, "reply_reserve_s", "cancel_settle_s")
         self._at_least(1, "chunk_size", "max_top_k", "max_batch", "min_write_replicas")
+        self._at_least(0, "max_rerank_k")
 
 
 def _check_replica_address(name: str, address: str) -> None:

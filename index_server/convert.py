@@ -7,6 +7,8 @@ import base64
 
 import numpy as np
 
+from common import blcf_codec
+from common.blcf_codec import AssignmentMap, BlcfFormatError
 from common.bow_codec import BagOfWords, BowFormatError, decode, encode
 from common.errors import InvalidArgument, ResourceExhausted, quote
 from common.limits import check_id, check_metadata
@@ -20,6 +22,7 @@ from index_server.domain import (
     Item,
     LabelClause,
     ProductAttributes,
+    Rerank,
     SignatureError,
     Value,
     check_value,
@@ -215,6 +218,12 @@ def scored_item(hit: Hit) -> index_pb2.ScoredItem:
         item.box.CopyFrom(box_to_proto(hit.box))
     if hit.attributes is not None and not hit.attributes.is_empty():
         item.attributes.CopyFrom(attributes_to_proto(hit.attributes))
+    if hit.reranked:
+        item.reranked = True
+        if hit.window is not None:
+            item.window.CopyFrom(box_to_proto(np.asarray(hit.window)))
+        if hit.first_stage_score is not None:
+            item.first_stage_score = hit.first_stage_score
     return item
 
 
@@ -229,7 +238,7 @@ def looked_up_item(key: int, hit: Hit) -> index_pb2.LookedUpItem:
 
 def hit_of(item: index_pb2.ScoredItem | index_pb2.LookedUpItem, score: float | None = None) -> Hit:
     """A shard's item as a Hit; `score` for a looked-up item, which carries none."""
-    return Hit(
+    hit = Hit(
         item.item_id,
         item.score if score is None else score,  # a LookedUpItem has no score: `score` is given
         dict(item.metadata),
@@ -237,12 +246,65 @@ def hit_of(item: index_pb2.ScoredItem | index_pb2.LookedUpItem, score: float | N
         box_of(item),
         stored_attributes(item.attributes),
     )
+    if isinstance(item, index_pb2.ScoredItem) and item.reranked:
+        hit.reranked = True
+        hit.first_stage_score = item.first_stage_score
+        if item.HasField("window"):
+            window = item.window
+            hit.window = (window.x_min, window.y_min, window.x_max, window.y_max)
+    return hit
+
+
+def spatial_rerank_of(
+    message: index_pb2.SpatialRerank, max_rerank_k: int, in_batch: bool = False, field: str = "spatial_rerank"
+) -> Rerank | None:
+    """A request's spatial re-ranking, checked (InvalidArgument naming the field otherwise); None
+    when it asks for none (unset, or all zero)."""
+    if message.top_k == 0 and not (message.query_expansion or message.candidate_keys or message.candidate_scores):
+        return None
+    if message.top_k > max_rerank_k:
+        problem = f"{message.top_k} is above the limit of {max_rerank_k}: re-rank at most {max_rerank_k} items"
+        raise InvalidArgument(
+            f"{field}.top_k {problem}",
+            violations=[(f"{field}.top_k", problem)],
+            quota=[("max_rerank_k", f"at most {max_rerank_k} items re-ranked per query")],
+        )
+    if message.query_expansion > message.top_k:
+        raise _bad(
+            f"{field}.query_expansion",
+            f"{message.query_expansion} is above {field}.top_k {message.top_k}: the query is expanded "
+            "with the best windows of re-ranked items, so at most top_k of them",
+        )
+    if in_batch and (message.candidate_keys or message.candidate_scores):
+        raise _bad(
+            f"{field}.candidate_keys",
+            "are not allowed in a SearchBatch (they name one query's candidates): send a Search per query",
+        )
+    if len(message.candidate_keys) != len(message.candidate_scores):
+        raise _bad(
+            f"{field}.candidate_scores",
+            f"holds {len(message.candidate_scores)} scores for {len(message.candidate_keys)} candidate_keys: "
+            "give one first-stage score per key",
+        )
+    candidates = None
+    if message.candidate_keys:
+        if len(message.candidate_keys) > message.top_k:
+            raise _bad(
+                f"{field}.candidate_keys",
+                f"holds {len(message.candidate_keys)} keys, more than {field}.top_k {message.top_k}: "
+                "every candidate is re-ranked, so top_k must count them all",
+            )
+        scores = np.fromiter(message.candidate_scores, np.float32, len(message.candidate_scores))
+        if not np.all(np.isfinite(scores)):
+            raise _bad(f"{field}.candidate_scores", "holds NaN or infinite scores: send the first-stage scores")
+        candidates = (np.fromiter(message.candidate_keys, np.uint64, len(message.candidate_keys)), scores)
+    return Rerank(message.top_k, message.query_expansion, candidates)
 
 
 def signature_value(signature: common_pb2.Signature) -> Value:
-    """A deep signature's dense vector or a bag-of-words signature's decoded bag; raises
-    SignatureError (or InvalidArgument, from dense_from_proto) when the signature is empty,
-    malformed or of an unknown kind."""
+    """A deep signature's dense vector, a bag-of-words signature's decoded bag or a BLCF
+    signature's assignment map; raises SignatureError (or InvalidArgument, from dense_from_proto)
+    when the signature is empty, malformed or of an unknown kind."""
     if signature.kind == common_pb2.SIGNATURE_KIND_DEEP:
         vector = dense_from_proto(signature) if signature.WhichOneof("value") == "dense" else None
         if vector is None or not vector.size:
@@ -255,8 +317,17 @@ def signature_value(signature: common_pb2.Signature) -> Value:
             return decode(signature.bow)
         except BowFormatError as exc:
             raise SignatureError(f"bag-of-words signature: {exc}") from None
+    if signature.kind == common_pb2.SIGNATURE_KIND_BLCF:
+        if signature.WhichOneof("value") != "blcf" or not signature.blcf:
+            raise SignatureError("signature is empty: a BLCF signature carries blcf bytes (an assignment map)")
+        try:
+            return blcf_codec.decode(signature.blcf)
+        except BlcfFormatError as exc:
+            raise SignatureError(f"BLCF signature: {exc}") from None
     if signature.kind == common_pb2.SIGNATURE_KIND_UNSPECIFIED:
-        raise SignatureError("signature kind is unspecified: set SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW")
+        raise SignatureError(
+            "signature kind is unspecified: set SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW or SIGNATURE_KIND_BLCF"
+        )
     raise SignatureError(f"signature kind {signature.kind} is unknown")
 
 
@@ -271,17 +342,27 @@ def item_of(request: index_pb2.AddRequest, limits: ItemLimits = ItemLimits(), ch
     check_id("group_id", request.group_id, limits.max_id_bytes, required=False)
     check_metadata(request.metadata, limits)
     value = signature_value(request.signature)
-    if isinstance(value, BagOfWords):
+    if isinstance(value, BagOfWords | AssignmentMap):
         if value.vocabulary > limits.max_bow_vocabulary:
             raise SignatureError(
                 f"signature uses a {value.vocabulary}-word vocabulary, above the limit of "
                 f"{limits.max_bow_vocabulary} words (max_bow_vocabulary)"
             )
-    elif value.size > limits.max_dense_dimension:
+    elif isinstance(value, np.ndarray) and value.size > limits.max_dense_dimension:
         raise SignatureError(
             f"signature has {value.size} values, above the limit of "
             f"{limits.max_dense_dimension} dimensions (max_dense_dimension): "
             "reduce the descriptor's dimension"
+        )
+    if isinstance(value, AssignmentMap) and value.rows * value.columns > limits.max_blcf_cells:
+        raise SignatureError(
+            f"signature's map has {value.rows}x{value.columns} = {value.rows * value.columns} cells, above the "
+            f"limit of {limits.max_blcf_cells} (max_blcf_cells): describe the catalogue photo at a smaller size"
+        )
+    if isinstance(value, AssignmentMap) and value.levels > 1:
+        raise InvalidArgument(
+            f"signature holds a pyramid of {value.levels} maps (a query by region); an item is the one map "
+            "of its whole image: sign it without regions"
         )
     check_value(value)  # finite and not all zeros; word counts a posting holds
     box = box_of(request)
@@ -365,13 +446,18 @@ def stored_item(request: index_pb2.AddRequest) -> Item:
     )
 
 
+def signature_of(value: Value) -> common_pb2.Signature:
+    """A decoded signature as the message that carries it (the inverse of signature_value)."""
+    if isinstance(value, BagOfWords):
+        return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(value))
+    if isinstance(value, AssignmentMap):
+        return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=blcf_codec.encode(value))
+    return dense_to_proto(value)
+
+
 def add_request(item: Item) -> index_pb2.AddRequest:
     """An Item as the AddRequest that adds it (the inverse of stored_item)."""
-    signature = (
-        common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(item.value))
-        if isinstance(item.value, BagOfWords)
-        else dense_to_proto(item.value)
-    )
+    signature = signature_of(item.value)
     request = index_pb2.AddRequest(
         database=item.database,
         item_id=item.item_id,

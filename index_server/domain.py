@@ -1,9 +1,9 @@
 """The index's domain values, shared by the shard, its databases and the router (no gRPC, no
 storage): what is stored (`Item`), deleted (`Deletion`) and updated (`Update`), what a search finds
 (`Hit`), what a product is beyond its images (`ProductAttributes`) and how a search or a delete
-selects products by it (`Filter`), how items and groups are named across shards (`item_key`), which
-words a word-range shard holds (`word_range_of`), and the error for a signature that does not fit
-(`SignatureError`).
+selects products by it (`Filter`), how a BLCF search is re-ranked (`Rerank`), how items and groups
+are named across shards (`item_key`), which words a word-range shard holds (`word_range_of`), and
+the error for a signature that does not fit (`SignatureError`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.blcf_codec import AssignmentMap
 from common.bow_codec import BagOfWords
 from common.errors import InvalidArgument
 
-# A decoded signature: a deep signature's (D,) float32 vector or a bag-of-words signature's bag.
-Value = np.ndarray | BagOfWords
+# A decoded signature: a deep signature's (D,) float32 vector, a bag-of-words signature's bag or a
+# BLCF signature's assignment map.
+Value = np.ndarray | BagOfWords | AssignmentMap
 # The largest count of one word in a bag a database holds (a posting keeps it as uint16).
 MAX_WORD_COUNT = 65535
 
@@ -170,11 +172,26 @@ class Update:
 Operation = Item | Deletion | Update
 
 
+@dataclass(frozen=True)
+class Rerank:
+    """Spatial re-ranking of a BLCF search (mps.index.v1.SpatialRerank): the first stage's top
+    `top_k` items re-scored by their best window, then (query_expansion N > 0) re-scored again with
+    the query averaged with the best windows of the first N. `candidates`: re-score exactly these
+    items instead of running a first stage ((n,) uint64 item keys, (n,) float32 their first-stage
+    scores: a word-layout router's sums)."""
+
+    top_k: int
+    query_expansion: int = 0
+    candidates: tuple[np.ndarray, np.ndarray] | None = None
+
+
 @dataclass(eq=False)
 class Hit:
     """One found item. group_id is "" when the item is its own group; box is (4,) float32 xyxy or
     None when it was added without one; attributes are its group's (None where not known, e.g.
-    from a shard that does not keep them)."""
+    from a shard that does not keep them). A spatially re-ranked item (BLCF) says so (`reranked`),
+    with its best window (x_min, y_min, x_max, y_max pixels of the item's image; `score` is that
+    window's) and its first-stage score."""
 
     item_id: str
     score: float
@@ -182,6 +199,9 @@ class Hit:
     group_id: str = ""
     box: np.ndarray | None = None
     attributes: ProductAttributes | None = None
+    window: tuple[float, float, float, float] | None = None
+    first_stage_score: float | None = None
+    reranked: bool = False
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Hit):
@@ -192,7 +212,12 @@ class Hit:
         # No attributes and empty ones are the same answer (a group never given any).
         mine = (self.item_id, self.score, self.metadata, self.group_id, self.attributes or EMPTY_ATTRIBUTES)
         theirs = (other.item_id, other.score, other.metadata, other.group_id, other.attributes or EMPTY_ATTRIBUTES)
-        return same_box and mine == theirs
+        spatial = (self.window, self.first_stage_score, self.reranked) == (
+            other.window,
+            other.first_stage_score,
+            other.reranked,
+        )
+        return same_box and mine == theirs and spatial
 
     @property
     def group(self) -> str:
@@ -221,10 +246,11 @@ def check_word_counts(bag: BagOfWords) -> None:
 
 def check_value(value: Value) -> None:
     """Raises SignatureError for a value no database would hold, whatever its shape: a vector
-    with NaN or infinite values or all zeros, a bag with a word counted above MAX_WORD_COUNT."""
+    with NaN or infinite values or all zeros, a bag with a word counted above MAX_WORD_COUNT (an
+    assignment map, decoded and so checked, has at most 255 x 255 cells: it always fits)."""
     if isinstance(value, BagOfWords):
         check_word_counts(value)
-    else:
+    elif isinstance(value, np.ndarray):
         unit_vector(value)
 
 

@@ -18,6 +18,8 @@ at each row's group), ANDed with the live flags the kernels already skip on, so 
 collected among the passing items only.
 An index may hold only a range of words (word-range sharding): its scores are then partial sums
 over that range, named by a 64-bit item key so that shards can be merged.
+All of this is PostingsIndex, whatever an item is and however its postings score: BowIndex scores
+them by chi-squared, index_server.blcf.BlcfIndex (assignment maps) by tf-idf cosine.
 
 Concurrency: one writer-preferring reader-writer lock per index (common/rwlock.py). Searches,
 partial scores, lookups, group sizes and snapshots hold its read side across all of their work
@@ -34,7 +36,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Self, TypeVar
 
 import numba
 import numpy as np
@@ -107,8 +111,14 @@ class Postings:
         return self.used * BLOCK * 6 + self.used * 4 + self.head.nbytes * 4  # head, tail, fill, df
 
 
-class BowIndex(GroupAttributes):
-    """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
+V = TypeVar("V")
+
+
+class PostingsIndex(GroupAttributes, Generic[V]):
+    """One database of items of type V, each with a bag of words in the postings; thread-safe.
+    What the postings are scored by (and so search) is a subclass's: BowIndex (chi-squared) and
+    index_server.blcf.BlcfIndex (tf-idf cosine). Rows, groups, adds, deletes, merges, compaction,
+    filters, partial scores by key, lookups and snapshots are here."""
 
     def __init__(
         self,
@@ -116,19 +126,14 @@ class BowIndex(GroupAttributes):
         codebook: int,
         word_range: tuple[int, int] | None = None,
         background_merge: bool = True,
-        max_word_share: float = 1.0,
     ):
         self.vocabulary = vocabulary
-        # The stop-word variant: query words found in more than this share of the items are
-        # skipped (faster, no longer exact); 1.0 = exact chi-squared.
-        self.max_word_share = max_word_share
         self.codebook = codebook
         self.word_range = word_range or (0, vocabulary)
         self.background_merge = background_merge
         self._base = Segment.empty(vocabulary)
         self._frozen: Postings | None = None  # a tail being merged, still searched
         self._tail = Postings.empty(vocabulary)
-        self._inv_total = np.zeros(1024, np.float32)
         self._live = np.zeros(1024, np.bool_)
         self._keys = np.zeros(1024, np.uint64)
         self._group = np.zeros(1024, np.int32)  # group number per row
@@ -140,20 +145,22 @@ class BowIndex(GroupAttributes):
         self._lock = ReadWriteLock()  # searches read, changes write (see the module docstring)
         self._merge_lock = threading.Lock()  # one merge or compaction at a time; taken before _lock
 
-    # -- checks -----------------------------------------------------------------------------------
+    # -- what a subclass says: its values, and how the postings score --------------------------------
 
-    def check(self, bag: BagOfWords) -> None:
-        if bag.vocabulary != self.vocabulary:
-            raise SignatureError(
-                f"signature uses a {bag.vocabulary}-word vocabulary; this database holds {self.vocabulary}-word bags"
-            )
-        if bag.codebook != self.codebook:
-            raise SignatureError(
-                f"signature was made with codebook {bag.codebook:08x}; this database holds "
-                f"codebook {self.codebook:08x} signatures (re-sign with the same codebook)"
-            )
-        if int(bag.counts.max(initial=0)) > np.iinfo(np.uint16).max:
-            raise SignatureError("a word count above 65535 does not fit a posting")
+    def check(self, value: V) -> None:
+        """Raises SignatureError when the value does not fit this database."""
+        raise NotImplementedError
+
+    def _bag_of(self, value: V) -> BagOfWords:
+        """The bag of words of a (checked) value: what its postings hold."""
+        raise NotImplementedError
+
+    def _overlap_locked(self, value: V) -> tuple[np.ndarray, int]:
+        """(count,) float32 per row: the sum over the query's words in this index's range of what
+        each shared word adds to the row's score, and the row count. The caller holds the lock
+        (either side) and checked the value: rows are numbers that compact() changes, so a caller
+        reading rows from the scores holds it across both."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self._row_of)
@@ -195,11 +202,12 @@ class BowIndex(GroupAttributes):
     # -- updates ----------------------------------------------------------------------------------
 
     def add(
-        self, item_id: str, bag: BagOfWords, metadata: dict[str, str], group_id: str = "", box: np.ndarray | None = None
+        self, item_id: str, value: V, metadata: dict[str, str], group_id: str = "", box: np.ndarray | None = None
     ) -> bool:
         """Adds or replaces an item of a group ("" = its own), with an optional (4,) float32 xyxy box;
         returns True when it replaced one. Visible to the next search."""
-        self.check(bag)
+        self.check(value)
+        bag = self._bag_of(value)
         lo, hi = self.word_range
         keep = (bag.words >= lo) & (bag.words < hi)
         words, counts = bag.words[keep].astype(np.int32), bag.counts[keep].astype(np.uint16)
@@ -208,11 +216,7 @@ class BowIndex(GroupAttributes):
             old_group = self._delete_locked(item_id)
             row = len(self._ids)
             if row == len(self._live):
-                self._inv_total = grown(self._inv_total, row + 1)
-                self._live = grown(self._live, row + 1)
-                self._keys = grown(self._keys, row + 1)
-                self._group = grown(self._group, row + 1)
-                self._boxes = grown(self._boxes, row + 1, np.nan)
+                self._grow_locked(row + 1)
             tail = self._tail
             tail.reserve(len(words))
             tail.used = _append(
@@ -229,7 +233,6 @@ class BowIndex(GroupAttributes):
                 tail.used,
             )
             tail.postings += len(words)
-            self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
             self._keys[row] = item_key(item_id)
             number = self._groups.number(group_name(item_id, group_id))
             self._group[row] = number
@@ -239,12 +242,27 @@ class BowIndex(GroupAttributes):
             self._metadata.append(dict(metadata))
             self._row_of[item_id] = row
             self._live[row] = True
+            self._row_added_locked(row, value, bag)
             if old_group is not None and old_group != number:  # the item moved: its old group may be empty
                 self._groups.forget_if_empty(old_group)
             due = tail.postings > MERGE_FLOOR + MERGE_FRACTION * len(self._base)
         if due and self.background_merge and not self._merge_lock.locked():
             threading.Thread(target=self.merge, name="bow-merge", daemon=True).start()
         return old_group is not None
+
+    def _grow_locked(self, size: int) -> None:
+        """Room for at least `size` rows in every per-row array (the caller holds the write side)."""
+        self._live = grown(self._live, size)
+        self._keys = grown(self._keys, size)
+        self._group = grown(self._group, size)
+        self._boxes = grown(self._boxes, size, np.nan)
+
+    def _row_added_locked(self, row: int, value: V, bag: BagOfWords) -> None:
+        """A subclass keeps what it holds per row beyond the postings (the write side is held)."""
+
+    def _rows_compacted_locked(self, live_rows: np.ndarray) -> None:
+        """A subclass renumbers what it holds per row: row live_rows[i] becomes row i (the write
+        side is held)."""
 
     def delete(self, item_id: str) -> bool:
         with self._lock.write():
@@ -311,7 +329,6 @@ class BowIndex(GroupAttributes):
             self._groups, groups = GroupTable.of_rows(
                 self._groups.names, self._group[:count], self._live[:count], previous=self._groups
             )
-            self._inv_total = np.concatenate([self._inv_total[live_rows], np.zeros(spare, np.float32)])
             self._live = np.concatenate([np.ones(len(live_rows), np.bool_), np.zeros(spare, np.bool_)])
             self._keys = np.concatenate([self._keys[live_rows], np.zeros(spare, np.uint64)])
             self._group = np.concatenate([groups[live_rows], np.zeros(spare, np.int32)])
@@ -319,48 +336,30 @@ class BowIndex(GroupAttributes):
             self._ids = [self._ids[r] for r in live_rows]
             self._metadata = [self._metadata[r] for r in live_rows]
             self._row_of = {item_id: row for row, item_id in enumerate(self._ids)}
+            self._rows_compacted_locked(live_rows)
 
     # -- search -----------------------------------------------------------------------------------
 
-    def _overlap_locked(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
-        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range,
-        and the row count. The caller holds the lock (either side) and checked the bag: rows are
-        numbers that compact() changes, so a caller reading rows from the scores holds it across both."""
-        words = bag.words.astype(np.int32)
-        query = bag.histogram().astype(np.float32)
+    def _walk_locked(
+        self,
+        segment_kernel: Callable[..., None],
+        pool_kernel: Callable[..., None],
+        words: np.ndarray,
+        weights: np.ndarray,
+        per_row: np.ndarray,
+        acc: np.ndarray,
+    ) -> None:
+        """Runs a pair of compiled kernels over every posting of `words` in this index's range: the
+        base's (segment_kernel), then the frozen tail's during a merge and the tail's (pool_kernel),
+        each adding a term of (weight of the word, the posting's count, per_row[row]) to acc[row].
+        The caller holds the lock (either side)."""
         lo, hi = self.word_range
-        base, frozen, tail, count = self._base, self._frozen, self._tail, len(self._ids)
-        if self.max_word_share < 1.0:
-            common = self._document_frequency_locked()[words] > self.max_word_share * len(self._row_of)
-            words, query = words[~common], query[~common]
-        inv_total = self._inv_total
-        acc = np.zeros(count, np.float32)
-        _accumulate_segment(words, query, lo, hi, base.offsets, base.rows, base.counts, inv_total, acc)
-        for pool in (frozen, tail) if frozen is not None else (tail,):
-            _accumulate_pool(
-                words,
-                query,
-                lo,
-                hi,
-                pool.rows,
-                pool.counts,
-                pool.next,
-                pool.head,
-                pool.tail,
-                pool.fill,
-                inv_total,
-                acc,
+        base = self._base
+        segment_kernel(words, weights, lo, hi, base.offsets, base.rows, base.counts, per_row, acc)
+        for pool in (self._frozen, self._tail) if self._frozen is not None else (self._tail,):
+            pool_kernel(
+                words, weights, lo, hi, pool.rows, pool.counts, pool.next, pool.head, pool.tail, pool.fill, per_row, acc
             )
-        return acc, count
-
-    def document_frequency(self) -> np.ndarray:
-        """(V,) int64 postings per word (deleted items count until the next merge)."""
-        with self._lock.read():
-            return self._document_frequency_locked()
-
-    def _document_frequency_locked(self) -> np.ndarray:
-        df = np.diff(self._base.offsets) + self._tail.df
-        return df + self._frozen.df if self._frozen is not None else df
 
     def _live_locked(self, count: int, filter: Filter | None) -> np.ndarray:
         """(count,) bool: the rows a search may return, live and (with a filter) of a passing
@@ -369,65 +368,37 @@ class BowIndex(GroupAttributes):
         passing = self._groups.passing(filter)
         return live if passing is None else live & passing[self._group[:count]]
 
-    def partial_scores(self, bag: BagOfWords, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def partial_scores(self, value: V, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Live rows (of groups passing the filter) sharing at least one query word in this index's
-        range, and their sums of 4 x y / (x + y) over those words: ((n,) int32, (n,) float32)."""
-        self.check(bag)
+        range, and their sums over those words (_overlap_locked): ((n,) int32, (n,) float32)."""
+        self.check(value)
         with self._lock.read():
-            acc, count = self._overlap_locked(bag)
+            acc, count = self._overlap_locked(value)
             rows = np.flatnonzero((acc > 0) & self._live_locked(count, filter)).astype(np.int32)
         return rows, acc[rows]
 
-    def partial_scores_by_key(self, bag: BagOfWords, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def partial_scores_by_key(self, value: V, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """partial_scores named by item key instead of row: ((n,) uint64, (n,) float32)."""
-        keys, sums, _ = self._partial_by_key(bag, False, filter)
+        keys, sums, _ = self._partial_by_key(value, False, filter)
         return keys, sums
 
     def partial_scores_with_groups(
-        self, bag: BagOfWords, filter: Filter | None = None
+        self, value: V, filter: Filter | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """partial_scores_by_key plus each item's group key ((n,) uint64, item_key of its group)."""
-        keys, sums, groups = self._partial_by_key(bag, True, filter)
+        keys, sums, groups = self._partial_by_key(value, True, filter)
         assert groups is not None
         return keys, sums, groups
 
     def _partial_by_key(
-        self, bag: BagOfWords, with_groups: bool, filter: Filter | None
+        self, value: V, with_groups: bool, filter: Filter | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        self.check(bag)
+        self.check(value)
         with self._lock.read():
-            acc, count = self._overlap_locked(bag)
+            acc, count = self._overlap_locked(value)
             rows = np.flatnonzero((acc > 0) & self._live_locked(count, filter))
             groups = self._groups.keys[self._group[rows]] if with_groups else None
             return self._keys[rows], acc[rows], groups
-
-    def search(
-        self, bag: BagOfWords, top_k: int, one_per_group: bool = False, filter: Filter | None = None
-    ) -> list[Hit]:
-        """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
-        1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact). filter:
-        only items of groups passing it, the top k collected among them."""
-        return self.search_batch([bag], top_k, one_per_group, filter)[0]
-
-    def search_batch(
-        self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False, filter: Filter | None = None
-    ) -> list[list[Hit]]:
-        """search() of each bag (each query walks its own posting lists), under one hold of the
-        lock, the filter's row mask built once."""
-        for bag in bags:
-            self.check(bag)
-        with self._lock.read():
-            if top_k <= 0:
-                return [[] for _ in bags]
-            count = len(self._ids)
-            live = self._live_locked(count, filter)
-            results = []
-            for bag in bags:
-                acc, _ = self._overlap_locked(bag)  # rows only change under the write lock: count holds
-                rows = self._best_of_groups(acc, live, top_k) if one_per_group else _top_candidates(acc, live, top_k)
-                best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
-                results.append([self._hit(r, float(acc[r]) / 2.0) for r in best])
-            return results
 
     def _best_of_groups(self, acc: np.ndarray, live: np.ndarray, top_k: int) -> np.ndarray:
         """(n,) int64 rows: the best row of each group scoring at least the top_k-th best group's
@@ -493,13 +464,10 @@ class BowIndex(GroupAttributes):
                 self._tail.postings,
             )
             ids, metadata = list(self._ids), list(self._metadata)
-            inv_total, live, keys = (
-                self._inv_total[:count].copy(),
-                self._live[:count].copy(),
-                self._keys[:count].copy(),
-            )
+            live, keys = self._live[:count].copy(), self._keys[:count].copy()
             groups, boxes, group_names = self._group[:count].copy(), self._boxes[:count].copy(), self._groups.state()
             attributes = self._groups.attributes_state()
+            extra = self._state_locked(count)
         if tail.postings:  # adds raced the merge: fold them in here, off the lock
             base = _merged(base, tail, np.arange(count, dtype=np.int32))
         return {
@@ -509,7 +477,6 @@ class BowIndex(GroupAttributes):
             "offsets": base.offsets.tobytes(),
             "rows": base.rows.tobytes(),
             "counts": base.counts.tobytes(),
-            "inv_total": inv_total.tobytes(),
             "live": live.tobytes(),
             "keys": keys.tobytes(),
             "ids": pack_strings(ids),
@@ -518,10 +485,18 @@ class BowIndex(GroupAttributes):
             "group_names": group_names,
             "boxes": boxes.tobytes(),
             "attributes": attributes,
+            **extra,
         }
 
+    def _state_locked(self, count: int) -> dict[str, bytes]:
+        """A subclass's own blobs for state(), copied in the same hold of the lock (rows < count)."""
+        return {}
+
+    def _load_state(self, state: dict[str, bytes], count: int) -> None:
+        """A subclass reads its own blobs back (from_state, once the rows are loaded)."""
+
     @classmethod
-    def from_state(cls, state: dict[str, bytes]) -> BowIndex:
+    def from_state(cls, state: dict[str, bytes]) -> Self:
         config = json.loads(state["config"])
         index = cls(config["vocabulary"], config["codebook"], tuple(config["word_range"]))
         index._base = Segment(
@@ -532,7 +507,6 @@ class BowIndex(GroupAttributes):
         index._ids = unpack_strings(state["ids"])
         count = len(index._ids)
         spare = max(1024, count)
-        index._inv_total = array_from(state["inv_total"], np.float32, spare)
         index._live = array_from(state["live"], np.bool_, spare)
         index._keys = array_from(state["keys"], np.uint64, spare)
         index._metadata = json.loads(state["metadata"])
@@ -549,7 +523,109 @@ class BowIndex(GroupAttributes):
             index._groups.load_attributes(state["attributes"])
         index._group = np.concatenate([groups, np.zeros(spare, np.int32)])
         index._boxes = np.concatenate([boxes, np.full((spare, 4), np.nan, np.float32)])
+        index._load_state(state, count)
         return index
+
+
+class BowIndex(PostingsIndex[BagOfWords]):
+    """One database of bag-of-words items, searched exactly by chi-squared; thread-safe."""
+
+    def __init__(
+        self,
+        vocabulary: int,
+        codebook: int,
+        word_range: tuple[int, int] | None = None,
+        background_merge: bool = True,
+        max_word_share: float = 1.0,
+    ):
+        super().__init__(vocabulary, codebook, word_range, background_merge)
+        # The stop-word variant: query words found in more than this share of the items are
+        # skipped (faster, no longer exact); 1.0 = exact chi-squared.
+        self.max_word_share = max_word_share
+        self._inv_total = np.zeros(1024, np.float32)  # 1 / the item's total count, per row
+
+    def check(self, bag: BagOfWords) -> None:
+        if bag.vocabulary != self.vocabulary:
+            raise SignatureError(
+                f"signature uses a {bag.vocabulary}-word vocabulary; this database holds {self.vocabulary}-word bags"
+            )
+        if bag.codebook != self.codebook:
+            raise SignatureError(
+                f"signature was made with codebook {bag.codebook:08x}; this database holds "
+                f"codebook {self.codebook:08x} signatures (re-sign with the same codebook)"
+            )
+        if int(bag.counts.max(initial=0)) > np.iinfo(np.uint16).max:
+            raise SignatureError("a word count above 65535 does not fit a posting")
+
+    def _bag_of(self, bag: BagOfWords) -> BagOfWords:
+        return bag
+
+    def _grow_locked(self, size: int) -> None:
+        super()._grow_locked(size)
+        self._inv_total = grown(self._inv_total, size)
+
+    def _row_added_locked(self, row: int, value: BagOfWords, bag: BagOfWords) -> None:
+        self._inv_total[row] = np.float32(1.0) / np.float32(bag.counts.sum())
+
+    def _rows_compacted_locked(self, live_rows: np.ndarray) -> None:
+        spare = max(1024, len(live_rows))
+        self._inv_total = np.concatenate([self._inv_total[live_rows], np.zeros(spare, np.float32)])
+
+    def _state_locked(self, count: int) -> dict[str, bytes]:
+        return {"inv_total": self._inv_total[:count].tobytes()}
+
+    def _load_state(self, state: dict[str, bytes], count: int) -> None:
+        self._inv_total = array_from(state["inv_total"], np.float32, max(1024, count))
+
+    def _overlap_locked(self, bag: BagOfWords) -> tuple[np.ndarray, int]:
+        """(count,) float32: per row, the sum of 4 x y / (x + y) over the query's words in range,
+        and the row count (see PostingsIndex._overlap_locked)."""
+        words = bag.words.astype(np.int32)
+        query = bag.histogram().astype(np.float32)
+        count = len(self._ids)
+        if self.max_word_share < 1.0:
+            common = self._document_frequency_locked()[words] > self.max_word_share * len(self._row_of)
+            words, query = words[~common], query[~common]
+        acc = np.zeros(count, np.float32)
+        self._walk_locked(_accumulate_segment, _accumulate_pool, words, query, self._inv_total, acc)
+        return acc, count
+
+    def document_frequency(self) -> np.ndarray:
+        """(V,) int64 postings per word (deleted items count until the next merge)."""
+        with self._lock.read():
+            return self._document_frequency_locked()
+
+    def _document_frequency_locked(self) -> np.ndarray:
+        df = np.diff(self._base.offsets) + self._tail.df
+        return df + self._frozen.df if self._frozen is not None else df
+
+    def search(
+        self, bag: BagOfWords, top_k: int, one_per_group: bool = False, filter: Filter | None = None
+    ) -> list[Hit]:
+        """Up to top_k items sharing a word with the query, smallest chi2 first, ties by id; score
+        1 - chi2 / 2. one_per_group: top_k counts groups, each by its best item (exact). filter:
+        only items of groups passing it, the top k collected among them."""
+        return self.search_batch([bag], top_k, one_per_group, filter)[0]
+
+    def search_batch(
+        self, bags: list[BagOfWords], top_k: int, one_per_group: bool = False, filter: Filter | None = None
+    ) -> list[list[Hit]]:
+        """search() of each bag (each query walks its own posting lists), under one hold of the
+        lock, the filter's row mask built once."""
+        for bag in bags:
+            self.check(bag)
+        with self._lock.read():
+            if top_k <= 0:
+                return [[] for _ in bags]
+            count = len(self._ids)
+            live = self._live_locked(count, filter)
+            results = []
+            for bag in bags:
+                acc, _ = self._overlap_locked(bag)  # rows only change under the write lock: count holds
+                rows = self._best_of_groups(acc, live, top_k) if one_per_group else _top_candidates(acc, live, top_k)
+                best = sorted(rows.tolist(), key=lambda r: (-acc[r], self._ids[r]))[:top_k]
+                results.append([self._hit(r, float(acc[r]) / 2.0) for r in best])
+            return results
 
 
 def _merged(base: Segment, pool: Postings, renumber: np.ndarray) -> Segment:

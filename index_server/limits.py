@@ -20,6 +20,10 @@ class ItemLimits:
     max_dense_dimension: int = 4096
     # The bag-of-words format holds at most 65535 words.
     max_bow_vocabulary: int = 65535
+    # Cells of a BLCF item's assignment map: spatial re-ranking slides windows over each candidate's
+    # map through integral histograms whose size grows with its cells (the model's 448-pixel
+    # photos make at most 28 x 28 = 784), so this bounds a search's memory and time.
+    max_blcf_cells: int = 2500
     # item_id and group_id, in UTF-8 bytes.
     max_id_bytes: int = 1024
     # Metadata per item: it is returned with every hit, so it bounds the size of answers.

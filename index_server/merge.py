@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numba
 import numpy as np
 
@@ -21,6 +23,29 @@ def merge_top_k(lists: list[list[Hit]], top_k: int, one_per_group: bool = False)
     each shard's top k groups hold its share of the global top k groups, so this stays exact."""
     ranked = sorted((hit for hits in lists for hit in hits), key=lambda h: (-h.score, h.item_id))
     return first_per_group(ranked, top_k) if one_per_group else ranked[:top_k]
+
+
+def merge_reranked(lists: list[list[Hit]], top_k: int, rerank_k: int, one_per_group: bool = False) -> list[Hit]:
+    """The best top_k of several item-range shards' spatially re-ranked lists (BLCF), as one shard
+    holding every item answers: the global first stage's top rerank_k (by first-stage score, ties
+    by id) re-ordered by their re-ranked scores (ties by id), then the rest in first-stage order.
+    Each shard re-ranked its own first-stage top rerank_k (it was asked for max(top_k, rerank_k)
+    items), which holds its share of the global top rerank_k; an item a shard re-ranked that is
+    not among the global top rerank_k goes back to its first-stage score. one_per_group: as in
+    merge_top_k, by first-stage score."""
+
+    def first_stage(hit: Hit) -> float:
+        return hit.first_stage_score if hit.reranked and hit.first_stage_score is not None else hit.score
+
+    ranked = sorted((hit for hits in lists for hit in hits), key=lambda h: (-first_stage(h), h.item_id))
+    if one_per_group:
+        ranked = first_per_group(ranked, len(ranked))
+    head = sorted(ranked[:rerank_k], key=lambda h: (-h.score, h.item_id))
+    rest = [
+        dataclasses.replace(hit, score=first_stage(hit), window=None, first_stage_score=None, reranked=False)
+        for hit in ranked[rerank_k:]
+    ]
+    return (head + rest)[:top_k]
 
 
 def sum_partials(

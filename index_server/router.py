@@ -5,10 +5,15 @@ Layouts (RouterConfig.layout):
   shard; a Search asks every shard for its top k and keeps the best k. A dead or late shard drops
   its items (missing_shards). An item moved to another group through an Add should be deleted
   first: its old copy stays on its old group's shard otherwise.
-- "word": every bag-of-words item is sent to every shard, each keeping a contiguous range of words
-  (the paper, section 3.2); a Search sums the shards' streamed partial scores per item and takes
-  the exact top k. A dead or late shard drops its words (missing_word_ranges): every item is still
-  ranked, on the other words. Dense databases are spread by item as in the item layout.
+- "word": every bag-of-words or BLCF item is sent to every shard, each keeping a contiguous range of
+  words (the paper, section 3.2); a Search sums the shards' streamed partial scores per item and
+  takes the exact top k. A dead or late shard drops its words (missing_word_ranges): every item is
+  still ranked, on the other words. Dense databases are spread by item as in the item layout.
+BLCF databases (tf-idf cosine) are exact in the word layout, where every shard holds every item's
+whole map and the database's df: a spatial re-ranking goes to one shard with the summed first
+stage's top K as candidates. In the item layout each shard weighs words by its own items' idf, so
+scores differ from one shard's by as much as the shards' word statistics differ; each shard
+re-ranks its own top K, and the merge re-ranks exactly the global first stage's top K.
 Product attributes (a group's path, tags and labels) live with the group's items: on its item-range
 shard, or on every word-range shard (each filters by its own copy). So a filtered search is filtered
 inside every shard while it collects its top k (or its partial sums), and the merge stays exact; an
@@ -43,6 +48,7 @@ from typing import Generic, TypeVar
 import grpc
 import numpy as np
 
+from common.blcf_codec import AssignmentMap
 from common.bow_codec import BagOfWords
 from common.channels import channel_target, open_channel
 from common.errors import (
@@ -72,10 +78,11 @@ from index_server.convert import (
     request_filter,
     scored_item,
     signature_value,
+    spatial_rerank_of,
 )
-from index_server.domain import Hit, Value, word_range_of
+from index_server.domain import Hit, Rerank, Value, item_key, word_range_of
 from index_server.limits import check_stream_length, check_top_k, limits_of
-from index_server.merge import best_of_groups, merge_top_k, shard_of, sum_partials, top_with_ties
+from index_server.merge import best_of_groups, merge_reranked, merge_top_k, shard_of, sum_partials, top_with_ties
 from mps.common.v1 import common_pb2
 from mps.index.v1 import index_pb2, index_pb2_grpc
 
@@ -159,6 +166,9 @@ class Outcome(Generic[T_co]):
         assert self.error is not None, f"shard {self.shard.number} answered"
         return self.error
 
+
+# The kinds whose databases the word layout spreads by word range (each shard holds every item).
+_WORD_KINDS = (common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_BLCF)
 
 # Items queued per forwarded Add stream: a slow shard slows the caller's stream down (flow control).
 _QUEUED_ITEMS = 256
@@ -285,7 +295,9 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         return outcomes
 
     def _word_layout(self, kind: int) -> bool:
-        return self.config.layout == "word" and kind == common_pb2.SIGNATURE_KIND_BOW
+        """Whether a database of this kind is spread by word range: bag-of-words and BLCF databases
+        in the word layout (dense ones are spread by item in both)."""
+        return self.config.layout == "word" and kind in _WORD_KINDS
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -450,7 +462,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if not request.group_ids and not request.HasField("where"):
             deleted = len(found_ids)  # by id alone the router knows exactly which ones went
         elif self.config.layout == "word" and self._kind(request.database, timeout) in (
-            common_pb2.SIGNATURE_KIND_BOW,
+            *_WORD_KINDS,
             common_pb2.SIGNATURE_KIND_UNSPECIFIED,
         ):
             # Every shard held (and deleted) the same bag-of-words items; a kind no shard could
@@ -487,7 +499,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             attributes_of(group.attributes, f"groups[{i}].attributes")
         timeout = timeout_from(context, self.config.default_timeout_s)
         everywhere = self.config.layout == "word" and self._kind(request.database, timeout) in (
-            common_pb2.SIGNATURE_KIND_BOW,
+            *_WORD_KINDS,
             common_pb2.SIGNATURE_KIND_UNSPECIFIED,  # no shard could tell: every shard, to be sure
         )
         parts: list[tuple[Shard, index_pb2.UpdateGroupsRequest]]
@@ -580,21 +592,29 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if not request.database:
             raise InvalidArgument("database is required")
         value = self._value(request.signature)
+        rerank = self._spatial_rerank(request, request.signature.kind)
         product_filter = filter_in(request)
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         missing: Sequence[Outcome[object]]
         if self._word_layout(request.signature.kind):
-            assert isinstance(value, BagOfWords)  # a bag-of-words signature decodes to a bag
+            assert isinstance(value, BagOfWords | AssignmentMap)  # such signatures decode to a bag or a map
             hits, missing = self._search_words(
-                request.database, request.signature, value, top_k, request.one_per_group, timeout, product_filter
+                request.database,
+                request.signature,
+                value,
+                top_k,
+                request.one_per_group,
+                timeout,
+                product_filter,
+                rerank,
             )
         else:
             results, missing = self._search_items(
-                request.database, [request.signature], top_k, request.one_per_group, timeout, product_filter
+                request.database, [request.signature], top_k, request.one_per_group, timeout, product_filter, rerank
             )
             hits = results[0]
         first = index_pb2.SearchResponse()
-        vocabulary = value.vocabulary if isinstance(value, BagOfWords) else 0
+        vocabulary = value.vocabulary if isinstance(value, BagOfWords | AssignmentMap) else 0
         self._flag(first, missing, request.database, request.signature.kind, vocabulary)
         chunks = [hits[i : i + self.config.chunk_size] for i in range(0, len(hits), self.config.chunk_size)] or [[]]
         for number, chunk in enumerate(chunks):
@@ -624,6 +644,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 "the signatures of a batch are of several kinds: every query must be of the database's kind"
             )
         kind = request.signatures[0].kind
+        rerank = self._spatial_rerank(request, kind)
         product_filter = filter_in(request)
         response = index_pb2.SearchBatchResponse()
         if self._word_layout(kind):
@@ -634,7 +655,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             missed: dict[int, Outcome[object]] = {}
             vocabulary = 0
             for signature, bag in zip(request.signatures, values):
-                assert isinstance(bag, BagOfWords)  # a bag-of-words signature decodes to a bag
+                assert isinstance(bag, BagOfWords | AssignmentMap)  # such signatures decode to a bag or a map
                 vocabulary = bag.vocabulary
                 hits, missing = self._search_words(
                     request.database,
@@ -644,6 +665,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                     request.one_per_group,
                     max(deadline - time.monotonic(), 0.001),
                     product_filter,
+                    rerank,
                 )
                 response.results.add().items.extend(scored_item(h) for h in hits)
                 missed.update((o.shard.number, o) for o in missing)
@@ -652,13 +674,40 @@ class Router(index_pb2_grpc.IndexServiceServicer):
             return response
         timeout = timeout_from(context, self.config.default_timeout_s, self.config.reply_reserve_s)
         results, missed_items = self._search_items(
-            request.database, list(request.signatures), top_k, request.one_per_group, timeout, product_filter
+            request.database, list(request.signatures), top_k, request.one_per_group, timeout, product_filter, rerank
         )
         for hits in results:
             response.results.add().items.extend(scored_item(h) for h in hits)
         self._flag(response, missed_items, request.database, kind, 0)
         self._check_size(response)
         return response
+
+    def _spatial_rerank(
+        self, request: index_pb2.SearchRequest | index_pb2.SearchBatchRequest, kind: int
+    ) -> Rerank | None:
+        """The request's spatial re-ranking, checked as a shard checks it (within the router's
+        max_rerank_k), for BLCF signatures only; candidate_keys are a router's to send, not its
+        caller's."""
+        if not request.HasField("spatial_rerank"):
+            return None
+        batch = isinstance(request, index_pb2.SearchBatchRequest)
+        rerank = spatial_rerank_of(request.spatial_rerank, self.config.max_rerank_k, in_batch=batch)
+        if rerank is None:
+            return None
+        if kind != common_pb2.SIGNATURE_KIND_BLCF:
+            raise InvalidArgument(
+                "spatial_rerank applies to SIGNATURE_KIND_BLCF signatures and databases, not "
+                f"{common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind}: "
+                "leave spatial_rerank unset",
+                violations=[("spatial_rerank", "only for SIGNATURE_KIND_BLCF databases")],
+            )
+        if rerank.candidates is not None:
+            raise InvalidArgument(
+                "spatial_rerank.candidate_keys are what a router sends a shard; a router re-ranks its own "
+                "first stage: send top_k and query_expansion only",
+                violations=[("spatial_rerank.candidate_keys", "not accepted by a router")],
+            )
+        return rerank
 
     def _check_size(self, response: index_pb2.SearchBatchResponse) -> None:
         """ResourceExhausted when the answer would be above max_message_bytes (it would fail in
@@ -706,11 +755,20 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         one_per_group: bool,
         timeout: float,
         product_filter: common_pb2.Filter | None = None,
+        rerank: Rerank | None = None,
     ) -> tuple[list[list[Hit]], list[Outcome[list[list[Hit]]]]]:
         """Per query, the merged top k of every shard's top k (with one_per_group: top k groups);
         one Search (one query) or one SearchBatch (several) per shard. With a filter, each shard
         collects its own top k among the items that pass it (it holds their groups' attributes), so
-        the merge stays exact: every item of the global filtered top k is in its shard's."""
+        the merge stays exact: every item of the global filtered top k is in its shard's. With
+        spatial re-ranking (BLCF), each shard re-ranks its own first-stage top K and returns
+        max(top_k, K) items, and merge_reranked re-ranks exactly the global first stage's top K, as
+        one shard would; query expansion is then each shard's (over its own best windows)."""
+        spatial = None
+        depth = top_k
+        if rerank is not None:
+            spatial = index_pb2.SpatialRerank(top_k=rerank.top_k, query_expansion=rerank.query_expansion)
+            depth = max(top_k, rerank.top_k)
 
         def search(shard: Shard) -> list[list[Hit]]:
             if len(signatures) == 1:
@@ -721,9 +779,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                             index_pb2.SearchRequest(
                                 database=database,
                                 signature=signatures[0],
-                                top_k=top_k,
+                                top_k=depth,
                                 one_per_group=one_per_group,
                                 filter=product_filter,
+                                spatial_rerank=spatial,
                             ),
                             timeout=timeout,
                         )
@@ -734,9 +793,10 @@ class Router(index_pb2_grpc.IndexServiceServicer):
                 index_pb2.SearchBatchRequest(
                     database=database,
                     signatures=signatures,
-                    top_k=top_k,
+                    top_k=depth,
                     one_per_group=one_per_group,
                     filter=product_filter,
+                    spatial_rerank=spatial,
                 ),
                 timeout=timeout,
             )
@@ -745,6 +805,11 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         answered, missing = self._answered(
             self._fan_out([(s, functools.partial(search, s)) for s in self.shards]), database
         )
+        if rerank is not None:
+            return [
+                merge_reranked([o.answer[query] for o in answered], top_k, rerank.top_k, one_per_group)
+                for query in range(len(signatures))
+            ], missing
         return [
             merge_top_k([o.answer[query] for o in answered], top_k, one_per_group) for query in range(len(signatures))
         ], missing
@@ -753,17 +818,26 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         self,
         database: str,
         signature: common_pb2.Signature,
-        bag: BagOfWords,
+        value: BagOfWords | AssignmentMap,
         top_k: int,
         one_per_group: bool,
         timeout: float,
         product_filter: common_pb2.Filter | None = None,
+        rerank: Rerank | None = None,
     ) -> tuple[list[Hit], list[Outcome[tuple[np.ndarray, np.ndarray, np.ndarray]]]]:
         """The exact top k of the query over every answering shard's words: the shards' streamed
         partial scores summed per item, the winners named by a Lookup (which gives their groups'
         attributes). With a filter, every shard leaves out the items whose group fails it: each
         word-range shard holds every group's attributes, so such an item is absent from every
-        shard's partial sums, and the top k is the filtered one."""
+        shard's partial sums, and the top k is the filtered one. A bag-of-words item's sums make
+        its chi2 (score = sums / 2), a BLCF item's its cosine (score = sums). With spatial
+        re-ranking (BLCF), the first stage's top K are sent to one answering shard (each holds every
+        item's whole map) as candidates, and come back re-ranked, first; the rest follow. When no
+        shard can re-rank, the first stage's order stands (its hits say reranked false)."""
+        deadline = time.monotonic() + timeout
+        bag = value.bag() if isinstance(value, AssignmentMap) else value
+        blcf = isinstance(value, AssignmentMap)
+        depth = max(top_k, rerank.top_k) if rerank is not None else top_k
         partial = index_pb2.PartialScoresRequest(
             database=database, signature=signature, with_groups=one_per_group, filter=product_filter
         )
@@ -799,17 +873,48 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if one_per_group:
             keys, totals, groups = sum_partials([v[0] for v in values], [v[1] for v in values], [v[2] for v in values])
             # Each group's best item(s) first, then the top k groups: the lookup names only those.
-            best = best_of_groups(totals, groups, top_k)
+            best = best_of_groups(totals, groups, depth)
         else:
             keys, totals = sum_partials([v[0] for v in values], [v[1] for v in values])
-            best = top_with_ties(totals, top_k)
+            best = top_with_ties(totals, depth)
         found = self._lookup(database, keys[best], [o.shard for o in answered], timeout)
         hits = [
-            dataclasses.replace(found[int(k)], score=float(t) / 2.0)
+            dataclasses.replace(found[int(k)], score=float(t) if blcf else float(t) / 2.0)
             for k, t in zip(keys[best], totals[best])
             if int(k) in found
         ]
-        return merge_top_k([hits], top_k, one_per_group), missing
+        ranked = merge_top_k([hits], depth, one_per_group)
+        if rerank is None or rerank.top_k == 0 or not ranked:
+            return ranked[:top_k], missing
+        head, rest = ranked[: rerank.top_k], ranked[rerank.top_k :]
+        request = index_pb2.SearchRequest(
+            database=database,
+            signature=signature,
+            top_k=len(head),
+            one_per_group=one_per_group,
+            filter=product_filter,
+            spatial_rerank=index_pb2.SpatialRerank(
+                top_k=rerank.top_k,
+                query_expansion=rerank.query_expansion,
+                candidate_keys=[item_key(hit.item_id) for hit in head],
+                candidate_scores=[hit.score for hit in head],
+            ),
+        )
+        answering = [o.shard for o in answered]
+        shards = answering + [shard for shard in self.shards if shard not in answering]
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            reranked = self._from_shards(
+                shards,
+                lambda stub: [
+                    hit_of(item) for chunk in stub.Search(request, timeout=remaining) for item in chunk.items
+                ],
+            )
+        except Unavailable as exc:
+            # The first stage stands (its hits say reranked false) rather than no answer at all.
+            log.warning("spatial re-ranking in %s failed, first-stage order kept: %s", database, exc.message)
+            return ranked[:top_k], missing
+        return (reranked + rest)[:top_k], missing
 
     def _lookup(self, database: str, keys: np.ndarray, shards: list[Shard], timeout: float) -> dict[int, Hit]:
         """Ids, metadata, groups and boxes of the winning keys (as Hits scoring 0), from the first
@@ -908,8 +1013,12 @@ class Router(index_pb2_grpc.IndexServiceServicer):
     def _from_any_shard(self, call: Callable[[index_pb2_grpc.IndexServiceStub], T]) -> T:
         """The answer of the first shard that gives one, for what every shard holds (a word-range
         layout's bag-of-words groups); a refusal (the caller's fault, or NOT_FOUND) is passed on."""
+        return self._from_shards(self.shards, call)
+
+    def _from_shards(self, shards: list[Shard], call: Callable[[index_pb2_grpc.IndexServiceStub], T]) -> T:
+        """_from_any_shard over these shards, in this order."""
         errors = []
-        for shard in self.shards:
+        for shard in shards:
             try:
                 return call(shard.read)
             except grpc.RpcError as exc:

@@ -55,6 +55,7 @@ def open_catalogue(config: IndexConfig) -> Catalogue:
             filter_exact_rows=config.dense_filter_exact_rows,
             rows_dir=str(store.path / "dense-rows") if store is not None else "",
         ),
+        config.windows(),
     )
     return Catalogue(settings, store, config.snapshot_every, limits_of(config))
 
@@ -81,6 +82,7 @@ def create_bundle(config: IndexConfig) -> ServiceBundle:
         replicate_settle_s=config.replicate_settle_s,
         max_message_bytes=config.max_message_bytes,
         cancel_settle_s=config.cancel_settle_s,
+        max_rerank_k=config.max_rerank_k,
     )
     source = f"index-items-{id(catalogue)}"
     GAUGE_SOURCES.add(

@@ -15,6 +15,7 @@ from common.limits import check_id
 from common.names import check_name
 from common.streams import client_stream
 from common.telemetry import BATCH_SIZE
+from index_server.blcf import BlcfIndex
 from index_server.catalogue import Catalogue, Database, refused_item
 from index_server.convert import (
     after_token,
@@ -28,8 +29,10 @@ from index_server.convert import (
     request_filter,
     scored_item,
     signature_value,
+    spatial_rerank_of,
 )
-from index_server.domain import Filter, ProductAttributes, SignatureError, Value
+from index_server.dense import DenseDatabase
+from index_server.domain import Filter, ProductAttributes, Rerank, SignatureError, Value
 from index_server.inverted import BowIndex
 from index_server.limits import check_stream_length, check_top_k
 from index_server.log_codec import add_record
@@ -51,8 +54,11 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         replicate_settle_s: float = 600.0,
         max_message_bytes: int = 32 << 20,
         cancel_settle_s: float = 0.005,
+        max_rerank_k: int = 200,
     ):
         self.catalogue = catalogue
+        # BLCF spatial re-ranking: the most items one search re-scores by windows.
+        self.max_rerank_k = max_rerank_k
         # Answers above it would fail in transit: refused first, saying how to ask for less.
         self.max_message_bytes = max_message_bytes
         self.cancel_settle_s = cancel_settle_s
@@ -173,7 +179,11 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         top_k = check_top_k(request.top_k, self.max_top_k)
         database, value = self._query(request.database, request.signature)
         filter = request_filter(request)
-        hits = database.search(value, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
+        rerank = self._rerank(request, database)
+        if isinstance(database, BlcfIndex):
+            hits = database.search(value, top_k, request.one_per_group, filter, rerank)  # type: ignore[arg-type]  # _checked: its kind
+        else:
+            hits = database.search(value, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
         # At least one message, even with no hits (a router's first message carries its flags).
         for start in range(0, max(len(hits), 1), self.chunk_size):
             yield index_pb2.SearchResponse(items=[scored_item(h) for h in hits[start : start + self.chunk_size]])
@@ -205,7 +215,11 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
         BATCH_SIZE.labels("index", "search_batch_queries").observe(len(values))
         # A dense database answers the whole batch with one FAISS search (a matrix product).
         filter = request_filter(request)
-        results = database.search_batch(values, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
+        rerank = self._rerank(request, database)
+        if isinstance(database, BlcfIndex):
+            results = database.search_batch(values, top_k, request.one_per_group, filter, rerank)  # type: ignore[arg-type]  # _checked: its kind
+        else:
+            results = database.search_batch(values, top_k, request.one_per_group, filter)  # type: ignore[arg-type]  # _checked: its kind
         response = index_pb2.SearchBatchResponse(
             results=[index_pb2.SearchHits(items=[scored_item(h) for h in hits]) for hits in results]
         )
@@ -217,10 +231,10 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     ) -> Iterator[index_pb2.PartialScoresResponse]:
         self._serve_reads()
         database, value = self._query(request.database, request.signature)
-        if not isinstance(database, BowIndex):
+        if not isinstance(database, BowIndex | BlcfIndex):
             raise InvalidArgument(
                 f"database {quote(request.database)} is dense: partial scores exist only for "
-                "bag-of-words databases (use Search)"
+                "bag-of-words and BLCF databases (use Search)"
             )
         groups = None
         filter = request_filter(request)
@@ -243,9 +257,10 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
     def Lookup(self, request: index_pb2.LookupRequest, context: grpc.ServicerContext) -> index_pb2.LookupResponse:
         self._serve_reads()
         _, database = self._database(request.database)
-        if not isinstance(database, BowIndex):
+        if not isinstance(database, BowIndex | BlcfIndex):
             raise InvalidArgument(
-                f"database {quote(request.database)} is dense: items are named by key only in bag-of-words databases"
+                f"database {quote(request.database)} is dense: items are named by key only in bag-of-words "
+                "and BLCF databases"
             )
         found = database.lookup(np.fromiter(request.keys, np.uint64, len(request.keys)))
         response = index_pb2.LookupResponse(items=[looked_up_item(key, hit) for key, hit in found.items()])
@@ -296,6 +311,24 @@ class IndexService(index_pb2_grpc.IndexServiceServicer):
             self.replicate_settle_s,
             context.is_active,
         )
+
+    def _rerank(
+        self, request: index_pb2.SearchRequest | index_pb2.SearchBatchRequest, database: Database
+    ) -> Rerank | None:
+        """The request's spatial re-ranking, checked: InvalidArgument for one a database other than
+        BLCF is asked for, or one out of its limits."""
+        if not request.HasField("spatial_rerank"):
+            return None
+        batch = isinstance(request, index_pb2.SearchBatchRequest)
+        rerank = spatial_rerank_of(request.spatial_rerank, self.max_rerank_k, in_batch=batch)
+        if rerank is not None and not isinstance(database, BlcfIndex):
+            kind = "dense" if isinstance(database, DenseDatabase) else "bag-of-words"
+            raise InvalidArgument(
+                f"spatial_rerank applies to SIGNATURE_KIND_BLCF databases; {quote(request.database)} is {kind}: "
+                "leave spatial_rerank unset",
+                violations=[("spatial_rerank", "only for SIGNATURE_KIND_BLCF databases")],
+            )
+        return rerank
 
     def _serve_reads(self) -> None:
         refusal = self.replica.read_refusal()

@@ -26,6 +26,9 @@ class SignatureConfig(ServerConfig):
     deep_model: str = "efficientnet-lite0"
     # The colour-texture bag of words' model (SIGNATURE_KIND_BOW): its parameters and versioned codebook.
     bow_model: str = "colour-texture-bow"
+    # The bags of local convolutional features' model (SIGNATURE_KIND_BLCF): the network's feature
+    # tensor, sizes and versioned vocabulary (signature_server/blcf.py).
+    blcf_model: str = "blcf"
     # Dynamic batching across concurrent calls where a model's config.json asks for it; false turns
     # it off for every model (each call then runs its own images in chunks of the model's max_batch).
     dynamic_batching: bool = True
@@ -33,6 +36,7 @@ class SignatureConfig(ServerConfig):
     # released anyway.
     drain_timeout_s: float = 120.0
     # Where its kernels run: "auto" (CUDA when a GPU and PyCUDA or CuPy start, else CPU), "cuda", "cpu".
+    # BLCF's nearest words use them where the kernel fits its vocabulary's width (signature_server/blcf.py).
     kernels: KernelBackend = "auto"
     # Crops described in parallel (the CPU path; the CUDA path serialises on one context).
     bow_threads: int = 2
@@ -65,9 +69,14 @@ class SignatureConfig(ServerConfig):
 
     def _check(self) -> None:
         super()._check()
-        if self.deep_model == self.bow_model:
-            raise ConfigError(f"deep_model and bow_model are both {self.deep_model!r}: each kind has its own model")
-        for name in ("deep_model", "bow_model"):
+        names = ("deep_model", "bow_model", "blcf_model")
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if getattr(self, first) == getattr(self, second):
+                    raise ConfigError(
+                        f"{first} and {second} are both {getattr(self, first)!r}: each kind has its own model"
+                    )
+        for name in names:
             value = getattr(self, name)
             if not value or "/" in value or "\\" in value or value.startswith("."):
                 raise ConfigError(f"{name} {value!r} is not a folder name under models_dir")

@@ -14,6 +14,7 @@ from common.security import Access, method_policy
 from common.serving import ServiceBundle, serve_forever, start_bundle
 from kernels import Kernels, select_kernels
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
+from signature_server.blcf import BlcfModel
 from signature_server.bow import BowModel
 from signature_server.config import SignatureConfig
 from signature_server.saliency import DeepModel
@@ -24,7 +25,7 @@ log = logging.getLogger("signature_server")
 
 
 def model_loader(config: SignatureConfig, kernels: Kernels) -> Callable[[ModelSource], SignatureModel]:
-    """Builds a version of the deep model or of the colour-texture model, by the model's name."""
+    """Builds a version of the deep, the colour-texture or the BLCF model, by the model's name."""
 
     def load(source: ModelSource) -> SignatureModel:
         if source.name == config.deep_model:
@@ -33,17 +34,21 @@ def model_loader(config: SignatureConfig, kernels: Kernels) -> Callable[[ModelSo
             )
         if source.name == config.bow_model:
             return BowModel.from_source(source, kernels, config.bow_threads)
-        raise ValueError(f"model {source.name!r} is neither {config.deep_model!r} nor {config.bow_model!r}")
+        if source.name == config.blcf_model:
+            return BlcfModel.from_source(source, kernels, config.intra_op_threads, config.inference_concurrency)
+        raise ValueError(
+            f"model {source.name!r} is none of {config.deep_model!r}, {config.bow_model!r}, {config.blcf_model!r}"
+        )
 
     return load
 
 
 def create_repository(config: SignatureConfig, kernels: Kernels | None = None) -> ModelRepository[SignatureModel]:
-    """The deep and colour-texture models, each version loaded and warmed up (see ModelRepository)."""
+    """The deep, colour-texture and BLCF models, each version loaded and warmed up (see ModelRepository)."""
     kernels = kernels or select_kernels(config.kernels)
     return ModelRepository(
         Path(config.models_dir),
-        [config.deep_model, config.bow_model],
+        [config.deep_model, config.bow_model, config.blcf_model],
         model_loader(config, kernels),
         any_model=False,
         drain_timeout_s=config.drain_timeout_s,
@@ -64,6 +69,7 @@ def create_bundle(config: SignatureConfig) -> ServiceBundle:
         config.max_pixels,
         config.max_salient,
         config.max_segments,
+        blcf_model=config.blcf_model,
         local_features=config.local_feature_settings(),
         local_feature_threads=config.local_feature_threads,
     )

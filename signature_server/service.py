@@ -3,8 +3,13 @@ the server's interceptor turns into status codes.
 
 Each signature kind is one model of the server's model repository (common/model_repository.py):
 SIGNATURE_KIND_DEEP the deep descriptor's (which also serves LocateObjects), SIGNATURE_KIND_BOW the
-colour-texture codebook's. A call holds the version it uses until it ends, so a hot swap never
-takes a model away from a call in flight.
+colour-texture codebook's, SIGNATURE_KIND_BLCF the BLCF vocabulary's (signature_server/blcf.py). A
+call holds the version it uses until it ends, so a hot swap never takes a model away from a call in
+flight.
+
+Query by region (`regions`, BLCF only): one image, BLCF as the one kind, at most as many regions as
+images per call; each region is a box of the image (partly outside is clipped, wholly outside,
+empty, inverted or not a number is INVALID_ARGUMENT naming it) and gets its own signature.
 
 With `local_features`, a call also describes each image by its ORB keypoints and descriptors
 (common/local_features.py, for re-ranking by geometric verification): on the service's own thread
@@ -20,7 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, quote
+from common.blcf_codec import encode as encode_blcf
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, quote
 from common.images import ImageError, Photo
 from common.local_features import ExtractorSettings, Features, extract
 from common.local_features import to_proto as features_to_proto
@@ -29,12 +35,13 @@ from common.names import check_version
 from common.proto_convert import MODEL_STATES, box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
 from mps.common.v1 import common_pb2, models_pb2
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
+from signature_server.blcf import MAX_IMAGE_SIDE, BlcfModel, Box, region_problem
 from signature_server.bow import BowModel
 from signature_server.saliency import DeepModel, Located
 
-SERVED_KINDS = (common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW)
+SERVED_KINDS = (common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_BLCF)
 # A loaded version of one of the signature service's models.
-SignatureModel = DeepModel | BowModel
+SignatureModel = DeepModel | BowModel | BlcfModel
 
 
 def _kind_name(kind: int) -> str:
@@ -66,6 +73,7 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         max_salient: int,
         max_segments: int,
         *,
+        blcf_model: str = "blcf",
         local_features: ExtractorSettings | None = None,
         local_feature_threads: int = 2,
     ):
@@ -74,6 +82,7 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         self.models: dict[int, str] = {
             common_pb2.SIGNATURE_KIND_DEEP: deep_model,
             common_pb2.SIGNATURE_KIND_BOW: bow_model,
+            common_pb2.SIGNATURE_KIND_BLCF: blcf_model,
         }
         self.max_images = max_images
         self.max_pixels = max_pixels
@@ -96,7 +105,8 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             if kind not in SERVED_KINDS:
                 raise InvalidArgument(
                     f"{where}: signature kind {_kind_name(kind)} is not served; set "
-                    f"SIGNATURE_KIND_DEEP or SIGNATURE_KIND_BOW in {field} (ListKinds lists what is served)",
+                    f"SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW or SIGNATURE_KIND_BLCF in {field} "
+                    "(ListKinds lists what is served)",
                     violations=[(where, f"{_kind_name(kind)} is not served")],
                 )
             if kind in kinds[:j]:
@@ -107,8 +117,8 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         return kinds
 
     def _served_models(self) -> str:
-        deep, bow = (self.models[kind] for kind in SERVED_KINDS)
-        return f"{deep!r} (SIGNATURE_KIND_DEEP) or {bow!r} (SIGNATURE_KIND_BOW)"
+        deep, bow, blcf = (self.models[kind] for kind in SERVED_KINDS)
+        return f"{deep!r} (SIGNATURE_KIND_DEEP), {bow!r} (SIGNATURE_KIND_BOW) or {blcf!r} (SIGNATURE_KIND_BLCF)"
 
     def _check_models(self, request: signature_pb2.ComputeSignaturesRequest) -> dict[str, str]:
         """The versions `models` asks for, by model name (InvalidArgument for a model not served
@@ -151,12 +161,16 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                 f"{len(request.images)} images are above the limit of {self.max_images} per call: split the call",
                 quota=[("images", f"at most {self.max_images} images per ComputeSignatures call")],
             )
+        self._check_regions_request(request, kinds)
         images = []
         for i, image in enumerate(request.images):
             try:
                 images.append(image_from_proto(image, self.max_pixels))
             except ImageError as exc:
                 raise InvalidArgument(f"images[{i}]: {exc}", violations=[(f"images[{i}]", str(exc)[:300])]) from None
+        if common_pb2.SIGNATURE_KIND_BLCF in kinds:
+            _check_blcf_sizes(images)
+        regions = _regions(request, images[0]) if request.regions else []
         start = time.perf_counter()
         with contextlib.ExitStack() as held:
             # Every version this call uses is held until it ends (a swap drains, never cuts, it).
@@ -171,13 +185,17 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
                 else []
             )
             try:
-                # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
-                per_kind = [self._sign(kind, model, images) for kind, (_, _, model) in zip(kinds, used)]
+                if regions:  # one image, BLCF alone: one signature per region
+                    ((_, _, model),) = used
+                    signatures = _sign_regions(model, images[0], regions)
+                else:
+                    # Each kind signs the whole batch at once (batched forward passes); the reply is image-major.
+                    per_kind = [self._sign(kind, model, images) for kind, (_, _, model) in zip(kinds, used)]
+                    signatures = [signed[i] for i in range(len(images)) for signed in per_kind]
                 local = [features_to_proto(future.result()) for future in pending]
             finally:
                 for future in pending:  # a failed call leaves no work queued behind it
                     future.cancel()
-        signatures = [signed[i] for i in range(len(images)) for signed in per_kind]
         return signature_pb2.ComputeSignaturesResponse(
             signatures=signatures,
             compute_ms=(time.perf_counter() - start) * 1000,
@@ -185,8 +203,35 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             local_features=local,
         )
 
+    def _check_regions_request(self, request: signature_pb2.ComputeSignaturesRequest, kinds: list[int]) -> None:
+        """Regions go with one image and BLCF as the one kind, at most max_images of them."""
+        if not request.regions:
+            return
+        if kinds != [common_pb2.SIGNATURE_KIND_BLCF]:
+            asked = ", ".join(_kind_name(kind) for kind in kinds)
+            raise InvalidArgument(
+                f"regions are a query by region of SIGNATURE_KIND_BLCF alone; this call asks for {asked}: "
+                "ask for SIGNATURE_KIND_BLCF as the only kind, or send no regions",
+                violations=[("regions", f"given with {asked}")],
+            )
+        if len(request.images) != 1:
+            raise InvalidArgument(
+                f"regions are regions of one image; this call sends {len(request.images)} images: "
+                "send exactly 1 image with regions",
+                violations=[("images", f"{len(request.images)} images with regions")],
+            )
+        if len(request.regions) > self.max_images:
+            raise ResourceExhausted(
+                f"{len(request.regions)} regions are above the limit of {self.max_images} per call: split the call",
+                quota=[("regions", f"at most {self.max_images} regions per ComputeSignatures call")],
+            )
+
     @staticmethod
     def _sign(kind: int, model: SignatureModel, images: list[np.ndarray]) -> list[common_pb2.Signature]:
+        if kind == common_pb2.SIGNATURE_KIND_BLCF:
+            assert isinstance(model, BlcfModel)
+            maps = model.extractor.compute(images)
+            return [common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=encode_blcf(m)) for m in maps]
         if kind == common_pb2.SIGNATURE_KIND_BOW:
             assert isinstance(model, BowModel)
             signed = model.extractor.compute(images)
@@ -240,7 +285,7 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             try:
                 with self.repository.use(self.models[kind]) as (_, version, model):
                     kinds.append(_kind_info(kind, version, model))
-            except FailedPrecondition:  # no version loaded
+            except (FailedPrecondition, NotFound):  # no version loaded, or a repository without the model
                 continue
         return signature_pb2.ListKindsResponse(max_images_per_call=self.max_images, kinds=kinds)
 
@@ -270,7 +315,51 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         return signature_pb2.UnloadModelResponse(models=[status_to_proto(row) for row in rows])
 
 
+def _check_blcf_sizes(images: list[np.ndarray]) -> None:
+    """A BLCF signature says its image's size in 16 bits a side (common/blcf_codec.py)."""
+    for i, image in enumerate(images):
+        height, width = image.shape[:2]
+        if max(height, width) > MAX_IMAGE_SIDE:
+            raise InvalidArgument(
+                f"images[{i}] is {width}x{height} pixels; a SIGNATURE_KIND_BLCF signature describes images up to "
+                f"{MAX_IMAGE_SIDE} pixels a side: downscale it",
+                violations=[(f"images[{i}]", f"{width}x{height} is above {MAX_IMAGE_SIDE} pixels a side for BLCF")],
+            )
+
+
+def _regions(request: signature_pb2.ComputeSignaturesRequest, image: np.ndarray) -> list[Box]:
+    """The request's regions as boxes of the image (InvalidArgument naming one that is unusable)."""
+    height, width = image.shape[:2]
+    boxes: list[Box] = []
+    for i, region in enumerate(request.regions):
+        box = (region.x_min, region.y_min, region.x_max, region.y_max)
+        problem = region_problem(box, width, height)
+        if problem:
+            raise InvalidArgument(f"regions[{i}]: {problem}", violations=[(f"regions[{i}]", problem)])
+        boxes.append(box)
+    return boxes
+
+
+def _sign_regions(model: SignatureModel, image: np.ndarray, regions: list[Box]) -> list[common_pb2.Signature]:
+    assert isinstance(model, BlcfModel)
+    maps = model.extractor.maps(image, regions)
+    return [common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=encode_blcf(m)) for m in maps]
+
+
 def _kind_info(kind: int, version: str, model: SignatureModel) -> signature_pb2.KindInfo:
+    if isinstance(model, BlcfModel):
+        blcf_spec, vocabulary = model.extractor.spec, model.extractor.vocabulary
+        network = blcf_spec.network
+        return signature_pb2.KindInfo(
+            kind=common_pb2.SIGNATURE_KIND_BLCF,
+            dimension=vocabulary.size,
+            model=(
+                f"{blcf_spec.name} v{version} ({network.name} v{network.version} {blcf_spec.tensor!r} at stride "
+                f"{blcf_spec.stride}, vocabulary {vocabulary.fingerprint:08x})"
+            ),
+            backend=model.provider,
+            metric="tfidf-cosine",
+        )
     if isinstance(model, BowModel):
         extractor = model.extractor
         return signature_pb2.KindInfo(

@@ -79,19 +79,27 @@ LITERAL_CASES: list[tuple[type[ServerConfig], dict[str, Any], str]] = [
     (DetectorConfig, {"log_format": "yaml"}, "log_format 'yaml' is not one of 'json', 'text'"),
     (SignatureConfig, {"kernels": "opencl"}, "kernels 'opencl' is not one of 'auto', 'cuda', 'cpu'"),
     (RouterConfig, {"layout": "wrod"}, "layout 'wrod' is not one of 'item', 'word'"),
-    (GatewayConfig, {"default_signature_kind": "clip"}, "default_signature_kind 'clip' is not one of 'deep', 'bow'"),
-    (GatewayConfig, {"selection_kind": "clip"}, "selection_kind 'clip' is not one of 'deep', 'bow'"),
-    (GatewayConfig, {"index_kinds": ["deep", "clip"]}, "index_kinds[1] 'clip' is not one of 'deep', 'bow'"),
+    (
+        GatewayConfig,
+        {"default_signature_kind": "clip"},
+        "default_signature_kind 'clip' is not one of 'deep', 'bow', 'blcf'",
+    ),
+    (GatewayConfig, {"selection_kind": "clip"}, "selection_kind 'clip' is not one of 'deep', 'bow', 'blcf'"),
+    (GatewayConfig, {"index_kinds": ["deep", "clip"]}, "index_kinds[1] 'clip' is not one of 'deep', 'bow', 'blcf'"),
     (
         GatewayConfig,
         {"default_sources": ["detector", "user_region"]},
         "default_sources[1] 'user_region' is not one of 'detector', 'objectness', 'salient', 'segment'",
     ),
-    (GatewayConfig, {"min_score": {"deep": 0.5, "dep": 0.5}}, "min_score key 'dep' is not one of 'deep', 'bow'"),
+    (
+        GatewayConfig,
+        {"min_score": {"deep": 0.5, "dep": 0.5}},
+        "min_score key 'dep' is not one of 'deep', 'bow', 'blcf'",
+    ),
     (
         GatewayConfig,
         {"category_min_score": {"mugs": {"Deep": 0.5}}},
-        "category_min_score['mugs'] key 'Deep' is not one of 'deep', 'bow'",
+        "category_min_score['mugs'] key 'Deep' is not one of 'deep', 'bow', 'blcf'",
     ),
 ]
 
@@ -375,7 +383,7 @@ def test_every_default_is_valid():
             GatewayConfig,
             "gateway",
             ["--index-kinds", '["deep", "clip"]'],
-            "argument --index-kinds: index_kinds[1] 'clip' is not one of 'deep', 'bow'",
+            "argument --index-kinds: index_kinds[1] 'clip' is not one of 'deep', 'bow', 'blcf'",
         ),
         (
             RouterConfig,

@@ -254,6 +254,10 @@ def test_context_leaves_out_the_machines_own_files(path: str) -> None:
         "models/colour-texture-bow/1/codebook.npz",
         "models/colour-texture-bow/2/codebook.npz",
         "models/colour-texture-bow/2/config.json",
+        "models/blcf/config.json",
+        "models/blcf/1/vocabulary.npz",
+        "models/blcf/1/config.json",
+        "models/blcf/1/provenance.json",
         "detector_server/darknet_onnx.py",
     ],
 )

@@ -188,7 +188,14 @@ class Catalogue:
         return "in-process"
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float, filter=None
+        self,
+        category: str,
+        kind: str,
+        signatures: Sequence[Signature],
+        top_k: int,
+        timeout_s: float,
+        filter=None,
+        spatial=None,
     ) -> BatchAnswer:
         return BatchAnswer([[CatalogueMatch(f"{category}-1", "", 0.9, {}, None)] for _ in signatures])
 

@@ -1,4 +1,5 @@
-"""The pipeline's signing in chunks, against a fake signature service with a limit (no gRPC)."""
+"""The pipeline's signing in chunks, against a fake signature service with a limit (no gRPC): crops,
+and BLCF's query by region (the photo once, every item's box a region)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from common.errors import ResourceExhausted
+from common.images import Photo
 from common.serving import Deadline
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline, Timings, split_calls
@@ -22,6 +24,7 @@ class LimitedSigner:
         self.limit, self.advertised = limit, advertised
         self.calls: list[int] = []
         self.timeouts: list[float] = []
+        self.images: list[tuple[int, ...]] = []  # the image of each region call
         self.running = self.most_at_once = 0
         self.lock = threading.Lock()
 
@@ -40,6 +43,15 @@ class LimitedSigner:
         with self.lock:
             self.running -= 1
         return [[f"{int(c[0, 0, 0])}:{kind}" for kind in kinds] for c in crops]
+
+    def sign_regions(self, rgb, regions, timeout_s):
+        """As the signature server: at most `limit` regions per call; one signature per region."""
+        if len(regions) > self.limit:
+            raise ResourceExhausted(f"{len(regions)} regions in one call; at most {self.limit}: split it")
+        with self.lock:
+            self.calls.append(len(regions))
+            self.images.append(rgb.shape)
+        return [tuple(np.round(box, 1).tolist()) for box in regions]
 
 
 def crops(n: int) -> list[np.ndarray]:
@@ -83,3 +95,25 @@ def test_split_calls(n, limit, max_bytes, sizes):
     chunks = split_calls(crops(n), limit, max_bytes)
     assert [len(c) for c in chunks] == sizes
     assert [int(c[0, 0, 0]) for chunk in chunks for c in chunk] == list(range(n))
+
+
+def test_blcf_regions_go_with_the_photo_shrunk_once_in_calls_under_the_limit():
+    signer = LimitedSigner(limit=4, advertised=True)
+    # A 1200x800 original decoded at 900x600 (decode_max_side): boxes are in the decoded pixels.
+    photo = Photo(np.zeros((600, 900, 3), np.uint8), 1200, 800)
+    boxes = [np.array([9 * i, 6 * i, 9 * i + 90, 6 * i + 60], np.float32) for i in range(10)]
+    with ThreadPoolExecutor(8) as pool:
+        pipeline = Pipeline(GatewayConfig(blcf_side=450), None, None, signer, None, pool)
+        out = pipeline._sign_boxes(photo, boxes, "blcf", Deadline(10.0), Timings())
+    assert sorted(signer.calls) == [3, 3, 4] and set(signer.images) == {(300, 450, 3)}
+    # One signature per box, in order, each box in pixels of the 450x300 copy that was sent.
+    assert out == [(4.5 * i, 3.0 * i, 4.5 * i + 45, 3.0 * i + 30) for i in range(10)]
+
+
+def test_other_kinds_sign_crops_not_regions():
+    signer = LimitedSigner(limit=4, advertised=True)
+    photo = Photo(np.full((60, 90, 3), 7, np.uint8), 90, 60)
+    with ThreadPoolExecutor(8) as pool:
+        pipeline = Pipeline(GatewayConfig(), None, None, signer, None, pool)
+        out = pipeline._sign_boxes(photo, [np.array([0, 0, 30, 30], np.float32)], "bow", Deadline(10.0), Timings())
+    assert out == ["7:bow"] and not signer.images

@@ -35,6 +35,7 @@ from gateway.ports import (
     LocatorOutput,
     ProductPage,
     Signature,
+    SpatialRerank,
 )
 from gateway.service import VisualSearchService
 from index_server.convert import filter_of
@@ -75,13 +76,25 @@ class FakeLocator:
 
 
 class FakeSigner:
-    """A crop's signature is (kind, its shape): what the fake index is sent is checkable."""
+    """A crop's signature is (kind, its shape), a region's ("blcf", its box), a whole map's covering
+    (signature, width, height): what the fake index is sent is checkable."""
+
+    def __init__(self) -> None:
+        self.region_calls: list[tuple[tuple[int, ...], list[tuple[float, ...]]]] = []  # (image shape, boxes)
 
     def images_per_call(self, timeout_s: float) -> int:
         return 0
 
     def sign(self, crops: Sequence[np.ndarray], kinds: Sequence[str], timeout_s: float) -> list[list[Signature]]:
         return [[(kind, crop.shape) for kind in kinds] for crop in crops]
+
+    def sign_regions(self, rgb: np.ndarray, regions: Sequence[np.ndarray], timeout_s: float) -> list[Signature]:
+        boxes = [tuple(round(float(v), 1) for v in box) for box in regions]
+        self.region_calls.append((rgb.shape, boxes))
+        return [("blcf", box) for box in boxes]
+
+    def covering(self, signature: Signature, width: int, height: int) -> Signature:
+        return (signature, width, height)
 
 
 class FakeWriter:
@@ -109,6 +122,8 @@ class FakeIndex:
         self.stored: list[CatalogueEntry] = []
         self.writers: list[FakeWriter] = []
         self.searched: list[tuple[str, str, int]] = []
+        self.signatures: list[list[Signature]] = []  # each search_batch's
+        self.spatial: list[tuple[str, int, SpatialRerank | None]] = []  # each search_batch's (kind, top_k, spatial)
         self.filters: list[Any] = []  # each search_batch's filter
         self.match_extra: dict[str, Any] = {}  # more fields of the mug's CatalogueMatch
         self.down: set[str] = set()  # categories whose writes fail at commit
@@ -123,9 +138,18 @@ class FakeIndex:
         return BACKEND
 
     def search_batch(
-        self, category: str, kind: str, signatures: Sequence[Signature], top_k: int, timeout_s: float, filter=None
+        self,
+        category: str,
+        kind: str,
+        signatures: Sequence[Signature],
+        top_k: int,
+        timeout_s: float,
+        filter=None,
+        spatial: SpatialRerank | None = None,
     ) -> BatchAnswer:
         self.searched.append((category, kind, len(signatures)))
+        self.signatures.append(list(signatures))
+        self.spatial.append((kind, top_k, spatial))
         self.filters.append(filter)
         if category == "lamps":
             raise Unavailable("index at fake-index:1 ('lamps') service failed (UNAVAILABLE): connection refused")
@@ -607,6 +631,172 @@ def test_bad_attributes_are_refused_in_their_turn(gateway, ports, photo):
     [error] = gateway.raised
     assert error.info["refused_request"] == "1" and error.info["stored_images"] == "1"
     assert [f for f, _ in error.violations] == ["requests[1]", "requests[1].attributes.labels['brand']"]
+
+
+# -- bags of local convolutional features (SIGNATURE_KIND_BLCF) ---------------------------------------
+
+BLCF = common_pb2.SIGNATURE_KIND_BLCF
+
+
+@pytest.fixture
+def blcf_gateway(ports: FakePorts) -> Iterator[Recording]:
+    """A gateway indexing BLCF too, whose BLCF images are sent at most 300 px a side."""
+    servicer = VisualSearchService(GatewayConfig(index_kinds=["deep", "bow", "blcf"], blcf_side=300), ports)
+    yield Recording(servicer)
+    servicer.close()
+
+
+def test_a_blcf_search_signs_the_photo_once_with_every_item_as_a_region(blcf_gateway, ports, photo):
+    response, code = unary(blcf_gateway, "MultiProductSearch", search(photo, signature_kind=BLCF))
+    assert code == grpc.StatusCode.OK and not blcf_gateway.raised
+    [item] = response.items
+    assert item.class_name == "cup" and [m.product_id for m in item.matches] == ["mug-1"]
+    # Selected with deep crops (the cup and the whole image), then one call for BLCF: the 600x400
+    # photo shrunk to 300x200 with the cup's box, in those pixels, as its one region.
+    [(shape, [region])] = ports.signer.region_calls
+    assert shape == (200, 300, 3)
+    np.testing.assert_allclose(region, [75, 20, 210, 160], atol=1)
+    assert ports.index.signatures[-1] == [("blcf", region)]
+    # The selection's deep search is not re-ranked; the BLCF one is, by the gateway's defaults, and
+    # every re-ranked candidate comes back.
+    assert [(kind, top_k, spatial) for kind, top_k, spatial in ports.index.spatial if kind == "blcf"] == [
+        ("blcf", 50, SpatialRerank(50, 0))
+    ]
+    assert all(spatial is None for kind, _, spatial in ports.index.spatial if kind == "deep")
+
+
+def test_blcf_regions_that_name_their_category_are_signed_once_by_region(blcf_gateway, ports, photo):
+    regions = [
+        gateway_pb2.Region(box=box(10, 20, 300, 380), category="tableware"),
+        gateway_pb2.Region(box=box(400, 0, 600, 200), category="tableware"),
+    ]
+    request = search(photo, signature_kind=BLCF, regions=regions, spatial_rerank_k=7, query_expansion=3)
+    response, code = unary(blcf_gateway, "MultiProductSearch", request)
+    assert code == grpc.StatusCode.OK and ports.detector.calls == 0
+    assert [i.source for i in response.items] == [gateway_pb2.ITEM_SOURCE_USER_REGION] * 2
+    assert ports.signer.region_calls == [((200, 300, 3), [(5, 10, 150, 190), (200, 0, 300, 100)])]
+    assert ports.index.searched == [("tableware", "blcf", 2)]  # no deep selection: the regions are named
+    assert ports.index.spatial == [("blcf", 20, SpatialRerank(7, 3))]
+
+
+def test_spatial_rerank_k_zero_asks_the_index_for_no_re_ranking(blcf_gateway, ports, photo):
+    regions = [gateway_pb2.Region(box=box(10, 20, 300, 380), category="tableware")]
+    unary(blcf_gateway, "MultiProductSearch", search(photo, signature_kind=BLCF, regions=regions, spatial_rerank_k=0))
+    assert ports.index.spatial == [("blcf", 20, None)]
+
+
+def test_a_blcf_match_says_where_in_the_catalogue_image_it_was_found(blcf_gateway, ports, photo):
+    ports.index.match_extra = {"window": np.array([5, 6, 70, 80], np.float32), "first_stage_score": 0.4}
+    regions = [gateway_pb2.Region(box=box(10, 20, 300, 380), category="tableware")]
+    response, _ = unary(blcf_gateway, "MultiProductSearch", search(photo, signature_kind=BLCF, regions=regions))
+    [match] = response.items[0].matches
+    assert (match.window.x_min, match.window.y_min, match.window.x_max, match.window.y_max) == (5, 6, 70, 80)
+    assert match.score == pytest.approx(0.9) and match.first_stage_score == pytest.approx(0.4)
+    assert match.inliers == 0 and not response.items[0].reranked  # a window is not a geometric verification
+    # Another kind's match has no window.
+    ports.index.match_extra = {}
+    response, _ = unary(blcf_gateway, "MultiProductSearch", search(photo, regions=regions))
+    assert not response.items[0].matches[0].HasField("window")
+
+
+@pytest.mark.parametrize(
+    "blcf, fields, says, violations",
+    [
+        (
+            False,
+            {"spatial_rerank_k": 10},
+            "spatial_rerank_k applies to SIGNATURE_KIND_BLCF only (spatial re-ranking of bags of local "
+            "convolutional features), not to SIGNATURE_KIND_DEEP: leave it unset, or set signature_kind "
+            "SIGNATURE_KIND_BLCF",
+            [("spatial_rerank_k", "set with signature_kind SIGNATURE_KIND_DEEP")],
+        ),
+        (
+            True,
+            {"signature_kind": common_pb2.SIGNATURE_KIND_BOW, "query_expansion": 0},
+            "query_expansion applies to SIGNATURE_KIND_BLCF only",
+            [("query_expansion", "set with signature_kind SIGNATURE_KIND_BOW")],
+        ),
+        (
+            False,
+            {"signature_kind": BLCF},
+            "signature_kind SIGNATURE_KIND_BLCF is not indexed here; the catalogue is indexed with "
+            "['SIGNATURE_KIND_DEEP', 'SIGNATURE_KIND_BOW']: ask for one of those",
+            [("signature_kind", "SIGNATURE_KIND_BLCF is not indexed here")],
+        ),
+        (
+            True,
+            {"signature_kind": BLCF, "spatial_rerank_k": 201},
+            "spatial_rerank_k 201 is above the limit of 200: re-rank at most 200 candidates per item, or 0 for none",
+            [("spatial_rerank_k", "201 is above the limit of 200")],
+        ),
+        (
+            True,
+            {"signature_kind": BLCF, "spatial_rerank_k": 5, "query_expansion": 6},
+            "query_expansion 6 is above spatial_rerank_k 5: the query is expanded with the best windows of "
+            "the re-ranked candidates, so expand over at most 5 (or 0 for none)",
+            [("query_expansion", "6 is above spatial_rerank_k 5")],
+        ),
+        (
+            True,
+            {"signature_kind": BLCF, "spatial_rerank_k": 0, "query_expansion": 1},
+            "query_expansion 1 is above spatial_rerank_k 0",
+            [("query_expansion", "1 is above spatial_rerank_k 0")],
+        ),
+    ],
+)
+def test_spatial_options_are_checked_before_any_back_end_is_called(
+    gateway, blcf_gateway, ports, photo, blcf, fields, says, violations
+):
+    chosen = blcf_gateway if blcf else gateway
+    error = refused(chosen, "MultiProductSearch", search(photo, **fields))
+    assert type(error) is InvalidArgument and error.message.startswith(says), error.message
+    assert error.violations == violations
+    assert ports.detector.calls == 0 and not ports.index.searched and not ports.signer.region_calls
+
+
+def test_a_blcf_video_stream_is_refused_like_a_search_when_blcf_is_not_indexed(gateway, photo):
+    options = gateway_pb2.VideoOptions(signature_kind=BLCF)
+    with pytest.raises(InvalidArgument) as caught:
+        gateway.servicer._video_settings(options)
+    assert caught.value.message.startswith("options.signature_kind SIGNATURE_KIND_BLCF is not indexed here")
+
+
+def test_a_blcf_video_stream_takes_the_gateways_spatial_defaults(blcf_gateway):
+    settings = blcf_gateway.servicer._video_settings(gateway_pb2.VideoOptions(signature_kind=BLCF))
+    assert (settings.search.kind, settings.search.spatial_rerank_k, settings.search.query_expansion) == ("blcf", 50, 0)
+    deep = blcf_gateway.servicer._video_settings(gateway_pb2.VideoOptions())
+    assert (deep.search.kind, deep.search.spatial_rerank_k) == ("deep", 0)
+
+
+def test_ingest_with_blcf_signs_each_whole_image_covering_its_own_pixels(blcf_gateway, ports, photo):
+    requests = [
+        product("mug-1", photo, image_id="a"),
+        product("mug-1", photo, image_id="b", box=box(100, 50, 400, 350)),
+    ]
+    response, code = index_products(blcf_gateway, requests)
+    assert code == grpc.StatusCode.OK and not blcf_gateway.raised and response.indexed == 2
+    stored = ports.index.stored
+    assert [(e.image_id, e.kind) for e in stored] == [(i, k) for i in ("a", "b") for k in ("deep", "bow", "blcf")]
+    # deep and bow sign the product's crop; blcf the whole photo (sent at 300x200), its map then
+    # covering the 600x400 original, so that the index's windows are in its pixels.
+    # (the detector's 270x280 cup and the 300x300 box, at most 256 px a side)
+    assert stored[0].signature == ("deep", (256, 247, 3)) and stored[4].signature == ("bow", (256, 256, 3))
+    assert stored[2].signature == stored[5].signature == (("blcf", (200, 300, 3)), 600, 400)
+    # The same box, metadata and product for every kind; the thumbnail with the first kind only.
+    assert all(e.box.tolist() == stored[3].box.tolist() for e in stored[3:])
+    assert [bool(e.thumbnail) for e in stored] == [True, False, False, True, False, False]
+
+
+def test_ingest_with_blcf_refuses_an_image_its_map_cannot_describe(blcf_gateway, ports):
+    long_strip = common_pb2.Image(raw=common_pb2.RawImage(width=70_000, height=2, rgb=bytes(70_000 * 2 * 3)))
+    index_products(blcf_gateway, [product("strip", long_strip)])
+    [error] = blcf_gateway.raised
+    assert type(error) is IngestError and error.status == "INVALID_ARGUMENT"
+    assert error.message.startswith(
+        "product #0 ('strip'): image is 70000x2 pixels; a catalogue indexed with SIGNATURE_KIND_BLCF takes at "
+        "most 65535 a side"
+    )
+    assert [f for f, _ in error.violations] == ["requests[0]", "requests[0].image"] and not ports.index.stored
 
 
 # -- over a real server on loopback, through the interceptor ------------------------------------------

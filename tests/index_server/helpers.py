@@ -11,10 +11,12 @@ from typing import Any
 import grpc
 import numpy as np
 
+from common import blcf_codec
+from common.blcf_codec import EMPTY, AssignmentMap
 from common.bow_codec import BagOfWords, encode
 from common.config import REPO_ROOT, load_config
 from common.proto_convert import box_to_proto, dense_to_proto
-from index_server.config import IndexConfig, RouterConfig
+from index_server.config import IndexConfig, RouterConfig, WindowSpec
 from index_server.domain import Item
 from index_server.server import create_bundle, create_router_bundle
 from mps.common.v1 import common_pb2
@@ -92,6 +94,50 @@ class Cluster:
 
 def bow(bag: BagOfWords) -> common_pb2.Signature:
     return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BOW, bow=encode(bag))
+
+
+def blcf(amap: AssignmentMap) -> common_pb2.Signature:
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=blcf_codec.encode(amap))
+
+
+def random_maps(
+    rng: np.random.Generator,
+    count: int,
+    vocabulary: int,
+    fingerprint: int = 1,
+    largest: int = 14,
+    empty: float = 0.0,
+) -> list[AssignmentMap]:
+    """Assignment maps of 3..largest rows and columns: Zipf-distributed words (a few common, most
+    rare, as visual words are), a third of the cells repeating their left neighbour's word (as
+    neighbouring cells of one surface do), and a share `empty` of cells without a word."""
+    maps = []
+    for _ in range(count):
+        rows, columns = (int(v) for v in rng.integers(3, largest + 1, 2))
+        words = rng.zipf(1.3, (rows, columns)) % vocabulary
+        words = np.where(rng.random((rows, columns)) < 0.33, np.roll(words, 1, axis=1), words)
+        if empty:
+            holes = rng.random((rows, columns)) < empty
+            holes[0, 0] = False  # at least one word
+            words = np.where(holes, EMPTY, words)
+        maps.append(AssignmentMap(words.astype(np.uint16), vocabulary, fingerprint, 32 * columns, 24 * rows))
+    return maps
+
+
+def planted(
+    rng: np.random.Generator,
+    instance: AssignmentMap,
+    vocabulary: int,
+    shape: tuple[int, int] = (14, 14),
+    at: tuple[int, int] = (8, 8),
+    fingerprint: int = 1,
+) -> AssignmentMap:
+    """A map of `shape` cells of random background words with `instance`'s cells pasted at cell
+    `at` (row, column): an instance filling a small part of a catalogue photo."""
+    words = rng.integers(0, vocabulary, shape).astype(np.uint16)
+    r, c = at
+    words[r : r + instance.rows, c : c + instance.columns] = instance.words
+    return AssignmentMap(words, vocabulary, fingerprint, 32 * shape[1], 32 * shape[0])
 
 
 def random_bags(
@@ -191,6 +237,52 @@ def bow_scores(query: BagOfWords, bags: dict[str, BagOfWords]) -> dict[str, floa
     """Score (1 - chi2 / 2) of every item sharing a word with the query, by brute force."""
     scores = {item_id: 1.0 - chi2(query, bag) / 2.0 for item_id, bag in bags.items()}
     return {item_id: s for item_id, s in scores.items() if s > 0}
+
+
+def tfidf_idf(maps: list[AssignmentMap], vocabulary: int) -> np.ndarray:
+    """(V,) float64 idf_w = log(1 + N / df_w) over these maps (the live items), 0 where df_w = 0."""
+    df = np.zeros(vocabulary, np.int64)
+    for amap in maps:
+        df[np.unique(amap.words[amap.words != EMPTY])] += 1
+    return np.where(df > 0, np.log1p(len(maps) / np.maximum(df, 1)), 0.0)
+
+
+def tfidf_vector(words: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """(V,) float64 tf-idf vector of an array of cells' words (EMPTY cells left out)."""
+    present = np.asarray(words).reshape(-1)
+    present = present[present != EMPTY]
+    return np.bincount(present, minlength=len(idf)) * idf
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / norms if norms > 0 else 0.0
+
+
+def blcf_scores(query: AssignmentMap, maps: dict[str, AssignmentMap]) -> dict[str, float]:
+    """tf-idf cosine of every item with a positive score, the items being the whole database."""
+    idf = tfidf_idf(list(maps.values()), query.vocabulary)
+    q = tfidf_vector(query.words, idf)
+    scores = {item_id: cosine(q, tfidf_vector(amap.words, idf)) for item_id, amap in maps.items()}
+    return {item_id: s for item_id, s in scores.items() if s > 0}
+
+
+def window_scores(
+    query: np.ndarray, amap: AssignmentMap, idf: np.ndarray, windows: WindowSpec | None = None
+) -> list[tuple[float, tuple[int, int, int, int]]]:
+    """(cosine with the (V,) query vector, (row0, column0, row1, column1)) of every window of the
+    map, by brute force, in the order the index tries them (heights, widths, rows, columns)."""
+    windows = windows or WindowSpec()
+    out = []
+    for height in windows.sizes(amap.rows):
+        for width in windows.sizes(amap.columns):
+            ys = sorted({*range(0, amap.rows - height + 1, windows.stride), amap.rows - height})
+            xs = sorted({*range(0, amap.columns - width + 1, windows.stride), amap.columns - width})
+            for y in ys:
+                for x in xs:
+                    vector = tfidf_vector(amap.words[y : y + height, x : x + width], idf)
+                    out.append((cosine(query, vector), (y, x, y + height, x + width)))
+    return out
 
 
 def dense_scores(query: np.ndarray, vectors: dict[str, np.ndarray]) -> dict[str, float]:

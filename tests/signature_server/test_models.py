@@ -33,8 +33,12 @@ from signature_server.config import SignatureConfig, latest_source
 from signature_server.deep import DeepDescriptor
 from tests.helpers import free_port, tiles, wait_serving
 
-DEEP, BOW = "efficientnet-lite0", "colour-texture-bow"
-KIND_DEEP, KIND_BOW = common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW
+DEEP, BOW, BLCF = "efficientnet-lite0", "colour-texture-bow", "blcf"
+KIND_DEEP, KIND_BOW, KIND_BLCF = (
+    common_pb2.SIGNATURE_KIND_DEEP,
+    common_pb2.SIGNATURE_KIND_BOW,
+    common_pb2.SIGNATURE_KIND_BLCF,
+)
 READY, FAILED = models_pb2.MODEL_STATE_READY, models_pb2.MODEL_STATE_FAILED
 
 
@@ -51,6 +55,7 @@ def add_version(root: Path, name: str, version: str, files: Mapping[str, Path | 
 
 DEEP_FILES = {"model.onnx": MODELS_DIR / DEEP / "1" / "model.onnx"}
 BOW_FILES = {name: MODELS_DIR / BOW / "1" / name for name in ("codebook.npz", "provenance.json")}
+BLCF_FILES = {name: MODELS_DIR / BLCF / "1" / name for name in ("vocabulary.npz", "provenance.json", "config.json")}
 
 
 def wrong_dimension_model() -> bytes:
@@ -82,7 +87,7 @@ def repository(tmp_path) -> Path:
     batches are at most 8 here and LocateObjects looks at smaller copies, so that each of the many
     warm-ups below stays short."""
     root = tmp_path / "models"
-    for name in (DEEP, BOW):
+    for name in (DEEP, BOW, BLCF):
         (root / name).mkdir(parents=True)
     config = json.loads((MODELS_DIR / DEEP / "config.json").read_text())
     config["max_batch"] = 8
@@ -93,8 +98,10 @@ def repository(tmp_path) -> Path:
     bow_config = json.loads((MODELS_DIR / BOW / "config.json").read_text())
     bow_config["version_policy"] = {"latest": 1}
     (root / BOW / "config.json").write_text(json.dumps(bow_config))
+    (root / BLCF / "config.json").symlink_to(MODELS_DIR / BLCF / "config.json")
     add_version(root, DEEP, "1", DEEP_FILES)
     add_version(root, BOW, "1", BOW_FILES)
+    add_version(root, BLCF, "1", BLCF_FILES)
     return root
 
 
@@ -277,7 +284,7 @@ def test_a_codebook_swap_serves_the_new_version_and_unload_and_reload_the_kind(r
             error.value.details() or ""
         )
         kinds = stub.ListKinds(signature_pb2.ListKindsRequest(), timeout=10).kinds
-        assert [k.kind for k in kinds] == [KIND_DEEP]
+        assert [k.kind for k in kinds] == [KIND_DEEP, KIND_BLCF]
         # The deep model serves LocateObjects too: its last version stays.
         with pytest.raises(grpc.RpcError) as error:
             stub.UnloadModel(signature_pb2.UnloadModelRequest(name=DEEP), timeout=30)
@@ -340,7 +347,7 @@ def timed(call: Callable[[], object]) -> float:
 
 def test_the_first_calls_after_the_server_says_serving_are_warm(tmp_path, coffee):
     """A fresh process with an empty numba cache (so nothing compiled is left from other runs): its
-    first colour-texture and deep calls take about what later ones take."""
+    first colour-texture, deep and BLCF calls take about what later ones take."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "signature_server", "--port", str(port), "--kernels", "cpu"]
@@ -354,7 +361,7 @@ def test_the_first_calls_after_the_server_says_serving_are_warm(tmp_path, coffee
         with grpc.insecure_channel(address) as channel:
             stub = signature_pb2_grpc.SignatureServiceStub(channel)
             stub.ListKinds(signature_pb2.ListKindsRequest(), timeout=10)  # connected; nothing computed
-            for kind in (KIND_BOW, KIND_DEEP):
+            for kind in (KIND_BOW, KIND_DEEP, KIND_BLCF):
                 request = signature_pb2.ComputeSignaturesRequest(
                     images=[image_to_proto(coffee[40:300, 100:450])], kind=kind
                 )
@@ -369,3 +376,43 @@ def test_the_first_calls_after_the_server_says_serving_are_warm(tmp_path, coffee
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def test_a_corrupt_blcf_vocabulary_is_refused_and_the_old_version_keeps_serving(repository, coffee):
+    """A vocabulary swap: a corrupt file or one edited after training (its provenance no longer
+    matches) is FAILED_PRECONDITION and the serving version answers as before; a sound new
+    vocabulary serves its own fingerprint."""
+    from common.blcf_codec import decode as decode_blcf
+
+    blcf_request = signature_pb2.ComputeSignaturesRequest(images=[image_to_proto(coffee)], kind=KIND_BLCF)
+    with serving(repository) as served:
+        stub = served.stub
+        before = stub.ComputeSignatures(blcf_request, timeout=30)
+        assert [(m.name, m.version) for m in before.served_by] == [(BLCF, "1")]
+        add_version(repository, BLCF, "2", {**BLCF_FILES, "vocabulary.npz": b"PK\x03\x04 corrupt" * 100})
+        with np.load(MODELS_DIR / BLCF / "1" / "vocabulary.npz") as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        add_version(repository, BLCF, "3", {"provenance.json": BLCF_FILES["provenance.json"]})
+        (repository / BLCF / "3" / "config.json").symlink_to(BLCF_FILES["config.json"])
+        np.savez_compressed(
+            repository / BLCF / "3" / "vocabulary.npz", **(arrays | {"centres": np.roll(arrays["centres"], 1, axis=0)})
+        )
+        add_version(repository, BLCF, "4", {"config.json": BLCF_FILES["config.json"]})
+        np.savez_compressed(
+            repository / BLCF / "4" / "vocabulary.npz", **(arrays | {"centres": np.roll(arrays["centres"], 1, axis=0)})
+        )
+        for version, says in [("2", "cannot be read as a vocabulary"), ("3", "changed after training")]:
+            code, details = load(stub, BLCF, version)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+            assert f"version {version} cannot be loaded" in details and says in details, details
+            assert "version 1 keeps serving" in details, details
+            assert rows(stub, BLCF)[version].state == FAILED and default_version(stub, BLCF) == "1"
+            after = stub.ComputeSignatures(blcf_request, timeout=30)
+            assert after.signatures == before.signatures and after.served_by == before.served_by
+        # Version 4 (moved centres, no provenance to contradict them): another vocabulary, served.
+        assert load(stub, BLCF, "4") == (grpc.StatusCode.OK, "")
+        other = stub.ComputeSignatures(blcf_request, timeout=30)
+        assert [(m.name, m.version) for m in other.served_by] == [(BLCF, "4")]
+        assert decode_blcf(other.signatures[0].blcf).fingerprint != decode_blcf(before.signatures[0].blcf).fingerprint
+        kinds = stub.ListKinds(signature_pb2.ListKindsRequest(), timeout=10).kinds
+        assert [k.kind for k in kinds] == [KIND_DEEP, KIND_BOW, KIND_BLCF] and kinds[2].model.startswith("blcf v4 ")

@@ -93,13 +93,21 @@ def test_the_image_limit_is_a_quota_failure(servicer, coffee):
     assert error.quota == [("images", "at most 4 images per ComputeSignatures call")]
 
 
-def test_list_kinds(servicer):
+def test_list_kinds(servicer, blcf):
     response, _, _ = unary(servicer, SERVICE, "ListKinds", signature_pb2.ListKindsRequest())
     assert response.max_images_per_call == 4  # the gateway splits its calls to this
     assert [(k.kind, k.dimension, k.metric) for k in response.kinds] == [
         (common_pb2.SIGNATURE_KIND_DEEP, 1280, "cosine"),
         (common_pb2.SIGNATURE_KIND_BOW, 5000, "chi2"),
+        (common_pb2.SIGNATURE_KIND_BLCF, blcf.vocabulary.size, "tfidf-cosine"),
     ]
+    # BLCF names its version, the network and tensor it describes, and its vocabulary's fingerprint.
+    spec, fingerprint = blcf.spec, blcf.vocabulary.fingerprint
+    assert response.kinds[2].model == (
+        f"blcf v{spec.version} (efficientnet-lite0 v1 '/_blocks.10/Add_output_0' at stride 16, "
+        f"vocabulary {fingerprint:08x})"
+    )
+    assert response.kinds[2].backend
     # Each kind names the model version behind it.
     assert response.kinds[0].model == "efficientnet-lite0 v1"
     assert response.kinds[1].model.startswith("colour-texture-bow v2 (codebook ")
@@ -336,3 +344,120 @@ def test_a_16_bit_png_is_signed_like_its_8_bit_truth(stub, coffee):
     np.testing.assert_allclose(
         dense_from_proto(signed.signatures[0]), dense_from_proto(signed.signatures[1]), atol=1e-5
     )
+
+
+# SIGNATURE_KIND_BLCF: assignment maps, and queries by region.
+
+BLCF = common_pb2.SIGNATURE_KIND_BLCF
+
+
+@pytest.fixture(scope="module")
+def blcf(signature_models):
+    """The BLCF extractor the service uses (its default version)."""
+    with signature_models.use("blcf") as (_, _, model):
+        return model.extractor
+
+
+def region_request(images, regions, kinds=(BLCF,)):
+    return signature_pb2.ComputeSignaturesRequest(
+        images=images,
+        kinds=list(kinds),
+        regions=[common_pb2.Box(x_min=a, y_min=b, x_max=c, y_max=d) for a, b, c, d in regions],
+    )
+
+
+def test_blcf_signatures_decode_to_the_extractors_maps(servicer, coffee, blcf):
+    from common.blcf_codec import decode as decode_blcf
+    from common.blcf_codec import encode as encode_blcf
+
+    crops = [coffee[:200, :300], coffee]
+    request = signature_pb2.ComputeSignaturesRequest(
+        images=[image_to_proto(c) for c in crops], kinds=[common_pb2.SIGNATURE_KIND_DEEP, BLCF]
+    )
+    response, code, _ = unary(servicer, SERVICE, "ComputeSignatures", request)
+    assert code == grpc.StatusCode.OK and len(response.signatures) == 4
+    assert [m.name for m in response.served_by] == ["efficientnet-lite0", "blcf"]
+    for i, crop in enumerate(crops):
+        deep, signed = response.signatures[2 * i], response.signatures[2 * i + 1]
+        assert deep.kind == common_pb2.SIGNATURE_KIND_DEEP and signed.kind == BLCF
+        assignment = decode_blcf(signed.blcf)
+        assert (assignment.width, assignment.height) == (crop.shape[1], crop.shape[0])
+        assert assignment.fingerprint == blcf.vocabulary.fingerprint
+        assert signed.blcf == encode_blcf(blcf.map(crop)) and len(signed.blcf) < 1024
+
+
+def test_regions_give_one_signature_each_in_order(servicer, coffee, blcf):
+    from common.blcf_codec import EMPTY
+    from common.blcf_codec import decode as decode_blcf
+    from common.blcf_codec import encode as encode_blcf
+
+    regions = [(250.0, 100.0, 400.0, 200.0), (0.0, 0.0, 600.0, 400.0), (-20.0, 300.0, 100.0, 500.0)]
+    response, code, _ = unary(servicer, SERVICE, "ComputeSignatures", region_request([image_to_proto(coffee)], regions))
+    assert code == grpc.StatusCode.OK and len(response.signatures) == len(regions)
+    expected = blcf.maps(coffee, regions)
+    for signed, box, wanted in zip(response.signatures, regions, expected):
+        assert signed.kind == BLCF and signed.blcf == encode_blcf(wanted)
+        region = decode_blcf(signed.blcf)
+        rows, columns = np.nonzero(region.words != EMPTY)
+        # Every kept cell's centre is inside the region (a region partly outside keeps what is inside).
+        assert len(rows) > 0
+        for row, column in zip(rows, columns):
+            x0, y0, x1, y1 = region.cell_box(int(row), int(column), int(row) + 1, int(column) + 1)
+            assert box[0] <= (x0 + x1) / 2 < box[2] and box[1] <= (y0 + y1) / 2 < box[3]
+
+
+def test_region_and_blcf_bad_input_raise_domain_errors_naming_the_field(servicer, coffee):
+    photo = image_to_proto(coffee)
+    deep = common_pb2.SIGNATURE_KIND_DEEP
+    wide = image_to_proto(np.zeros((1, 70_000, 3), np.uint8))
+    nan = float("nan")
+    cases = [
+        (
+            region_request([photo], [(0, 0, 10, 10)], kinds=(deep,)),
+            InvalidArgument,
+            "SIGNATURE_KIND_BLCF alone",
+            "regions",
+        ),
+        (region_request([photo], [(0, 0, 10, 10)], kinds=(BLCF, deep)), InvalidArgument, "only kind", "regions"),
+        (region_request([photo, photo], [(0, 0, 10, 10)]), InvalidArgument, "send exactly 1 image", "images"),
+        (
+            region_request([photo], [(0, 0, 10, 10), (5, 5, 1, 1)]),
+            InvalidArgument,
+            "regions[1]: region (5, 5, 1, 1) is empty or inverted",
+            "regions[1]",
+        ),
+        (region_request([photo], [(10, 10, 10, 50)]), InvalidArgument, "is empty or inverted", "regions[0]"),
+        (region_request([photo], [(700, 0, 800, 50)]), InvalidArgument, "lies outside the 600x400 image", "regions[0]"),
+        (region_request([photo], [(nan, 0, 10, 10)]), InvalidArgument, "not a finite number", "regions[0]"),
+        (region_request([wide], []), InvalidArgument, "up to 65535 pixels a side: downscale it", "images[0]"),
+    ]
+    for message, kind, fragment, field in cases:
+        error = refused(servicer.ComputeSignatures, message)
+        assert type(error) is kind and fragment in error.message, error.message
+        assert [f for f, _ in error.violations] == [field], error.violations
+    error = refused(servicer.ComputeSignatures, region_request([photo], [(0, 0, 10, 10)] * 5))
+    assert type(error) is ResourceExhausted
+    assert error.message == "5 regions are above the limit of 4 per call: split the call"
+    assert error.quota == [("regions", "at most 4 regions per ComputeSignatures call")]
+
+
+def test_blcf_and_regions_over_loopback(stub, coffee, blcf):
+    from common.blcf_codec import encode as encode_blcf
+
+    photo = image_to_proto(coffee)
+    signed = stub.ComputeSignatures(request([photo], BLCF), timeout=30)
+    assert signed.signatures[0].blcf == encode_blcf(blcf.map(coffee))
+    regions = stub.ComputeSignatures(region_request([photo], [(250, 100, 400, 200)] * 4), timeout=30)
+    assert len(regions.signatures) == 4 and len({s.blcf for s in regions.signatures}) == 1
+    cases = [
+        (region_request([photo], [(0, 0, 10, 10)] * 5), grpc.StatusCode.RESOURCE_EXHAUSTED, "5 regions are above"),
+        (region_request([photo], [(5, 5, 1, 1)]), grpc.StatusCode.INVALID_ARGUMENT, "regions[0]"),
+        (
+            region_request([photo], [(0, 0, 1, 1)], kinds=(common_pb2.SIGNATURE_KIND_BOW,)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SIGNATURE_KIND_BLCF alone",
+        ),
+    ]
+    for message, expected_code, fragment in cases:
+        _, code, details = call_code(stub.ComputeSignatures, message)
+        assert code == expected_code and fragment in details, (code, details)

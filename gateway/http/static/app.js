@@ -12,6 +12,7 @@
     SIGNATURE_KIND_UNSPECIFIED: "the server's default signature",
     SIGNATURE_KIND_DEEP: "deep signatures",
     SIGNATURE_KIND_BOW: "colour-texture signatures",
+    SIGNATURE_KIND_BLCF: "local convolutional features",
   };
   const SOURCE_NAMES = {
     ITEM_SOURCE_DETECTOR: "detector",

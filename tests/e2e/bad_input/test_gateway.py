@@ -147,6 +147,64 @@ SEARCH_CASES = [
         fields=("rerank_k",),
     ),
     search_case("search-rerank-k-max-uint32", INVALID, ("rerank_k", "above the limit"), rerank_k=2**32 - 1),
+    # Spatial re-ranking (SIGNATURE_KIND_BLCF): the reference gateway does not index BLCF, so its
+    # options are checked before the kind is (they are wrong whatever is indexed).
+    expecting(
+        search_case(
+            "search-spatial-rerank-k-with-deep",
+            INVALID,
+            ("spatial_rerank_k applies to signature_kind_blcf only", "not to signature_kind_deep", "leave it unset"),
+            signature_kind=common_pb2.SIGNATURE_KIND_DEEP,
+            spatial_rerank_k=10,
+        ),
+        fields=("spatial_rerank_k",),
+    ),
+    expecting(
+        search_case(
+            "search-query-expansion-with-the-default-kind",
+            INVALID,
+            ("query_expansion applies to signature_kind_blcf only", "set signature_kind signature_kind_blcf"),
+            query_expansion=0,
+        ),
+        fields=("query_expansion",),
+    ),
+    expecting(
+        search_case(
+            "search-spatial-rerank-k-over-limit",
+            INVALID,
+            ("spatial_rerank_k 201 is above the limit of 200", "or 0 for none"),
+            signature_kind=common_pb2.SIGNATURE_KIND_BLCF,
+            spatial_rerank_k=201,
+        ),
+        fields=("spatial_rerank_k",),
+    ),
+    search_case(
+        "search-spatial-rerank-k-max-uint32",
+        INVALID,
+        ("spatial_rerank_k", "above the limit"),
+        signature_kind=common_pb2.SIGNATURE_KIND_BLCF,
+        spatial_rerank_k=2**32 - 1,
+    ),
+    expecting(
+        search_case(
+            "search-query-expansion-above-spatial-rerank-k",
+            INVALID,
+            ("query_expansion 6 is above spatial_rerank_k 5", "expand over at most 5"),
+            signature_kind=common_pb2.SIGNATURE_KIND_BLCF,
+            spatial_rerank_k=5,
+            query_expansion=6,
+        ),
+        fields=("query_expansion",),
+    ),
+    expecting(
+        search_case(
+            "search-blcf-not-indexed",
+            INVALID,
+            ("signature_kind signature_kind_blcf is not indexed here", "signature_kind_deep", "ask for one of those"),
+            signature_kind=common_pb2.SIGNATURE_KIND_BLCF,
+        ),
+        fields=("signature_kind",),
+    ),
     search_case("search-min-confidence-above-one", INVALID, ("min_confidence", "(0, 1]"), min_confidence=1.5),
     search_case("search-min-confidence-negative", INVALID, ("min_confidence", "(0, 1]"), min_confidence=-0.2),
     search_case("search-min-confidence-nan", INVALID, ("min_confidence", "(0, 1]"), min_confidence=float("nan")),
@@ -661,6 +719,13 @@ STREAM_CASES = [
         ("signature_kind 7", "signature_kind_deep"),
         PHOTO,
         options=gateway_pb2.VideoOptions(signature_kind=7),  # type: ignore[arg-type]
+    ),
+    stream_case(
+        "stream-blcf-not-indexed",
+        INVALID,
+        ("options.signature_kind signature_kind_blcf is not indexed here",),
+        PHOTO,
+        options=gateway_pb2.VideoOptions(signature_kind=common_pb2.SIGNATURE_KIND_BLCF),
     ),
     stream_case(
         "stream-min-score-nan",

@@ -11,6 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
+from common import blcf_codec
+from common.blcf_codec import AssignmentMap
 from common.bow_codec import BagOfWords, decode, encode
 from common.proto_convert import dense_from_proto, dense_to_proto
 from mps.common.v1 import common_pb2
@@ -156,6 +158,40 @@ def other_codebook(s: Stubs) -> common_pb2.Signature:
         kind=common_pb2.SIGNATURE_KIND_BOW,
         bow=encode(BagOfWords(held.words, held.counts, held.vocabulary, held.codebook ^ 1)),
     )
+
+
+# A BLCF database of the corpus's own: 64-word vocabulary 0x00000b1c, 4 x 5 maps.
+BLCF = f"{OWN}_blcf"
+BLCF_VOCABULARY, BLCF_FINGERPRINT = 64, 0xB1C
+
+
+def assignment(seed: int, vocabulary: int = BLCF_VOCABULARY, fingerprint: int = BLCF_FINGERPRINT) -> AssignmentMap:
+    words = np.random.default_rng(seed).integers(0, BLCF_VOCABULARY, (4, 5)).astype(np.uint16)
+    return AssignmentMap(words, vocabulary, fingerprint, 160, 128)
+
+
+def pyramid_of(amap: AssignmentMap) -> AssignmentMap:
+    """A query's two-level map of the same image (what a query by region is; never an item)."""
+    return AssignmentMap(amap.words, amap.vocabulary, amap.fingerprint, amap.width, amap.height, (amap.words[:2],))
+
+
+def blcf(data: AssignmentMap | bytes) -> common_pb2.Signature:
+    encoded = data if isinstance(data, bytes) else blcf_codec.encode(data)
+    return common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF, blcf=encoded)
+
+
+def rerank(**fields: Any) -> index_pb2.SpatialRerank:
+    return index_pb2.SpatialRerank(**fields)
+
+
+def reranked_search(s: Stubs) -> None:
+    """A BLCF search re-ranked: every item says it was, with its window inside its image."""
+    request = index_pb2.SearchRequest(
+        database=BLCF, signature=blcf(assignment(1)), top_k=3, spatial_rerank=rerank(top_k=3, query_expansion=1)
+    )
+    items = [item for chunk in s.index.Search(request, timeout=s.timeout) for item in chunk.items]
+    assert items and items[0].item_id == "blcf-1", items
+    assert all(i.reranked and 0 <= i.window.x_min < i.window.x_max <= 160 for i in items), items
 
 
 def stats_are_clean(s: Stubs) -> None:
@@ -805,6 +841,173 @@ CASES = [
         ),
         NOT_FOUND,
         ("does not exist",),
+    ),
+    # -- BLCF signatures (assignment maps) and spatial re-ranking
+    Case(
+        "add-blcf-creates-its-database",
+        ADD,
+        add_expecting(3, 0, *(item(BLCF, f"blcf-{n}", blcf(assignment(n))) for n in range(3))),
+        OK,
+    ),
+    Case(
+        "add-blcf-without-bytes",
+        ADD,
+        add(item(BLCF, signature=common_pb2.Signature(kind=common_pb2.SIGNATURE_KIND_BLCF))),
+        INVALID,
+        ("empty", "blcf bytes"),
+    ),
+    Case(
+        "add-blcf-garbage",
+        ADD,
+        add(item(BLCF, signature=blcf(b"\x01garbage"))),
+        INVALID,
+        ("blcf signature", "8 bytes", "at least 16"),
+    ),
+    Case(
+        "add-blcf-truncated",
+        ADD,
+        add(item(BLCF, signature=blcf(blcf_codec.encode(assignment(0))[:-3]))),
+        INVALID,
+        ("blcf signature", "inside map 0 (4x5 cells)", "truncated"),
+    ),
+    Case(
+        "add-blcf-pyramid",
+        ADD,
+        add(item(BLCF, signature=blcf(blcf_codec.encode(pyramid_of(assignment(0)))))),
+        INVALID,
+        ("pyramid of 2 maps", "sign it without regions"),
+    ),
+    Case(
+        "add-blcf-map-too-large",
+        ADD,
+        add(
+            item(
+                BLCF,
+                signature=blcf(AssignmentMap(np.ones((51, 50), np.uint16), BLCF_VOCABULARY, BLCF_FINGERPRINT, 8, 8)),
+            )
+        ),
+        INVALID,
+        ("51x50 = 2550 cells", "max_blcf_cells"),
+    ),
+    Case(
+        "add-blcf-version-2",
+        ADD,
+        add(item(BLCF, signature=blcf(b"\x02" + blcf_codec.encode(assignment(0))[1:]))),
+        INVALID,
+        ("format version 2",),
+    ),
+    Case(
+        "add-blcf-word-beyond-its-vocabulary",
+        ADD,
+        add(item(BLCF, signature=blcf(blcf_codec.encode(assignment(0))[:14] + b"\x40\x00" * 20))),
+        INVALID,
+        ("word 64", "beyond its 64-word vocabulary"),
+    ),
+    Case(
+        "add-blcf-of-another-vocabulary",
+        ADD,
+        add(item(BLCF, "blcf-x", blcf(assignment(0, fingerprint=0xB1D)))),
+        INVALID,
+        ("vocabulary 00000b1d", "re-sign with the same vocabulary"),
+    ),
+    Case(
+        "add-blcf-into-the-deep-database",
+        ADD,
+        lambda s: s.index.Add(iter([item(s.databases["deep"], "corpus-x", blcf(assignment(0)))]), timeout=s.timeout),
+        INVALID,
+        ("holds signature_kind_deep", "not signature_kind_blcf"),
+    ),
+    Case(
+        "search-blcf-query-on-the-bow-database",
+        SEARCH,
+        lambda s: search(s.databases["bow"], blcf(assignment(0)))(s),
+        INVALID,
+        ("holds signature_kind_bow", "not signature_kind_blcf"),
+    ),
+    Case(
+        "search-spatial-rerank-on-the-deep-database",
+        SEARCH,
+        search(spatial_rerank=rerank(top_k=5)),
+        INVALID,
+        ("spatial_rerank applies to signature_kind_blcf", "is dense"),
+    ),
+    Case(
+        "search-spatial-rerank-on-the-bow-database",
+        SEARCH,
+        search(signature="bow", spatial_rerank=rerank(top_k=5)),
+        INVALID,
+        ("spatial_rerank applies to signature_kind_blcf", "is bag-of-words"),
+    ),
+    expecting(
+        Case(
+            "search-spatial-rerank-top-k-201",
+            SEARCH,
+            search(BLCF, blcf(assignment(0)), spatial_rerank=rerank(top_k=201)),
+            INVALID,
+            ("spatial_rerank.top_k 201 is above the limit of 200",),
+        ),
+        fields=("spatial_rerank.top_k",),
+        quota=("max_rerank_k",),
+    ),
+    Case(
+        "search-query-expansion-above-the-rerank-top-k",
+        SEARCH,
+        search(BLCF, blcf(assignment(0)), spatial_rerank=rerank(top_k=2, query_expansion=3)),
+        INVALID,
+        ("query_expansion 3 is above spatial_rerank.top_k 2",),
+    ),
+    Case(
+        "search-query-expansion-without-rerank",
+        SEARCH,
+        search(BLCF, blcf(assignment(0)), spatial_rerank=rerank(query_expansion=1)),
+        INVALID,
+        ("query_expansion 1 is above spatial_rerank.top_k 0",),
+    ),
+    Case(
+        "search-candidate-scores-of-another-length",
+        SEARCH,
+        search(
+            BLCF, blcf(assignment(0)), spatial_rerank=rerank(top_k=5, candidate_keys=[1, 2], candidate_scores=[0.1])
+        ),
+        INVALID,
+        ("1 scores for 2 candidate_keys", "one first-stage score per key"),
+    ),
+    Case(
+        "search-candidate-keys-above-the-rerank-top-k",
+        SEARCH,
+        search(
+            BLCF,
+            blcf(assignment(0)),
+            spatial_rerank=rerank(top_k=1, candidate_keys=[1, 2], candidate_scores=[0.1, 0.2]),
+        ),
+        INVALID,
+        ("holds 2 keys, more than spatial_rerank.top_k 1",),
+    ),
+    Case(
+        "batch-candidate-keys",
+        BATCH,
+        batch(
+            signatures=lambda s: [blcf(assignment(0))],
+            database=BLCF,
+            spatial_rerank=rerank(top_k=2, candidate_keys=[1], candidate_scores=[0.5]),
+        ),
+        INVALID,
+        ("candidate_keys", "not allowed in a searchbatch"),
+    ),
+    Case("search-blcf-reranked-is-accepted", SEARCH, reranked_search, OK),
+    Case(
+        "search-blcf-candidates-not-held-are-left-out",
+        SEARCH,
+        search(
+            BLCF, blcf(assignment(0)), spatial_rerank=rerank(top_k=2, candidate_keys=[7, 8], candidate_scores=[1, 1])
+        ),
+        OK,
+    ),
+    Case(
+        "partial-blcf-scores-are-accepted",
+        PARTIAL,
+        partial(signature=lambda s: blcf(assignment(2)), database=BLCF),
+        OK,
     ),
     # -- Stats: after all of the above, nothing broken, no name that breaks a snapshot
     Case("stats-after-the-corpus", STATS, stats_are_clean, OK),

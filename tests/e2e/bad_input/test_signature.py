@@ -1,8 +1,10 @@
 """Bad input to the signature server (mps.signature.v1.SignatureService), every RPC: images that are
 empty, truncated, random, bombs, raw with the wrong byte count or no size; too many images; unknown,
 unspecified and repeated kinds; models and versions that are not served or not loaded; LocateObjects
-limits; model control (LoadModel, UnloadModel) asked for what is not there, or to leave the server
-without its deep model; hand-made bytes that are no protobuf message; and the inputs that used to
+limits; BLCF queries by region that mix kinds or images, too many regions, regions that are empty,
+inverted, not numbers or outside the image, and images too large for a BLCF signature; model
+control (LoadModel, UnloadModel) asked for what is not there, or to leave the server without its
+deep model; hand-made bytes that are no protobuf message; and the inputs that used to
 break it or answer wrongly (100000x1 strips: "cannot reshape"; 16-bit PNGs: decoded white; local
 features of a strip 1 pixel thin at the described size: cv2.error), which must now be answered."""
 
@@ -16,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
+from common.blcf_codec import EMPTY
+from common.blcf_codec import decode as decode_blcf
 from common.bow_codec import decode
 from common.images import encode_png
 from common.local_features import EXTRACTOR, from_proto
@@ -33,15 +37,16 @@ SIGN, KINDS, LOCATE, LIST_MODELS, LOAD_MODEL, UNLOAD_MODEL = (
 )
 INVALID, EXHAUSTED, OK = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK
 NOT_FOUND, PRECONDITION = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
-DEEP, BOW, UNSPECIFIED = (
+DEEP, BOW, BLCF, UNSPECIFIED = (
     common_pb2.SIGNATURE_KIND_DEEP,
     common_pb2.SIGNATURE_KIND_BOW,
+    common_pb2.SIGNATURE_KIND_BLCF,
     common_pb2.SIGNATURE_KIND_UNSPECIFIED,
 )
 # The suite runs the server with its defaults.
 LIMITS = SignatureConfig()
 MAX_IMAGES, MAX_SALIENT, MAX_SEGMENTS = LIMITS.max_images_per_request, LIMITS.max_salient, LIMITS.max_segments
-DEEP_MODEL, BOW_MODEL = LIMITS.deep_model, LIMITS.bow_model
+DEEP_MODEL, BOW_MODEL, BLCF_MODEL = LIMITS.deep_model, LIMITS.bow_model, LIMITS.blcf_model
 
 COFFEE = load_photo("coffee")
 CROP = COFFEE[40:200, 100:300]
@@ -162,7 +167,7 @@ def malformed(method: str, data: bytes) -> Callable[[Stubs], Any]:
 
 def list_kinds(s: Stubs) -> None:
     response = s.signature.ListKinds(signature_pb2.ListKindsRequest(), timeout=s.timeout)
-    assert [k.kind for k in response.kinds] == [DEEP, BOW]
+    assert [k.kind for k in response.kinds] == [DEEP, BOW, BLCF]
     assert response.max_images_per_call == MAX_IMAGES  # what the gateway splits its calls to
 
 
@@ -185,10 +190,10 @@ def sign_naming_the_serving_versions(s: Stubs) -> None:
 
 
 def list_models(s: Stubs) -> None:
-    """Both models, each with one READY default version that says where it runs."""
+    """The three models, each with one READY default version that says where it runs."""
     listed = s.signature.ListModels(signature_pb2.ListModelsRequest(), timeout=s.timeout).models
     ready = [m for m in listed if m.state == models_pb2.MODEL_STATE_READY]
-    assert sorted(m.name for m in ready) == sorted([DEEP_MODEL, BOW_MODEL]), listed
+    assert sorted(m.name for m in ready) == sorted([DEEP_MODEL, BOW_MODEL, BLCF_MODEL]), listed
     assert all(m.is_default and m.execution_provider and m.max_batch >= 1 and m.load_ms > 0 for m in ready), ready
 
 
@@ -211,6 +216,52 @@ def reload_the_serving_codebook(s: Stubs) -> None:
 
 
 TINY = image_to_proto(COFFEE[:8, :8])
+PHOTO = image_to_proto(COFFEE)  # 600x400
+# A (x_min, y_min, x_max, y_max) region.
+Region = tuple[float, float, float, float]
+
+
+def sign_regions(
+    *images: common_pb2.Image, regions: list[Region], kinds: tuple[int, ...] = (BLCF,)
+) -> Callable[[Stubs], Any]:
+    request = signature_pb2.ComputeSignaturesRequest(
+        images=images,
+        kinds=[cast(common_pb2.SignatureKind, k) for k in kinds],
+        regions=[common_pb2.Box(x_min=a, y_min=b, x_max=c, y_max=d) for a, b, c, d in regions],
+    )
+    return lambda s: s.signature.ComputeSignatures(request, timeout=s.timeout)
+
+
+def sign_blcf_validly(image: common_pb2.Image, width: int, height: int) -> Callable[[Stubs], Any]:
+    """One BLCF signature: a map of the image's size, every cell a word of its vocabulary."""
+
+    def call(s: Stubs) -> None:
+        (signed,) = sign(image, kind=BLCF)(s).signatures
+        assert signed.kind == BLCF
+        assignment = decode_blcf(signed.blcf)  # well formed, or BlcfFormatError
+        assert (assignment.width, assignment.height) == (width, height)
+        assert (assignment.words != EMPTY).all()
+
+    return call
+
+
+def regions_answered(regions: list[Region], words: list[int | None]) -> Callable[[Stubs], Any]:
+    """One BLCF signature per region of PHOTO, in order; `words[i]`: its count of cells with a word
+    (None: any)."""
+
+    def call(s: Stubs) -> None:
+        signed = sign_regions(PHOTO, regions=regions)(s).signatures
+        assert len(signed) == len(regions)
+        for signature, count in zip(signed, words):
+            assignment = decode_blcf(signature.blcf)
+            assert (assignment.width, assignment.height) == (600, 400)
+            kept = int((assignment.words != EMPTY).sum())
+            assert kept >= 1 and (count is None or kept == count), (kept, count)
+
+    return call
+
+
+NAN, INF = float("nan"), float("inf")
 
 SIGN_CASES = [
     Case("sign-no-images", SIGN, sign(), INVALID, ("no images", f"1 to {MAX_IMAGES}")),
@@ -364,6 +415,165 @@ SIGN_CASES = [
         ("models[0].version", "(100000 bytes)", "is not a version: send a positive integer"),
     ),
     Case("sign-naming-the-serving-versions", SIGN, sign_naming_the_serving_versions, OK),
+    Case("sign-blcf-photo", SIGN, sign_blcf_validly(PHOTO, 600, 400), OK),
+    Case("sign-blcf-one-pixel", SIGN, sign_blcf_validly(raw(1, 1, b"\x10\x20\x30"), 1, 1), OK),
+    Case(
+        "sign-blcf-strip-1x60000",
+        SIGN,
+        sign_blcf_validly(image_to_proto(STRIP[:, :60_000].reshape(60_000, 1, 3)), 1, 60_000),
+        OK,
+    ),
+    Case("sign-blcf-plain-strip-png", SIGN, sign_blcf_validly(encoded(encode_png(PLAIN_STRIP[:, :5000])), 5000, 1), OK),
+    expecting(
+        Case(
+            "sign-blcf-strip-wider-than-a-signature-holds",
+            SIGN,
+            sign(image_to_proto(STRIP), kinds=(DEEP, BLCF)),
+            INVALID,
+            ("images[0]", "100000x1", "up to 65535 pixels a side", "downscale"),
+        ),
+        fields=("images[0]",),
+    ),
+    Case(
+        "sign-blcf-model-version-not-loaded",
+        SIGN,
+        sign_with([(BLCF_MODEL, "7")], kinds=(BLCF,)),
+        NOT_FOUND,
+        ("version '7'", BLCF_MODEL, "not loaded"),
+    ),
+    expecting(
+        Case(
+            "sign-regions-of-the-deep-kind",
+            SIGN,
+            sign_regions(PHOTO, regions=[(0, 0, 100, 100)], kinds=(DEEP,)),
+            INVALID,
+            ("regions", "signature_kind_blcf alone", "signature_kind_deep", "only kind", "or send no regions"),
+        ),
+        fields=("regions",),
+    ),
+    Case(
+        "sign-regions-with-blcf-and-bow",
+        SIGN,
+        sign_regions(PHOTO, regions=[(0, 0, 100, 100)], kinds=(BLCF, BOW)),
+        INVALID,
+        ("signature_kind_blcf alone", "signature_kind_bow"),
+    ),
+    Case(
+        "sign-regions-with-the-kind-field-unset",
+        SIGN,
+        sign_regions(PHOTO, regions=[(0, 0, 100, 100)], kinds=()),
+        INVALID,
+        ("kind:", "signature_kind_unspecified is not served", "signature_kind_blcf"),
+    ),
+    expecting(
+        Case(
+            "sign-regions-of-two-images",
+            SIGN,
+            sign_regions(PHOTO, TINY, regions=[(0, 0, 4, 4)]),
+            INVALID,
+            ("regions are regions of one image", "2 images", "send exactly 1 image"),
+        ),
+        fields=("images",),
+    ),
+    Case("sign-regions-without-an-image", SIGN, sign_regions(regions=[(0, 0, 4, 4)]), INVALID, ("no images",)),
+    Case(
+        "sign-regions-of-an-undecodable-image",
+        SIGN,
+        sign_regions(encoded(RANDOM), regions=[(0, 0, 4, 4)]),
+        INVALID,
+        ("images[0]", "cannot be decoded"),
+    ),
+    expecting(
+        Case(
+            "sign-too-many-regions",
+            SIGN,
+            sign_regions(PHOTO, regions=[(0, 0, 100, 100)] * (MAX_IMAGES + 1)),
+            EXHAUSTED,
+            (f"{MAX_IMAGES + 1} regions are above the limit of {MAX_IMAGES} per call", "split the call"),
+        ),
+        quota=("regions",),
+    ),
+    Case(
+        "sign-regions-the-limit-exactly",
+        SIGN,
+        regions_answered([(0.0, 0.0, 100.0 + i, 100.0) for i in range(MAX_IMAGES)], [None] * MAX_IMAGES),
+        OK,
+    ),
+    expecting(
+        Case(
+            "sign-region-inverted",
+            SIGN,
+            sign_regions(PHOTO, regions=[(200, 100, 50, 300)]),
+            INVALID,
+            ("regions[0]", "(200, 100, 50, 300)", "empty or inverted", "x_min < x_max"),
+        ),
+        fields=("regions[0]",),
+    ),
+    Case(
+        "sign-region-zero-height",
+        SIGN,
+        sign_regions(PHOTO, regions=[(10, 50, 200, 50)]),
+        INVALID,
+        ("regions[0]", "empty or inverted"),
+    ),
+    Case("sign-region-all-zero", SIGN, sign_regions(PHOTO, regions=[(0, 0, 0, 0)]), INVALID, ("empty or inverted",)),
+    Case(
+        "sign-region-outside-the-image",
+        SIGN,
+        sign_regions(PHOTO, regions=[(600, 0, 700, 100)]),
+        INVALID,
+        ("regions[0]", "lies outside the 600x400 image", "pixels of the image"),
+    ),
+    Case(
+        "sign-region-above-the-image",
+        SIGN,
+        sign_regions(PHOTO, regions=[(0, -100, 100, -1)]),
+        INVALID,
+        ("lies outside the 600x400 image",),
+    ),
+    Case(
+        "sign-region-not-a-number",
+        SIGN,
+        sign_regions(PHOTO, regions=[(NAN, 0, 100, 100)]),
+        INVALID,
+        ("regions[0]", "not a finite number"),
+    ),
+    Case(
+        "sign-region-infinite",
+        SIGN,
+        sign_regions(PHOTO, regions=[(0, 0, INF, 100)]),
+        INVALID,
+        ("not a finite number",),
+    ),
+    expecting(
+        Case(
+            "sign-second-region-bad",
+            SIGN,
+            sign_regions(PHOTO, regions=[(0, 0, 100, 100), (5, 5, 5, 5)]),
+            INVALID,
+            ("regions[1]", "empty or inverted"),
+        ),
+        fields=("regions[1]",),
+    ),
+    Case(
+        "sign-regions-of-an-image-too-wide",
+        SIGN,
+        sign_regions(image_to_proto(STRIP), regions=[(0, 0, 10, 1)]),
+        INVALID,
+        ("images[0]", "up to 65535 pixels a side"),
+    ),
+    Case(
+        "sign-region-partly-outside-and-the-whole-image",
+        SIGN,
+        regions_answered([(-50.0, -50.0, 150.0, 150.0), (0.0, 0.0, 600.0, 400.0), (-1e9, -1e9, 1e9, 1e9)], [None] * 3),
+        OK,
+    ),
+    Case(
+        "sign-region-smaller-than-a-cell-keeps-one",
+        SIGN,
+        regions_answered([(300.0, 200.0, 300.5, 200.5)], [1]),
+        OK,
+    ),
     Case(
         "sign-local-features-without-a-kind",
         SIGN,
@@ -559,6 +769,13 @@ MODEL_CASES = [
         ("(100000 bytes)", "is not a version: send a positive integer"),
     ),
     Case("load-model-reload-the-serving-codebook", LOAD_MODEL, reload_the_serving_codebook, OK),
+    Case(
+        "load-model-blcf-version-not-on-disk",
+        LOAD_MODEL,
+        load_model(BLCF_MODEL, "99"),
+        NOT_FOUND,
+        ("no version '99' on disk", BLCF_MODEL),
+    ),
     Case(
         "load-model-malformed-protobuf",
         LOAD_MODEL,
