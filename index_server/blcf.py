@@ -215,19 +215,23 @@ class BlcfIndex(PostingsIndex[AssignmentMap]):
 
     def _weights_locked(self) -> tuple[np.ndarray, np.ndarray]:
         """((V,) float32 idf, (rows,) float32 1 / |d| per row, 0 for a row of norm 0): cached until
-        the next change. The caller holds the lock (either side), so no change comes meanwhile."""
+        the next change. The caller holds the lock (either side), so no change comes meanwhile; of
+        concurrent readers after a change, one computes them and the others wait for its result."""
         cached = self._weights
         if cached is not None and cached[0] == self._changes:
             return cached[1], cached[2]
-        changes, count, items = self._changes, len(self._ids), len(self._row_of)
-        idf = np.zeros(self.vocabulary, np.float32)
-        held = self._df > 0
-        idf[held] = np.log1p(items / self._df[held])
-        inverse_norms = np.empty(count, np.float32)
-        _inverse_norms(self._bag_start, self._bag_length, self._bag_words, self._bag_counts, idf, inverse_norms)
-        with self._weights_lock:  # concurrent readers may both compute: either result is the same
-            self._weights = (changes, idf, inverse_norms)
-        return idf, inverse_norms
+        with self._weights_lock:
+            cached = self._weights
+            if cached is not None and cached[0] == self._changes:
+                return cached[1], cached[2]
+            count, items = len(self._ids), len(self._row_of)
+            idf = np.zeros(self.vocabulary, np.float32)
+            held = self._df > 0
+            idf[held] = np.log1p(items / self._df[held])
+            inverse_norms = np.empty(count, np.float32)
+            _inverse_norms(self._bag_start, self._bag_length, self._bag_words, self._bag_counts, idf, inverse_norms)
+            self._weights = (self._changes, idf, inverse_norms)
+            return idf, inverse_norms
 
     def _overlap_locked(self, amap: AssignmentMap) -> tuple[np.ndarray, int]:
         """(count,) float32 per row: the cosine's share of the query's words in this index's range
