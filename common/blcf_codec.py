@@ -93,17 +93,25 @@ class AssignmentMap:
 
     def _inside(self, words: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
         """`words` (one level) with the cells whose centres lie outside the box emptied."""
-        x0, y0, x1, y1 = box
-        rows, columns = words.shape
-        sx, sy = self.width / columns, self.height / rows
-        cx = (np.arange(columns) + 0.5) * sx
-        cy = (np.arange(rows) + 0.5) * sy
-        inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
-        if not inside.any():
-            row = min(max(int(((y0 + y1) / 2) / sy), 0), rows - 1)
-            column = min(max(int(((x0 + x1) / 2) / sx), 0), columns - 1)
-            inside[row, column] = True
+        inside = region_cells(words.shape, self.width, self.height, box)
         return np.where(inside, words, np.uint16(EMPTY)).astype(np.uint16)
+
+
+def region_cells(shape: tuple[int, ...], width: int, height: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """(rows, columns) bool: the cells of a map of `shape` over a width x height image whose
+    centres lie inside `box` (x_min, y_min, x_max, y_max pixels); when none does, the cell under the
+    box's centre."""
+    x0, y0, x1, y1 = box
+    rows, columns = shape[0], shape[1]
+    sx, sy = width / columns, height / rows
+    cx = (np.arange(columns) + 0.5) * sx
+    cy = (np.arange(rows) + 0.5) * sy
+    inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
+    if not inside.any():
+        row = min(max(int(((y0 + y1) / 2) / sy), 0), rows - 1)
+        column = min(max(int(((x0 + x1) / 2) / sx), 0), columns - 1)
+        inside[row, column] = True
+    return inside
 
 
 def encode(assignment: AssignmentMap) -> bytes:

@@ -31,6 +31,13 @@ from mps.detector.v1 import detector_pb2, detector_pb2_grpc
 OUT = REPO_ROOT / "out"
 
 
+KINDS = (
+    (common_pb2.SIGNATURE_KIND_DEEP, "deep"),
+    (common_pb2.SIGNATURE_KIND_BOW, "bow"),
+    (common_pb2.SIGNATURE_KIND_BLCF, "blcf"),
+)
+
+
 def search_over_http(url: str, photo: bytes) -> dict:
     """One MultiProductSearch as a plain HTTP client makes it: JSON in, JSON out."""
     body = json.dumps({"image": {"encoded": base64.b64encode(photo).decode()}, "topK": 3, "minConfidence": 0.1})
@@ -45,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     serve = "--serve" in (sys.argv[1:] if argv is None else argv)
     # The services' own logs in text, warnings and errors only: the demo's report is what to read.
     quiet = ["--log-format", "text", "--access-log", "false", "--log-level", "WARNING"]
-    suite = start_local_suite({name: list(quiet) for name in ("detector", "signature", "index", "gateway")})
+    flags = {name: list(quiet) for name in ("detector", "signature", "index", "gateway")}
+    # Every kind indexed, bags of local convolutional features included (off by default: its
+    # signature is the slowest), so each query below is searched with each.
+    flags["gateway"] += ["--index-kinds", '["deep", "bow", "blcf"]']
+    suite = start_local_suite(flags)
     addr = suite.addresses
     try:
         print(f"\nservices up: {addr}")
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 ingest(client, catalogue / category, category)
             thumbnails = CatalogueThumbnails(client)  # the matches' pictures as a remote client gets them
             for name, photo in queries.items():
-                for kind, label in ((common_pb2.SIGNATURE_KIND_DEEP, "deep"), (common_pb2.SIGNATURE_KIND_BOW, "bow")):
+                for kind, label in KINDS:
                     result = client.search(encode_png(photo), top_k=3, min_confidence=0.1, signature_kind=kind)
                     print(f"\n== MultiProductSearch: {name} ({photo.shape[1]}x{photo.shape[0]}), {label} signatures ==")
                     print(format_table(result))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from common.blcf_codec import EMPTY, MAX_LEVELS, AssignmentMap
+from common.blcf_codec import EMPTY, MAX_LEVELS, AssignmentMap, region_cells
 from common.model_repository import ModelSource, read_source, versions_on_disk
 from common.onnx_session import GatedSession, active_provider, create_session
 from kernels import Kernels, select_kernels, spec
@@ -458,8 +458,10 @@ class BlcfExtractor:
     def provider(self) -> str:
         return self.network.provider
 
-    def words(self, features: np.ndarray) -> np.ndarray:
-        """(C, rows, columns) feature map -> (rows, columns) uint16 nearest words."""
+    def words(self, features: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """(C, rows, columns) feature map -> (rows, columns) uint16 nearest words; with `keep`
+        ((rows, columns) bool), only those cells are assigned (the nearest-word search is most of
+        a signature's time) and the others are EMPTY."""
         channels, rows, columns = features.shape
         if channels != self.vocabulary.channels:
             raise ValueError(
@@ -467,8 +469,15 @@ class BlcfExtractor:
                 f"{self.vocabulary.channels}: a vocabulary of another tensor or network"
             )
         v = self.vocabulary
-        nearest, _ = self.kernels.nearest_words(v.project(cells(features)), v.centres, v.norms, 1)
-        return nearest[:, 0].astype(np.uint16).reshape(rows, columns)
+        described = cells(features)
+        if keep is not None:
+            described = described[keep.reshape(-1)]
+        nearest, _ = self.kernels.nearest_words(v.project(described), v.centres, v.norms, 1)
+        if keep is None:
+            return nearest[:, 0].astype(np.uint16).reshape(rows, columns)
+        out = np.full((rows, columns), EMPTY, np.uint16)
+        out[keep] = nearest[:, 0]
+        return out
 
     def _map(self, features: np.ndarray, height: int, width: int) -> AssignmentMap:
         v = self.vocabulary
@@ -488,8 +497,9 @@ class BlcfExtractor:
     def maps(self, image: np.ndarray, regions: Sequence[Box]) -> list[AssignmentMap]:
         """One image, N regions (x_min, y_min, x_max, y_max pixels of it) -> N query pyramids, each
         the image's maps at the region's own `query_long_sides` (levels that come out at the same
-        input size are one) with only the region's cells kept; one forward pass per distinct input
-        size, shared by the regions. ValueError for a region that region_problem refuses."""
+        input size are one) with only the region's cells kept (and only they assigned to words);
+        one forward pass per distinct input size, shared by the regions. ValueError for a region
+        that region_problem refuses."""
         height, width = image.shape[:2]
         if not regions:
             raise ValueError("no regions given")
@@ -498,19 +508,20 @@ class BlcfExtractor:
             if problem:
                 raise ValueError(f"regions[{i}]: {problem}")
         v = self.vocabulary
-        described: dict[tuple[int, int], np.ndarray] = {}  # input size -> words: one pass per size
+        described: dict[tuple[int, int], np.ndarray] = {}  # input size -> features: one pass per size
         out = []
         for box in regions:
             # Each region at its own scales (a small product is not described at a large one's).
             sizes: dict[tuple[int, int], int] = {}
             for side in self.spec.query_long_sides(width, height, [box]):
                 sizes.setdefault(self.spec.input_size(height, width, side), side)
+            levels = []
             for size, side in sizes.items():
                 if size not in described:
-                    described[size] = self.map(image, side).words
-            levels = [described[size] for size in sizes]
-            whole = AssignmentMap(levels[0], v.size, v.fingerprint, width, height, tuple(levels[1:]))
-            out.append(whole.region(box))
+                    (described[size],) = self.network.describe([image], side, 1)
+                features = described[size]
+                levels.append(self.words(features, region_cells(features.shape[1:], width, height, box)))
+            out.append(AssignmentMap(levels[0], v.size, v.fingerprint, width, height, tuple(levels[1:])))
         return out
 
 
