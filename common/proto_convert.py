@@ -21,6 +21,11 @@ MODEL_STATES = {
 LITTLE_ENDIAN_F32 = np.dtype("<f4")
 
 
+def kind_name(kind: int) -> str:
+    """A SignatureKind's name (SIGNATURE_KIND_DEEP), or its number when this build knows none."""
+    return common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else str(kind)
+
+
 def image_from_proto(image: common_pb2.Image, max_pixels: int) -> np.ndarray:
     """`mps.common.v1.Image` -> (H, W, 3) uint8 RGB at full size; raises ImageError on bad input."""
     return photo_from_proto(image, max_pixels).rgb

@@ -13,7 +13,7 @@ import numpy as np
 
 from common.errors import InvalidArgument, ResourceExhausted
 from common.names import check_name
-from common.proto_convert import box_from_proto, box_to_proto
+from common.proto_convert import box_from_proto, box_to_proto, kind_name
 from common.serving import Deadline
 from common.streams import client_stream
 from common.telemetry import BATCH_SIZE, ContextThreadPoolExecutor
@@ -138,7 +138,7 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         kind = request.signature_kind or self.default_kind
         spatial_rerank_k, query_expansion = self._spatial_options(request, kind)
         if kind not in self.index_kinds:
-            name = common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind
+            name = kind_name(kind)
             raise InvalidArgument(
                 f"signature_kind {name} is not indexed here; the catalogue is indexed with "
                 f"{[common_pb2.SignatureKind.Name(k) for k in self.index_kinds]}: ask for one of those "
@@ -199,14 +199,12 @@ class VisualSearchService(gateway_pb2_grpc.VisualSearchServiceServicer):
         if kind != common_pb2.SIGNATURE_KIND_BLCF:
             for name in ("spatial_rerank_k", "query_expansion"):
                 if request.HasField(name):
-                    kind_name = (
-                        common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind
-                    )
+                    named = kind_name(kind)
                     raise InvalidArgument(
                         f"{name} applies to SIGNATURE_KIND_BLCF only (spatial re-ranking of bags of local "
-                        f"convolutional features), not to {kind_name}: leave it unset, or set "
+                        f"convolutional features), not to {named}: leave it unset, or set "
                         "signature_kind SIGNATURE_KIND_BLCF",
-                        violations=[(name, f"set with signature_kind {kind_name}")],
+                        violations=[(name, f"set with signature_kind {named}")],
                     )
             return 0, 0
         k = request.spatial_rerank_k if request.HasField("spatial_rerank_k") else config.spatial_rerank_k

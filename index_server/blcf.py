@@ -65,6 +65,8 @@ class BlcfIndex(PostingsIndex[AssignmentMap]):
     ):
         super().__init__(vocabulary, fingerprint, word_range, background_merge)
         self.windows = windows
+        # Row n: the window sides over a map side of n cells (windows.sizes(n)), 0-padded.
+        self._sides = _side_table(windows)
         # Live items holding each word, over the whole vocabulary (not only this shard's range).
         self._df = np.zeros(vocabulary, np.int32)
         # Every row's map: cells[map_start[r] : map_start[r] + rows * columns], row-major.
@@ -364,7 +366,6 @@ class BlcfIndex(PostingsIndex[AssignmentMap]):
         (row0, column0, row1, column1) cells: ((n,) float64, (n, 4) int64)."""
         scores = np.zeros(len(rows), np.float64)
         boxes = np.zeros((len(rows), 4), np.int64)
-        fractions = np.sort(np.asarray(self.windows.fractions, np.float64))
         _best_windows(
             rows,
             self._map_start,
@@ -373,7 +374,7 @@ class BlcfIndex(PostingsIndex[AssignmentMap]):
             idf,
             query,
             _norm(query),
-            fractions,
+            self._sides,
             self.windows.stride,
             scores,
             boxes,
@@ -461,20 +462,14 @@ def _inverse_norms(starts, lengths, words, counts, idf, out):  # pragma: no cove
         out[r] = 1.0 / np.sqrt(total) if total > 0 else 0.0
 
 
-@numba.njit(cache=True, nogil=True)
-def _window_sides(cells, fractions):  # pragma: no cover
-    """WindowSpec.sizes: the distinct sides (fractions sorted ascending), the whole side included."""
-    out = np.empty(fractions.shape[0] + 1, np.int64)
-    k = 0
-    for i in range(fractions.shape[0]):
-        side = max(1, min(cells, int(fractions[i] * cells + 0.5)))
-        if k == 0 or out[k - 1] != side:
-            out[k] = side
-            k += 1
-    if out[k - 1] != cells:
-        out[k] = cells
-        k += 1
-    return out[:k]
+def _side_table(windows: WindowSpec) -> np.ndarray:
+    """(256, F + 1) int64: row n holds windows.sizes(n), the window sides over a map side of n
+    cells (the codec's maps have at most 255), smallest first, padded with 0."""
+    table = np.zeros((256, len(windows.fractions) + 1), np.int64)
+    for cells in range(1, 256):
+        sides = windows.sizes(cells)
+        table[cells, : len(sides)] = sides
+    return table
 
 
 @numba.njit(cache=True, nogil=True)
@@ -493,7 +488,7 @@ def _positions(cells, side, stride):  # pragma: no cover
 
 @numba.njit(cache=True, nogil=True, fastmath=True)  # fastmath: the per-word sums vectorise
 def _best_windows(
-    rows, map_start, map_shape, cells, idf, query, query_norm, fractions, stride, scores, boxes
+    rows, map_start, map_shape, cells, idf, query, query_norm, sides, stride, scores, boxes
 ):  # pragma: no cover
     """Per candidate row: the best cosine between the query and a window of its map, and that
     window in cells. Windows are tried smallest first; a later one must score strictly higher."""
@@ -556,9 +551,13 @@ def _best_windows(
         for u in range(found):
             local[distinct[u]] = -1
         best, b0, b1, b2, b3 = -1.0, 0, 0, height, width
-        for side_y in _window_sides(height, fractions):
+        for side_y in sides[height]:
+            if side_y == 0:
+                break
             ys = _positions(height, side_y, stride)
-            for side_x in _window_sides(width, fractions):
+            for side_x in sides[width]:
+                if side_x == 0:
+                    break
                 xs = _positions(width, side_x, stride)
                 for y0 in ys:
                     for x0 in xs:

@@ -62,6 +62,7 @@ from common.errors import (
     quote,
 )
 from common.limits import check_id
+from common.proto_convert import kind_name
 from common.serving import timeout_from
 from common.status import error_from_rpc
 from common.streams import client_stream
@@ -697,7 +698,7 @@ class Router(index_pb2_grpc.IndexServiceServicer):
         if kind != common_pb2.SIGNATURE_KIND_BLCF:
             raise InvalidArgument(
                 "spatial_rerank applies to SIGNATURE_KIND_BLCF signatures and databases, not "
-                f"{common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else kind}: "
+                f"{kind_name(kind)}: "
                 "leave spatial_rerank unset",
                 violations=[("spatial_rerank", "only for SIGNATURE_KIND_BLCF databases")],
             )

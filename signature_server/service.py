@@ -32,7 +32,14 @@ from common.local_features import ExtractorSettings, Features, extract
 from common.local_features import to_proto as features_to_proto
 from common.model_repository import ModelRepository, VersionStatus
 from common.names import check_version
-from common.proto_convert import MODEL_STATES, box_to_proto, dense_to_proto, image_from_proto, photo_from_proto
+from common.proto_convert import (
+    MODEL_STATES,
+    box_to_proto,
+    dense_to_proto,
+    image_from_proto,
+    kind_name,
+    photo_from_proto,
+)
 from mps.common.v1 import common_pb2, models_pb2
 from mps.signature.v1 import signature_pb2, signature_pb2_grpc
 from signature_server.blcf import MAX_IMAGE_SIDE, BlcfModel, Box, region_problem
@@ -42,10 +49,6 @@ from signature_server.saliency import DeepModel, Located
 SERVED_KINDS = (common_pb2.SIGNATURE_KIND_DEEP, common_pb2.SIGNATURE_KIND_BOW, common_pb2.SIGNATURE_KIND_BLCF)
 # A loaded version of one of the signature service's models.
 SignatureModel = DeepModel | BowModel | BlcfModel
-
-
-def _kind_name(kind: int) -> str:
-    return common_pb2.SignatureKind.Name(kind) if kind in common_pb2.SignatureKind.values() else str(kind)
 
 
 def status_to_proto(row: VersionStatus) -> models_pb2.ModelStatus:
@@ -104,15 +107,15 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
             where = f"kinds[{j}]" if request.kinds else "kind"
             if kind not in SERVED_KINDS:
                 raise InvalidArgument(
-                    f"{where}: signature kind {_kind_name(kind)} is not served; set "
+                    f"{where}: signature kind {kind_name(kind)} is not served; set "
                     f"SIGNATURE_KIND_DEEP, SIGNATURE_KIND_BOW or SIGNATURE_KIND_BLCF in {field} "
                     "(ListKinds lists what is served)",
-                    violations=[(where, f"{_kind_name(kind)} is not served")],
+                    violations=[(where, f"{kind_name(kind)} is not served")],
                 )
             if kind in kinds[:j]:
                 raise InvalidArgument(
-                    f"{where}: {_kind_name(kind)} is listed twice; list each kind once",
-                    violations=[(where, f"{_kind_name(kind)} is listed twice")],
+                    f"{where}: {kind_name(kind)} is listed twice; list each kind once",
+                    violations=[(where, f"{kind_name(kind)} is listed twice")],
                 )
         return kinds
 
@@ -208,7 +211,7 @@ class SignatureService(signature_pb2_grpc.SignatureServiceServicer):
         if not request.regions:
             return
         if kinds != [common_pb2.SIGNATURE_KIND_BLCF]:
-            asked = ", ".join(_kind_name(kind) for kind in kinds)
+            asked = ", ".join(kind_name(kind) for kind in kinds)
             raise InvalidArgument(
                 f"regions are a query by region of SIGNATURE_KIND_BLCF alone; this call asks for {asked}: "
                 "ask for SIGNATURE_KIND_BLCF as the only kind, or send no regions",
